@@ -1,0 +1,177 @@
+"""Registry of paper-reproduction experiments, run by ``efflax reproduce``.
+
+An experiment is a module in ``experiments/`` that decorates a ``run(out_dir, *, quick)``
+function with :func:`register`. ``run`` writes ``metrics.json`` and at least one PNG into
+``out_dir`` and returns a :class:`Verdict`: the paper's claim next to what this run measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import pkgutil
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The result of an experiment: the paper's claim and what this run measured."""
+
+    claim: str
+    measured: str
+    passed: bool
+
+    def line(self) -> str:
+        """One line: ``claim: ... | measured: ... | PASS``."""
+        status = "PASS" if self.passed else "FAIL"
+        return f"claim: {self.claim} | measured: {self.measured} | {status}"
+
+
+class RunFn(Protocol):
+    def __call__(self, out_dir: pathlib.Path, *, quick: bool) -> Verdict: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    run: RunFn
+    description: str
+    module: str
+
+
+_REGISTRY: dict[str, Experiment] = {}
+
+
+def register(name: str, *, description: str = "") -> Callable[[RunFn], RunFn]:
+    """Registers ``run`` as the experiment ``name`` (a decorator)."""
+
+    def decorator(run: RunFn) -> RunFn:
+        existing = _REGISTRY.get(name)
+        # `python -m experiments.x` registers once as __main__ and once on discovery.
+        modules = {getattr(existing, "module", None), run.__module__}
+        if existing is not None and len(modules) > 1 and "__main__" not in modules:
+            raise ValueError(f"experiment {name!r} registered twice ({existing.module})")
+        doc = description or (run.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = Experiment(name, run, doc, run.__module__)
+        return run
+
+    return decorator
+
+
+def discover() -> dict[str, Experiment]:
+    """Imports every experiment module in the ``experiments`` package; returns the registry."""
+    import experiments
+
+    for info in pkgutil.iter_modules(experiments.__path__):
+        if info.name.startswith(("_", "bench_")):
+            continue
+        importlib.import_module(f"experiments.{info.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        array = np.asarray(value)
+        return array.item() if array.ndim == 0 else array.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_metrics(out_dir: pathlib.Path | str, metrics: Mapping[str, Any]) -> pathlib.Path:
+    """Writes ``metrics`` (numpy and JAX values allowed) to ``out_dir/metrics.json``."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(_to_jsonable(metrics), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def run_experiments(
+    names: list[str] | None, *, out: pathlib.Path | str, quick: bool
+) -> list[tuple[str, Verdict | None, float, str]]:
+    """Runs experiments by name (all when ``names`` is empty) and writes ``out/REPORT.md``.
+
+    Returns:
+      ``(name, verdict or None on error, seconds, error message)`` per experiment.
+    """
+    registry = discover()
+    names = list(names or registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; available: {sorted(registry)}")
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names:
+        exp_dir = out / name
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        print(f"=== {name} ({'quick' if quick else 'full'}) -> {exp_dir}", flush=True)
+        start = time.perf_counter()
+        try:
+            verdict = registry[name].run(exp_dir, quick=quick)
+            error = ""
+        except Exception as e:  # noqa: BLE001 - one failing experiment must not hide the others
+            verdict, error = None, f"{type(e).__name__}: {e}"
+            import traceback
+
+            traceback.print_exc()
+        seconds = time.perf_counter() - start
+        print(f"--- {name}: {verdict.line() if verdict else 'ERROR ' + error} ({seconds:.0f} s)")
+        results.append((name, verdict, seconds, error))
+    _write_report(out, results, quick=quick)
+    return results
+
+
+def _write_report(out: pathlib.Path, results, *, quick: bool) -> None:
+    lines = [
+        "# efflax reproduction report",
+        "",
+        f"Mode: {'quick' if quick else 'full'}; generated {time.strftime('%Y-%m-%d %H:%M')}"
+        f" by `efflax reproduce`.",
+        "",
+        "| experiment | claim | measured | verdict | time | plots |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, verdict, seconds, error in results:
+        plots = ", ".join(
+            f"[{p.name}]({name}/{p.name})" for p in sorted((out / name).glob("*.png"))
+        )
+        if verdict is None:
+            row = f"| {name} | | {error} | ERROR | {seconds:.0f} s | {plots} |"
+        else:
+            status = "PASS" if verdict.passed else "FAIL"
+            row = (
+                f"| {name} | {verdict.claim} | {verdict.measured} | {status} | "
+                f"{seconds:.0f} s | {plots} |"
+            )
+        lines.append(row.replace("\n", " "))
+    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+
+
+def cli_main(name: str, argv: list[str] | None = None) -> None:
+    """``python -m experiments.<name> [--quick] [--out DIR]`` for one experiment."""
+    parser = argparse.ArgumentParser(description=f"Run the {name} experiment.")
+    parser.add_argument("--quick", action="store_true", help="small, CPU-minute size")
+    parser.add_argument("--out", default="results", help="output directory")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    results = run_experiments([name], out=args.out, quick=args.quick)
+    if results[0][1] is None:
+        raise SystemExit(1)

@@ -1,0 +1,1 @@
+"""optax transforms and training tools: SAF/MESA, sharpness probes, ProxSkip, cyclic LRs."""

@@ -1,0 +1,266 @@
+"""``fit``: the training loop with evaluation, JSON-lines metrics and exact resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+from typing import Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from efflax.training.state import TrainState
+
+
+class Hook(Protocol):
+    """Called every ``every`` steps with the state; returns metrics to log (or None)."""
+
+    every: int
+
+    def __call__(self, state: TrainState) -> dict[str, float] | None: ...
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory exists but cannot be read as an efflax checkpoint."""
+
+
+def _scalar(value: Any) -> Any:
+    array = np.asarray(value)
+    return array.item() if array.ndim == 0 else array.tolist()
+
+
+def open_checkpoints(
+    directory: str | pathlib.Path, *, save_every: int | None = None, max_to_keep: int = 2
+) -> ocp.CheckpointManager:
+    """An orbax ``CheckpointManager`` on ``directory``; refuses a directory it cannot read.
+
+    Raises:
+      CheckpointError: ``directory`` is a file, or holds entries but no readable checkpoint.
+    """
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"checkpoint_dir={str(directory)!r} exists and is not a directory")
+    if directory.is_dir():
+        entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
+        steps = [p for p in entries if p.is_dir() and p.name.isdigit()]
+        if entries and not steps:
+            raise CheckpointError(
+                f"checkpoint_dir={str(directory)!r} is not empty but holds no checkpoint "
+                f"(found {sorted(p.name for p in entries)[:5]}); refusing to overwrite it"
+            )
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_every or 1, create=True
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    """The latest checkpoint restored into the structure (and shardings) of ``state``.
+
+    Returns ``state`` unchanged when the directory has no checkpoint yet.
+
+    Raises:
+      CheckpointError: the latest checkpoint cannot be read or does not match ``state``.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return state
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a bad checkpoint
+        raise CheckpointError(
+            f"cannot restore step {step} from {str(manager.directory)!r}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def fit(
+    state: TrainState,
+    train_step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+    loader: Iterable[Any],
+    *,
+    num_steps: int | None = None,
+    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    eval_steps: Iterable[int] = (),
+    hooks: Sequence[Hook] = (),
+    log_every: int = 50,
+    checkpoint_dir: str | pathlib.Path | None = None,
+    checkpoint_every: int | None = None,
+    metrics_path: str | pathlib.Path | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains ``state`` for ``num_steps`` steps, resuming from ``checkpoint_dir`` if it has one.
+
+    Args:
+      state: the initial state (also the template a checkpoint is restored into).
+      train_step: ``step(state, batch) -> (state, metrics)``, e.g. from ``make_train_step``.
+      loader: the batches; an ``efflax.data.Loader`` resumes in O(1) at any step, any other
+        iterable is replayed from its start (the same order, so still exact if deterministic).
+      num_steps: total steps of the run (default: ``len(loader)``).
+      eval_fn: ``eval_fn(state) -> metrics``, run every ``eval_every`` steps, at each step in
+        ``eval_steps`` and at the end.
+      hooks: objects with ``every`` and ``__call__(state) -> metrics`` (a sharpness probe).
+      log_every: steps between training-metric records (mean over those steps).
+      checkpoint_dir: where an orbax ``CheckpointManager`` saves; resumes from its latest step.
+      checkpoint_every: steps between checkpoints (the final step is always saved).
+      metrics_path: a JSON-lines file that records are appended to.
+      batch_size: examples per step for ``examples_seen`` (default: the loader's).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      The final state and the list of records (dicts with ``step``, ``examples_seen``,
+      ``wall_time`` and metrics) written during this call.
+    """
+    if num_steps is None:
+        num_steps = len(loader)  # type: ignore[arg-type]
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every={eval_every} must be >= 1")
+    if log_every < 1:
+        raise ValueError(f"log_every={log_every} must be >= 1")
+    for hook in hooks:
+        if getattr(hook, "every", 0) < 1:
+            raise ValueError(f"hook {hook!r} needs an `every` >= 1")
+    eval_at = set(int(s) for s in eval_steps)
+    batch_size = batch_size or getattr(loader, "batch_size", None) or 0
+
+    manager = None
+    if checkpoint_dir is not None:
+        manager = open_checkpoints(checkpoint_dir, save_every=checkpoint_every)
+        state = restore_latest(manager, state)
+    start = int(state.step)
+    if start > num_steps:
+        raise ValueError(f"the checkpoint is at step {start}, past num_steps={num_steps}")
+
+    if hasattr(loader, "iter_from"):
+        batches = loader.iter_from(start)
+    else:
+        batches = itertools.islice(iter(loader), start, None)
+
+    metrics_file = None
+    if metrics_path is not None:
+        metrics_path = pathlib.Path(metrics_path)
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(metrics_path, "a")  # noqa: SIM115 - closed in finally
+
+    history: list[dict[str, Any]] = []
+    pending: list[dict[str, jax.Array]] = []
+    t0 = time.perf_counter()
+
+    def record(step: int, values: dict[str, Any]) -> None:
+        entry = {
+            "step": step,
+            "examples_seen": step * batch_size,
+            "wall_time": time.perf_counter() - t0,
+            **{k: _scalar(v) for k, v in values.items()},
+        }
+        history.append(entry)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+    bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train", leave=False)
+    try:
+        step = start
+        while step < num_steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ValueError(
+                    f"the loader ran out of batches at step {step} < num_steps={num_steps}"
+                ) from None
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            bar.update(1)
+            values: dict[str, Any] = {}
+            if step % log_every == 0 or step == num_steps:
+                stacked = jax.device_get(pending)
+                values.update(
+                    {f"train/{k}": float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+                )
+                pending = []
+                if not math.isfinite(values.get("train/loss", 0.0)):
+                    bar.write(f"step {step}: non-finite training loss {values['train/loss']}")
+                bar.set_postfix({k[6:]: f"{v:.4g}" for k, v in values.items()})
+            for hook in hooks:
+                if step % hook.every == 0:
+                    values.update(hook(state) or {})
+            if eval_fn is not None and (
+                step in eval_at or step == num_steps or (eval_every and step % eval_every == 0)
+            ):
+                eval_values = eval_fn(state)
+                values.update(eval_values)
+                bar.write(
+                    f"step {step}: "
+                    + ", ".join(f"{k}={_scalar(v):.4g}" for k, v in eval_values.items())
+                )
+            if values:
+                record(step, values)
+            if manager is not None and (
+                step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
+            ):
+                manager.save(step, args=ocp.args.StandardSave(state), force=step == num_steps)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return state, history
+
+
+def read_metrics(metrics_path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines metrics file."""
+    lines = pathlib.Path(metrics_path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_metrics(
+    metrics_path: str | pathlib.Path,
+    png_path: str | pathlib.Path,
+    *,
+    keys: Sequence[str] | None = None,
+    x: str = "step",
+    title: str | None = None,
+) -> pathlib.Path:
+    """Plots metrics of a JSON-lines file against ``x`` (one panel per key) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    if keys is None:
+        skip = {"step", "examples_seen", "wall_time"}
+        keys = sorted({k for r in records for k in r if k not in skip})
+    if not keys:
+        raise ValueError(f"no metrics to plot in {str(metrics_path)!r}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(r[x], r[key]) for r in records if key in r]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+        ax.set_xlabel(x)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = pathlib.Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

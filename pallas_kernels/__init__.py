@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU-compiled, interpret mode on CPU): FlashAttention and Monarch matmuls."""

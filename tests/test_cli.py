@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+import pytest
+
+from efflax import cli
+from efflax import experiment
+
+
+def test_efflax_list_shows_registered_experiments():
+    out = subprocess.run(
+        [sys.executable, "-m", "efflax.cli", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "mnist1d_baselines" in out
+    assert set(experiment.discover()) >= {"mnist1d_baselines"}
+
+
+def test_reproduce_quick_writes_report_metrics_and_plots(tmp_path, capsys):
+    code = cli.main(["reproduce", "mnist1d_baselines", "--quick", "--out", str(tmp_path)])
+    assert code == 0
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| mnist1d_baselines |" in report and "PASS" in report
+    assert "(mnist1d_baselines/cnn_curves.png)" in report
+    assert (tmp_path / "mnist1d_baselines" / "metrics.json").exists()
+    assert "claim:" in capsys.readouterr().out
+
+
+def test_reproduce_unknown_name_is_an_error(tmp_path):
+    assert cli.main(["reproduce", "no_such_experiment", "--out", str(tmp_path)]) == 2
+
+
+def test_a_failing_experiment_is_reported_not_hidden(tmp_path, monkeypatch):
+    def broken(out_dir, *, quick):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(
+        experiment._REGISTRY, "broken", experiment.Experiment("broken", broken, "", "t")
+    )
+    monkeypatch.setattr(experiment, "discover", lambda: dict(experiment._REGISTRY))
+    assert cli.main(["reproduce", "broken", "--out", str(tmp_path)]) == 1
+    assert "RuntimeError: boom" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_verdict_line():
+    v = experiment.Verdict(claim="2x faster", measured="2.1x", passed=True)
+    assert v.line() == "claim: 2x faster | measured: 2.1x | PASS"
+    with pytest.raises(ValueError, match="registered twice"):
+        experiment.register("mnist1d_baselines")(lambda out_dir, *, quick: v)
