@@ -1,1 +1,8 @@
 """Pallas kernels (GPU-compiled, interpret mode on CPU): FlashAttention and Monarch matmuls."""
+
+from pallas_kernels.flash_attention import BlockSizes
+from pallas_kernels.flash_attention import block_mask_from_mask
+from pallas_kernels.flash_attention import causal_block_mask
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels.flash_attention import local_block_mask

@@ -35,6 +35,20 @@ PUBLIC = {
     "efflax.models": ["CNN1D", "MLP"],
     "efflax.experiment": ["Verdict", "register", "write_metrics", "discover", "cli_main"],
     "efflax.cli": ["main"],
+    "pallas_kernels": [
+        "BlockSizes",
+        "block_mask_from_mask",
+        "causal_block_mask",
+        "flash_attention",
+        "flash_attention_reference",
+        "local_block_mask",
+    ],
+    "efflax.nn": [
+        "MultiHeadAttention",
+        "apply_rotary_embedding",
+        "dot_product_attention",
+        "segment_ids_with_padding",
+    ],
 }
 
 

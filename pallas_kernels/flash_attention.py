@@ -1,0 +1,933 @@
+"""FlashAttention as Pallas kernels: exact attention in O(N) memory, forward and backward.
+
+Tri Dao, Daniel Y. Fu, Stefano Ermon, Atri Rudra, Christopher Re, "FlashAttention: Fast and
+Memory-Efficient Exact Attention with IO-Awareness", arXiv:2205.14135 (2022); Tri Dao,
+"FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+arXiv:2307.08691 (2023).
+
+Q is cut into row blocks; each block streams the K/V blocks it may see, keeping a running row
+max and row sum (online softmax), and writes O and the log-sum-exp, never an S x S array. The
+backward pass recomputes the scores tile by tile from Q, K, V, O, lse and dO
+(delta = rowsum(dO * O)): one kernel accumulates dQ per Q block, one dK/dV per K/V block.
+
+Layout is `[batch, seq, heads, head_dim]`, as in `jax.nn.dot_product_attention`. Causal masking
+is aligned at the top left (query i sees keys j <= i), also as there. Tiles that cannot contribute
+(above the causal diagonal, or off in a `block_mask`) are skipped through the loop bounds, not
+computed and zeroed. Rows that see no key at all give zeros and zero gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._compat import compiler_params_kwargs
+from pallas_kernels._compat import default_interpret
+from pallas_kernels._compat import multiple_of
+from pallas_kernels._compat import resolve_interpret
+
+# A finite "minus infinity": masked scores must not turn max/exp arithmetic into inf - inf.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_MAX_HEAD_DIM = 256
+_MIN_BLOCK = 16  # Triton's dot needs tiles of at least 16 x 16.
+_MAX_BLOCK = 1024
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# --------------------------------------------------------------------------------------------
+# Block sizes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (and GPU launch parameters) of the three kernels.
+
+    Attributes:
+      block_q, block_k: query / key rows per tile in the forward kernel. With a `block_mask`
+        they are the mask's granularity, and the backward kernels use them too.
+      block_q_dkv, block_k_dkv: tile of the dK/dV kernel (None: block_q, block_k).
+      block_q_dq, block_k_dq: tile of the dQ kernel (None: block_q, block_k).
+      num_warps: Triton warps per program (None: 4 for head_dim <= 64, else 8). GPU only.
+      num_stages: Triton software-pipelining depth. GPU only.
+
+    Every block size is a power of two in [16, 1024]. Without a `block_mask`,
+    `flash_attention` shrinks a block that is longer than the (power-of-two rounded) sequence,
+    so short sequences are not padded to a full default block.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dkv: int | None = None
+    block_k_dkv: int | None = None
+    block_q_dq: int | None = None
+    block_k_dq: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in (
+            "block_q",
+            "block_k",
+            "block_q_dkv",
+            "block_k_dkv",
+            "block_q_dq",
+            "block_k_dq",
+        ):
+            value = getattr(self, name)
+            if value is None and name not in ("block_q", "block_k"):
+                continue
+            if (
+                not isinstance(value, int | np.integer)
+                or isinstance(value, bool)
+                or not _MIN_BLOCK <= value <= _MAX_BLOCK
+                or not _is_power_of_two(int(value))
+            ):
+                raise ValueError(
+                    f"{name}={value!r} must be a power of two in [{_MIN_BLOCK}, {_MAX_BLOCK}]"
+                )
+        if self.num_warps is not None and not (
+            isinstance(self.num_warps, int) and self.num_warps in (1, 2, 4, 8, 16)
+        ):
+            raise ValueError(f"num_warps={self.num_warps!r} must be None or one of 1, 2, 4, 8, 16")
+        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"num_stages={self.num_stages!r} must be an int in [1, 8]")
+
+    @classmethod
+    def get_default(cls, backend: str | None = None, *, head_dim: int = 128) -> BlockSizes:
+        """Defaults per backend: 'gpu' (compiled Triton) or 'cpu' (interpret mode).
+
+        `backend=None` picks 'cpu' when Pallas would run in interpret mode here, else 'gpu'.
+        The GPU sizes follow FlashAttention-2's Triton kernels (128 x 64 forward tiles, narrower
+        backward tiles); they are starting points, not tuned on this project's hardware yet.
+        """
+        if backend is None:
+            backend = "cpu" if default_interpret() else "gpu"
+        if backend == "gpu":
+            if head_dim <= 128:
+                return cls(128, 64, 32, 64, 64, 32, num_stages=2)
+            return cls(64, 32, 16, 32, 32, 16, num_stages=2)
+        if backend == "cpu":
+            # Interpret mode pays per grid step and per loop iteration: use large tiles.
+            return cls(128, 128)
+        raise ValueError(f"{backend=} must be 'gpu', 'cpu' or None")
+
+    @property
+    def dkv(self) -> tuple[int, int]:
+        """(block_q, block_k) of the dK/dV kernel."""
+        return (self.block_q_dkv or self.block_q, self.block_k_dkv or self.block_k)
+
+    @property
+    def dq(self) -> tuple[int, int]:
+        """(block_q, block_k) of the dQ kernel."""
+        return (self.block_q_dq or self.block_q, self.block_k_dq or self.block_k)
+
+
+def _tile_shape(block_sizes: BlockSizes | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(block_sizes, BlockSizes):
+        return block_sizes.block_q, block_sizes.block_k
+    try:
+        block_q, block_k = block_sizes
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{block_sizes=} must be a BlockSizes or a (block_q, block_k) pair"
+        ) from None
+    checked = BlockSizes(block_q, block_k)  # validates both sizes
+    return checked.block_q, checked.block_k
+
+
+# --------------------------------------------------------------------------------------------
+# Block-mask helpers
+# --------------------------------------------------------------------------------------------
+
+
+def causal_block_mask(
+    q_len: int, kv_len: int, block_sizes: BlockSizes | tuple[int, int]
+) -> jax.Array:
+    """Block mask `[1, q_blocks, kv_blocks]` of the tiles that causal attention touches.
+
+    A tile is on when some query i in it may see some key j <= i in it (top-left alignment).
+    """
+    return local_block_mask(q_len, kv_len, block_sizes, window_left=None, window_right=0)
+
+
+def local_block_mask(
+    q_len: int,
+    kv_len: int,
+    block_sizes: BlockSizes | tuple[int, int],
+    *,
+    window_left: int | None,
+    window_right: int | None = 0,
+) -> jax.Array:
+    """Block mask `[1, q_blocks, kv_blocks]` for sliding-window (local) attention.
+
+    Query i may see keys j with `i - window_left <= j <= i + window_right` (`None`: unbounded
+    on that side). A tile is on when any of its (query, key) pairs is in the window. Pair the
+    mask with `causal=True` (and `window_right=0`) for causal sliding-window attention; the
+    kernel then masks inside the diagonal tiles, but the window edges are only resolved to
+    whole tiles, so the result equals dense attention under the block-expanded mask.
+
+    Example:
+      >>> mask = local_block_mask(256, 256, (64, 64), window_left=64, window_right=0)
+      >>> mask.shape
+      (1, 4, 4)
+    """
+    block_q, block_k = _tile_shape(block_sizes)
+    for name, value in (("q_len", q_len), ("kv_len", kv_len)):
+        if not isinstance(value, int | np.integer) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    for name, value in (("window_left", window_left), ("window_right", window_right)):
+        if value is not None and (not isinstance(value, int | np.integer) or value < 0):
+            raise ValueError(f"{name}={value!r} must be None or a non-negative int")
+    q_first = np.arange(0, q_len, block_q)
+    q_last = np.minimum(q_first + block_q, q_len) - 1
+    k_first = np.arange(0, kv_len, block_k)
+    k_last = np.minimum(k_first + block_k, kv_len) - 1
+    # Offsets j - i inside a tile span [k_first - q_last, k_last - q_first]; the tile is on
+    # when that interval meets [-window_left, window_right].
+    on = np.ones((len(q_first), len(k_first)), dtype=bool)
+    if window_right is not None:
+        on &= (k_first[None, :] - q_last[:, None]) <= window_right
+    if window_left is not None:
+        on &= (k_last[None, :] - q_first[:, None]) >= -window_left
+    return jnp.asarray(on[None])
+
+
+def block_mask_from_mask(
+    element_mask: jax.Array, block_sizes: BlockSizes | tuple[int, int]
+) -> jax.Array:
+    """Block mask `[heads or 1, q_blocks, kv_blocks]`: a tile is on if any element is on.
+
+    Args:
+      element_mask: bool `[q_len, kv_len]` or `[heads or 1, q_len, kv_len]`, True = attend.
+      block_sizes: the tiles (BlockSizes or (block_q, block_k)) passed to `flash_attention`.
+
+    Returns:
+      The block mask. Attention with it equals dense attention under the block-expanded mask,
+      which contains `element_mask`; pass the element mask's structure through `causal=` or
+      `segment_ids=` as well when exact element masking is needed.
+    """
+    block_q, block_k = _tile_shape(block_sizes)
+    mask = jnp.asarray(element_mask)
+    if mask.dtype != jnp.bool_ or mask.ndim not in (2, 3):
+        raise ValueError(
+            f"element_mask of shape {mask.shape} and dtype {mask.dtype} must be bool "
+            "[q_len, kv_len] or [heads or 1, q_len, kv_len]"
+        )
+    if mask.ndim == 2:
+        mask = mask[None]
+    heads, q_len, kv_len = mask.shape
+    q_blocks, kv_blocks = -(-q_len // block_q), -(-kv_len // block_k)
+    mask = jnp.pad(
+        mask, ((0, 0), (0, q_blocks * block_q - q_len), (0, kv_blocks * block_k - kv_len))
+    )
+    mask = mask.reshape(heads, q_blocks, block_q, kv_blocks, block_k)
+    return jnp.any(mask, axis=(2, 4))
+
+
+def _expand_block_mask(block_mask: jax.Array, block_q: int, block_k: int, q_len: int, kv_len: int):
+    expanded = jnp.repeat(jnp.repeat(block_mask, block_q, axis=1), block_k, axis=2)
+    return expanded[:, :q_len, :kv_len]
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes):
+    """Validates the arguments; returns (segment_ids as int32 pair or None, sm_scale)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(
+                f"{name}.shape={getattr(x, 'shape', None)} must be [batch, seq, heads, head_dim]"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes must match, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{q.dtype=} is not supported; use float32, bfloat16 or float16")
+    batch, q_len, num_heads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{k.shape=} and {v.shape=} must be equal")
+    if k.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: {q.shape=}, {k.shape=}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"head_dim differs: {q.shape=}, {k.shape=}")
+    if not 1 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"{head_dim=} must be in [1, {_MAX_HEAD_DIM}]")
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    if q_len == 0 or kv_len == 0 or batch == 0 or num_kv_heads == 0:
+        raise ValueError(f"empty dimension in {q.shape=} or {k.shape=}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_kv_heads=} (k.shape[2]) must divide {num_heads=} (q.shape[2])")
+    if not isinstance(causal, bool):
+        raise ValueError(f"{causal=} must be a bool")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(sm_scale, int | float | np.floating) and not isinstance(sm_scale, bool):
+        sm_scale = float(sm_scale)
+    else:
+        raise ValueError(f"{sm_scale=} must be a Python float or None")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"{block_sizes=} must be a BlockSizes or None")
+
+    if segment_ids is not None:
+        if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:
+            raise ValueError(
+                f"segment_ids of type {type(segment_ids).__name__} must be a "
+                "(q_segment_ids, kv_segment_ids) pair"
+            )
+        q_seg, kv_seg = (jnp.asarray(s) for s in segment_ids)
+        if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
+            raise ValueError(
+                f"segment_ids shapes {q_seg.shape}, {kv_seg.shape} must be "
+                f"{(batch, q_len)}, {(batch, kv_len)}"
+            )
+        if not (
+            jnp.issubdtype(q_seg.dtype, jnp.integer) and jnp.issubdtype(kv_seg.dtype, jnp.integer)
+        ):
+            raise ValueError(f"segment_ids dtypes {q_seg.dtype}, {kv_seg.dtype} must be integer")
+        segment_ids = (q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+
+    if block_mask is not None:
+        if block_sizes is None:
+            raise ValueError(
+                "block_mask needs the block_sizes it was built with (block_sizes=None)"
+            )
+        mask = jnp.asarray(block_mask)
+        expected = (-(-q_len // block_sizes.block_q), -(-kv_len // block_sizes.block_k))
+        if mask.dtype != jnp.bool_ or mask.ndim != 3 or mask.shape[0] not in (1, num_heads):
+            raise ValueError(
+                f"block_mask of shape {mask.shape} and dtype {mask.dtype} must be bool "
+                f"[1 or {num_heads}, {expected[0]}, {expected[1]}]"
+            )
+        if mask.shape[1:] != expected:
+            raise ValueError(
+                f"block_mask.shape={mask.shape} does not match {q_len=}, {kv_len=} with "
+                f"block_q={block_sizes.block_q}, block_k={block_sizes.block_k}: expected "
+                f"[{mask.shape[0]}, {expected[0]}, {expected[1]}]"
+            )
+        tile = (block_sizes.block_q, block_sizes.block_k)
+        if block_sizes.dkv != tile or block_sizes.dq != tile:
+            raise ValueError(
+                f"with a block_mask the backward tiles must equal the forward tile {tile}, got "
+                f"dkv={block_sizes.dkv}, dq={block_sizes.dq}"
+            )
+    return segment_ids, sm_scale
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of one call, shared by the three kernels."""
+
+    q_len: int  # unpadded lengths
+    kv_len: int
+    block_q: int
+    block_k: int
+    block_q_dkv: int
+    block_k_dkv: int
+    block_q_dq: int
+    block_k_dq: int
+    causal: bool
+    sm_scale: float
+    has_segments: bool
+    mask_heads: int  # 0: no block mask; else its leading dimension (1 or num_heads)
+    interpret: bool
+    num_warps: int | None
+    num_stages: int
+
+
+def _dot(a, b, *, transpose_a=False, transpose_b=False):
+    """a @ b with float32 accumulation (full float32 precision for float32 inputs)."""
+    dims = (((0,) if transpose_a else (1,), (1,) if transpose_b else (0,)), ((), ()))
+    # The Triton lowering maps DEFAULT precision to tf32 for float32; HIGHEST keeps IEEE.
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _tile_mask(cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tail):
+    """Element mask of one tile (True = attend), or None when nothing needs masking."""
+    mask = None
+    if cfg.causal or mask_tail:
+        cols = k_start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+    if cfg.causal:
+        rows = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+        mask = rows >= cols
+    if mask_tail:
+        in_range = cols < cfg.kv_len
+        mask = in_range if mask is None else mask & in_range
+    if q_seg is not None:
+        same = q_seg[:, None] == kv_seg[None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _fori(lower, upper, body, carry):
+    if isinstance(lower, int) and isinstance(upper, int) and upper <= lower:
+        return carry
+    return lax.fori_loop(lower, upper, body, carry)
+
+
+def _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list):
+    """Runs `tile(kv_block, carry, masked)` over the K/V blocks a query block can see.
+
+    Tiles above the causal diagonal or off in the block mask are never visited; tiles that are
+    entirely visible run without the element-mask arithmetic.
+    """
+    num_kv_blocks = -(-cfg.kv_len // block_k)  # padding-only blocks are never visited
+    full_kv_blocks = cfg.kv_len // block_k
+    needs_mask = cfg.causal or cfg.has_segments or full_kv_blocks != num_kv_blocks
+    if read_list is not None:
+        return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
+    if cfg.causal:
+        upper = jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), num_kv_blocks)
+        split = jnp.minimum(lax.div(q_start + 1, block_k), full_kv_blocks)
+    else:
+        upper, split = num_kv_blocks, full_kv_blocks
+    if cfg.has_segments:
+        split = 0
+    carry = _fori(0, split, lambda j, c: tile(j, c, False), carry)
+    return _fori(split, upper, lambda j, c: tile(j, c, True), carry)
+
+
+def _loop_over_q(cfg, tile, carry, k_start, block_q, block_k, read_list):
+    """Runs `tile(q_block, carry, masked)` over the query blocks that can see a K/V block."""
+    num_q_blocks = -(-cfg.q_len // block_q)
+    needs_mask = cfg.causal or cfg.has_segments
+    if read_list is not None:
+        return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
+    if cfg.causal:
+        lower = lax.div(k_start, block_q)
+        # From this block on every query row is at or below the tile's last key.
+        split = jnp.minimum(lax.div(k_start + block_k + block_q - 2, block_q), num_q_blocks)
+        split = jnp.maximum(split, lower)
+    else:
+        lower, split = 0, 0
+    if cfg.has_segments:
+        split = num_q_blocks
+    carry = _fori(lower, split, lambda i, c: tile(i, c, True), carry)
+    return _fori(split, num_q_blocks, lambda i, c: tile(i, c, False), carry)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse_ref, *, cfg):
+    block_q, block_k = cfg.block_q, cfg.block_k
+    q_start = pl.program_id(0) * block_q
+    q = q_ref[...]
+    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    scale = cfg.sm_scale * _LOG2E  # scores in base 2: exp2 is the native instruction
+    mask_tail = cfg.kv_len % block_k != 0
+
+    def tile(kv_block, carry, masked):
+        acc, m_prev, l_prev = carry
+        k_start = multiple_of(kv_block * block_k, block_k)
+        keys = pl.ds(k_start, block_k)
+        k = k_ref[keys, :]
+        s = _dot(q, k, transpose_b=True) * scale
+        mask = None
+        if masked:
+            kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+            mask = _tile_mask(
+                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
+            )
+        if mask is not None:
+            s = jnp.where(mask, s, _MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        if mask is not None:
+            # A row with no visible key in this tile must add nothing (its max is _MASK_VALUE).
+            p = jnp.where(mask, p, 0.0)
+        l_next = correction * l_prev + jnp.sum(p, axis=1)
+        v = v_ref[keys, :]
+        acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    carry = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((block_q,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    read_list = None if list_ref is None else (lambda t: list_ref[t])
+    acc, m, l = _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list)
+    empty = l == 0.0  # a row that saw no key: output 0, lse +inf (so p = 0 in the backward)
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, list_ref, dq_ref, *, cfg
+):
+    block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
+    q_start = pl.program_id(0) * block_q
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    scale = cfg.sm_scale * _LOG2E
+    mask_tail = cfg.kv_len % block_k != 0
+
+    def tile(kv_block, dq, masked):
+        k_start = multiple_of(kv_block * block_k, block_k)
+        keys = pl.ds(k_start, block_k)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        if masked:
+            kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+            mask = _tile_mask(
+                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
+            )
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+        dp = _dot(do, v, transpose_b=True)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    read_list = None if list_ref is None else (lambda t: list_ref[t])
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = _loop_over_kv(cfg, tile, dq, q_start, block_q, block_k, read_list)
+    dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    list_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    cfg,
+    group,
+):
+    block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
+    k_start = pl.program_id(0) * block_k
+    k, v = k_ref[...], v_ref[...]
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
+    scale = cfg.sm_scale * _LOG2E
+
+    def tile(q_block, carry, masked, head):
+        dk, dv = carry
+        q_start = multiple_of(q_block * block_q, block_q)
+        rows = pl.ds(q_start, block_q)
+        q, do = q_ref[rows, head, :], do_ref[rows, head, :]
+        lse, delta = lse_ref[head, rows], delta_ref[head, rows]
+        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        if masked:
+            # Padded keys need no mask here: their dK/dV rows are cut off by the caller.
+            q_seg = None if q_seg_ref is None else q_seg_ref[rows]
+            mask = _tile_mask(
+                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=False
+            )
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
+        dp = _dot(do, v, transpose_b=True)
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, transpose_a=True)
+        return dk, dv
+
+    def one_head(head, carry):
+        # The q heads that share this K/V head (GQA) are summed here, not in a second pass.
+        if list_ref is None:
+            read_list = None
+        elif cfg.mask_heads == 1:
+            read_list = lambda t: list_ref[t]
+        else:
+            read_list = lambda t: list_ref[head, t]
+        body = lambda i, c, masked: tile(i, c, masked, head)
+        return _loop_over_q(cfg, body, carry, k_start, block_q, block_k, read_list)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = _fori(0, group, one_head, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _num_warps(cfg, head_dim):
+    if cfg.num_warps is not None:
+        return cfg.num_warps
+    return 4 if head_dim <= 64 else 8
+
+
+def _call(kernel, cfg, head_dim, name, **kwargs):
+    return pl.pallas_call(
+        kernel,
+        interpret=cfg.interpret,
+        name=name,
+        **compiler_params_kwargs(
+            interpret=cfg.interpret,
+            num_warps=_num_warps(cfg, head_dim),
+            num_stages=cfg.num_stages,
+        ),
+        **kwargs,
+    )
+
+
+def _row_list_spec(cfg, lists, heads_per_program):
+    """BlockSpec of one row of a `[mask_heads, rows, 1 + cols]` tile list, grid (row, b, h).
+
+    `heads_per_program=None`: one query head per program (forward, dQ), a 1-D ref. Otherwise
+    (dK/dV) the program's `heads_per_program` query heads, a `[heads, 1 + cols]` ref, unless the
+    mask is shared by all heads.
+    """
+    if lists is None:
+        return None
+    width = lists.shape[-1]
+    if cfg.mask_heads == 1:
+        return pl.BlockSpec((None, None, width), lambda r, b, h: (0, r, 0))
+    if heads_per_program is None:
+        return pl.BlockSpec((None, None, width), lambda r, b, h: (h, r, 0))
+    return pl.BlockSpec((heads_per_program, None, width), lambda r, b, h: (h, r, 0))
+
+
+def _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg):
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    block_q = cfg.block_q
+    q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    # GQA: the K/V head is chosen by the index map, so K/V are never repeated in memory.
+    kv_spec = pl.BlockSpec(
+        (None, kv_len, None, head_dim), lambda i, b, h: (b, 0, lax.div(h, group), 0)
+    )
+    segment_specs = [None, None]
+    if q_seg is not None:
+        segment_specs = [
+            pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+        ]
+    out, lse = _call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        cfg,
+        head_dim,
+        "flash_attention_fwd",
+        grid=(q_len // block_q, batch, num_heads),
+        in_specs=[q_spec, kv_spec, kv_spec, *segment_specs, _row_list_spec(cfg, kv_lists, None)],
+        out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32),
+        ],
+    )(q, k, v, q_seg, kv_seg, kv_lists)
+    return out, lse
+
+
+def _backward(cfg, residuals, do):
+    q, k, v, q_seg, kv_seg, lists, out, lse = residuals
+    kv_lists, q_lists = (None, None) if lists is None else lists
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    # delta_i = rowsum(dO_i * O_i): one O(N) pass, shared by both kernels.
+    delta = jnp.einsum(
+        "bqhd,bqhd->bhq",
+        out.astype(jnp.float32),
+        do.astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    )
+    do = do.astype(q.dtype)
+
+    block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
+    q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    kv_spec = pl.BlockSpec(
+        (None, kv_len, None, head_dim), lambda i, b, h: (b, 0, lax.div(h, group), 0)
+    )
+    row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
+    segment_specs = [None, None]
+    if q_seg is not None:
+        segment_specs = [
+            pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+        ]
+    dq = _call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        cfg,
+        head_dim,
+        "flash_attention_dq",
+        grid=(q_len // block_q, batch, num_heads),
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            q_spec,
+            row_spec,
+            row_spec,
+            *segment_specs,
+            _row_list_spec(cfg, kv_lists, None),
+        ],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    )(q, k, v, do, lse, delta, q_seg, kv_seg, kv_lists)
+
+    block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
+    # One program per (K/V block, batch, K/V head); it loops over the `group` query heads.
+    q_spec = pl.BlockSpec((None, q_len, group, head_dim), lambda j, b, h: (b, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
+    row_spec = pl.BlockSpec((None, group, q_len), lambda j, b, h: (b, h, 0))
+    segment_specs = [None, None]
+    if q_seg is not None:
+        segment_specs = [
+            pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
+            pl.BlockSpec((None, block_k), lambda j, b, h: (b, j)),
+        ]
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, cfg=cfg, group=group),
+        cfg,
+        head_dim,
+        "flash_attention_dkv",
+        grid=(kv_len // block_k, batch, num_kv_heads),
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            q_spec,
+            row_spec,
+            row_spec,
+            *segment_specs,
+            _row_list_spec(cfg, q_lists, group),
+        ],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    )(q, k, v, do, lse, delta, q_seg, kv_seg, q_lists)
+    return dq, dk, dv, None, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash_attention_padded(q, k, v, q_seg, kv_seg, lists, cfg):
+    kv_lists = None if lists is None else lists[0]
+    return _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg)[0]
+
+
+def _flash_attention_padded_fwd(q, k, v, q_seg, kv_seg, lists, cfg):
+    kv_lists = None if lists is None else lists[0]
+    out, lse = _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg)
+    return out, (q, k, v, q_seg, kv_seg, lists, out, lse)
+
+
+_flash_attention_padded.defvjp(_flash_attention_padded_fwd, _backward)
+
+
+def _tile_lists(block_mask: jax.Array) -> jax.Array:
+    """`[h, rows, cols]` bool -> int32 `[h, rows, 1 + cols]`: count, then the on columns in order."""
+    count = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
+    order = jnp.argsort(jnp.logical_not(block_mask), axis=-1, stable=True).astype(jnp.int32)
+    return jnp.concatenate([count[..., None], order], axis=-1)
+
+
+def _resolve_block_sizes(block_sizes, q_len, kv_len, has_block_mask):
+    """Concrete tiles: backward defaults filled in, and (without a block mask) blocks shrunk to
+    the sequence so a short sequence is not padded to a long default block."""
+    tiles = [
+        (block_sizes.block_q, block_sizes.block_k),
+        block_sizes.dkv,
+        block_sizes.dq,
+    ]
+    if not has_block_mask:
+        q_cap = max(_MIN_BLOCK, _next_power_of_two(q_len))
+        kv_cap = max(_MIN_BLOCK, _next_power_of_two(kv_len))
+        tiles = [(min(bq, q_cap), min(bk, kv_cap)) for bq, bk in tiles]
+    return tiles
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("causal", "sm_scale", "block_sizes", "interpret"),
+)
+def _flash_attention_impl(
+    q, k, v, segment_ids, block_mask, *, causal, sm_scale, block_sizes, interpret
+):
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    (bq, bk), (bq_dkv, bk_dkv), (bq_dq, bk_dq) = _resolve_block_sizes(
+        block_sizes, q_len, kv_len, block_mask is not None
+    )
+    q_len_padded = _round_up(q_len, max(bq, bq_dkv, bq_dq))
+    kv_len_padded = _round_up(kv_len, max(bk, bk_dkv, bk_dq))
+    head_dim_padded = max(_MIN_BLOCK, _next_power_of_two(head_dim))
+
+    def pad(x, length):
+        widths = ((0, 0), (0, length - x.shape[1]), (0, 0), (0, head_dim_padded - head_dim))
+        return jnp.pad(x, widths) if any(w[1] for w in widths) else x
+
+    q_p, k_p, v_p = pad(q, q_len_padded), pad(k, kv_len_padded), pad(v, kv_len_padded)
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        q_seg = jnp.pad(segment_ids[0], ((0, 0), (0, q_len_padded - q_len)))
+        kv_seg = jnp.pad(segment_ids[1], ((0, 0), (0, kv_len_padded - kv_len)))
+    lists = None
+    if block_mask is not None:
+        if causal:
+            block_mask = block_mask & causal_block_mask(q_len, kv_len, (bq, bk))
+        lists = (_tile_lists(block_mask), _tile_lists(jnp.swapaxes(block_mask, 1, 2)))
+    cfg = _Config(
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=bq,
+        block_k=bk,
+        block_q_dkv=bq_dkv,
+        block_k_dkv=bk_dkv,
+        block_q_dq=bq_dq,
+        block_k_dq=bk_dq,
+        causal=causal,
+        sm_scale=sm_scale,
+        has_segments=segment_ids is not None,
+        mask_heads=0 if block_mask is None else block_mask.shape[0],
+        interpret=interpret,
+        num_warps=block_sizes.num_warps,
+        num_stages=block_sizes.num_stages,
+    )
+    out = _flash_attention_padded(q_p, k_p, v_p, q_seg, kv_seg, lists, cfg)
+    return out[:, :q_len, :, :head_dim]
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: tuple[jax.Array, jax.Array] | None = None,
+    sm_scale: float | None = None,
+    block_mask: jax.Array | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Exact softmax attention in O(seq) memory, differentiable through Pallas kernels.
+
+    Args:
+      q: `[batch, q_len, num_heads, head_dim]`, float32, bfloat16 or float16.
+      k, v: `[batch, kv_len, num_kv_heads, head_dim]`, same dtype; `num_kv_heads` divides
+        `num_heads` (GQA / MQA: query head h uses K/V head `h // (num_heads // num_kv_heads)`).
+      causal: query i sees keys j <= i (top-left aligned, as `jax.nn.dot_product_attention`).
+      segment_ids: `(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])` ints;
+        a query sees only keys with the same id (packed sequences).
+      sm_scale: score scale, default `1 / sqrt(head_dim)`.
+      block_mask: bool `[num_heads or 1, ceil(q_len / block_q), ceil(kv_len / block_k)]`;
+        tiles that are off are skipped. Build it with `causal_block_mask`, `local_block_mask` or
+        `block_mask_from_mask`, and pass the same `block_sizes`.
+      block_sizes: tiles and GPU launch parameters; default `BlockSizes.get_default()`
+        (required with `block_mask`).
+      interpret: run the kernels in Pallas interpret mode; None: interpret unless on a GPU.
+
+    Returns:
+      `[batch, q_len, num_heads, head_dim]` in q's dtype (float32 accumulation). A query that
+      sees no key gets zeros, and zero gradients.
+
+    Example:
+      >>> q = k = v = jnp.ones((2, 100, 4, 64), jnp.bfloat16)
+      >>> flash_attention(q, k, v, causal=True).shape
+      (2, 100, 4, 64)
+    """
+    segment_ids, sm_scale = _check_inputs(
+        q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes
+    )
+    interpret = resolve_interpret(interpret)
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=q.shape[-1])
+    if block_mask is not None:
+        block_mask = jnp.asarray(block_mask)
+    return _flash_attention_impl(
+        q,
+        k,
+        v,
+        segment_ids,
+        block_mask,
+        causal=causal,
+        sm_scale=sm_scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
+
+
+def flash_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: tuple[jax.Array, jax.Array] | None = None,
+    sm_scale: float | None = None,
+    block_mask: jax.Array | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Plain-jnp attention with the same arguments and semantics as `flash_attention`.
+
+    Computes in float32 from upcast inputs and materialises the `[q_len, kv_len]` scores: the
+    test oracle, not a fast path. `block_mask` is expanded to elements with `block_sizes`.
+    Fully masked rows give zeros (and zero gradients), as in the kernel.
+    """
+    segment_ids, sm_scale = _check_inputs(
+        q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes
+    )
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+
+    mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)  # [batch, heads, q, kv]
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids
+        mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+    if block_mask is not None:
+        expanded = _expand_block_mask(
+            jnp.asarray(block_mask), block_sizes.block_q, block_sizes.block_k, q_len, kv_len
+        )
+        mask = mask & expanded[None]
+    # Split heads into (kv head, group member) so K/V broadcast over the group.
+    mask = mask.reshape(
+        mask.shape[0], *((num_kv_heads, group) if mask.shape[1] > 1 else (1, 1)), q_len, kv_len
+    )
+
+    hp = lax.Precision.HIGHEST
+    q32 = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, group, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q32, k.astype(jnp.float32), precision=hp)
+    logits = jnp.where(mask, logits * sm_scale, _MASK_VALUE)
+    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32), precision=hp)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+__all__ = (
+    "BlockSizes",
+    "block_mask_from_mask",
+    "causal_block_mask",
+    "flash_attention",
+    "flash_attention_reference",
+    "local_block_mask",
+)
