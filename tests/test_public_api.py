@@ -49,6 +49,12 @@ PUBLIC = {
         "dot_product_attention",
         "segment_ids_with_padding",
     ],
+    "efflax.optim": [
+        "cycle_end_steps",
+        "cycle_lengths",
+        "exponential_cyclic_cosine_schedule",
+        "tradeoff_points",
+    ],
 }
 
 
