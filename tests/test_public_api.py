@@ -54,6 +54,14 @@ PUBLIC = {
         "cycle_lengths",
         "exponential_cyclic_cosine_schedule",
         "tradeoff_points",
+        "LocalGDState",
+        "ProxSkipState",
+        "communication_period",
+        "consensus_average",
+        "distributed_gd",
+        "local_gd",
+        "make_client_step",
+        "proxskip",
     ],
 }
 

@@ -1,5 +1,13 @@
 """optax transforms and training tools: SAF/MESA, sharpness probes, ProxSkip, cyclic LRs."""
 
+from efflax.optim.proxskip import LocalGDState
+from efflax.optim.proxskip import ProxSkipState
+from efflax.optim.proxskip import communication_period
+from efflax.optim.proxskip import consensus_average
+from efflax.optim.proxskip import distributed_gd
+from efflax.optim.proxskip import local_gd
+from efflax.optim.proxskip import make_client_step
+from efflax.optim.proxskip import proxskip
 from efflax.optim.schedules import cycle_end_steps
 from efflax.optim.schedules import cycle_lengths
 from efflax.optim.schedules import exponential_cyclic_cosine_schedule
