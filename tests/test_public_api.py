@@ -62,6 +62,18 @@ PUBLIC = {
         "local_gd",
         "make_client_step",
         "proxskip",
+        "LogitsBuffer",
+        "check_indices",
+        "ema_update",
+        "init_ema",
+        "init_logits_buffer",
+        "logits_buffer_bytes",
+        "mesa_loss",
+        "read_logits",
+        "saf_loss",
+        "trajectory_loss",
+        "with_index_check",
+        "write_logits",
     ],
 }
 
