@@ -1,0 +1,152 @@
+"""Benchmark: expert-choice MoE vs top-1 / top-2 token choice vs a dense FFN of equal FLOPs.
+
+Zhou et al., "Mixture-of-Experts with Expert Choice Routing", arXiv:2202.09368 (2022). Times one
+training step (forward + backward to the parameters and the input) of an FFN layer on
+`[batch, tokens, d]`. Every variant does the same expert FLOPs: the dense FFN has hidden `2h`;
+expert choice (capacity factor 2), top-2 (capacity factor 1) and the `2h`-wide top-1 (capacity
+factor 1) fill exactly `2 * tokens` slots of width `h` (or `tokens` slots of width `2h`).
+Dispatch by gather + scatter-add and by the dense one-hot einsum, on one device and on every
+device of the host (experts over a mesh axis `'expert'`, tokens exchanged by all-to-all). Before
+timing, the gather and einsum layers are checked against each other. Median of repeated runs
+(round-robin over the variants) after a warm-up; ratios against the dense FFN run beside them.
+
+    python -m experiments.bench_moe            # batch 32 x 128 tokens, d 256, 8 experts
+    python -m experiments.bench_moe --quick    # batch 16 x 64 tokens, d 128
+
+Run as its own process it asks XLA for 8 host devices (when JAX is not yet initialised);
+otherwise it uses the devices that exist and says how many.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
+
+from efflax.nn.encoder import DenseFeedForward  # noqa: E402
+from efflax.nn.moe import MoEFeedForward  # noqa: E402
+
+
+def _interleaved_times(steps: dict[str, tuple[Callable, tuple]], *, rounds: int) -> dict:
+    """Median and minimum wall time per step function, timed round-robin after a warm-up.
+
+    Round-robin (one call of each variant per round) keeps a busy host's load swings from
+    landing on one variant only.
+    """
+    for fn, args in steps.values():
+        jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (fn, args) in steps.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def _layers(d: int, hidden: int, num_experts: int, mesh: Mesh | None) -> dict[str, nn.Module]:
+    moe = dict(num_experts=num_experts, mesh=mesh, z_loss_coef=0.0, load_balancing_coef=0.0)
+    layers: dict[str, nn.Module] = {"dense": DenseFeedForward(2 * hidden)}
+    for dispatch in ("gather", "einsum"):
+        layers[f"expert_choice/{dispatch}"] = MoEFeedForward(
+            hidden=hidden, router="expert_choice", capacity_factor=2.0, dispatch=dispatch, **moe
+        )
+        layers[f"top1/{dispatch}"] = MoEFeedForward(
+            hidden=2 * hidden, router="top1", capacity_factor=1.0, dispatch=dispatch, **moe
+        )
+        layers[f"top2/{dispatch}"] = MoEFeedForward(
+            hidden=hidden, router="top2", capacity_factor=1.0, dispatch=dispatch, **moe
+        )
+    return layers
+
+
+def _train_step(layer: nn.Module):
+    def loss(params, x):
+        y = layer.apply({"params": params}, x, deterministic=False, mutable=["losses"])[0]
+        return jnp.mean(jnp.square(y))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def bench(*, batch: int, tokens: int, d: int, hidden: int, num_experts: int, rounds: int):
+    devices = jax.devices()
+    meshes = {1: None}
+    if len(devices) > 1 and num_experts % len(devices) == 0:
+        meshes[len(devices)] = Mesh(np.asarray(devices).reshape(1, -1), ("data", "expert"))
+    x = jax.random.normal(jax.random.key(0), (batch, tokens, d), jnp.float32)
+    rows = []
+    for num_devices, mesh in meshes.items():
+        layers = _layers(d, hidden, num_experts, mesh)
+        x_in = x
+        if mesh is not None:
+            x_in = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "expert"))))
+        steps, outputs = {}, {}
+        for name, layer in layers.items():
+            params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+            params = nn.meta.unbox(params)
+            steps[name] = (_train_step(layer), (params, x_in))
+            outputs[name] = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x))(
+                params, x_in
+            )
+            if name.endswith("/einsum"):
+                reference = outputs[name]
+                gathered = outputs[name.replace("/einsum", "/gather")]
+                err = float(jnp.max(jnp.abs(gathered - reference)))
+                if err > 1e-4:
+                    raise AssertionError(f"{name}: gather differs from einsum by {err}")
+                print(f"  {num_devices} device(s) {name}: |gather - einsum| = {err:.1e}")
+        results = _interleaved_times(steps, rounds=rounds)
+        for name, (median, fastest) in results.items():
+            print(
+                f"  {num_devices} device(s) {name:22s} median {median * 1e3:8.2f} ms, "
+                f"min {fastest * 1e3:8.2f} ms ({rounds} runs)"
+            )
+        dense_median, dense_min = results["dense"]
+        for name, (median, fastest) in results.items():
+            rows.append((num_devices, name, median, median / dense_median, fastest / dense_min))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        shape = dict(batch=16, tokens=64, d=128, hidden=128, num_experts=8, rounds=10)
+    else:
+        shape = dict(batch=32, tokens=128, d=256, hidden=256, num_experts=8, rounds=25)
+    print(
+        f"bench_moe on {jax.devices()[0].platform} ({len(jax.devices())} devices, "
+        f"{platform.processor() or platform.machine()}), float32, {shape}"
+    )
+    rows = bench(**shape)
+    print(
+        "\n| devices | layer / dispatch | step, median (ms) | vs dense (median) | vs dense (min) |"
+    )
+    print("|---|---|---|---|---|")
+    for num_devices, name, seconds, ratio, ratio_min in rows:
+        print(f"| {num_devices} | {name} | {seconds * 1e3:.2f} | {ratio:.2f}x | {ratio_min:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
