@@ -153,6 +153,10 @@ def fit(
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(metrics_path, "a")  # noqa: SIM115 - closed in finally
 
+    # XLA's CPU runtime can deadlock (an all-reduce rendezvous timeout) when several
+    # collective programs over many host devices are in flight at once; finishing each step
+    # first costs little on CPU. GPUs keep asynchronous dispatch.
+    sync_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1
     history: list[dict[str, Any]] = []
     pending: list[dict[str, jax.Array]] = []
     t0 = time.perf_counter()
@@ -180,6 +184,8 @@ def fit(
                     f"the loader ran out of batches at step {step} < num_steps={num_steps}"
                 ) from None
             state, metrics = train_step(state, batch)
+            if sync_each_step:
+                jax.block_until_ready(metrics)
             step += 1
             pending.append(metrics)
             bar.update(1)
