@@ -93,6 +93,15 @@ PUBLIC = {
         "trajectory_loss",
         "with_index_check",
         "write_logits",
+        "SharpnessProbe",
+        "adam_preconditioner",
+        "adam_stability_threshold",
+        "gd_stability_threshold",
+        "hvp",
+        "lanczos",
+        "power_iteration",
+        "preconditioned_sharpness",
+        "sharpness",
     ],
 }
 

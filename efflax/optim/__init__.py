@@ -24,3 +24,12 @@ from efflax.optim.schedules import cycle_end_steps
 from efflax.optim.schedules import cycle_lengths
 from efflax.optim.schedules import exponential_cyclic_cosine_schedule
 from efflax.optim.schedules import tradeoff_points
+from efflax.optim.sharpness import SharpnessProbe
+from efflax.optim.sharpness import adam_preconditioner
+from efflax.optim.sharpness import adam_stability_threshold
+from efflax.optim.sharpness import gd_stability_threshold
+from efflax.optim.sharpness import hvp
+from efflax.optim.sharpness import lanczos
+from efflax.optim.sharpness import power_iteration
+from efflax.optim.sharpness import preconditioned_sharpness
+from efflax.optim.sharpness import sharpness

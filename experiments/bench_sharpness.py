@@ -1,0 +1,160 @@
+"""Benchmark: cost of a 20-step Lanczos sharpness probe in gradient evaluations.
+
+Cohen et al., "Adaptive Gradient Methods at the Edge of Stability", arXiv 2207.14484 (2022).
+On the ``adam_eos`` problem (tanh MLP 40-200-200-10, MSE, full batch of 1,000 MNIST-1D
+examples, 50,410 parameters) after 200 Adam steps, times one jitted gradient, one HVP, the
+preconditioned-sharpness probe (20 Lanczos steps = 20 HVPs) and the full probe (raw +
+preconditioned, 40 HVPs): median (and minimum) of interleaved runs after a warm-up, as
+ratios to the gradient measured in the same process. The 20-step estimate is first checked
+against an 80-step Lanczos reference.
+
+    python -m experiments.bench_sharpness            # about a minute on a 2-core CPU
+    python -m experiments.bench_sharpness --quick    # fewer repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import optax
+
+from efflax.optim.sharpness import hvp
+from efflax.optim.sharpness import preconditioned_sharpness
+from efflax.optim.sharpness import sharpness
+from experiments.adam_eos import B1
+from experiments.adam_eos import B2
+from experiments.adam_eos import EPS
+from experiments.adam_eos import init_mlp
+from experiments.adam_eos import load_data
+from experiments.adam_eos import make_loss
+
+LANCZOS_STEPS = 20
+REFERENCE_STEPS = 80
+
+
+def _interleaved_seconds(fns: dict[str, tuple[Callable, tuple]], *, runs: int) -> dict:
+    """Median and minimum wall time of each ``fn(*args)`` (blocked until ready).
+
+    The functions run round-robin after one warm-up call each, so that load from other
+    processes on a shared machine hits all of them alike and the ratios stay meaningful.
+    """
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "runs": len(t)}
+        for name, t in times.items()
+    }
+
+
+def bench(*, runs: int = 30, train_steps: int = 200) -> dict:
+    x, y = load_data()
+    loss = make_loss(x, y)
+    params = init_mlp(jax.random.key(0))
+    tx = optax.adam(1e-3, b1=B1, b2=B2, eps=EPS)
+
+    @jax.jit
+    def train(params, opt_state):
+        def step(carry, _):
+            params, opt_state = carry
+            updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        return jax.lax.scan(step, (params, opt_state), length=train_steps)[0]
+
+    params, opt_state = train(params, tx.init(params))
+    key = jax.random.key(1)
+
+    grad_fn = jax.jit(jax.grad(loss))
+    hvp_fn = jax.jit(lambda p, v: hvp(loss, p, v))
+
+    def precond_probe(steps):
+        return jax.jit(
+            lambda p, s, k: preconditioned_sharpness(
+                loss, p, s, eps=EPS, num_steps=steps, key=k, b2=B2
+            )
+        )
+
+    probe_fn = precond_probe(LANCZOS_STEPS)
+
+    @jax.jit
+    def full_probe(p, s, k):
+        raw_key, pre_key = jax.random.split(k)
+        raw = sharpness(loss, p, num_steps=LANCZOS_STEPS, key=raw_key)
+        pre = preconditioned_sharpness(
+            loss, p, s, eps=EPS, num_steps=LANCZOS_STEPS, key=pre_key, b2=B2
+        )
+        return raw, pre
+
+    # Correctness before timing: 20 steps against an 80-step reference.
+    estimate = float(probe_fn(params, opt_state, key))
+    reference = float(precond_probe(REFERENCE_STEPS)(params, opt_state, jax.random.key(2)))
+    rel_err = abs(estimate - reference) / abs(reference)
+    print(f"preconditioned sharpness: 20 steps {estimate:.6g}, 80 steps {reference:.6g}")
+    assert rel_err < 1e-3, f"20-step Lanczos off by {rel_err:.2e} relative"
+
+    timings = _interleaved_seconds(
+        {
+            "grad": (grad_fn, (params,)),
+            "hvp": (hvp_fn, (params, params)),
+            "precond_probe": (probe_fn, (params, opt_state, key)),
+            "full_probe": (full_probe, (params, opt_state, key)),
+        },
+        runs=runs,
+    )
+    result = {
+        "backend": jax.default_backend(),
+        "machine": platform.processor() or platform.machine(),
+        "num_params": sum(p.size for p in jax.tree_util.tree_leaves(params)),
+        "lanczos_steps": LANCZOS_STEPS,
+        "preconditioned_sharpness": estimate,
+        "reference_80_steps": reference,
+        "timings": timings,
+    }
+    for name in ("hvp", "precond_probe", "full_probe"):
+        for stat in ("median", "min"):
+            result[f"{name}_over_grad_{stat}"] = (
+                timings[name][f"{stat}_ms"] / timings["grad"][f"{stat}_ms"]
+            )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args(argv)
+    result = bench(runs=10 if args.quick else 40)
+    t = result["timings"]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    for name in t:
+        ratio = (
+            ""
+            if name == "grad"
+            else (
+                f" = {result[name + '_over_grad_median']:.1f} grads (min: "
+                f"{result[name + '_over_grad_min']:.1f})"
+            )
+        )
+        print(
+            f"{name}: median {t[name]['median_ms']:.2f} ms, min {t[name]['min_ms']:.2f} ms "
+            f"over {t[name]['runs']} runs{ratio}"
+        )
+    print(
+        f"preconditioned sharpness probe, {LANCZOS_STEPS} Lanczos steps: "
+        f"{result['precond_probe_over_grad_median']:.1f} gradient evaluations (target <= ~40)"
+    )
+
+
+if __name__ == "__main__":
+    main()
