@@ -46,3 +46,16 @@ def test_verdict_line():
     assert v.line() == "claim: 2x faster | measured: 2.1x | PASS"
     with pytest.raises(ValueError, match="registered twice"):
         experiment.register("mnist1d_baselines")(lambda out_dir, *, quick: v)
+
+
+def test_reproduce_sets_host_devices_only_when_unset(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    cli._force_host_devices(8)
+    assert cli.os.environ["XLA_FLAGS"] == (
+        "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"
+    )
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    cli._force_host_devices(8)
+    assert cli.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    with pytest.raises(SystemExit, match="cpu-devices=0"):
+        cli._force_host_devices(0)
