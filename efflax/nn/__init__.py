@@ -10,6 +10,14 @@ from efflax.nn.encoder import EncoderBlock
 from efflax.nn.moe import MoEFeedForward
 from efflax.nn.moe import moe_aux_loss
 from efflax.nn.moe import prune_experts
+from efflax.nn.monarch import MonarchDense
+from efflax.nn.monarch import Monarchified
+from efflax.nn.monarch import ReverseSparsification
+from efflax.nn.monarch import monarch_params_to_dense
+from efflax.nn.monarch import monarch_shapes
+from efflax.nn.monarch import monarchify
+from efflax.nn.monarch import project_dense_params
+from efflax.nn.monarch import xla_row_chunk
 from efflax.nn.routing import LinearRouter
 from efflax.nn.routing import Routing
 from efflax.nn.routing import XMoERouter
