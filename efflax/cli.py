@@ -7,15 +7,6 @@ import os
 import sys
 
 
-def _force_host_devices(count: int) -> None:
-    """Sets XLA's host device count, which takes effect only before JAX starts its backends."""
-    if count < 1:
-        raise SystemExit(f"efflax: --cpu-devices={count} must be >= 1")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = argparse.ArgumentParser(prog="efflax", description=__doc__)
@@ -25,16 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("names", nargs="*", help="experiments to run (default: all)")
     rep.add_argument("--quick", action="store_true", help="CPU-minute sizes")
     rep.add_argument("--out", default="results", help="output directory (default: results)")
-    rep.add_argument(
-        "--cpu-devices",
-        type=int,
-        default=8,
-        help="simulated host devices on CPU, so sharded experiments get a mesh (default: 8; "
-        "ignored if XLA_FLAGS already sets a device count)",
-    )
     args = parser.parse_args(argv)
-    if args.command == "reproduce":
-        _force_host_devices(args.cpu_devices)
 
     from efflax import experiment
 

@@ -14,7 +14,10 @@ import json
 import os
 import pathlib
 import pkgutil
+import subprocess
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -47,13 +50,25 @@ class Experiment:
     run: RunFn
     description: str
     module: str
+    cpu_devices: int = 1
 
 
 _REGISTRY: dict[str, Experiment] = {}
 
 
-def register(name: str, *, description: str = "") -> Callable[[RunFn], RunFn]:
-    """Registers ``run`` as the experiment ``name`` (a decorator)."""
+def register(name: str, *, description: str = "", cpu_devices: int = 1) -> Callable[[RunFn], RunFn]:
+    """Registers ``run`` as the experiment ``name`` (a decorator).
+
+    Args:
+      name: the name ``efflax reproduce`` knows it by.
+      description: one line for ``efflax list`` (default: the first docstring line).
+      cpu_devices: host devices the experiment runs on when the backend is a CPU (a sharded
+        experiment asks for 8). Each experiment runs in its own process, so the others keep
+        one device: XLA splits a CPU's threads between simulated devices, which slows and
+        distorts the timings of single-device experiments.
+    """
+    if cpu_devices < 1:
+        raise ValueError(f"{cpu_devices=} must be >= 1")
 
     def decorator(run: RunFn) -> RunFn:
         existing = _REGISTRY.get(name)
@@ -62,7 +77,7 @@ def register(name: str, *, description: str = "") -> Callable[[RunFn], RunFn]:
         if existing is not None and len(modules) > 1 and "__main__" not in modules:
             raise ValueError(f"experiment {name!r} registered twice ({existing.module})")
         doc = description or (run.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Experiment(name, run, doc, run.__module__)
+        _REGISTRY[name] = Experiment(name, run, doc, run.__module__, cpu_devices)
         return run
 
     return decorator
@@ -103,10 +118,41 @@ def write_metrics(out_dir: pathlib.Path | str, metrics: Mapping[str, Any]) -> pa
     return path
 
 
+def _env_with_host_devices(count: int) -> dict[str, str]:
+    """The environment with XLA's host device count set, unless the user already set one."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags and count > 1:
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    return env
+
+
+def _run_isolated(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool) -> Verdict:
+    """Runs one experiment in a fresh Python process and reads back its verdict."""
+    verdict_path = exp_dir / "verdict.json"
+    verdict_path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "efflax.experiment", experiment.name, "--out", str(exp_dir)]
+    if quick:
+        command.append("--quick")
+    env = _env_with_host_devices(experiment.cpu_devices)
+    env.setdefault("MPLBACKEND", "Agg")
+    code = subprocess.run(command, env=env, check=False).returncode
+    if code != 0 or not verdict_path.exists():
+        raise RuntimeError(f"experiment process exited with code {code} (its output is above)")
+    return Verdict(**json.loads(verdict_path.read_text()))
+
+
 def run_experiments(
-    names: list[str] | None, *, out: pathlib.Path | str, quick: bool
+    names: list[str] | None, *, out: pathlib.Path | str, quick: bool, isolate: bool = True
 ) -> list[tuple[str, Verdict | None, float, str]]:
     """Runs experiments by name (all when ``names`` is empty) and writes ``out/REPORT.md``.
+
+    Args:
+      names: experiments to run; empty or None runs all.
+      out: the output directory (one sub-directory per experiment).
+      quick: the CPU-minute sizes.
+      isolate: run each experiment in its own process (with its ``cpu_devices``); ``False``
+        runs them in this process, on whatever devices it has.
 
     Returns:
       ``(name, verdict or None on error, seconds, error message)`` per experiment.
@@ -125,12 +171,13 @@ def run_experiments(
         print(f"=== {name} ({'quick' if quick else 'full'}) -> {exp_dir}", flush=True)
         start = time.perf_counter()
         try:
-            verdict = registry[name].run(exp_dir, quick=quick)
+            if isolate:
+                verdict = _run_isolated(registry[name], exp_dir, quick=quick)
+            else:
+                verdict = registry[name].run(exp_dir, quick=quick)
             error = ""
         except Exception as e:  # noqa: BLE001 - one failing experiment must not hide the others
             verdict, error = None, f"{type(e).__name__}: {e}"
-            import traceback
-
             traceback.print_exc()
         seconds = time.perf_counter() - start
         print(f"--- {name}: {verdict.line() if verdict else 'ERROR ' + error} ({seconds:.0f} s)")
@@ -165,8 +212,16 @@ def _write_report(out: pathlib.Path, results, *, quick: bool) -> None:
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
 
 
+def _run_one(name: str, exp_dir: pathlib.Path, *, quick: bool) -> Verdict:
+    """Runs a registered experiment here and writes its verdict to ``exp_dir/verdict.json``."""
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    verdict = discover()[name].run(exp_dir, quick=quick)
+    (exp_dir / "verdict.json").write_text(json.dumps(dataclasses.asdict(verdict)) + "\n")
+    return verdict
+
+
 def cli_main(name: str, argv: list[str] | None = None) -> None:
-    """``python -m experiments.<name> [--quick] [--out DIR]`` for one experiment."""
+    """``python -m experiments.<name> [--quick] [--out DIR]``: one experiment, like reproduce."""
     parser = argparse.ArgumentParser(description=f"Run the {name} experiment.")
     parser.add_argument("--quick", action="store_true", help="small, CPU-minute size")
     parser.add_argument("--out", default="results", help="output directory")
@@ -175,3 +230,21 @@ def cli_main(name: str, argv: list[str] | None = None) -> None:
     results = run_experiments([name], out=args.out, quick=args.quick)
     if results[0][1] is None:
         raise SystemExit(1)
+
+
+def _child_main(argv: list[str] | None = None) -> None:
+    """The process that ``run_experiments`` starts for one experiment."""
+    parser = argparse.ArgumentParser(description="Run one experiment in this process.")
+    parser.add_argument("name")
+    parser.add_argument("--out", required=True, help="the experiment's own output directory")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    _run_one(args.name, pathlib.Path(args.out), quick=args.quick)
+
+
+if __name__ == "__main__":
+    # Run as `python -m efflax.experiment`: experiments register into the imported module, not
+    # into this `__main__` copy of it.
+    from efflax.experiment import _child_main as child_main
+
+    child_main()

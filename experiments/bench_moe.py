@@ -9,6 +9,9 @@ Dispatch by gather + scatter-add and by the dense one-hot einsum, on one device 
 device of the host (experts over a mesh axis `'expert'`, tokens exchanged by all-to-all). Before
 timing, the gather and einsum layers are checked against each other. Median of repeated runs
 (round-robin over the variants) after a warm-up; ratios against the dense FFN run beside them.
+The MoE rows time the layer alone (aux loss coefficients 0, statistics not collected, so XLA
+drops them); `expert_choice/gather+aux` is the training configuration: default router z-loss
+added to the loss and every routing statistic collected.
 
     python -m experiments.bench_moe            # batch 32 x 128 tokens, d 256, 8 experts
     python -m experiments.bench_moe --quick    # batch 16 x 64 tokens, d 128
@@ -45,6 +48,9 @@ from jax.sharding import PartitionSpec  # noqa: E402
 
 from efflax.nn.encoder import DenseFeedForward  # noqa: E402
 from efflax.nn.moe import MoEFeedForward  # noqa: E402
+from efflax.nn.moe import moe_aux_loss  # noqa: E402
+
+_WITH_AUX = "+aux"  # name suffix: the step adds the z-loss and collects routing statistics
 
 
 def _interleaved_times(steps: dict[str, tuple[Callable, tuple]], *, rounds: int) -> dict:
@@ -71,6 +77,16 @@ def _layers(d: int, hidden: int, num_experts: int, mesh: Mesh | None) -> dict[st
         layers[f"expert_choice/{dispatch}"] = MoEFeedForward(
             hidden=hidden, router="expert_choice", capacity_factor=2.0, dispatch=dispatch, **moe
         )
+        if dispatch == "gather":
+            # As in training: default z-loss in the loss, routing statistics collected.
+            layers[f"expert_choice/{dispatch}{_WITH_AUX}"] = MoEFeedForward(
+                hidden=hidden,
+                router="expert_choice",
+                capacity_factor=2.0,
+                dispatch=dispatch,
+                num_experts=num_experts,
+                mesh=mesh,
+            )
         layers[f"top1/{dispatch}"] = MoEFeedForward(
             hidden=2 * hidden, router="top1", capacity_factor=1.0, dispatch=dispatch, **moe
         )
@@ -80,12 +96,21 @@ def _layers(d: int, hidden: int, num_experts: int, mesh: Mesh | None) -> dict[st
     return layers
 
 
-def _train_step(layer: nn.Module):
-    def loss(params, x):
-        y = layer.apply({"params": params}, x, deterministic=False, mutable=["losses"])[0]
-        return jnp.mean(jnp.square(y))
+def _train_step(layer: nn.Module, *, with_aux: bool = False):
+    """Loss and gradients; `with_aux` adds the sown losses and returns the routing statistics.
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    Without it the sown values are dead code, which XLA removes: the step times the layer alone.
+    """
+
+    def loss(params, x):
+        collections = ["losses", "intermediates"] if with_aux else ["losses"]
+        y, state = layer.apply({"params": params}, x, deterministic=False, mutable=collections)
+        value = jnp.mean(jnp.square(y))
+        if with_aux:
+            return value + moe_aux_loss(state["losses"]), state["intermediates"]
+        return value, {}
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
 def bench(*, batch: int, tokens: int, d: int, hidden: int, num_experts: int, rounds: int):
@@ -104,10 +129,14 @@ def bench(*, batch: int, tokens: int, d: int, hidden: int, num_experts: int, rou
         for name, layer in layers.items():
             params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
             params = nn.meta.unbox(params)
-            steps[name] = (_train_step(layer), (params, x_in))
+            steps[name] = (_train_step(layer, with_aux=name.endswith(_WITH_AUX)), (params, x_in))
             outputs[name] = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x))(
                 params, x_in
             )
+            if name.endswith(_WITH_AUX):
+                err = float(jnp.max(jnp.abs(outputs[name] - outputs[name[: -len(_WITH_AUX)]])))
+                if err > 0:
+                    raise AssertionError(f"{name}: the aux losses changed the output by {err}")
             if name.endswith("/einsum"):
                 reference = outputs[name]
                 gathered = outputs[name.replace("/einsum", "/gather")]

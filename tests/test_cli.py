@@ -37,8 +37,15 @@ def test_a_failing_experiment_is_reported_not_hidden(tmp_path, monkeypatch):
         experiment._REGISTRY, "broken", experiment.Experiment("broken", broken, "", "t")
     )
     monkeypatch.setattr(experiment, "discover", lambda: dict(experiment._REGISTRY))
-    assert cli.main(["reproduce", "broken", "--out", str(tmp_path)]) == 1
+    results = experiment.run_experiments(["broken"], out=tmp_path, quick=True, isolate=False)
+    assert results[0][1] is None
     assert "RuntimeError: boom" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_a_crashing_experiment_process_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFLAX_DATA_DIR", "/dev/null/not-a-dir")  # the child cannot load data
+    assert cli.main(["reproduce", "mnist1d_baselines", "--quick", "--out", str(tmp_path)]) == 1
+    assert "exited with code 1" in (tmp_path / "REPORT.md").read_text()
 
 
 def test_verdict_line():
@@ -48,14 +55,15 @@ def test_verdict_line():
         experiment.register("mnist1d_baselines")(lambda out_dir, *, quick: v)
 
 
-def test_reproduce_sets_host_devices_only_when_unset(monkeypatch):
+def test_experiments_get_their_own_host_device_count(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
-    cli._force_host_devices(8)
-    assert cli.os.environ["XLA_FLAGS"] == (
-        "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"
-    )
+    env = experiment._env_with_host_devices(8)
+    assert env["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"
+    assert "device_count" not in experiment._env_with_host_devices(1)["XLA_FLAGS"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    cli._force_host_devices(8)
-    assert cli.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
-    with pytest.raises(SystemExit, match="cpu-devices=0"):
-        cli._force_host_devices(0)
+    assert experiment._env_with_host_devices(8)["XLA_FLAGS"].endswith("count=2")
+    registry = experiment.discover()
+    assert registry["moe_routing"].cpu_devices == 8
+    assert registry["mnist1d_baselines"].cpu_devices == 1
+    with pytest.raises(ValueError, match="cpu_devices=0"):
+        experiment.register("x", cpu_devices=0)

@@ -237,12 +237,16 @@ class MoEFeedForward(nn.Module):
     def _experts(self, x: jax.Array, weights: dict[str, jax.Array]) -> jax.Array:
         """Applies expert `e` to `x[e]`: `[e, g, c, d] -> [e, g, c, d]`."""
         w = {k: v.astype(self.dtype) for k, v in weights.items()}
+        # One token axis per expert: contracting two axes (g, c) makes the weight-gradient dots
+        # of the backward pass transpose their operands first (XLA CPU: a ~1.2x slower step).
+        shape = x.shape
+        x = x.reshape(shape[0], -1, shape[-1])
         if self.activation == "geglu":
-            h = nn.gelu(jnp.einsum("egcd,edh->egch", x, w["wi_0"]))
-            h = h * jnp.einsum("egcd,edh->egch", x, w["wi_1"])
+            h = nn.gelu(jnp.einsum("end,edh->enh", x, w["wi_0"]))
+            h = h * jnp.einsum("end,edh->enh", x, w["wi_1"])
         else:
-            h = nn.gelu(jnp.einsum("egcd,edh->egch", x, w["wi"]))
-        return jnp.einsum("egch,ehd->egcd", h, w["wo"])
+            h = nn.gelu(jnp.einsum("end,edh->enh", x, w["wi"]))
+        return jnp.einsum("enh,ehd->end", h, w["wo"]).reshape(shape)
 
     def _route(self, probs: jax.Array, capacity: int) -> R.Routing:
         if self.router == "expert_choice":

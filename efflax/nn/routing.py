@@ -271,7 +271,8 @@ def dispatch(
 
     Args:
       x: tokens `[groups, tokens, d]`.
-      token_indices: `Routing.token_indices` `[groups, experts, capacity]`.
+      token_indices: `Routing.token_indices` `[groups, experts, capacity]`, each in
+        `[0, tokens)` (the routers guarantee it; out-of-range indices are not checked).
       slot_mask: `Routing.slot_mask`; empty slots get zeros. `None`: every slot is full (expert
         choice), which saves a select.
       method: `"gather"` indexes the tokens (one gather on the flattened tokens); `"einsum"`
@@ -286,7 +287,9 @@ def dispatch(
         mask = _dispatch_mask(token_indices, mask_bool, num_tokens, x.dtype)
         return jnp.einsum("gect,gtd->egcd" if expert_major else "gect,gtd->gecd", mask, x)
     flat = _flat_token_indices(token_indices, num_tokens, expert_major)
-    gathered = jnp.take(x.reshape(groups * num_tokens, d), flat, axis=0)
+    # Routers only emit indices in [0, tokens): no bounds handling (fill/drop masks), which on
+    # CPU costs a select over every gathered row, here and in the transposed scatter-add.
+    gathered = x.reshape(groups * num_tokens, d).at[flat].get(mode="promise_in_bounds")
     if slot_mask is None:
         return gathered
     mask = jnp.swapaxes(slot_mask, 0, 1) if expert_major else slot_mask
@@ -307,7 +310,8 @@ def combine(
     `method="gather"` scatter-adds (`.at[].add`) into a float32 buffer of the flattened tokens;
     `"einsum"` contracts with the dense combine tensor. Empty slots carry gate 0 and add nothing.
     `expert_major=True` takes `expert_out` as `[e, g, c, d]` (see `dispatch`); `token_indices`
-    and `gates` stay `[g, e, c]`.
+    and `gates` stay `[g, e, c]`. As in `dispatch`, `token_indices` must lie in
+    `[0, num_tokens)`.
     """
     _check_method(method)
     dtype = expert_out.dtype
@@ -323,7 +327,7 @@ def combine(
     weighted = expert_out.astype(jnp.float32) * gates[..., None]
     flat = _flat_token_indices(token_indices, num_tokens, expert_major)
     out = jnp.zeros((groups * num_tokens, d), jnp.float32)
-    out = out.at[flat.reshape(-1)].add(weighted.reshape(-1, d))
+    out = out.at[flat.reshape(-1)].add(weighted.reshape(-1, d), mode="promise_in_bounds")
     return out.reshape(groups, num_tokens, d).astype(dtype)
 
 
