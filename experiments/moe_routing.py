@@ -40,6 +40,7 @@ from efflax.sharding import shard_params
 
 VARIANTS = ("dense", "top1", "top2", "expert_choice")
 WINDOW = 25  # steps averaged into one point of the loss curve
+MIN_SPEEDUP = 1.1  # what counts as "fewer steps" beyond noise
 
 
 def tokenize(x: np.ndarray, window: int = 5) -> np.ndarray:
@@ -144,7 +145,7 @@ def steps_to_reach(curve: np.ndarray, target: float) -> int | None:
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = 120 if quick else 1200
+    steps = 400 if quick else 1200
     seeds = (0,) if quick else (0, 1)
     batch_size = 64
     num_experts = 8
@@ -219,12 +220,13 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     reached = f"in {ec_steps} steps" if ec_steps else "not within the run"
     measured = (
         f"EC reached top-2's final train CE {target:.3f} {reached} vs {top2_steps} "
-        f"({speedup:.2f}x); test acc {accs}; {devices} devices, {len(seeds)} seed(s)"
+        f"({speedup:.2f}x, pass at >= {MIN_SPEEDUP}x); test acc {accs}; {devices} devices, {len(seeds)} seed(s)"
     )
     return Verdict(
         claim="expert choice reaches top-2's final training loss in fewer steps (paper: >2x)",
         measured=measured,
-        passed=speedup > 1.0,
+        # A margin over a tie: the smoothed curves move by a few percent between seeds.
+        passed=speedup >= MIN_SPEEDUP,
     )
 
 
