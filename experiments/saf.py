@@ -64,7 +64,7 @@ class Config:
     timing_steps: int = 10
 
 
-QUICK = Config(epochs=10, seeds=(0,), sharpness_examples=500, timing_rounds=5)
+QUICK = Config(epochs=30, seeds=(0,), sharpness_examples=500, timing_rounds=5)
 FULL = Config(epochs=60, seeds=(0, 1, 2, 3, 4), timing_rounds=40)
 
 
@@ -413,7 +413,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     )
     _plot(results, ratios, out_dir / "saf_mesa.png")
     scale = (
-        ("quick size, undertrained: the full run is the check; " if quick else "")
+        ("quick size, one seed: the full run is the check; " if quick else "")
         + f"{cfg.epochs} epochs, {len(cfg.seeds)} seed(s); step times at batch "
         f"{cfg.timing_batch_size}; at the training batch {cfg.batch_size}: SAF "
         f"{small['saf']:.2f}x, MESA {small['mesa']:.2f}x, SAM {small['sam']:.2f}x"
