@@ -186,6 +186,11 @@ def run_experiments(
     return results
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _write_report(out: pathlib.Path, results, *, quick: bool) -> None:
     lines = [
         "# efflax reproduction report",
@@ -201,11 +206,11 @@ def _write_report(out: pathlib.Path, results, *, quick: bool) -> None:
             f"[{p.name}]({name}/{p.name})" for p in sorted((out / name).glob("*.png"))
         )
         if verdict is None:
-            row = f"| {name} | | {error} | ERROR | {seconds:.0f} s | {plots} |"
+            row = f"| {name} | | {_cell(error)} | ERROR | {seconds:.0f} s | {plots} |"
         else:
             status = "PASS" if verdict.passed else "FAIL"
             row = (
-                f"| {name} | {verdict.claim} | {verdict.measured} | {status} | "
+                f"| {name} | {_cell(verdict.claim)} | {_cell(verdict.measured)} | {status} | "
                 f"{seconds:.0f} s | {plots} |"
             )
         lines.append(row.replace("\n", " "))

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,11 @@ def test_experiments_get_their_own_host_device_count(monkeypatch):
     assert registry["mnist1d_baselines"].cpu_devices == 1
     with pytest.raises(ValueError, match="cpu_devices=0"):
         experiment.register("x", cpu_devices=0)
+
+
+def test_report_cells_escape_pipes(tmp_path):
+    verdict = experiment.Verdict(claim="a | b", measured="worst |gap| 0.4\nok", passed=True)
+    experiment._write_report(tmp_path, [("x", verdict, 1.0, "")], quick=True)
+    row = (tmp_path / "REPORT.md").read_text().splitlines()[-1]
+    cells = re.split(r"(?<!\\)\|", row)[1:-1]
+    assert len(cells) == 6 and cells[2].strip() == "worst \\|gap\\| 0.4 ok"
