@@ -70,6 +70,13 @@ def _flat_operator(matvec: MatVec, params_like: PyTree):
     return flat_matvec, unravel, flat.size, dtype
 
 
+def _unroll(unroll: bool | int | None) -> bool | int:
+    """``None``: unroll fully on CPU (XLA CPU runs convolutions in loops slowly), else loop."""
+    if unroll is None:
+        return True if jax.default_backend() == "cpu" else 1
+    return unroll
+
+
 def _check_steps(num_steps: int, name: str = "num_steps") -> None:
     if not isinstance(num_steps, int | np.integer) or num_steps < 1:
         raise ValueError(f"{name}={num_steps!r} must be a positive int")
@@ -83,6 +90,7 @@ def lanczos(
     key: jax.Array,
     num_eigenvalues: int = 1,
     return_eigenvectors: bool = False,
+    unroll: bool | int | None = None,
 ):
     """Top eigenvalues of a symmetric linear operator by Lanczos with full reorthogonalisation.
 
@@ -99,6 +107,9 @@ def lanczos(
       key: PRNG key for the starting vector.
       num_eigenvalues: how many of the largest (algebraic) eigenvalues to return.
       return_eigenvectors: also return the Ritz vectors.
+      unroll: unrolling of the loop over matvecs (``lax.fori_loop``'s); ``None`` unrolls fully
+        on CPU, where XLA runs convolutions inside a while loop about 10x slower, and keeps
+        the loop elsewhere (shorter compiles).
 
     Returns:
       Eigenvalues ``[num_eigenvalues]`` in descending order; with ``return_eigenvectors`` a pair
@@ -150,7 +161,7 @@ def lanczos(
         jnp.zeros((steps,), dtype),
         v0,
     )
-    basis, alphas, betas, _ = jax.lax.fori_loop(0, steps, body, init)
+    basis, alphas, betas, _ = jax.lax.fori_loop(0, steps, body, init, unroll=_unroll(unroll))
     off = betas[:-1]
     tridiagonal = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
     ritz_values, ritz_coords = jnp.linalg.eigh(tridiagonal)
@@ -167,6 +178,7 @@ def power_iteration(
     *,
     num_steps: int,
     key: jax.Array,
+    unroll: bool | int | None = None,
 ) -> tuple[jax.Array, PyTree]:
     """Dominant eigenpair of a symmetric linear operator by power iteration.
 
@@ -178,6 +190,7 @@ def power_iteration(
       params_like: pytree whose structure the vectors take.
       num_steps: number of matvec calls.
       key: PRNG key for the starting vector.
+      unroll: as in ``lanczos``.
 
     Returns:
       ``(eigenvalue, eigenvector)``: the Rayleigh quotient of the last iterate and that iterate
@@ -195,7 +208,7 @@ def power_iteration(
         norm = jnp.linalg.norm(av)
         return jnp.where(norm > 0, av / jnp.where(norm > 0, norm, 1.0), v), eigenvalue
 
-    v, _ = jax.lax.fori_loop(0, num_steps, body, (v0, jnp.zeros((), dtype)))
+    v, _ = jax.lax.fori_loop(0, num_steps, body, (v0, jnp.zeros((), dtype)), unroll=_unroll(unroll))
     # One more product so the returned value is the Rayleigh quotient of the returned vector.
     eigenvalue = jnp.vdot(v, flat_matvec(v))
     return eigenvalue, unravel(v.astype(ravel_pytree(params_like)[0].dtype))
@@ -207,6 +220,7 @@ def sharpness(
     *,
     num_steps: int = 20,
     key: jax.Array,
+    unroll: bool | int | None = None,
 ) -> jax.Array:
     """Top eigenvalue of the loss Hessian at ``params`` (Lanczos, ``num_steps`` HVPs).
 
@@ -215,11 +229,13 @@ def sharpness(
       params: the point.
       num_steps: Lanczos steps.
       key: PRNG key.
+      unroll: as in ``lanczos``.
 
     Returns:
       Scalar: the largest (algebraic) Hessian eigenvalue.
     """
-    return lanczos(lambda v: hvp(loss_fn, params, v), params, num_steps=num_steps, key=key)[0]
+    matvec = lambda v: hvp(loss_fn, params, v)
+    return lanczos(matvec, params, num_steps=num_steps, key=key, unroll=unroll)[0]
 
 
 class _Found:
@@ -324,6 +340,7 @@ def preconditioned_sharpness(
     key: jax.Array,
     bias_correction: bool = True,
     b2: float | None = None,
+    unroll: bool | int | None = None,
 ) -> jax.Array:
     """Top eigenvalue of P^-1/2 H P^-1/2 (= of P^-1 H), with P Adam's current preconditioner.
 
@@ -336,6 +353,7 @@ def preconditioned_sharpness(
       key: PRNG key.
       bias_correction: see ``adam_preconditioner``.
       b2: see ``adam_preconditioner``.
+      unroll: as in ``lanczos``.
 
     Returns:
       Scalar: the largest eigenvalue of the preconditioned Hessian. Compare with
@@ -355,7 +373,7 @@ def preconditioned_sharpness(
     def matvec(v: PyTree) -> PyTree:
         return scale(hvp(loss_fn, params, scale(v)))
 
-    return lanczos(matvec, params, num_steps=num_steps, key=key)[0]
+    return lanczos(matvec, params, num_steps=num_steps, key=key, unroll=unroll)[0]
 
 
 def _check_learning_rate(learning_rate: float) -> None:

@@ -97,8 +97,9 @@ def test_hvp_matches_full_hessian(mlp_problem):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("unroll", [None, 1])  # unrolled on CPU by default, and as a loop
 @pytest.mark.parametrize("num_steps", [12, 31, 50])
-def test_lanczos_known_spectrum(num_steps):
+def test_lanczos_known_spectrum(num_steps, unroll):
     rng = np.random.default_rng(num_steps)
     params = _params_like(rng)
     spectrum = rng.uniform(-4.0, 6.0, size=31)
@@ -113,6 +114,7 @@ def test_lanczos_known_spectrum(num_steps):
             num_steps=num_steps,
             key=key,
             num_eigenvalues=num_eigenvalues,
+            unroll=unroll,
         )
     )(jax.random.key(0))
     assert got.shape == (num_eigenvalues,)
