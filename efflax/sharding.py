@@ -41,6 +41,20 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def shard_map(fn: Any, *, mesh: Mesh, in_specs: Any, out_specs: Any) -> Any:
+    """``jax.shard_map`` (JAX >= 0.7), or ``jax.experimental.shard_map`` on older JAX.
+
+    The one place for this JAX-version difference; efflax's sharded code calls it.
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover - old JAX
+
+    return legacy(  # pragma: no cover - old JAX
+        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False
+    )
+
+
 def make_mesh(
     *,
     data: int | None = None,

@@ -35,7 +35,6 @@ if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -49,24 +48,14 @@ from jax.sharding import PartitionSpec  # noqa: E402
 from efflax.nn.encoder import DenseFeedForward  # noqa: E402
 from efflax.nn.moe import MoEFeedForward  # noqa: E402
 from efflax.nn.moe import moe_aux_loss  # noqa: E402
+from experiments._timing import interleaved_times  # noqa: E402
 
 _WITH_AUX = "+aux"  # name suffix: the step adds the z-loss and collects routing statistics
 
 
 def _interleaved_times(steps: dict[str, tuple[Callable, tuple]], *, rounds: int) -> dict:
-    """Median and minimum wall time per step function, timed round-robin after a warm-up.
-
-    Round-robin (one call of each variant per round) keeps a busy host's load swings from
-    landing on one variant only.
-    """
-    for fn, args in steps.values():
-        jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, (fn, args) in steps.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
+    """Median and minimum wall time per step function, timed round-robin after a warm-up."""
+    times = interleaved_times(steps, rounds=rounds)
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 

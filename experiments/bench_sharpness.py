@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -27,6 +26,7 @@ import optax
 from efflax.optim.sharpness import hvp
 from efflax.optim.sharpness import preconditioned_sharpness
 from efflax.optim.sharpness import sharpness
+from experiments._timing import interleaved_times
 from experiments.adam_eos import B1
 from experiments.adam_eos import B2
 from experiments.adam_eos import EPS
@@ -39,19 +39,8 @@ REFERENCE_STEPS = 80
 
 
 def _interleaved_seconds(fns: dict[str, tuple[Callable, tuple]], *, runs: int) -> dict:
-    """Median and minimum wall time of each ``fn(*args)`` (blocked until ready).
-
-    The functions run round-robin after one warm-up call each, so that load from other
-    processes on a shared machine hits all of them alike and the ratios stay meaningful.
-    """
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, (fn, args) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
+    """Median and minimum wall time of each ``fn(*args)``, timed round-robin after a warm-up."""
+    times = interleaved_times(fns, rounds=runs)
     return {
         name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "runs": len(t)}
         for name, t in times.items()

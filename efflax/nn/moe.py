@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
 from efflax.nn import routing as R
+from efflax.sharding import shard_map
 
 __all__ = ["MoEFeedForward", "prune_experts", "moe_aux_loss", "ROUTERS"]
 
@@ -35,15 +36,6 @@ _ROUTER_TYPES = ("linear", "xmoe")
 _ACTIVATIONS = ("gelu", "geglu")
 _DEFAULT_CAPACITY_FACTOR = {"expert_choice": 2.0, "top1": 1.25, "top2": 1.25}
 _TOP_K = {"top1": 1, "top2": 2}
-
-
-def _shard_map(f, *, mesh, in_specs, out_specs):
-    """`jax.shard_map` (JAX >= 0.7) with a fallback to the older experimental location."""
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    from jax.experimental.shard_map import shard_map  # pragma: no cover
-
-    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)  # pragma: no cover
 
 
 def moe_aux_loss(losses: Mapping[str, Any]) -> jax.Array:
@@ -198,7 +190,7 @@ class MoEFeedForward(nn.Module):
         if num_shards > 1:
             batch_spec = PartitionSpec(self._batch_axes())
             expert_spec = PartitionSpec(self.expert_axis)
-            run = _shard_map(
+            run = shard_map(
                 run,
                 mesh=self.mesh,
                 in_specs=(batch_spec, batch_spec, expert_spec, PartitionSpec()),

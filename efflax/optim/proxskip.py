@@ -38,21 +38,12 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from efflax.sharding import shard_map
+
 Communicate = Callable[[Any], Any]
 
 
-# --- JAX-version-dependent API lives here only -------------------------------------------------
-def _shard_map(fn: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
-    """`jax.shard_map` (JAX >= 0.7) or the older `jax.experimental.shard_map.shard_map`."""
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    from jax.experimental.shard_map import shard_map  # pragma: no cover - old JAX only
-
-    return shard_map(  # pragma: no cover
-        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False
-    )
-
-
+# --- JAX-version-dependent API (shard_map's is in efflax.sharding) ------------------------------
 def _to_varying(x: jax.Array, axis_name: str) -> jax.Array:
     """Marks a value that is equal on all devices of ``axis_name`` as device-varying, so both
     branches of a ``lax.cond`` inside ``shard_map`` have the same type (a no-op on data)."""
@@ -343,7 +334,7 @@ def make_client_step(
                 f"{axis_name!r}"
             )
         state_specs = _state_specs(state, axis_name)
-        fn = _shard_map(
+        fn = shard_map(
             local_step,
             mesh=mesh,
             in_specs=(P(axis_name), state_specs, P(axis_name)),
