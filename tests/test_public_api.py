@@ -17,6 +17,7 @@ PUBLIC = {
         "params_shardings",
         "replicated",
         "shard_batch",
+        "shard_map",
         "shard_params",
     ],
     "efflax.training": [
