@@ -22,10 +22,10 @@ import optax
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
-from efflax.optim.sharpness import adam_stability_threshold
-from efflax.optim.sharpness import gd_stability_threshold
-from efflax.optim.sharpness import preconditioned_sharpness
-from efflax.optim.sharpness import sharpness
+from efflax.optim import adam_stability_threshold
+from efflax.optim import gd_stability_threshold
+from efflax.optim import preconditioned_sharpness
+from efflax.optim import sharpness
 
 WIDTHS = (40, 200, 200, 10)
 NUM_EXAMPLES = 1000

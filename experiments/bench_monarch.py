@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflax.nn.monarch import monarch_shapes
-from efflax.nn.monarch import xla_row_chunk
+from efflax.nn import monarch_shapes
+from efflax.nn import xla_row_chunk
 from pallas_kernels.monarch import monarch_matmul
 from pallas_kernels.monarch import monarch_matmul_reference
 from pallas_kernels.monarch import monarch_to_dense

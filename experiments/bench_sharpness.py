@@ -23,9 +23,9 @@ from collections.abc import Callable
 import jax
 import optax
 
-from efflax.optim.sharpness import hvp
-from efflax.optim.sharpness import preconditioned_sharpness
-from efflax.optim.sharpness import sharpness
+from efflax.optim import hvp
+from efflax.optim import preconditioned_sharpness
+from efflax.optim import sharpness
 from experiments._timing import interleaved_times
 from experiments.adam_eos import B1
 from experiments.adam_eos import B2

@@ -32,9 +32,9 @@ from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
 from efflax.models import CNN1D
-from efflax.optim.schedules import cycle_end_steps
-from efflax.optim.schedules import exponential_cyclic_cosine_schedule
-from efflax.optim.schedules import tradeoff_points
+from efflax.optim import cycle_end_steps
+from efflax.optim import exponential_cyclic_cosine_schedule
+from efflax.optim import tradeoff_points
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import cross_entropy_loss_fn

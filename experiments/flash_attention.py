@@ -28,7 +28,7 @@ import numpy as np
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
-from efflax.nn.attention import dot_product_attention
+from efflax.nn import dot_product_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import flash_attention_reference
 

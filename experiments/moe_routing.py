@@ -5,7 +5,7 @@ at equal activated compute, expert-choice routing (capacity factor 2) reaches th
 loss of GShard top-2 routing more than 2x faster (in steps) than top-2 itself, and beats Switch
 top-1.
 
-Set-up here: the `efflax.nn.encoder.Encoder` classifies MNIST-1D sequences (40 samples; token i
+Set-up here: the `efflax.nn.Encoder` classifies MNIST-1D sequences (40 samples; token i
 holds samples i-2..i+2, so 40 tokens of 5 features, one routing group per sequence), with the
 FFN of every block dense (hidden 2h), expert choice (8 experts of hidden h, c = 2), top-2
 (8 x h, capacity factor 1.25) or top-1 (8 x 2h, capacity factor 1.25): every token activates 2h
@@ -31,9 +31,9 @@ from efflax import data
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
-from efflax.nn.encoder import Encoder
-from efflax.nn.moe import MoEFeedForward
-from efflax.nn.moe import moe_aux_loss
+from efflax.nn import Encoder
+from efflax.nn import MoEFeedForward
+from efflax.nn import moe_aux_loss
 from efflax.sharding import make_mesh
 from efflax.sharding import shard_batch
 from efflax.sharding import shard_params

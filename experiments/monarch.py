@@ -30,10 +30,10 @@ from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
 from efflax.models import MLP
-from efflax.nn.monarch import ReverseSparsification
-from efflax.nn.monarch import monarch_params_to_dense
-from efflax.nn.monarch import monarch_shapes
-from efflax.nn.monarch import monarchify
+from efflax.nn import ReverseSparsification
+from efflax.nn import monarch_params_to_dense
+from efflax.nn import monarch_shapes
+from efflax.nn import monarchify
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import cross_entropy_loss_fn

@@ -33,10 +33,10 @@ import optax
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
-from efflax.optim.proxskip import communication_period
-from efflax.optim.proxskip import distributed_gd
-from efflax.optim.proxskip import local_gd
-from efflax.optim.proxskip import proxskip
+from efflax.optim import communication_period
+from efflax.optim import distributed_gd
+from efflax.optim import local_gd
+from efflax.optim import proxskip
 
 NUM_CLIENTS = 20
 NUM_FEATURES = 64

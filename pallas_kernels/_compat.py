@@ -1,31 +1,46 @@
-"""The one place for Pallas / JAX API differences between JAX 0.10 and 0.11.
+"""The one place for differences between JAX versions (0.10 to 0.12) and backends.
 
-Kernels in `pallas_kernels` import these helpers instead of touching version-dependent names
-directly, so an API move in JAX means one edit here:
+Every other module of efflax and pallas_kernels imports these helpers instead of touching
+version-dependent names directly, so an API move in JAX means one edit here:
 
-- `default_interpret` / `resolve_interpret`: `interpret=None` means interpret mode unless the
-  default backend is a GPU.
-- `gpu_compiler_params`: the Triton compiler-params class is `plgpu.CompilerParams` since
-  JAX 0.7 (`plgpu.TritonCompilerParams` before); the Triton backend is deprecated since 0.11,
-  so its module is imported lazily and with its deprecation warning silenced.
-- `multiple_of`: an alignment hint for dynamic slice starts (identity where unavailable).
+- `backend_kind` / `is_gpu` / `default_interpret` / `resolve_interpret`: which platform the
+  default backend is ('gpu' covers JAX's 'gpu', 'cuda' and 'rocm' names), and whether Pallas
+  kernels run in interpret mode (`interpret=None`: interpret unless on a GPU).
+- `gpu_compiler_params` / `compiler_params_kwargs`: the Triton compiler-params class is
+  `plgpu.CompilerParams` since JAX 0.7 (`plgpu.TritonCompilerParams` before). The Triton
+  backend of Pallas is deprecated since JAX 0.11; its deprecation warning is left visible.
+- `multiple_of`, `cdiv`: Pallas helpers (identity / plain arithmetic where unavailable).
+- `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`.
+- `to_varying`: marks a replicated value as device-varying inside `shard_map`
+  (`lax.pcast(..., to='varying')`, `lax.pvary` before it, a no-op before either existed).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import jax
+from jax import lax
 from jax.experimental import pallas as pl
 
-_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def backend_kind(backend: str | None = None) -> str:
+    """``'gpu'``, ``'cpu'`` or ``'tpu'`` for a JAX platform name (default: the default backend)."""
+    backend = jax.default_backend() if backend is None else backend
+    return "gpu" if backend in _GPU_PLATFORMS else backend
+
+
+def is_gpu(backend: str | None = None) -> bool:
+    """Whether ``backend`` (default: JAX's default backend) is an NVIDIA or AMD GPU."""
+    return backend_kind(backend) == "gpu"
 
 
 def default_interpret() -> bool:
     """Whether Pallas kernels should run in interpret mode on the default backend."""
-    return jax.default_backend() not in _GPU_BACKENDS
+    return not is_gpu()
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -39,9 +54,8 @@ def resolve_interpret(interpret: bool | None) -> bool:
 
 @functools.cache
 def _triton_module() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas import triton as plgpu
+    from jax.experimental.pallas import triton as plgpu
+
     return plgpu
 
 
@@ -65,3 +79,29 @@ def multiple_of(x: jax.Array, multiple: int) -> jax.Array:
     """Tells the compiler that `x` is a multiple of `multiple` (for aligned, vectorised loads)."""
     hint = getattr(pl, "multiple_of", None)
     return x if hint is None else hint(x, multiple)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints (``pl.cdiv`` without the dependency on its location)."""
+    return -(-a // b)
+
+
+def shard_map(fn: Any, *, mesh: Any, in_specs: Any, out_specs: Any) -> Any:
+    """``jax.shard_map`` (JAX >= 0.7), or ``jax.experimental.shard_map`` on older JAX."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover - old JAX
+
+    return legacy(  # pragma: no cover - old JAX
+        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False
+    )
+
+
+def to_varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """Marks a value that is equal on all devices of ``axis_name`` as device-varying, so both
+    branches of a ``lax.cond`` inside ``shard_map`` have the same type (a no-op on data)."""
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, (axis_name,), to="varying")
+    if hasattr(lax, "pvary"):  # pragma: no cover - JAX versions between pvary and pcast
+        return lax.pvary(x, (axis_name,))
+    return x  # pragma: no cover - before varying-manual-axes types existed

@@ -3,9 +3,9 @@
 The TFDS builders live in ``efflax.data.builders`` (imported on first use of a dataset).
 """
 
-from efflax.data.loader import AVAILABLE
-from efflax.data.loader import Loader
-from efflax.data.loader import data_dir
-from efflax.data.loader import data_source
-from efflax.data.loader import load
-from efflax.data.loader import load_arrays
+from efflax._src.data.loader import AVAILABLE
+from efflax._src.data.loader import Loader
+from efflax._src.data.loader import data_dir
+from efflax._src.data.loader import data_source
+from efflax._src.data.loader import load
+from efflax._src.data.loader import load_arrays

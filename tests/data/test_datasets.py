@@ -29,8 +29,8 @@ def test_mnist1d_size_option(fresh_data_dir):
 
 
 def test_stdlib_text_split_by_file_and_bytes(fresh_data_dir):
-    from efflax.data.builders import stdlib_source_files
-    from efflax.data.builders import stdlib_split_of
+    from efflax._src.data.builders import stdlib_source_files
+    from efflax._src.data.builders import stdlib_split_of
 
     splits = {s: data.load_arrays("stdlib_text", s, seq_len=64) for s in ("train", "validation")}
     assert splits["train"]["tokens"].shape[1] == 65

@@ -1,4 +1,4 @@
-"""Tests for efflax.nn.attention: kernels agree, masks, GQA, rotary embeddings, errors."""
+"""Tests for efflax.nn (attention): kernels agree, masks, GQA, rotary embeddings, errors."""
 
 import chex
 import jax
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from efflax.nn.attention import IMPLEMENTATIONS
-from efflax.nn.attention import PADDING_SEGMENT_ID
-from efflax.nn.attention import MultiHeadAttention
-from efflax.nn.attention import apply_rotary_embedding
-from efflax.nn.attention import dot_product_attention
-from efflax.nn.attention import resolve_implementation
-from efflax.nn.attention import segment_ids_with_padding
+from efflax._src.nn.attention import IMPLEMENTATIONS
+from efflax._src.nn.attention import PADDING_SEGMENT_ID
+from efflax._src.nn.attention import resolve_implementation
+from efflax.nn import MultiHeadAttention
+from efflax.nn import apply_rotary_embedding
+from efflax.nn import dot_product_attention
+from efflax.nn import segment_ids_with_padding
 from pallas_kernels.flash_attention import BlockSizes
 from pallas_kernels.flash_attention import flash_attention_reference
 

@@ -1,4 +1,4 @@
-"""Tests for efflax.nn.moe (MoEFeedForward, expert parallelism, pruning) and the encoder."""
+"""Tests for efflax.nn (moe) (MoEFeedForward, expert parallelism, pruning) and the encoder."""
 
 import functools
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from efflax.nn import routing
-from efflax.nn.encoder import Encoder
-from efflax.nn.moe import MoEFeedForward
-from efflax.nn.moe import moe_aux_loss
-from efflax.nn.moe import prune_experts
+from efflax._src.nn import routing
+from efflax.nn import Encoder
+from efflax.nn import MoEFeedForward
+from efflax.nn import moe_aux_loss
+from efflax.nn import prune_experts
 
 COLLECTIONS = ["losses", "intermediates"]
 

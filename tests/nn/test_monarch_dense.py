@@ -7,12 +7,12 @@ import pytest
 from flax import linen as nn
 
 from efflax.models import MLP
-from efflax.nn.monarch import MonarchDense
-from efflax.nn.monarch import ReverseSparsification
-from efflax.nn.monarch import monarch_params_to_dense
-from efflax.nn.monarch import monarch_shapes
-from efflax.nn.monarch import monarchify
-from efflax.nn.monarch import project_dense_params
+from efflax.nn import MonarchDense
+from efflax.nn import ReverseSparsification
+from efflax.nn import monarch_params_to_dense
+from efflax.nn import monarch_shapes
+from efflax.nn import monarchify
+from efflax.nn import project_dense_params
 from pallas_kernels.monarch import BlockSizes
 
 

@@ -1,4 +1,4 @@
-"""Tests for efflax.nn.routing against NumPy references and hand-checked examples."""
+"""Tests for efflax.nn (routing) against NumPy references and hand-checked examples."""
 
 import chex
 import jax
@@ -6,17 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efflax.nn.routing import LinearRouter
-from efflax.nn.routing import Routing
-from efflax.nn.routing import XMoERouter
-from efflax.nn.routing import combine
-from efflax.nn.routing import dispatch
-from efflax.nn.routing import expert_capacity
-from efflax.nn.routing import expert_choice
-from efflax.nn.routing import load_balancing_loss
-from efflax.nn.routing import multiplicative_jitter
-from efflax.nn.routing import router_z_loss
-from efflax.nn.routing import token_choice
+from efflax.nn import LinearRouter
+from efflax.nn import Routing
+from efflax.nn import XMoERouter
+from efflax.nn import combine
+from efflax.nn import dispatch
+from efflax.nn import expert_capacity
+from efflax.nn import expert_choice
+from efflax.nn import load_balancing_loss
+from efflax.nn import multiplicative_jitter
+from efflax.nn import router_z_loss
+from efflax.nn import token_choice
 
 
 def _softmax(x):

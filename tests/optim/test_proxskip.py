@@ -1,4 +1,4 @@
-"""Tests of efflax.optim.proxskip: invariants, equivalences, sharding (HLO) and the theory's rate."""
+"""Tests of efflax.optim (proxskip): invariants, equivalences, sharding (HLO) and the theory's rate."""
 
 import re
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from efflax.optim.proxskip import LocalGDState
-from efflax.optim.proxskip import ProxSkipState
-from efflax.optim.proxskip import communication_period
-from efflax.optim.proxskip import consensus_average
-from efflax.optim.proxskip import distributed_gd
-from efflax.optim.proxskip import local_gd
-from efflax.optim.proxskip import make_client_step
-from efflax.optim.proxskip import proxskip
+from efflax.optim import LocalGDState
+from efflax.optim import ProxSkipState
+from efflax.optim import communication_period
+from efflax.optim import consensus_average
+from efflax.optim import distributed_gd
+from efflax.optim import local_gd
+from efflax.optim import make_client_step
+from efflax.optim import proxskip
 
 NUM_DEVICES = 8
 needs_8_devices = pytest.mark.skipif(

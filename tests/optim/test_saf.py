@@ -1,4 +1,4 @@
-"""Tests for SAF / MESA (efflax.optim.saf)."""
+"""Tests for SAF / MESA (efflax._src.optim.saf)."""
 
 import functools
 
@@ -12,20 +12,20 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from efflax.data.loader import Loader
+from efflax.data import Loader
 from efflax.models import MLP
-from efflax.optim.saf import LogitsBuffer
-from efflax.optim.saf import check_indices
-from efflax.optim.saf import ema_update
-from efflax.optim.saf import init_ema
-from efflax.optim.saf import init_logits_buffer
-from efflax.optim.saf import logits_buffer_bytes
-from efflax.optim.saf import mesa_loss
-from efflax.optim.saf import read_logits
-from efflax.optim.saf import saf_loss
-from efflax.optim.saf import trajectory_loss
-from efflax.optim.saf import with_index_check
-from efflax.optim.saf import write_logits
+from efflax.optim import LogitsBuffer
+from efflax.optim import check_indices
+from efflax.optim import ema_update
+from efflax.optim import init_ema
+from efflax.optim import init_logits_buffer
+from efflax.optim import logits_buffer_bytes
+from efflax.optim import mesa_loss
+from efflax.optim import read_logits
+from efflax.optim import saf_loss
+from efflax.optim import trajectory_loss
+from efflax.optim import with_index_check
+from efflax.optim import write_logits
 from efflax.sharding import make_mesh
 from efflax.sharding import replicated
 from efflax.training import TrainState

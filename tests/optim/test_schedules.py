@@ -1,4 +1,4 @@
-"""Tests for efflax.optim.schedules (exponential-period cyclic cosine learning rates)."""
+"""Tests for efflax.optim (schedules) (exponential-period cyclic cosine learning rates)."""
 
 import math
 
@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from efflax.optim.schedules import cycle_end_steps
-from efflax.optim.schedules import cycle_lengths
-from efflax.optim.schedules import exponential_cyclic_cosine_schedule
-from efflax.optim.schedules import tradeoff_points
+from efflax.optim import cycle_end_steps
+from efflax.optim import cycle_lengths
+from efflax.optim import exponential_cyclic_cosine_schedule
+from efflax.optim import tradeoff_points
 
 # (first_cycle_steps, cycle_multiplier, num_cycles, warmup_steps): odd lengths, multiplier 1
 # (plain SGDR), non-integer multipliers that need rounding, one cycle, no warmup.

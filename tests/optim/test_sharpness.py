@@ -1,4 +1,4 @@
-"""Tests for efflax.optim.sharpness against explicitly built matrices (numpy eigh)."""
+"""Tests for efflax.optim (sharpness) against explicitly built matrices (numpy eigh)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from efflax.optim.sharpness import SharpnessProbe
-from efflax.optim.sharpness import adam_preconditioner
-from efflax.optim.sharpness import adam_stability_threshold
-from efflax.optim.sharpness import gd_stability_threshold
-from efflax.optim.sharpness import hvp
-from efflax.optim.sharpness import lanczos
-from efflax.optim.sharpness import power_iteration
-from efflax.optim.sharpness import preconditioned_sharpness
-from efflax.optim.sharpness import sharpness
+from efflax.optim import SharpnessProbe
+from efflax.optim import adam_preconditioner
+from efflax.optim import adam_stability_threshold
+from efflax.optim import gd_stability_threshold
+from efflax.optim import hvp
+from efflax.optim import lanczos
+from efflax.optim import power_iteration
+from efflax.optim import preconditioned_sharpness
+from efflax.optim import sharpness
 
 RTOL = 1e-4
 

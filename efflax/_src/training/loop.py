@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from efflax.training.state import TrainState
+from efflax._src.training.state import TrainState
 
 
 class Hook(Protocol):

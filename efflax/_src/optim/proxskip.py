@@ -38,20 +38,10 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from efflax.sharding import shard_map
+from pallas_kernels._compat import shard_map
+from pallas_kernels._compat import to_varying
 
 Communicate = Callable[[Any], Any]
-
-
-# --- JAX-version-dependent API (shard_map's is in efflax.sharding) ------------------------------
-def _to_varying(x: jax.Array, axis_name: str) -> jax.Array:
-    """Marks a value that is equal on all devices of ``axis_name`` as device-varying, so both
-    branches of a ``lax.cond`` inside ``shard_map`` have the same type (a no-op on data)."""
-    if hasattr(lax, "pcast"):
-        return lax.pcast(x, (axis_name,), to="varying")
-    if hasattr(lax, "pvary"):  # pragma: no cover - JAX versions between pvary and pcast
-        return lax.pvary(x, (axis_name,))
-    return x  # pragma: no cover - before varying-manual-axes types existed
 
 
 # --- states ------------------------------------------------------------------------------------
@@ -95,7 +85,7 @@ def consensus_average(stacked: Any, axis_name: str | None = None) -> Any:
     def average(leaf):
         mean = jnp.mean(leaf, axis=0, keepdims=True)
         if axis_name is not None:
-            mean = _to_varying(lax.pmean(mean, axis_name), axis_name)
+            mean = to_varying(lax.pmean(mean, axis_name), axis_name)
         return jnp.broadcast_to(mean, leaf.shape)
 
     return jax.tree.map(average, stacked)

@@ -4,7 +4,7 @@ Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (2017), with pre-l
 (Xiong et al., arXiv:2002.04745). Used by the expert-choice experiment (Zhou et al.,
 arXiv:2202.09368, which interleaves MoE and dense FFN layers) and as a ready classifier: tokens
 `[batch, tokens, features]` -> linear embedding + learned positions -> blocks -> mean pool ->
-logits. Attention is `efflax.nn.attention.MultiHeadAttention` (non-causal).
+logits. Attention is `efflax._src.nn.attention.MultiHeadAttention` (non-causal).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflax.nn.attention import MultiHeadAttention
+from efflax._src.nn.attention import MultiHeadAttention
 
 __all__ = ["DenseFeedForward", "EncoderBlock", "Encoder"]
 

@@ -49,7 +49,7 @@ def _lock(path: pathlib.Path):
 
 
 def _local_builder(name: str, builder_kwargs: Mapping[str, Any]):
-    from efflax.data import builders  # imports TFDS: only when a dataset is used
+    from efflax._src.data import builders  # imports TFDS: only when a dataset is used
 
     kwargs = dict(builder_kwargs)
     if name == "mnist1d":
@@ -194,7 +194,7 @@ class Loader:
         rows = self.epoch_order(epoch)[within * self.batch_size : (within + 1) * self.batch_size]
         batch = {k: v[rows] for k, v in self.arrays.items()}
         if self.mesh is not None:
-            from efflax.sharding import shard_batch
+            from efflax._src.sharding import shard_batch
 
             batch = shard_batch(batch, self.mesh)
         return batch

@@ -26,8 +26,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
-from efflax.nn import routing as R
-from efflax.sharding import shard_map
+from efflax._src.nn import routing as R
+from pallas_kernels._compat import shard_map
 
 __all__ = ["MoEFeedForward", "prune_experts", "moe_aux_loss", "ROUTERS"]
 

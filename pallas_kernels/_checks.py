@@ -1,0 +1,102 @@
+"""Argument checks shared by pallas_kernels and efflax: one wording for every bad value.
+
+Each check returns the (normalised) value or raises ``ValueError`` naming the argument and the
+value it got, e.g. ``ValueError("num_heads=0 must be an int >= 1")``. Checks on arrays only look
+at what is known at trace time (shapes, dtypes); :func:`concrete` tells whether a value can be
+inspected on the host, for checks that run only when it can.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = [
+    "concrete",
+    "finite_float",
+    "int_at_least",
+    "one_of",
+    "positive_float",
+    "probability",
+    "same_structure",
+]
+
+
+def concrete(value: Any) -> np.ndarray | None:
+    """``value`` as numpy when it is known at trace time, else ``None`` (a traced value)."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_at_least(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int, if it is an integer (not a bool) ``>= minimum``."""
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+    return int(value)
+
+
+def finite_float(name: str, value: Any) -> float:
+    """``value`` as a float, if it is a finite real number (not a bool)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+    ):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
+def positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """``value`` as a float, if it is finite and ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    number = finite_float(name, value)
+    if number < 0 or (number == 0 and not allow_zero):
+        raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    return number
+
+
+def probability(name: str, value: Any, *, allow_zero: bool = True, allow_one: bool = True) -> float:
+    """``value`` as a float, if it lies in [0, 1] (ends excluded on request)."""
+    number = finite_float(name, value)
+    low_ok = number > 0 or (allow_zero and number == 0)
+    high_ok = number < 1 or (allow_one and number == 1)
+    if not (low_ok and high_ok):
+        interval = f"{'[' if allow_zero else '('}0, 1{']' if allow_one else ')'}"
+        raise ValueError(f"{name}={value!r} must be in {interval}")
+    return number
+
+
+def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value``, if it is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def same_structure(name_a: str, a: Any, name_b: str, b: Any, *, shapes: bool = True) -> None:
+    """Raises unless pytrees ``a`` and ``b`` have the same structure (and leaf shapes)."""
+    tree_a, tree_b = jax.tree.structure(a), jax.tree.structure(b)
+    if tree_a != tree_b:
+        raise ValueError(f"{name_a} and {name_b} have different structures: {tree_a} vs {tree_b}")
+    if shapes:
+        for path_leaf_a, leaf_b in zip(
+            jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+        ):
+            path, leaf_a = path_leaf_a
+            shape_a, shape_b = np.shape(leaf_a), np.shape(leaf_b)
+            if shape_a != shape_b:
+                raise ValueError(
+                    f"{name_a}{jax.tree_util.keystr(path)} has shape {shape_a} but "
+                    f"{name_b}{jax.tree_util.keystr(path)} has shape {shape_b}"
+                )
