@@ -11,6 +11,7 @@ from efflax import models
 from efflax import nn
 from efflax import optim
 from efflax import sharding
+from efflax import stats
 from efflax import training
 
 __version__ = "0.1.0"
