@@ -16,6 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("names", nargs="*", help="experiments to run (default: all)")
     rep.add_argument("--quick", action="store_true", help="CPU-minute sizes")
     rep.add_argument("--out", default="results", help="output directory (default: results)")
+    rep.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="experiments run at once; only those whose verdicts do not depend on measured "
+        "time share the machine, timing-sensitive ones always run alone (default: 1)",
+    )
     args = parser.parse_args(argv)
 
     from efflax import experiment
@@ -25,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:20s} {exp.description}")
         return 0
     try:
-        results = experiment.run_experiments(args.names, out=args.out, quick=args.quick)
+        results = experiment.run_experiments(
+            args.names, out=args.out, quick=args.quick, jobs=args.jobs
+        )
     except ValueError as e:
         print(f"efflax: {e}", file=sys.stderr)
         return 2

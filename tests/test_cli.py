@@ -6,6 +6,7 @@ import pytest
 
 from efflax import cli
 from efflax import experiment
+from efflax.stats import mean_interval
 
 
 def test_efflax_list_shows_registered_experiments():
@@ -20,7 +21,7 @@ def test_reproduce_quick_writes_report_metrics_and_plots(tmp_path, capsys):
     code = cli.main(["reproduce", "mnist1d_baselines", "--quick", "--out", str(tmp_path)])
     assert code == 0
     report = (tmp_path / "REPORT.md").read_text()
-    assert "| mnist1d_baselines |" in report and "PASS" in report
+    assert "## mnist1d_baselines: PASS" in report
     assert "(mnist1d_baselines/cnn_curves.png)" in report
     assert (tmp_path / "mnist1d_baselines" / "metrics.json").exists()
     assert "claim:" in capsys.readouterr().out
@@ -52,6 +53,7 @@ def test_a_crashing_experiment_process_is_reported(tmp_path, monkeypatch):
 def test_verdict_line():
     v = experiment.Verdict(claim="2x faster", measured="2.1x", status="PASS")
     assert v.line() == "claim: 2x faster | measured: 2.1x | PASS"
+    experiment.discover()
     with pytest.raises(ValueError, match="registered twice"):
         experiment.register("mnist1d_baselines")(lambda out_dir, *, quick: v)
 
@@ -71,8 +73,12 @@ def test_experiments_get_their_own_host_device_count(monkeypatch):
 
 
 def test_report_cells_escape_pipes(tmp_path):
-    verdict = experiment.Verdict(claim="a | b", measured="worst |gap| 0.4\nok", status="PASS")
-    experiment._write_report(tmp_path, [("x", verdict, 1.0, "")], quick=True)
-    row = (tmp_path / "REPORT.md").read_text().splitlines()[-1]
+    estimate = mean_interval([0.1, 0.2])
+    verdict = experiment.Verdict(
+        claim="a | b", measured="worst |gap| 0.4", status="PASS", estimates={"|gap|": estimate}
+    )
+    experiment._write_report(tmp_path, [experiment.Result("x", verdict, 1.0, "")], quick=True)
+    rows = [r for r in (tmp_path / "REPORT.md").read_text().splitlines() if "gap" in r]
+    row = next(r for r in rows if r.startswith("|"))
     cells = re.split(r"(?<!\\)\|", row)[1:-1]
-    assert len(cells) == 6 and cells[2].strip() == "worst \\|gap\\| 0.4 ok"
+    assert len(cells) == 5 and cells[0].strip() == "\\|gap\\|"
