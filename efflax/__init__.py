@@ -2,10 +2,12 @@
 
 Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.sharding`` (meshes and logical axes), ``efflax.nn`` (modules), ``efflax.optim``
-(optimizers and probes), ``efflax.models`` (small reference models); the Pallas kernels are in
-the sibling package ``pallas_kernels``.
+(optimizers and probes), ``efflax.models`` (small reference models), ``efflax.stats``
+(estimates with intervals, verdicts), ``efflax.curves`` (accuracy-vs-time curves); the Pallas
+kernels are in the sibling package ``pallas_kernels``.
 """
 
+from efflax import curves
 from efflax import data
 from efflax import models
 from efflax import nn

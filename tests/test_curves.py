@@ -1,0 +1,104 @@
+"""efflax.curves: points at cycle ends, aggregation over seeds, Pareto front, winners by budget."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from efflax import curves
+from efflax.curves import Curve
+from efflax.stats import Estimate
+from efflax.stats import mean_interval
+
+
+def _curve(name, times, accuracies, spread=0.0):
+    """A curve whose points have the given means; ``spread`` sets the interval half-width."""
+    return Curve(
+        name,
+        tuple(range(1, len(times) + 1)),
+        tuple(Estimate(t, t, t, 3) for t in times),
+        tuple(Estimate(a, a - spread, a + spread, 3) for a in accuracies),
+    )
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    fast = _curve("fast", [1.0, 2.0, 4.0], [0.70, 0.80, 0.85])
+    slow = _curve("slow", [2.0, 4.0, 8.0], [0.75, 0.88, 0.90])
+    assert curves.pareto_front([fast, slow]) == [
+        ("fast", 0),
+        ("fast", 1),
+        ("slow", 1),
+        ("slow", 2),
+    ]
+
+
+def test_winners_by_budget_and_clear_only_when_intervals_separate():
+    fast = _curve("fast", [1.0, 2.0, 4.0], [0.70, 0.80, 0.85], spread=0.01)
+    slow = _curve("slow", [2.0, 4.0, 8.0], [0.75, 0.88, 0.90], spread=0.01)
+    segments = curves.winners([fast, slow])
+    assert [(s.start, s.end, s.winner, s.clear) for s in segments] == [
+        (1.0, 4.0, "fast", True),
+        (4.0, math.inf, "slow", True),
+    ]
+    text = curves.summary([fast, slow])
+    assert text == "1-4 s: fast (clear); from 4 s: slow (clear)"
+    # Overlapping intervals: the better mean still leads, but the win is not clear.
+    wide = _curve("slow", [2.0, 4.0, 8.0], [0.75, 0.88, 0.90], spread=0.1)
+    last = curves.winners([fast, wide])[-1]
+    assert last.winner == "slow" and not last.clear and last.tied_with == ("fast",)
+    assert "slow ~ fast (tied)" in curves.summary([fast, wide])
+
+
+def test_a_loss_curve_prefers_lower_values():
+    a = Curve(
+        "a", (1,), (Estimate(1.0, 1.0, 1.0, 1),), (Estimate(0.5, 0.5, 0.5, 1),), "loss", False
+    )
+    b = Curve(
+        "b", (1,), (Estimate(1.0, 1.0, 1.0, 1),), (Estimate(0.4, 0.4, 0.4, 1),), "loss", False
+    )
+    assert curves.winners([a, b])[0].winner == "b"
+    with pytest.raises(ValueError, match="share one metric"):
+        curves.winners([a, _curve("c", [1.0], [0.9])])
+
+
+def test_curve_from_runs_aggregates_seeds_and_checks_its_input():
+    runs = [[{"step": 10, "train_time": 1.0 + s, "test/accuracy": 0.5 + 0.1 * s}] for s in range(3)]
+    curve = Curve.from_runs("m", runs)
+    assert curve.steps == (10,)
+    assert curve.metric[0] == mean_interval([0.5, 0.6, 0.7])
+    assert curve.seconds[0].value == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="different budgets"):
+        Curve.from_runs("m", [runs[0], [{**runs[1][0], "step": 11}]])
+    with pytest.raises(ValueError, match="one entry per point"):
+        Curve("m", (1, 2), curve.seconds, curve.metric)
+    with pytest.raises(ValueError, match="unique"):
+        curves.pareto_front([curve, curve])
+
+
+def test_the_module_docstring_example_runs_and_draws_the_family(tmp_path, monkeypatch):
+    """The example of efflax.curves, at a tiny size (budgets of a few steps), as written."""
+    from efflax._src import curves as module
+
+    code = module.__doc__.split("::\n", 1)[1]
+    code = "\n".join(line[4:] for line in code.splitlines())
+    small = code.replace(
+        "cycle_end_steps(40, num_cycles=4, warmup_steps=20)",
+        "cycle_end_steps(3, num_cycles=2, warmup_steps=2)",
+    ).replace(
+        "exponential_cyclic_cosine_schedule(1e-2, 40, num_cycles=4, warmup_steps=20)",
+        "exponential_cyclic_cosine_schedule(1e-2, 3, num_cycles=2, warmup_steps=2)",
+    )
+    assert small.count("num_cycles=2") == 2, "the docstring example changed; update this test"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(small, "curves_example", "exec"), namespace)  # noqa: S102 - our own docstring
+    family = namespace["family"]
+    assert [c.name for c in family] == ["adam", "sgd"]
+    assert all(c.steps == (5, 11) for c in family)
+    for c in family:
+        assert all(t.value > 0 and t.n == 3 for t in c.seconds)
+        assert all(0.0 <= m.low <= m.value <= m.high <= 1.0 for m in c.metric)
+        assert np.all(np.diff([t.value for t in c.seconds]) > 0)
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    assert re.match(r"[\d.]+-[\d.]+ s: |from [\d.]+ s: ", curves.summary(family))
