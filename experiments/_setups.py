@@ -26,6 +26,7 @@ import optax
 from flax import linen as nn
 
 from efflax import data
+from efflax.stats import Estimate
 from efflax.training import TrainState
 
 MNIST1D_LENGTH = 40
@@ -77,7 +78,13 @@ def mnist1d_loader(batch_size: int, *, seed: int, epochs: int | None = None, **s
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
-    """Stacks per-seed states on a leading axis; the (equal) step counter stays a scalar."""
+    """Stacks per-seed states on a leading axis; the (equal) step counter stays a scalar.
+
+    The states must share one ``apply_fn`` and one ``tx`` (build them from one model and one
+    optimizer object).
+    """
+    if any(s.apply_fn != states[0].apply_fn or s.tx is not states[0].tx for s in states):
+        raise ValueError("stack_states needs states built from one model and one optimizer")
     steps = {int(s.step) for s in states}
     if len(steps) != 1:
         raise ValueError(f"the states are at different steps {sorted(steps)}")
@@ -201,3 +208,16 @@ def per_seed_curve(history: Sequence[Mapping[str, Any]], key: str) -> tuple[np.n
     steps = np.array([r["step"] for r in records])
     values = np.stack([per_seed([r], key) for r in records], axis=1)
     return steps, values
+
+
+def offset(estimate: Estimate, target: float) -> Estimate:
+    """``estimate - target``: ``decide(offset(e, 1.0), 0.1, direction='within')`` decides
+    ``|quantity - 1| <= 0.1``."""
+    return Estimate(
+        estimate.value - target,
+        estimate.low - target,
+        estimate.high - target,
+        estimate.n,
+        estimate.confidence,
+        tuple(s - target for s in estimate.samples),
+    )

@@ -133,8 +133,8 @@ def cyclic_points(
       **fit_kwargs: further arguments of ``fit`` (``metrics_path``, ``hooks``, ...).
 
     Returns:
-      One dict per budget with ``step``, ``train_time`` (seconds), ``wall_time`` (including
-      evaluation) and ``metric``.
+      One dict per budget: the record ``fit`` wrote at that step (``metric`` and whatever else
+      ``eval_fn`` returned; ``wall_time`` includes evaluation) and ``train_time`` (seconds).
     """
     from efflax.training import fit
 
@@ -160,14 +160,8 @@ def cyclic_points(
         if budget not in by_step:
             raise ValueError(f"eval_fn did not return {metric=} at step {budget}")
         record = by_step[budget]
-        points.append(
-            {
-                "step": budget,
-                "wall_time": float(record["wall_time"]),
-                "train_time": float(record["wall_time"]) - timed.seconds_until[budget],
-                metric: float(record[metric]),
-            }
-        )
+        train_time = float(record["wall_time"]) - timed.seconds_until[budget]
+        points.append({**record, "step": budget, "train_time": train_time})
     return points
 
 
