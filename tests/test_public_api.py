@@ -8,6 +8,7 @@ PUBLIC = {
     "efflax": [
         "curves",
         "data",
+        "losses",
         "models",
         "nn",
         "optim",
@@ -53,6 +54,13 @@ PUBLIC = {
         "plot",
         "summary",
         "winners",
+    ],
+    "efflax.losses": [
+        "cutmix",
+        "distillation_loss",
+        "mix_batch",
+        "mixup",
+        "soft_target_cross_entropy",
     ],
     "efflax.stats": [
         "STATUSES",
