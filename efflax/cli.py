@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"efflax: {e}", file=sys.stderr)
         return 2
     print(f"\nwrote {os.path.join(args.out, 'REPORT.md')}")
-    for name, verdict, _seconds, error in results:
-        print(f"{name:18s} {verdict.line() if verdict else 'ERROR ' + error}")
-    return 1 if any(v is None for _, v, _, _ in results) else 0
+    for r in results:
+        print(f"{r.name:18s} {r.verdict.line() if r.verdict else 'ERROR ' + r.error}")
+    return 1 if any(r.verdict is None for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pathlib
 import pkgutil
@@ -183,6 +184,7 @@ class Result(NamedTuple):
     verdict: Verdict | None
     seconds: float
     error: str
+    cpu_seconds: float = math.nan  # user + system CPU time of the experiment's process
 
 
 class _Child:
@@ -219,26 +221,32 @@ class _Child:
 
     def poll(self) -> Result | None:
         """The result once the process has ended, else None."""
-        code = self.process.poll()
-        if code is None:
+        # wait4 rather than Popen.poll: it also reports the CPU time the process used, a cost
+        # that other load on a shared machine barely changes (unlike wall time).
+        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+        if pid == 0:
             return None
+        code = os.waitstatus_to_exitcode(status)
+        self.process.returncode = code
         self._reader.join()
         seconds = time.perf_counter() - self.start
+        cpu = usage.ru_utime + usage.ru_stime
         if code != 0 or not self.verdict_path.exists():
             error = f"RuntimeError: experiment process exited with code {code} (see log.txt)"
-            return Result(self.experiment.name, None, seconds, error)
+            return Result(self.experiment.name, None, seconds, error, cpu)
         verdict = Verdict.from_json(json.loads(self.verdict_path.read_text()))
-        return Result(self.experiment.name, verdict, seconds, "")
+        return Result(self.experiment.name, verdict, seconds, "", cpu)
 
 
 def _run_in_process(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool) -> Result:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         verdict, error = experiment.run(exp_dir, quick=quick), ""
     except Exception as e:  # noqa: BLE001 - one failing experiment must not hide the others
         verdict, error = None, f"{type(e).__name__}: {e}"
         traceback.print_exc()
-    return Result(experiment.name, verdict, time.perf_counter() - start, error)
+    seconds = time.perf_counter() - start
+    return Result(experiment.name, verdict, seconds, error, time.process_time() - cpu)
 
 
 def _clock(seconds: float) -> str:
@@ -387,7 +395,10 @@ def run_experiments(
     def finished(result: Result) -> None:
         done.append(result)
         status = result.verdict.status if result.verdict else "ERROR " + result.error
-        progress(f"--- [{len(done)}/{total}] {result.name}: {status} ({result.seconds:.0f} s)")
+        progress(
+            f"--- [{len(done)}/{total}] {result.name}: {status} ({result.seconds:.0f} s, "
+            f"CPU {result.cpu_seconds:.0f} s)"
+        )
 
     while pending or running:
         if isolate:
@@ -477,9 +488,11 @@ def _write_report(
         f" by `efflax reproduce`{f' --jobs {jobs}' if jobs > 1 else ''}.",
     ]
     if total_seconds is not None:
+        cpu = sum(r.cpu_seconds for r in results)
         lines.append(
             f"Total time: {_clock(total_seconds)} ({total_seconds:.0f} s) for "
-            f"{len(results)} experiment(s)."
+            f"{len(results)} experiment(s); CPU time of their processes {_clock(cpu)} "
+            f"({cpu:.0f} s)."
         )
     if machine:
         lines.append(f"Machine: {machine}.")
@@ -489,14 +502,17 @@ def _write_report(
         f"Verdicts: {summary or 'none'}. PASS: the 95% interval supports the claim; FAIL: it "
         "contradicts it; INCONCLUSIVE: it straddles the threshold.",
         "",
-        "| experiment | verdict | time | plots |",
-        "|---|---|---|---|",
+        "| experiment | verdict | time | CPU time | plots |",
+        "|---|---|---|---|---|",
     ]
     plots = {r.name: sorted((out / r.name).glob("*.png")) for r in results}
     for r in results:
         status = r.verdict.status if r.verdict else "ERROR"
         links = ", ".join(f"[{p.name}]({r.name}/{p.name})" for p in plots[r.name])
-        lines.append(f"| [{r.name}](#{r.name}) | {status} | {r.seconds:.0f} s | {links} |")
+        lines.append(
+            f"| [{r.name}](#{r.name}) | {status} | {r.seconds:.0f} s | {r.cpu_seconds:.0f} s "
+            f"| {links} |"
+        )
     for r in results:
         lines += ["", f'<a id="{r.name}"></a>', ""]
         if r.verdict is None:

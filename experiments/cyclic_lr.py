@@ -69,12 +69,12 @@ class Config:
 
 # 4,000 training examples / 100 = 40 steps per epoch.
 QUICK = Config(
-    batch_size=100, learning_rate=1e-2, warmup_steps=20, first_cycle_steps=40, num_cycles=4,
-    seeds=(0, 1, 2, 3, 4),
+    batch_size=100, learning_rate=1e-2, warmup_steps=20, first_cycle_steps=40, num_cycles=3,
+    seeds=tuple(range(8)),
 )  # fmt: skip
 FULL = Config(
     batch_size=100, learning_rate=1e-2, warmup_steps=40, first_cycle_steps=80, num_cycles=5,
-    seeds=(0, 1, 2, 3, 4, 5, 6, 7),
+    seeds=tuple(range(16)),
 )  # fmt: skip
 
 
@@ -243,15 +243,20 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         paired_difference(100 * acc_cyclic[:, i], 100 * acc_dedicated[:, i])
         for i in range(len(budgets))
     ]
-    statuses = [decide(g, TOLERANCE_POINTS, direction="within") for g in gaps]
+    # The claim is one-sided ("nearly as good"): not worse by more than 1 point. Whether the
+    # two differ at all (either way) is reported beside it.
+    statuses = [decide(g, -TOLERANCE_POINTS, direction=">=") for g in gaps]
+    within = [decide(g, TOLERANCE_POINTS, direction="within") for g in gaps]
     status = combine_statuses(statuses)
     gap = gaps[-1]
     longer_gain = paired_difference(100 * longer["accuracy"][:, 0], 100 * acc_dedicated[:, -1])
+    cyclic_vs_longer = paired_difference(100 * acc_cyclic[:, -1], 100 * longer["accuracy"][:, 0])
     step_ratio = longest / sum(budgets)
     time_ratio = cyclic["train_time"][-1] / sum(d["train_time"][0] for d in dedicated)
     estimates = {
         **{f"gap_points_at_{b}_steps": g for b, g in zip(budgets, gaps, strict=True)},
         f"dedicated_gain_points_{2 * longest}_vs_{longest}_steps": longer_gain,
+        f"cyclic_{longest}_minus_dedicated_{2 * longest}_points": cyclic_vs_longer,
         f"cyclic_accuracy_at_{longest}_steps": mean_interval(100 * acc_cyclic[:, -1]),
         f"dedicated_accuracy_at_{longest}_steps": mean_interval(100 * acc_dedicated[:, -1]),
     }
@@ -264,9 +269,16 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             f"a real effect (cyclic {'better' if gap.value > 0 else 'worse'}; interval excludes 0)"
         )
     if longer_gain.low > 0:
+        explains = (
+            "a dedicated run of twice the budget does not beat the cyclic run "
+            f"({cyclic_vs_longer.format('+.2f')} points), so undertraining alone does not "
+            "explain the gap"
+            if cyclic_vs_longer.high >= 0
+            else "twice the budget beats the cyclic run: the gap is undertrained baselines"
+        )
         converged = (
             f"dedicated runs are NOT converged at {longest} steps: {2 * longest} steps gain "
-            f"{longer_gain.format('+.2f')} points"
+            f"{longer_gain.format('+.2f')} points; {explains}"
         )
     elif longer_gain.high < 0:
         converged = (
@@ -279,14 +291,26 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             f"{longer_gain.format('+.2f')} points"
         )
     undecided = [
-        f"{b}: ~{seeds_to_decide(g, TOLERANCE_POINTS, direction='within')} seeds"
+        f"{b}: ~{seeds_to_decide(g, -TOLERANCE_POINTS, direction='>=')} seeds"
         for b, g, st in zip(budgets, gaps, statuses, strict=True)
         if st == "INCONCLUSIVE"
     ]
+    better = [b for b, g in zip(budgets, gaps, strict=True) if g.low > 0]
+    far_better = [
+        b for b, g, w in zip(budgets, gaps, within, strict=True) if w == "FAIL" and g.value > 0
+    ]
+    better_text = ""
+    if better:
+        better_text = (
+            f"Cyclic is significantly better at {better} steps"
+            + (f", by more than 1 point at {far_better}" if far_better else "")
+            + " (the claim is one-sided: this does not count against it). "
+        )
     measured = (
         "cyclic - dedicated test accuracy (points, paired by seed) at budgets "
         + ", ".join(f"{b}: {g.format('+.2f')}" for b, g in zip(budgets, gaps, strict=True))
         + f". At {longest} steps the gap is {nature}; {converged}. "
+        + better_text
         + (f"Undecided budgets would need {', '.join(undecided)}. " if undecided else "")
         + f"Cost of the one run / all dedicated runs: {step_ratio:.2f} in steps "
         f"(the claim's cost; {time_ratio:.2f} in measured time of these seed-batched runs)"
@@ -331,8 +355,9 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     )
     return Verdict(
         claim=(
-            "one cyclic run's end-of-cycle accuracy is within 1 point of a dedicated run's at "
-            "every budget, at the cost of the longest budget alone (about half of all runs)"
+            "one cyclic run's end-of-cycle accuracy is nearly as good as a dedicated run's "
+            "(not worse by more than 1 point, 95% interval, paired by seed) at every budget, at "
+            "the cost of the longest budget alone (about half of all runs)"
         ),
         measured=measured,
         status=status if step_ratio <= MAX_COST_RATIO else "FAIL",
