@@ -34,10 +34,15 @@ NUM_CLASSES = 10
 
 
 def init_params(model: nn.Module, seed: int, example: Any | None = None) -> Any:
-    """The unboxed parameters of ``model`` from ``jax.random.key(seed)``."""
+    """The unboxed parameters of ``model`` from ``jax.random.key(seed)``.
+
+    ``example``: the input to initialise on (a tuple: several positional inputs); default one
+    MNIST-1D signal.
+    """
     if example is None:
         example = np.zeros((1, MNIST1D_LENGTH), np.float32)
-    return nn.unbox(model.init(jax.random.key(seed), example)["params"])
+    args = example if isinstance(example, tuple) else (example,)
+    return nn.unbox(model.init(jax.random.key(seed), *args)["params"])
 
 
 def make_state(

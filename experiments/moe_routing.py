@@ -75,13 +75,19 @@ FULL = Config(steps=3000, seeds=tuple(range(8)))
 
 
 class MaskedByteLM(nn.Module):
-    """Bytes (and the mask token) -> ``Encoder`` -> logits over the 256 byte values."""
+    """Bytes (and the mask token) -> embedding -> ``Encoder`` -> logits over the 256 byte
+    values at the masked positions ``[batch, masked]`` only (the head is the costliest layer)."""
 
     encoder: Encoder
+    d_model: int
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        h = self.encoder(jax.nn.one_hot(tokens, MASK_ID + 1), deterministic=deterministic)
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool = True
+    ) -> jax.Array:
+        x = nn.Embed(MASK_ID + 1, self.d_model, name="embed")(tokens)
+        h = self.encoder(x, deterministic=deterministic)
+        h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return nn.Dense(MASK_ID, name="head")(h)
 
 
@@ -106,27 +112,40 @@ def build_model(variant: str, cfg: Config) -> MaskedByteLM:
         moe_every=1,
         attention_implementation="xla",
     )
-    return MaskedByteLM(encoder)
+    return MaskedByteLM(encoder, cfg.d_model)
 
 
-def _masked(tokens: jax.Array, key: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
-    mask = jax.random.bernoulli(key, rate, tokens.shape)
-    return jnp.where(mask, MASK_ID, tokens), mask
+def _masked(tokens: jax.Array, key: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """``count`` distinct random positions per sequence replaced by the mask token."""
+    _, positions = jax.lax.top_k(jax.random.uniform(key, tokens.shape), count)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    return tokens.at[rows, positions].set(MASK_ID), positions
 
 
-def _masked_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+def _masked_ce(logits: jax.Array, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    targets = jnp.take_along_axis(tokens, positions, axis=1)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets
+    ).mean()
+
+
+def num_masked(cfg: Config) -> int:
+    return max(1, round(cfg.mask_rate * cfg.seq_len))
+
+
+def example_inputs(cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """Inputs to initialise a model on: tokens and masked positions."""
+    return jnp.zeros((1, cfg.seq_len), jnp.int32), jnp.zeros((1, num_masked(cfg)), jnp.int32)
 
 
 def make_loss_fn(cfg: Config):
     def loss_fn(params, state, batch, rng):
         tokens = batch["tokens"][:, : cfg.seq_len].astype(jnp.int32)
-        inputs, mask = _masked(tokens, rng, cfg.mask_rate)
+        inputs, positions = _masked(tokens, rng, num_masked(cfg))
         logits, variables = state.apply_fn(
-            {"params": params}, inputs, deterministic=False, mutable=["losses"]
+            {"params": params}, inputs, positions, deterministic=False, mutable=["losses"]
         )
-        mlm = _masked_ce(logits, tokens, mask)
+        mlm = _masked_ce(logits, tokens, positions)
         return mlm + moe_aux_loss(variables.get("losses", {})), {"metrics": {"mlm": mlm}}
 
     return loss_fn
@@ -136,20 +155,18 @@ def make_eval_fn(cfg: Config):
     """Masked-byte loss of every seed on a fixed validation set with fixed masks."""
     tokens = data.load_arrays("stdlib_text", "validation")["tokens"]
     tokens = jnp.asarray(tokens[: cfg.eval_examples, : cfg.seq_len].astype(np.int32))
-    inputs, mask = _masked(tokens, jax.random.key(12345), cfg.mask_rate)
+    inputs, positions = _masked(tokens, jax.random.key(12345), num_masked(cfg))
     cache = {}
 
     def eval_fn(state) -> dict[str, float]:
         if state.apply_fn not in cache:
             one = lambda params: _masked_ce(
-                state.apply_fn({"params": params}, inputs), tokens, mask
+                state.apply_fn({"params": params}, inputs, positions), tokens, positions
             )
             cache[state.apply_fn] = jax.jit(jax.vmap(one))
         losses = np.asarray(cache[state.apply_fn](state.params))
-        return {
-            "val/mlm": float(losses.mean()),
-            **{f"val/mlm/{i}": float(v) for i, v in enumerate(losses)},
-        }
+        per_seed = {f"val/mlm/{i}": float(v) for i, v in enumerate(losses)}
+        return {"val/mlm": float(losses.mean()), **per_seed}
 
     return eval_fn
 
@@ -157,7 +174,7 @@ def make_eval_fn(cfg: Config):
 def train_variant(variant: str, cfg: Config, eval_fn) -> dict:
     """All seeds of one variant at once; returns the validation curves [seeds, points]."""
     model = build_model(variant, cfg)
-    example = jnp.zeros((1, cfg.seq_len), jnp.int32)
+    example = example_inputs(cfg)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, cfg.steps // 20, cfg.steps, cfg.learning_rate / 10
     )
