@@ -4,6 +4,7 @@ from efflax._src.curves import Curve
 from efflax._src.curves import Segment
 from efflax._src.curves import TimedEval
 from efflax._src.curves import cyclic_points
+from efflax._src.curves import interleaved_cyclic_points
 from efflax._src.curves import pareto_front
 from efflax._src.curves import plot
 from efflax._src.curves import summary
@@ -14,6 +15,7 @@ __all__ = [
     "Segment",
     "TimedEval",
     "cyclic_points",
+    "interleaved_cyclic_points",
     "pareto_front",
     "plot",
     "summary",

@@ -226,3 +226,13 @@ def offset(estimate: Estimate, target: float) -> Estimate:
         estimate.confidence,
         tuple(s - target for s in estimate.samples),
     )
+
+
+def single_seed_eval(eval_fn: Callable[[TrainState], dict[str, float]]):
+    """An ``eval_fn`` of stacked seeds (``seed_eval_fn``) applied to one unstacked state."""
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        expand = lambda tree: jax.tree.map(lambda x: x[None], tree)
+        return eval_fn(state.replace(params=expand(state.params), extra=expand(state.extra)))
+
+    return evaluate

@@ -12,12 +12,11 @@ Families (each on one figure, Pareto front marked):
   3. masked byte LM: dense vs top-1 vs top-2 vs expert-choice MoE (Zhou et al. 2022: expert
      choice reaches top-2's quality in less than half the steps).
 
-Per method: one cyclic run (``exponential_cyclic_cosine_schedule``; points at
-``cycle_end_steps``) for several seeds at once (a vmapped library step; quality with 95%
-intervals over seeds). Time: a point's training time is its budget in steps times the method's
-step time, measured round-robin against the other methods of its family in this process
-(``experiments/_timing.py``; the median over rounds). On a shared machine, separate runs see
-different load, while interleaved step times share it, so their ratios stay meaningful.
+Per method and seed: one cyclic run (``exponential_cyclic_cosine_schedule``; points at
+``cycle_end_steps``). The runs of a family train in lockstep, one step of each in turn, every
+step timed alone (``efflax.curves.interleaved_cyclic_points``): on a shared machine, runs trained
+one after the other would see different load. A point's time is its run's training time up to
+that budget (compilation and evaluation excluded); quality and time get 95% intervals over seeds.
 
 Claim per family, from its paper, in wall time: the proposed method reaches the baseline's
 quality in less time (speed-up >= 1, a bootstrap interval over seeds of the ratio of
@@ -28,12 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import statistics
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -55,7 +52,7 @@ from efflax.training import cross_entropy_loss_fn
 from efflax.training import make_train_step
 from experiments import _setups
 from experiments import moe_routing
-from experiments._timing import interleaved_times
+from experiments import saf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,32 +107,20 @@ class Family:
     claim: str
 
 
-def run_method(method: Method, family: Family, seeds: tuple[int, ...]) -> np.ndarray:
-    """One cyclic run of all seeds at once; the metric per seed at each budget [seeds, points]."""
+def run_family(family: Family, seeds: tuple[int, ...]) -> dict[str, list[list[dict]]]:
+    """Every method x seed trained in lockstep; the points of each run, by method."""
     schedule = family.cycles.schedule()
-    state = _setups.stack_states([method.make_state(s, schedule) for s in seeds])
-    step = _setups.vmap_seeds(method.make_step(), state)
-    loader = _setups.SeedLoader([method.make_loader(s) for s in seeds])
-    points = curves.cyclic_points(
-        state, step, loader, family.eval_fn, budgets=family.cycles.budgets, metric=family.metric
-    )
-    return np.stack([_setups.per_seed([p], family.metric) for p in points], axis=1)
-
-
-def step_times(family: Family, rounds: int, repeat: int) -> dict[str, list[float]]:
-    """Seconds per training step of each method (seed 0, not vmapped), timed round-robin."""
-    fns = {}
+    evaluate = _setups.single_seed_eval(family.eval_fn)
+    runs = {}
     for method in family.methods:
-        holder = {"state": method.make_state(0, family.cycles.schedule())}
-        step = jax.jit(method.make_step(), donate_argnums=(0,))
-        batch = jax.tree.map(jnp.asarray, method.make_loader(0).batch_at(0))
-
-        def call(step=step, holder=holder, batch=batch):
-            holder["state"], metrics = step(holder["state"], batch)
-            return metrics
-
-        fns[method.name] = (call, ())
-    return dict(interleaved_times(fns, rounds=rounds, warmup=2, repeat=repeat))
+        step = jax.jit(method.make_step(), donate_argnums=(0,))  # one compilation per method
+        for seed in seeds:
+            state = method.make_state(seed, schedule)
+            runs[f"{method.name}/{seed}"] = (state, step, method.make_loader(seed), evaluate)
+    points = curves.interleaved_cyclic_points(
+        runs, budgets=family.cycles.budgets, metric=family.metric
+    )
+    return {m.name: [points[f"{m.name}/{s}"] for s in seeds] for m in family.methods}
 
 
 def _time_to(curve_seconds: np.ndarray, curve: np.ndarray, target: float, higher: bool) -> float:
@@ -204,7 +189,7 @@ def monarch_family(quick: bool) -> Family:
             lambda seed: _setups.mnist1d_loader(batch_size, seed=seed),
         )
 
-    cycles = Cycles(2e-3, 50, 3, 25) if quick else Cycles(2e-3, 100, 5, 50)
+    cycles = Cycles(2e-3, 50, 2, 25) if quick else Cycles(2e-3, 100, 5, 50)
     return Family(
         "monarch",
         f"MNIST-1D MLP 40-{width}x3-10: dense vs Monarch (nblocks {nblocks})",
@@ -237,7 +222,7 @@ def moe_family(quick: bool) -> Family:
             lambda seed: data.load("stdlib_text", "train", cfg.batch_size, seed=seed, epochs=None),
         )
 
-    cycles = Cycles(3e-3, 50, 3, 25) if quick else Cycles(3e-3, 100, 5, 50)
+    cycles = Cycles(3e-3, 50, 2, 25) if quick else Cycles(3e-3, 100, 5, 50)
     return Family(
         "moe",
         f"masked byte LM: FFN routing, {cfg.num_experts} experts, equal activated compute",
@@ -253,7 +238,43 @@ def moe_family(quick: bool) -> Family:
     )
 
 
-FAMILIES: dict[str, Callable[[bool], Family]] = {"monarch": monarch_family, "moe": moe_family}
+def saf_family(quick: bool) -> Family:
+    # The trajectory term as early as it can be (epochs > lag - 1), so that every point of the
+    # curve after the first epochs has it; the rest as in the saf experiment.
+    cfg = dataclasses.replace(saf.QUICK if quick else saf.FULL, start_fraction=0.0)
+    train = data.load_arrays("mnist1d", "train")
+    steps_per_epoch = len(train["y"]) // cfg.batch_size
+
+    def method(name: str) -> Method:
+        make_state, make_step = saf.make_method(name, cfg, len(train["y"]), steps_per_epoch)
+        return Method(
+            name,
+            make_state,
+            make_step,
+            lambda seed: data.Loader(train, cfg.batch_size, seed=seed, epochs=None),
+        )
+
+    cycles = Cycles(0.1, 80, 2, 40) if quick else Cycles(0.1, 80, 5, 40)
+    test = data.load_arrays("mnist1d", "test")
+    return Family(
+        "saf",
+        "MNIST-1D CNN: SGD vs SAM vs SAF vs MESA (EMA evaluation)",
+        [method(m) for m in saf.METHODS],
+        cycles,
+        _setups.seed_eval_fn(test, params_of=lambda state: state.extra["ema"]),
+        "test/accuracy",
+        True,
+        "sgd",
+        "saf",
+        "SAF reaches SGD's accuracy in no more training time (paper: SAM's gains at SGD's cost)",
+    )
+
+
+FAMILIES: dict[str, Callable[[bool], Family]] = {
+    "monarch": monarch_family,
+    "saf": saf_family,
+    "moe": moe_family,
+}
 
 
 def _plot(results: dict[str, dict], path: pathlib.Path) -> None:
@@ -280,51 +301,48 @@ def _plot(results: dict[str, dict], path: pathlib.Path) -> None:
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
     seeds = (0, 1, 2) if quick else tuple(range(6))
-    rounds, repeat = (8, 5) if quick else (30, 10)
     results: dict[str, dict] = {}
     estimates: dict[str, Estimate] = {}
     statuses = []
     for name, build in FAMILIES.items():
         family = build(quick)
-        budgets = family.cycles.budgets
-        values = {m.name: run_method(m, family, seeds) for m in family.methods}
-        times = step_times(family, rounds, repeat)
-        step_seconds = {m: statistics.median(t) for m, t in times.items()}
-        seconds = {m: np.asarray(budgets) * step_seconds[m] for m in values}
+        runs = run_family(family, seeds)
         family_curves = [
-            curves.Curve(
-                m,
-                tuple(budgets),
-                tuple(
-                    mean_interval([b * t for t in times[m]]) for b in budgets
-                ),  # the step time's spread over rounds, scaled to the budget
-                tuple(mean_interval(values[m][:, i]) for i in range(len(budgets))),
-                family.metric,
-                family.higher_is_better,
+            curves.Curve.from_runs(
+                m, points, metric=family.metric, higher_is_better=family.higher_is_better
             )
-            for m in values
+            for m, points in runs.items()
         ]
+        values = {
+            m: np.array([[p[family.metric] for p in points] for points in runs[m]]) for m in runs
+        }
+        seconds = {c.name: np.array([t.value for t in c.seconds]) for c in family_curves}
         speedup = time_speedup(
             seconds, values, family.baseline, family.proposed, family.higher_is_better
         )
         estimates[f"{name}_{family.proposed}_time_speedup_over_{family.baseline}"] = speedup
-        for m in values:
-            estimates[f"{name}_{m}_step_ms"] = mean_interval([1e3 * t for t in times[m]])
+        budget = family.cycles.budgets[-1]
+        for c in family_curves:
+            estimates[f"{name}_{c.name}_ms_per_step"] = mean_interval(
+                [1e3 * run[-1]["train_time"] / budget for run in runs[c.name]]
+            )
         statuses.append(decide(speedup, 1.0, direction=">="))
         results[name] = {
             "family": family,
             "speedup": speedup,
             "curves": family_curves,
             "values": values,
-            "step_seconds": step_seconds,
             "summary": curves.summary(family_curves),
             "front": curves.pareto_front(family_curves),
         }
         print(
-            f"{name}: step ms "
-            + ", ".join(f"{m} {1e3 * t:.2f}" for m, t in step_seconds.items())
+            f"{name}: ms per step "
+            + ", ".join(
+                f"{c.name} {estimates[f'{name}_{c.name}_ms_per_step'].value:.2f}"
+                for c in family_curves
+            )
             + f"; {family.proposed} vs {family.baseline} time speed-up {speedup.format('.2f')}; "
-            f"winners: {results[name]['summary']}",
+            f"best by budget: {results[name]['summary']}",
             flush=True,
         )
     _plot(results, out_dir / "tradeoff_curves.png")
@@ -332,14 +350,11 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         out_dir,
         {
             "seeds": seeds,
-            "timing_rounds": rounds,
-            "timing_repeat": repeat,
             "estimates": estimates,
             "families": {
                 name: {
                     "budgets": r["family"].cycles.budgets,
                     "metric": r["family"].metric,
-                    "step_seconds": r["step_seconds"],
                     "values_per_seed": r["values"],
                     "curves": [dataclasses.asdict(c) for c in r["curves"]],
                     "pareto_front": r["front"],

@@ -3,6 +3,7 @@
 import math
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -102,3 +103,50 @@ def test_the_module_docstring_example_runs_and_draws_the_family(tmp_path, monkey
         assert np.all(np.diff([t.value for t in c.seconds]) > 0)
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
     assert re.match(r"[\d.]+-[\d.]+ s: |from [\d.]+ s: ", curves.summary(family))
+
+
+def test_interleaved_runs_advance_in_lockstep_and_time_only_their_steps():
+    import jax
+    import optax
+    from flax import linen as nn
+
+    from efflax.data import Loader
+    from efflax.training import TrainState
+    from efflax.training import make_train_step
+
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(64, 3)).astype(np.float32)}
+    arrays["y"] = arrays["x"] @ np.array([1.0, -2.0, 0.5], np.float32)
+    model = nn.Dense(1)
+
+    def loss_fn(params, state, batch, rng):
+        prediction = state.apply_fn({"params": params}, batch["x"])[:, 0]
+        return jnp.mean((prediction - batch["y"]) ** 2), {}
+
+    step = make_train_step(loss_fn)
+    calls = []
+
+    def make_run(lr, name):
+        params = model.init(jax.random.key(0), arrays["x"][:1])["params"]
+        state = TrainState.create(
+            apply_fn=model.apply, params=params, tx=optax.sgd(lr), rng=jax.random.key(1)
+        )
+
+        def eval_fn(state):
+            calls.append((name, int(state.step)))
+            prediction = state.apply_fn({"params": state.params}, arrays["x"])[:, 0]
+            return {"loss": float(jnp.mean((prediction - arrays["y"]) ** 2))}
+
+        return state, step, Loader(arrays, 16, seed=0, epochs=None), eval_fn
+
+    runs = {"slow": make_run(0.01, "slow"), "fast": make_run(0.1, "fast")}
+    points = curves.interleaved_cyclic_points(runs, budgets=[3, 8], metric="loss")
+    assert calls == [("slow", 3), ("fast", 3), ("slow", 8), ("fast", 8)]
+    for name in runs:
+        assert [p["step"] for p in points[name]] == [3, 8]
+        assert 0 < points[name][0]["train_time"] < points[name][1]["train_time"]
+    assert points["fast"][1]["loss"] < points["slow"][1]["loss"]
+    family = [
+        Curve.from_runs(n, [points[n]], metric="loss", higher_is_better=False) for n in points
+    ]
+    assert curves.winners(family)[-1].winner == "fast"

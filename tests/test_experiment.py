@@ -73,7 +73,9 @@ def test_report_shows_intervals_and_embeds_plots_beside_each_verdict(tmp_path, m
     assert "## tie: INCONCLUSIVE" in report
     out = capsys.readouterr().out
     assert re.search(r"=== \[1/2\] fast \(quick\) .*; elapsed 0:00, ETA \?", out)
-    assert re.search(r"--- \[2/2\] tie: INCONCLUSIVE \(\d+ s, CPU \d+ s\); elapsed 0:0\d, ETA 0:00", out)
+    assert re.search(
+        r"--- \[2/2\] tie: INCONCLUSIVE \(\d+ s, CPU \d+ s\); elapsed 0:0\d, ETA 0:00", out
+    )
     assert re.search(r"efflax reproduce: 2 experiment\(s\) in 0:0\d", out)
 
 

@@ -50,6 +50,7 @@ PUBLIC = {
         "Segment",
         "TimedEval",
         "cyclic_points",
+        "interleaved_cyclic_points",
         "pareto_front",
         "plot",
         "summary",

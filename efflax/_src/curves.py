@@ -8,7 +8,8 @@ model at the end of each cycle (:func:`efflax.optim.cycle_end_steps`) is nearly 
 trained with a single schedule of that length.
 
 Here: :func:`cyclic_points` evaluates one ``fit`` run at the cycle ends and measures its training
-time (compilation and evaluation excluded); :class:`Curve` aggregates the runs of several seeds
+time (compilation and evaluation excluded); :func:`interleaved_cyclic_points` trains several runs
+in lockstep so that they share a busy machine's load alike; :class:`Curve` aggregates the runs of several seeds
 into points with 95% intervals; :func:`pareto_front`, :func:`winners` and :func:`summary` say
 which method is best at which time budget (a win counts as clear only when the intervals
 separate); :func:`plot` draws a family of curves on one figure with the Pareto front marked.
@@ -67,6 +68,7 @@ __all__ = [
     "Segment",
     "TimedEval",
     "cyclic_points",
+    "interleaved_cyclic_points",
     "pareto_front",
     "plot",
     "summary",
@@ -162,6 +164,70 @@ def cyclic_points(
         record = by_step[budget]
         train_time = float(record["wall_time"]) - timed.seconds_until[budget]
         points.append({**record, "step": budget, "train_time": train_time})
+    return points
+
+
+def _batch_source(loader: Any) -> Callable[[int], Any]:
+    """``batch(step)``: random access for an ``efflax.data.Loader``, else the next batch."""
+    if hasattr(loader, "batch_at"):
+        return loader.batch_at
+    batches = iter(loader)
+    return lambda step: next(batches)
+
+
+def interleaved_cyclic_points(
+    runs: Mapping[str, tuple[Any, Callable, Any, Callable[[Any], Mapping[str, float]]]],
+    *,
+    budgets: Iterable[int],
+    metric: str = "test/accuracy",
+) -> dict[str, list[dict[str, float]]]:
+    """Several runs trained in lockstep, one step of each in turn; their points at ``budgets``.
+
+    On a shared machine, runs trained one after the other see different load. Here every run
+    advances one step per round (the order rotating each round), and each step is timed alone
+    (finished with ``block_until_ready``), so all runs share whatever load there is and their
+    times stay comparable. Compilation (a first step on a copy of each state) and evaluation are
+    not timed.
+
+    Args:
+      runs: name -> ``(state, train_step, loader, eval_fn)``; ``loader.batch_at(step)`` (an
+        ``efflax.data.Loader``) or an iterable of batches.
+      budgets: increasing step counts (the cycle ends) at which each run is evaluated.
+      metric: the key of ``eval_fn``'s result that the curve follows.
+
+    Returns:
+      name -> one dict per budget: ``step``, ``train_time`` (seconds of that run's steps so far)
+      and everything its ``eval_fn`` returned.
+    """
+    budgets = _check_budgets(budgets)
+    names = list(runs)
+    states = {n: runs[n][0] for n in names}
+    batches = {
+        n: (lambda loader: lambda step: loader.batch_at(step))(runs[n][2])
+        if hasattr(runs[n][2], "batch_at")
+        else (lambda it: lambda step: next(it))(iter(runs[n][2]))
+        for n in names
+    }
+    firsts = {n: batches[n](0) for n in names}
+    for n in names:  # compile outside the clock
+        jax.block_until_ready(runs[n][1](jax.tree.map(jnp.copy, states[n]), firsts[n]))
+    seconds = dict.fromkeys(names, 0.0)
+    points: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    ends = set(budgets)
+    for step in range(budgets[-1]):
+        shift = step % len(names)
+        for n in names[shift:] + names[:shift]:
+            batch = firsts.pop(n) if step == 0 else batches[n](step)
+            start = time.perf_counter()
+            states[n], metrics = runs[n][1](states[n], batch)
+            jax.block_until_ready(metrics)
+            seconds[n] += time.perf_counter() - start
+        if step + 1 in ends:
+            for n in names:
+                values = dict(runs[n][3](states[n]))
+                if metric not in values:
+                    raise ValueError(f"eval_fn of {n!r} did not return {metric=}")
+                points[n].append({**values, "step": step + 1, "train_time": seconds[n]})
     return points
 
 
