@@ -132,13 +132,21 @@ def register(
 
 
 def discover() -> dict[str, Experiment]:
-    """Imports every experiment module in the ``experiments`` package; returns the registry."""
+    """Imports every experiment module; returns the registry.
+
+    The modules are those of the ``experiments`` package and those named (comma-separated) in
+    ``$EFFLAX_EXPERIMENT_MODULES``: a user's own experiments, registered with :func:`register`,
+    run and reported by ``efflax reproduce`` like the built-in ones.
+    """
     import experiments
 
     for info in pkgutil.iter_modules(experiments.__path__):
         if info.name.startswith(("_", "bench_")):
             continue
         importlib.import_module(f"experiments.{info.name}")
+    for module in os.environ.get("EFFLAX_EXPERIMENT_MODULES", "").split(","):
+        if module.strip():
+            importlib.import_module(module.strip())
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -485,7 +493,7 @@ def _write_report(
         "# efflax reproduction report",
         "",
         f"Mode: {'quick' if quick else 'full'}; generated {time.strftime('%Y-%m-%d %H:%M')}"
-        f" by `efflax reproduce`{f' --jobs {jobs}' if jobs > 1 else ''}.",
+        f" by `efflax reproduce{f' --jobs {jobs}' if jobs > 1 else ''}`.",
     ]
     if total_seconds is not None:
         cpu = sum(r.cpu_seconds for r in results)

@@ -68,6 +68,7 @@ class Config:
     mask_rate: float = 0.15
     eval_every: int = 25
     eval_examples: int = 256
+    window: int = 5
 
 
 QUICK = Config(steps=600, seeds=(0, 1, 2, 3))
@@ -75,17 +76,28 @@ FULL = Config(steps=3000, seeds=tuple(range(8)))
 
 
 class MaskedByteLM(nn.Module):
-    """Bytes (and the mask token) -> embedding -> ``Encoder`` -> logits over the 256 byte
-    values at the masked positions ``[batch, masked]`` only (the head is the costliest layer)."""
+    """Bytes (and the mask token) -> embeddings of each byte with its ``window - 1`` neighbours
+    -> ``Encoder`` -> logits over the 256 byte values at the masked positions ``[batch, masked]``
+    only (the head is the costliest layer).
+
+    The neighbours in every token's input let the FFNs (where the experts are) predict from
+    local context from the first steps, instead of waiting for attention to learn to look
+    next door: that is where routing has something to route at this scale.
+    """
 
     encoder: Encoder
     d_model: int
+    window: int = 5
 
     @nn.compact
     def __call__(
         self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool = True
     ) -> jax.Array:
         x = nn.Embed(MASK_ID + 1, self.d_model, name="embed")(tokens)
+        half = self.window // 2
+        padded = jnp.pad(x, ((0, 0), (half, self.window - 1 - half), (0, 0)))
+        length = tokens.shape[1]
+        x = jnp.concatenate([padded[:, i : i + length] for i in range(self.window)], axis=-1)
         h = self.encoder(x, deterministic=deterministic)
         h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return nn.Dense(MASK_ID, name="head")(h)
@@ -112,7 +124,7 @@ def build_model(variant: str, cfg: Config) -> MaskedByteLM:
         moe_every=1,
         attention_implementation="xla",
     )
-    return MaskedByteLM(encoder, cfg.d_model)
+    return MaskedByteLM(encoder, cfg.d_model, cfg.window)
 
 
 def _masked(tokens: jax.Array, key: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:

@@ -17,14 +17,77 @@ def test_efflax_list_shows_registered_experiments():
     assert set(experiment.discover()) >= {"mnist1d_baselines"}
 
 
-def test_reproduce_quick_writes_report_metrics_and_plots(tmp_path, capsys):
-    code = cli.main(["reproduce", "mnist1d_baselines", "--quick", "--out", str(tmp_path)])
+FAKE_EXPERIMENTS = """
+import pathlib, sys
+from efflax.experiment import Verdict, register, write_metrics
+from efflax.stats import decide, mean_interval
+
+def _run(out_dir, *, quick, name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1])
+    fig.savefig(pathlib.Path(out_dir) / "plot.png", dpi=20)
+    plt.close(fig)
+    accuracy = mean_interval([0.95, 0.96, 0.955] if quick else [0.5])
+    write_metrics(out_dir, {"accuracy": accuracy})
+    return Verdict("accuracy >= 0.9", f"accuracy {accuracy}", decide(accuracy, 0.9),
+                   {"accuracy": accuracy})
+
+@register("fake_a", timing_sensitive=False)
+def run_a(out_dir, *, quick):
+    return _run(out_dir, quick=quick, name="a")
+
+@register("fake_b", timing_sensitive=False)
+def run_b(out_dir, *, quick):
+    return _run(out_dir, quick=quick, name="b")
+
+@register("fake_crash")
+def run_crash(out_dir, *, quick):
+    sys.exit(3)
+"""
+
+
+@pytest.fixture
+def fake_experiments(tmp_path, monkeypatch):
+    """Experiments of a user's own module, found through $EFFLAX_EXPERIMENT_MODULES."""
+    import os
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "efflax_fake_experiments.py").write_text(FAKE_EXPERIMENTS)
+    monkeypatch.syspath_prepend(str(modules))
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", f"{modules}{os.pathsep}{path}" if path else str(modules))
+    monkeypatch.setenv("EFFLAX_EXPERIMENT_MODULES", "efflax_fake_experiments")
+    monkeypatch.setattr(experiment, "_REGISTRY", dict(experiment._REGISTRY))
+    monkeypatch.delitem(sys.modules, "efflax_fake_experiments", raising=False)
+    return tmp_path / "out"
+
+
+def test_reproduce_runs_each_experiment_in_its_own_process_two_at_a_time(fake_experiments, capsys):
+    out = fake_experiments
+    code = cli.main(["reproduce", "fake_a", "fake_b", "--quick", "--jobs", "2", "--out", str(out)])
     assert code == 0
-    report = (tmp_path / "REPORT.md").read_text()
-    assert "## mnist1d_baselines: PASS" in report
-    assert "(mnist1d_baselines/cnn_curves.png)" in report
-    assert (tmp_path / "mnist1d_baselines" / "metrics.json").exists()
-    assert "claim:" in capsys.readouterr().out
+    report = (out / "REPORT.md").read_text()
+    assert "## fake_a: PASS" in report and "## fake_b: PASS" in report
+    assert "![fake_a: plot](fake_a/plot.png)" in report
+    assert "| accuracy | 0.955 | [" in report
+    assert "accuracy >= 0.9" in (out / "fake_a" / "log.txt").read_text()
+    printed = capsys.readouterr().out
+    # Both started before either finished (neither measures time, so they share the machine).
+    assert printed.index("=== [2/2] fake_b") < printed.index("--- [1/2]")
+    assert "[fake_a] claim: accuracy >= 0.9" in printed
+    assert re.search(r"--- \[\d/2\] fake_b: PASS \(\d+ s, CPU \d+ s\)", printed)
+
+
+def test_a_crashing_experiment_process_is_reported(fake_experiments):
+    out = fake_experiments
+    assert cli.main(["reproduce", "fake_crash", "fake_a", "--out", str(out)]) == 1
+    report = (out / "REPORT.md").read_text()
+    assert "## fake_crash: ERROR" in report and "exited with code 3" in report
+    assert "## fake_a: FAIL" in report  # the full size of fake_a measures 0.5
 
 
 def test_reproduce_unknown_name_is_an_error(tmp_path):
@@ -42,12 +105,6 @@ def test_a_failing_experiment_is_reported_not_hidden(tmp_path, monkeypatch):
     results = experiment.run_experiments(["broken"], out=tmp_path, quick=True, isolate=False)
     assert results[0][1] is None
     assert "RuntimeError: boom" in (tmp_path / "REPORT.md").read_text()
-
-
-def test_a_crashing_experiment_process_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFLAX_DATA_DIR", "/dev/null/not-a-dir")  # the child cannot load data
-    assert cli.main(["reproduce", "mnist1d_baselines", "--quick", "--out", str(tmp_path)]) == 1
-    assert "exited with code 1" in (tmp_path / "REPORT.md").read_text()
 
 
 def test_verdict_line():
