@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument(
         "--jobs",
         type=int,
-        default=1,
+        default=min(2, os.cpu_count() or 1),
         help="experiments run at once; only those whose verdicts do not depend on measured "
-        "time share the machine, timing-sensitive ones always run alone (default: 1)",
+        "time share the machine, timing-sensitive ones always run alone (default: up to 2)",
     )
     args = parser.parse_args(argv)
 

@@ -23,11 +23,11 @@ from collections.abc import Callable
 import jax
 import optax
 
+from efflax.curves import interleaved_times
 from efflax.optim import hvp
 from efflax.optim import preconditioned_sharpness
 from efflax.optim import sharpness
 from experiments import _setups
-from experiments._timing import interleaved_times
 from experiments.adam_eos import B1
 from experiments.adam_eos import B2
 from experiments.adam_eos import EPS

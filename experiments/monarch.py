@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.curves import interleaved_times
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
@@ -46,7 +47,6 @@ from efflax.training import cross_entropy_loss_fn
 from efflax.training import fit
 from efflax.training import make_train_step
 from experiments import _setups
-from experiments._timing import interleaved_times
 
 VARIANTS = ("dense", "monarch", "monarch_then_dense")
 ACCURACY_TOLERANCE = 2.0  # points below dense that still count as "about dense quality"

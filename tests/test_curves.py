@@ -150,3 +150,13 @@ def test_interleaved_runs_advance_in_lockstep_and_time_only_their_steps():
         Curve.from_runs(n, [points[n]], metric="loss", higher_is_better=False) for n in points
     ]
     assert curves.winners(family)[-1].winner == "fast"
+
+
+def test_interleaved_times_warms_up_rotates_and_repeats():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or 0, ()) for name in ("a", "b")}
+    times = curves.interleaved_times(fns, rounds=3, warmup=1, repeat=2)
+    assert "".join(calls) == "aabb" + "bbaa" + "aabb" + "bbaa"
+    assert all(len(t) == 3 and len(t.cpu) == 3 and min(t) >= 0 for t in times.values())
+    with pytest.raises(ValueError, match="repeat=0"):
+        curves.interleaved_times(fns, rounds=1, repeat=0)

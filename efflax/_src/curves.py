@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -62,6 +61,7 @@ import numpy as np
 
 from efflax._src.stats import Estimate
 from efflax._src.stats import mean_interval
+from efflax._src.timing import timed_call
 
 __all__ = [
     "Curve",
@@ -90,9 +90,8 @@ class TimedEval:
 
     def __call__(self, state: Any) -> Mapping[str, float]:
         jax.block_until_ready(state.params)
-        start = time.perf_counter()
-        metrics = self.eval_fn(state)
-        self.seconds += time.perf_counter() - start
+        metrics, wall, _ = timed_call(self.eval_fn, state)
+        self.seconds += wall
         self.seconds_until[int(state.step)] = self.seconds
         return metrics
 
@@ -218,10 +217,8 @@ def interleaved_cyclic_points(
         shift = step % len(names)
         for n in names[shift:] + names[:shift]:
             batch = firsts.pop(n) if step == 0 else batches[n](step)
-            start = time.perf_counter()
-            states[n], metrics = runs[n][1](states[n], batch)
-            jax.block_until_ready(metrics)
-            seconds[n] += time.perf_counter() - start
+            (states[n], _), wall, _ = timed_call(runs[n][1], states[n], batch)
+            seconds[n] += wall
         if step + 1 in ends:
             for n in names:
                 values = dict(runs[n][3](states[n]))
