@@ -195,8 +195,9 @@ def interleaved_cyclic_points(
       metric: the key of ``eval_fn``'s result that the curve follows.
 
     Returns:
-      name -> one dict per budget: ``step``, ``train_time`` (seconds of that run's steps so far)
-      and everything its ``eval_fn`` returned.
+      name -> one dict per budget: ``step``, ``train_time`` (wall seconds of that run's steps so
+      far), ``train_cpu_time`` (this process's CPU seconds during them: on a CPU host shared
+      with other jobs, steadier than wall time) and everything its ``eval_fn`` returned.
     """
     budgets = _check_budgets(budgets)
     names = list(runs)
@@ -211,20 +212,29 @@ def interleaved_cyclic_points(
     for n in names:  # compile outside the clock
         jax.block_until_ready(runs[n][1](jax.tree.map(jnp.copy, states[n]), firsts[n]))
     seconds = dict.fromkeys(names, 0.0)
+    cpu_seconds = dict.fromkeys(names, 0.0)
     points: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     ends = set(budgets)
     for step in range(budgets[-1]):
         shift = step % len(names)
         for n in names[shift:] + names[:shift]:
             batch = firsts.pop(n) if step == 0 else batches[n](step)
-            (states[n], _), wall, _ = timed_call(runs[n][1], states[n], batch)
+            (states[n], _), wall, cpu = timed_call(runs[n][1], states[n], batch)
             seconds[n] += wall
+            cpu_seconds[n] += cpu
         if step + 1 in ends:
             for n in names:
                 values = dict(runs[n][3](states[n]))
                 if metric not in values:
                     raise ValueError(f"eval_fn of {n!r} did not return {metric=}")
-                points[n].append({**values, "step": step + 1, "train_time": seconds[n]})
+                points[n].append(
+                    {
+                        **values,
+                        "step": step + 1,
+                        "train_time": seconds[n],
+                        "train_cpu_time": cpu_seconds[n],
+                    }
+                )
     return points
 
 
