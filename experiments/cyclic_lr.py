@@ -10,9 +10,16 @@ about twice as much with doubling periods).
 
 Here: the MNIST-1D CNN (``efflax.models.CNN1D``) trained with Adam, once with
 ``exponential_cyclic_cosine_schedule`` (evaluated at every ``cycle_end_steps`` budget) and once per
-budget with a single warmup+cosine schedule of that length (same seed, so the same initial
-weights and data order: the first budget is the same run both ways). Training time excludes
-compilation (each run compiles before its clock starts) and evaluation.
+budget with a single warmup+cosine schedule of that length, for several seeds at once (a vmapped
+step; seed s has the same initial weights and data order in every run, so the first budget is the
+same run both ways and the gaps are paired by seed).
+
+Verdict: "nearly as good" is one-sided: at every budget the 95% interval of
+cyclic - dedicated must be above -1 point; the cost is the longest budget alone against the sum of
+all budgets (in steps: exact). Whether the two differ at all is reported beside it, and at the
+longest budget the experiment says what a difference is: noise (the interval holds 0), or real;
+and, with one more dedicated run of twice the longest budget, whether the dedicated runs are
+converged and whether undertraining explains the gap.
 """
 
 from __future__ import annotations
@@ -262,33 +269,38 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     }
 
     # What the gap at the longest budget is: noise, a real effect, or undertrained baselines.
-    if gap.low <= 0 <= gap.high:
-        nature = "not distinguishable from 0 (noise)"
-    else:
-        nature = (
-            f"a real effect (cyclic {'better' if gap.value > 0 else 'worse'}; interval excludes 0)"
-        )
     if longer_gain.low > 0:
-        explains = (
-            "a dedicated run of twice the budget does not beat the cyclic run "
-            f"({cyclic_vs_longer.format('+.2f')} points), so undertraining alone does not "
-            "explain the gap"
-            if cyclic_vs_longer.high >= 0
-            else "twice the budget beats the cyclic run: the gap is undertrained baselines"
-        )
         converged = (
-            f"dedicated runs are NOT converged at {longest} steps: {2 * longest} steps gain "
-            f"{longer_gain.format('+.2f')} points; {explains}"
+            f"dedicated runs are NOT converged at {longest} steps ({2 * longest} steps gain "
+            f"{longer_gain.format('+.2f')} points)"
         )
     elif longer_gain.high < 0:
         converged = (
-            f"dedicated runs do not gain from {2 * longest} steps ({longer_gain.format('+.2f')}"
-            " points: longer training hurts, the single long cosine overfits)"
+            f"dedicated runs lose from {2 * longest} steps ({longer_gain.format('+.2f')} "
+            "points: the single long cosine overfits)"
         )
     else:
         converged = (
-            f"dedicated runs converged: {2 * longest} steps change accuracy by "
-            f"{longer_gain.format('+.2f')} points"
+            f"dedicated runs are converged ({2 * longest} steps change accuracy by "
+            f"{longer_gain.format('+.2f')} points)"
+        )
+    if gap.low <= 0 <= gap.high:
+        nature = f"not distinguishable from 0 (noise); {converged}"
+    elif gap.value < 0:
+        nature = f"a real effect, cyclic worse (the interval excludes 0); {converged}"
+    elif cyclic_vs_longer.high < 0:
+        nature = (
+            f"a real effect, cyclic better (the interval excludes 0); {converged}, and a "
+            f"dedicated run of twice the budget beats the cyclic run "
+            f"({cyclic_vs_longer.format('+.2f')} points): consistent with undertrained "
+            "dedicated runs"
+        )
+    else:
+        nature = (
+            f"a real effect, cyclic better (the interval excludes 0); {converged}, but even a "
+            f"dedicated run of twice the budget does not beat the cyclic run "
+            f"({cyclic_vs_longer.format('+.2f')} points): not explained by undertrained "
+            "dedicated runs (the restarts help at this budget)"
         )
     undecided = [
         f"{b}: ~{seeds_to_decide(g, -TOLERANCE_POINTS, direction='>=')} seeds"
@@ -309,7 +321,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     measured = (
         "cyclic - dedicated test accuracy (points, paired by seed) at budgets "
         + ", ".join(f"{b}: {g.format('+.2f')}" for b, g in zip(budgets, gaps, strict=True))
-        + f". At {longest} steps the gap is {nature}; {converged}. "
+        + f". At {longest} steps the gap is {nature}. "
         + better_text
         + (f"Undecided budgets would need {', '.join(undecided)}. " if undecided else "")
         + f"Cost of the one run / all dedicated runs: {step_ratio:.2f} in steps "
