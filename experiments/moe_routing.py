@@ -58,9 +58,9 @@ class Config:
     steps: int
     seeds: tuple[int, ...]
     seq_len: int = 64
-    batch_size: int = 32
-    d_model: int = 64
-    expert_hidden: int = 64
+    batch_size: int = 16
+    d_model: int = 32
+    expert_hidden: int = 32
     num_experts: int = 8
     num_layers: int = 2
     num_heads: int = 4
@@ -71,8 +71,8 @@ class Config:
     window: int = 5
 
 
-QUICK = Config(steps=600, seeds=(0, 1, 2, 3))
-FULL = Config(steps=3000, seeds=tuple(range(8)))
+QUICK = Config(steps=300, seeds=(0, 1, 2), batch_size=8)
+FULL = Config(steps=1500, seeds=tuple(range(6)), batch_size=16)
 
 
 class MaskedByteLM(nn.Module):
