@@ -12,6 +12,7 @@ from efflax.models import CNN1D
 from efflax.sharding import make_mesh
 from efflax.sharding import shard_params
 from efflax.training import CheckpointError
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import cross_entropy_loss_fn
@@ -27,7 +28,7 @@ def _loss_with_dropout_noise_and_extra(params, state, batch, rng):
     noise = 1e-3 * jax.random.normal(rng, logits.shape)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits + noise, batch["y"]).mean()
     extra = {"seen": state.extra["seen"].at[batch["index"]].add(1)}
-    return loss, {"metrics": {"noise": noise.mean()}, "extra": extra}
+    return loss, LossOutput(metrics={"noise": noise.mean()}, extra=extra)
 
 
 def _state(seed=0):

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
 from efflax._src.nn import routing as R
+from efflax._src.sharding import auto_axes
 from pallas_kernels._compat import shard_map
 
 __all__ = ["MoEFeedForward", "prune_experts", "moe_aux_loss", "ROUTERS"]
@@ -74,7 +75,8 @@ class MoEFeedForward(nn.Module):
         their own device, skipping the all-to-all (needs a mesh with an expert axis > 1 and the
         `'gating_dropout'` rng).
       causal: set in a decoder; expert choice then raises, because it looks at future tokens.
-      mesh: a mesh with axis `expert_axis` (and optionally `data_axis`) for expert parallelism.
+      mesh: a mesh with axis `expert_axis` (and optionally `data_axis`) for expert parallelism;
+        `efflax.sharding.make_mesh` or `jax.make_mesh` (Explicit axes are run as Auto).
       dtype / param_dtype: computation / parameter dtypes; the router always runs in float32.
 
     Sown values: `'losses'/'aux_loss'` (weighted sum, add it to the task loss, see
@@ -126,6 +128,15 @@ class MoEFeedForward(nn.Module):
             )
         if not 0.0 <= self.gating_dropout <= 1.0:
             raise ValueError(f"{self.gating_dropout=} must be in [0, 1]")
+        if self.mesh is not None:
+            if not isinstance(self.mesh, Mesh):
+                raise ValueError(f"mesh={self.mesh!r} must be a jax.sharding.Mesh")
+            if self.expert_axis not in self.mesh.axis_names:
+                raise ValueError(
+                    f"expert_axis={self.expert_axis!r} is not an axis of the mesh "
+                    f"{tuple(self.mesh.axis_names)}; name the mesh's expert axis "
+                    f"{self.expert_axis!r} or pass expert_axis= (mesh= is for expert parallelism)"
+                )
         num_shards = self._expert_shards()
         if self.num_experts % num_shards:
             raise ValueError(
@@ -152,6 +163,8 @@ class MoEFeedForward(nn.Module):
         self._check_config()
         if x.ndim < 2:
             raise ValueError(f"x must be [..., tokens, d], got {x.shape=}")
+        if 0 in x.shape:
+            raise ValueError(f"x must have at least one token of size >= 1, got {x.shape=}")
         shape, d = x.shape, x.shape[-1]
         x = x.reshape(-1, shape[-2], d).astype(self.dtype)  # [batch, tokens, d]
 
@@ -190,9 +203,11 @@ class MoEFeedForward(nn.Module):
         if num_shards > 1:
             batch_spec = PartitionSpec(self._batch_axes())
             expert_spec = PartitionSpec(self.expert_axis)
+            # The Auto version of the mesh: inputs of any placement are resharded by XLA to the
+            # specs (an Explicit mesh from jax.make_mesh would demand they match already).
             run = shard_map(
                 run,
-                mesh=self.mesh,
+                mesh=auto_axes(self.mesh),
                 in_specs=(batch_spec, batch_spec, expert_spec, PartitionSpec()),
                 out_specs=(batch_spec, batch_spec),
             )
