@@ -130,6 +130,33 @@ def history_numbers(history, prefix):
     return out
 
 
+def loader_numbers(devices):
+    """Global batches on a mesh whose devices alternate between the processes, so each
+    process holds rows 0-3 and 8-11 (or 4-7 and 12-15): reads that are not contiguous."""
+    from efflax import data
+    from efflax.distributed import to_host
+
+    position = {d: i for i, d in enumerate(sorted(devices, key=lambda d: d.id))}
+    per_process = {}
+    for d in devices:
+        per_process.setdefault(d.process_index, []).append(d)
+    rank = {d: i for group in per_process.values() for i, d in enumerate(group)}
+    order = sorted(devices, key=lambda d: (rank[d], d.process_index, position[d]))
+    mesh = Mesh(np.asarray(order), ("data",))
+    loader = data.load("mnist1d", "train", BATCH, seed=7, epochs=2, mesh=mesh, num_samples=600)
+    if jax.process_count() > 1:
+        from efflax.distributed import process_local_rows
+        from efflax.sharding import data_sharding
+
+        rows = process_local_rows(data_sharding(mesh), (BATCH,))
+        assert len(rows) == BATCH // 2 and np.any(np.diff(rows) > 1), rows  # not contiguous
+    out = {}
+    for step in (0, 1, loader.num_steps - 1):
+        for key, value in loader.batch_at(step).items():
+            out[f"loader/{step}/{key}"] = to_host(value)
+    return out
+
+
 def moe_numbers(devices):
     """Forward and gradient of MoE with the expert axis over all 4 devices (2 per process)."""
     from efflax.distributed import put_global
@@ -209,6 +236,7 @@ def main(out: str, checkpoint_dir: str, resume_dir: str) -> None:
     # ... and resumed from a checkpoint the 1-process run wrote.
     state, _ = run_fit(devices, resume_dir, FIT_STEPS)
     numbers.update(state_numbers(state, "resumed"))
+    numbers.update(loader_numbers(devices))
     numbers.update(moe_numbers(devices))
     numbers.update(proxskip_numbers(devices))
 

@@ -63,6 +63,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, monkeypatch):
     state, second = worker.run_fit(devices, reference_dir, worker.FIT_STEPS)
     expected = {**worker.state_numbers(state, "fit"), **worker.state_numbers(state, "resumed")}
     expected.update(worker.history_numbers(first + second, "history"))
+    expected.update(worker.loader_numbers(devices))
     expected.update(worker.moe_numbers(devices))
     expected.update(worker.proxskip_numbers(devices))
 
