@@ -249,13 +249,17 @@ def put_global(tree: Any, shardings: Any) -> Any:
     """``jax.device_put(tree, shardings)`` that also works when the shardings span processes.
 
     Every process passes the whole (host-local) value; each copies only the shards its own
-    devices hold (``jax.make_array_from_callback``), so nothing is sent between hosts. Values
+    devices hold (``jax.make_array_from_callback``), so no array is sent between hosts. One
+    small all-gather of hashes checks that every process passed the same values. Values
     already placed as asked are returned as they are.
+
+    Raises:
+      ValueError: the processes passed different values (naming the first such leaf).
     """
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     sharding_leaves = treedef.flatten_up_to(shardings)
-    out = []
-    for leaf, sharding in zip(leaves, sharding_leaves, strict=True):
+    out, copied = [], {}
+    for (path, leaf), sharding in zip(leaves, sharding_leaves, strict=True):
         if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
             out.append(leaf)
         elif not _is_global(sharding) or (
@@ -266,9 +270,12 @@ def put_global(tree: Any, shardings: Any) -> Any:
             out.append(jax.device_put(leaf, sharding))  # keys cannot go through numpy
         else:
             host = np.asarray(leaf)
+            copied[jax.tree_util.keystr(path) or "the value"] = host
             out.append(
                 jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
             )
+    if copied:
+        agree("put_global (every process must pass the same values)", copied)
     return jax.tree.unflatten(treedef, out)
 
 

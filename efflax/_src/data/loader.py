@@ -399,7 +399,12 @@ class Loader:
         for key, values in rows.items():
 
             def shard(index, values=values):
-                return values[where[np.arange(n)[index[0]]]][(slice(None), *index[1:])]
+                picked = where[np.arange(n)[index[0]]]
+                if len(picked) and np.array_equal(picked, np.arange(picked[0], picked[-1] + 1)):
+                    part = values[picked[0] : picked[-1] + 1]  # a view: no second copy
+                else:
+                    part = values[picked]
+                return part[(slice(None), *index[1:])]
 
             shape = (n, *values.shape[1:])
             batch[key] = jax.make_array_from_callback(

@@ -194,6 +194,8 @@ def fit(
         out of batches.
       CheckpointError: ``checkpoint_dir`` cannot be read as a checkpoint directory.
     """
+    if not callable(train_step):
+        raise ValueError(f"train_step={train_step!r} must be callable (see make_train_step)")
     if num_steps is None:
         if not hasattr(loader, "__len__"):
             raise ValueError("num_steps is required for a loader without a length")

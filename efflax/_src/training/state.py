@@ -350,6 +350,9 @@ def cross_entropy_loss_fn(*, x_key: str = "x", y_key: str = "y") -> LossFn:
 
     def loss_fn(params, state, batch, rng):
         del rng
+        for name, key in (("x_key", x_key), ("y_key", y_key)):
+            if key not in batch:
+                raise ValueError(f"{name}={key!r} is not a key of the batch ({sorted(batch)})")
         logits = state.apply_fn({"params": params}, batch[x_key])
         labels = batch[y_key]
         loss = optax.softmax_cross_entropy_with_integer_labels(
