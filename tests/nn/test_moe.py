@@ -271,3 +271,14 @@ def test_bad_inputs_and_meshes_raise():
         jax.eval_shape(
             MoEFeedForward(4, 8, mesh=no_expert_axis).init, jax.random.key(0), jnp.ones((8, 4, 8))
         )
+
+
+def test_moe_refuses_bad_jitter_and_pruning_scores():
+    x = jnp.ones((2, 8, 4))
+    with pytest.raises(ValueError, match="jitter=-3"):
+        MoEFeedForward(num_experts=4, hidden=8, jitter=-3).init(jax.random.key(0), x)
+    params = MoEFeedForward(num_experts=4, hidden=8).init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"gate_weight of shape \(3,\) must be a finite \[4\]"):
+        prune_experts(params, np.ones(3), target_num_experts=2)
+    with pytest.raises(ValueError, match="target_num_experts=0"):
+        prune_experts(params, np.ones(4), target_num_experts=0)
