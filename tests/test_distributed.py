@@ -155,3 +155,20 @@ def test_launch_stops_the_others_when_one_fails(tmp_path):
     assert codes[1] == 3 and codes[0] != 0  # process 0 did not wait out its sleep
     with pytest.raises(ValueError, match="num_processes"):
         distributed.launch([sys.executable, str(script)], num_processes=0)
+
+
+def test_efflax_launch_command(tmp_path):
+    from efflax.cli import main
+
+    script = tmp_path / "who.py"
+    script.write_text(
+        "import os, pathlib\n"
+        "pid = os.environ['EFFLAX_PROCESS_ID']\n"
+        "assert os.environ['EFFLAX_NUM_PROCESSES'] == '3'\n"
+        "assert os.environ['EFFLAX_COORDINATOR_ADDRESS'].startswith('127.0.0.1:')\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'p' + pid).write_text(os.environ['EFFLAX_CPU_DEVICES'])\n"
+    )
+    argv = ["launch", "-n", "3", "--cpu-devices", "2", "--timeout", "60", "--"]
+    assert main([*argv, sys.executable, str(script)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("p*")) == ["p0", "p1", "p2"]
+    assert (tmp_path / "p2").read_text() == "2"
