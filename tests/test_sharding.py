@@ -121,3 +121,18 @@ def test_meshes_refuse_axes_the_table_does_not_use():
         sharding.make_mesh(dcn=(2, 1, 1))
     with pytest.raises(ValueError, match="model=0"):
         sharding.make_mesh(model=0)
+
+
+def test_shard_map_runs_an_explicit_mesh_as_its_auto_twin():
+    """The one compat shard_map (MoE and ProxSkip use it) takes a `jax.make_mesh` mesh."""
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    x = np.arange(32.0, dtype=np.float32).reshape(8, 4)
+    fn = sharding.shard_map(
+        lambda a: a * (1 + jax.lax.axis_index("expert")),
+        mesh=mesh,
+        in_specs=PartitionSpec(("data", "expert")),
+        out_specs=PartitionSpec(("data", "expert")),
+    )
+    expected = x * np.tile(np.arange(1, 5), 2)[:, None]
+    np.testing.assert_array_equal(jax.jit(fn)(x), expected)
+    assert sharding.auto_axes(mesh).axis_types == (jax.sharding.AxisType.Auto,) * 2

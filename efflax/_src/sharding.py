@@ -21,12 +21,12 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from pallas_kernels import _checks
+from pallas_kernels import _compat
 from pallas_kernels._compat import shard_map  # noqa: F401 - re-exported as efflax.sharding.shard_map
 
 MESH_AXES = ("data", "expert", "model")
@@ -72,9 +72,7 @@ def auto_axes(mesh: Mesh) -> Mesh:
     """
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh")
-    if all(t == AxisType.Auto for t in mesh.axis_types):
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+    return _compat.auto_axes(mesh)
 
 
 def check_mesh(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Mesh:

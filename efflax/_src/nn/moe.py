@@ -27,7 +27,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
 from efflax._src.nn import routing as R
-from efflax._src.sharding import auto_axes
 from pallas_kernels import _checks
 from pallas_kernels._compat import shard_map
 
@@ -208,11 +207,10 @@ class MoEFeedForward(nn.Module):
         if num_shards > 1:
             batch_spec = PartitionSpec(self._batch_axes())
             expert_spec = PartitionSpec(self.expert_axis)
-            # The Auto version of the mesh: inputs of any placement are resharded by XLA to the
-            # specs (an Explicit mesh from jax.make_mesh would demand they match already).
+            # The compat shard_map runs an Explicit mesh (jax.make_mesh) as its Auto twin.
             run = shard_map(
                 run,
-                mesh=auto_axes(self.mesh),
+                mesh=self.mesh,
                 in_specs=(batch_spec, batch_spec, expert_spec, PartitionSpec()),
                 out_specs=(batch_spec, batch_spec),
             )
