@@ -13,11 +13,16 @@ version-dependent names directly, so an API move in JAX means one edit here:
 - `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`.
 - `to_varying`: marks a replicated value as device-varying inside `shard_map`
   (`lax.pcast(..., to='varying')`, `lax.pvary` before it, a no-op before either existed).
+- `cuda_lowering`: lowering Pallas Triton kernels for CUDA on a host without a GPU needs an
+  abstract GPU device since JAX 0.11 (`No supported GPU devices found`); JAX 0.10 assumed
+  compute capability 9.0. `use_mesh`: `jax.set_mesh` or `jax.sharding.use_mesh`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -105,3 +110,37 @@ def to_varying(x: jax.Array, axis_name: str) -> jax.Array:
     if hasattr(lax, "pvary"):  # pragma: no cover - JAX versions between pvary and pcast
         return lax.pvary(x, (axis_name,))
     return x  # pragma: no cover - before varying-manual-axes types existed
+
+
+# Device kinds of the GPUs the kernels are compiled for without one (shared/gpu_specs/).
+H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+A100_DEVICE_KIND = "NVIDIA A100-SXM4-80GB"
+
+
+@contextlib.contextmanager
+def cuda_lowering(device_kind: str = H100_DEVICE_KIND, num_cores: int = 132) -> Iterator[None]:
+    """Context for ``.lower(lowering_platforms=("cuda",))`` of Pallas kernels without a GPU.
+
+    Lowers for the compute capability of ``device_kind`` through an abstract mesh of one
+    abstract GPU device (JAX >= 0.11 requires it; older JAX ignores nothing and gets it too
+    where ``AbstractDevice`` exists).
+    """
+    sharding = jax.sharding
+    abstract_device = getattr(sharding, "AbstractDevice", None)
+    use_abstract_mesh = getattr(sharding, "use_abstract_mesh", None)
+    if abstract_device is None or use_abstract_mesh is None:  # pragma: no cover - old JAX
+        yield
+        return
+    device = abstract_device(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+    mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with use_abstract_mesh(mesh):
+        yield
+
+
+def use_mesh(mesh: Any) -> Any:
+    """Context manager making ``mesh`` the current mesh (``jax.set_mesh`` / ``use_mesh``)."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    if hasattr(jax.sharding, "use_mesh"):  # pragma: no cover - JAX versions before set_mesh
+        return jax.sharding.use_mesh(mesh)
+    return mesh  # pragma: no cover - a Mesh is its own context manager on old JAX
