@@ -8,7 +8,9 @@ version-dependent names directly, so an API move in JAX means one edit here:
   kernels run in interpret mode (`interpret=None`: interpret unless on a GPU).
 - `gpu_compiler_params` / `compiler_params_kwargs`: the Triton compiler-params class is
   `plgpu.CompilerParams` since JAX 0.7 (`plgpu.TritonCompilerParams` before). The Triton
-  backend of Pallas is deprecated since JAX 0.11; its deprecation warning is left visible.
+  backend of Pallas is deprecated since JAX 0.11; its deprecation warning is left visible, and
+  `has_triton_backend` tells whether it is still there (the compiled Pallas Triton
+  implementations refuse the call where it is gone, so `'auto'` runs the XLA path).
 - `multiple_of`, `cdiv`: Pallas helpers (identity / plain arithmetic where unavailable).
 - `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`.
 - `to_varying`: marks a replicated value as device-varying inside `shard_map`
@@ -62,6 +64,15 @@ def _triton_module() -> Any:
     from jax.experimental.pallas import triton as plgpu
 
     return plgpu
+
+
+def has_triton_backend() -> bool:
+    """Whether this JAX still ships Pallas' Triton backend (deprecated since JAX 0.11)."""
+    try:
+        _triton_module()
+    except ImportError:  # pragma: no cover - a JAX that removed it
+        return False
+    return True
 
 
 def gpu_compiler_params(*, num_warps: int | None = None, num_stages: int | None = None) -> Any:
@@ -122,8 +133,8 @@ def cuda_lowering(device_kind: str = H100_DEVICE_KIND, num_cores: int = 132) -> 
     """Context for ``.lower(lowering_platforms=("cuda",))`` of Pallas kernels without a GPU.
 
     Lowers for the compute capability of ``device_kind`` through an abstract mesh of one
-    abstract GPU device (JAX >= 0.11 requires it; older JAX ignores nothing and gets it too
-    where ``AbstractDevice`` exists).
+    abstract GPU device. JAX >= 0.11 requires it; JAX 0.10 accepts it too (and without it
+    assumed compute capability 9.0).
     """
     sharding = jax.sharding
     abstract_device = getattr(sharding, "AbstractDevice", None)

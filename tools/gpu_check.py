@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import importlib.util
 import json
 import os
@@ -144,9 +145,12 @@ def _flash_fn(cell, jnp):
     b, s, h, d = cell["batch"], cell["seq"], cell["heads"], cell["head_dim"]
     kv_heads = cell.get("kv_heads") or h
     dtype = jnp.dtype(cell["dtype"])
-    block_sizes = pallas_kernels.BlockSizes()
-    if hasattr(pallas_kernels.BlockSizes, "get_default"):
-        block_sizes = pallas_kernels.BlockSizes.get_default("gpu")
+    block_sizes = pallas_kernels.BlockSizes.get_default("gpu", head_dim=d)
+    if cell.get("block_sparse"):
+        # a block mask fixes one tile for all three kernels: the default forward tile
+        block_sizes = dataclasses.replace(
+            block_sizes, block_q_dkv=None, block_k_dkv=None, block_q_dq=None, block_k_dq=None
+        )
     inputs = [((b, s, h, d), dtype), ((b, s, kv_heads, d), dtype), ((b, s, kv_heads, d), dtype)]
     inputs.append(((b, s, h, d), dtype))  # cotangent
     if cell.get("segment_ids"):

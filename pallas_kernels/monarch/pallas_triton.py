@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _checks
 from pallas_kernels._compat import cdiv
 from pallas_kernels._compat import compiler_params_kwargs
+from pallas_kernels._compat import has_triton_backend
 from pallas_kernels._compat import multiple_of
 from pallas_kernels._compat import resolve_interpret
 from pallas_kernels.monarch.base import MONARCH_OP
@@ -645,6 +646,8 @@ class PallasTritonMonarch(Implementation):
                 f"w2.shape={tuple(w2.shape)} (r={r}, k={k})"
             )
         interpret = resolve_interpret(self.interpret)
+        if not interpret and not has_triton_backend():
+            raise Unsupported("this JAX has no Pallas Triton backend (removed after 0.12?)")
         if not interpret and not all(_is_pow2(d) for d in (p, q, s, r, r // k)):
             raise Unsupported(
                 "compiled Triton tiles need power-of-two block sizes; got "
