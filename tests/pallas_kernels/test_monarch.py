@@ -66,6 +66,7 @@ class MonarchOpTest:
     implementation = None
     shapes = tuple(SHAPES)
     accepts_general_shapes = True
+    check_bfloat16 = True
 
     def _fn(self):
         impl = self.implementation
@@ -86,6 +87,8 @@ class MonarchOpTest:
                 assert _rel_err(g, w) < TOLERANCE[jnp.float32], (name, what, _rel_err(g, w))
 
     def test_bfloat16_against_float32_oracle(self):
+        if not self.check_bfloat16:
+            pytest.skip("same code as another class's bfloat16 test")
         x, w1, w2, dy = _inputs(7, *SHAPES["square_t32"], dtype=jnp.bfloat16)
         got = self._fn()(x, w1, w2, dy)
         want = _value_and_grads(
@@ -109,16 +112,19 @@ class MonarchOpTest:
 class TestReference(MonarchOpTest):
     implementation = "reference"
     shapes = ("rect_down",)
+    check_bfloat16 = False
 
 
 class TestXla(MonarchOpTest):
-    implementation = "xla"
+    implementation = "xla"  # on CPU: chunks of 32 rows for these small blocks
+    shapes = ("square_t32", "rect_down")
 
 
 class TestXlaChunked(MonarchOpTest):
-    # 35 rows in chunks of 8: padded to 40, the custom VJP recomputes each chunk
+    # 35 and 9 rows in chunks of 8: padded, the custom VJP recomputes each chunk
     implementation = XlaMonarch(row_chunk=8)
-    shapes = ("square_t32", "rect_down")
+    shapes = ("square_t32", "rect_up")
+    check_bfloat16 = False
 
 
 class TestPallasTritonDefault(MonarchOpTest):
@@ -145,6 +151,7 @@ class TestPallasTritonTiled(MonarchOpTest):
     )
     shapes = ("square_t32",)
     accepts_general_shapes = False
+    check_bfloat16 = False
 
 
 class TestPallasTritonStaged(MonarchOpTest):
@@ -241,7 +248,7 @@ def test_bad_arguments_raise():
 
 def test_chooser_keeps_accumulators_small_and_rows_wgmma_sized():
     """The per-shape defaults: <= 64 float32 accumulator registers per thread, 64-row tiles
-    with one warpgroup (Hopper wgmma) where the rows allow."""
+    with one warpgroup (Hopper wgmma) where the rows and the rank allow a tensor-core dot."""
     for width_out in (64, 256, 1024, 4096):
         for rank in (1, 2, 16, 32):
             bs = default_block_sizes(
@@ -250,7 +257,7 @@ def test_chooser_keeps_accumulators_small_and_rows_wgmma_sized():
             threads = 32 * bs.num_warps
             per_out = bs.block_rows * (1 if rank >= 16 else 1 + bs.block_rank)
             assert bs.block_out * per_out / threads <= 64, (width_out, rank, bs)
-            assert bs.block_rows == 64 and bs.num_warps == 4
+            assert bs.block_rows == (64 if rank >= 16 else 32) and bs.num_warps == 4
     gemm = default_block_sizes("gemm", rows=8192, width_in=1024, rank=0, width_out=1024)
     assert (gemm.block_rows, gemm.block_out, gemm.num_warps) == (128, 128, 8)
     assert default_block_sizes("gemm", rows=20, width_in=64, rank=0, width_out=64).block_rows == 32

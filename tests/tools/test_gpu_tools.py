@@ -64,7 +64,7 @@ def test_check_flags_spills_shared_memory_and_failed_compiles():
         {"cell": cell, "target": "A100", "kernels": [dict(good, shared_memory=200_000)]},
         {"cell": cell, "target": "H100", "error": "boom", "kernels": []},
     ]
-    problems = gpu_check.check(results)
+    problems = gpu_check.check(results, known={})
     assert len(problems) == 3
     assert "spills" in problems[0] and "shared memory 200000 B > 166912 B" in problems[1]
     assert "did not compile" in problems[2]
