@@ -15,6 +15,9 @@ version-dependent names directly, so an API move in JAX means one edit here:
 - `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`.
 - `to_varying`: marks a replicated value as device-varying inside `shard_map`
   (`lax.pcast(..., to='varying')`, `lax.pvary` before it, a no-op before either existed).
+- `widen_for_cpu_dot`: XLA:CPU of JAX 0.12 cannot run a bf16 x bf16 -> f32 dot inside a loop
+  (`UNIMPLEMENTED: Unsupported element type for DotThunk::Execute`); on CPU 16-bit operands
+  are widened to float32 first (exact: their products fit float32).
 - `cuda_lowering`: lowering Pallas Triton kernels for CUDA on a host without a GPU needs an
   abstract GPU device since JAX 0.11 (`No supported GPU devices found`); JAX 0.10 assumed
   compute capability 9.0. `use_mesh`: `jax.set_mesh` or `jax.sharding.use_mesh`.
@@ -64,6 +67,16 @@ def _triton_module() -> Any:
     from jax.experimental.pallas import triton as plgpu
 
     return plgpu
+
+
+def widen_for_cpu_dot(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """16-bit float operands as float32 on CPU (same products, float32 accumulation either way)."""
+    if backend_kind() != "cpu":
+        return arrays
+    return tuple(
+        a.astype(jax.numpy.float32) if a.dtype in (jax.numpy.bfloat16, jax.numpy.float16) else a
+        for a in arrays
+    )
 
 
 def has_triton_backend() -> bool:

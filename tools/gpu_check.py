@@ -80,12 +80,12 @@ exec "$real" "$@"
 KNOWN_VIOLATIONS = {
     (cell, "flash_attention_dkv", "A100"): "attention (pallas_kernels/flash_attention.py)"
     for cell in (
-        "flash d64 floa causal GQA 8/2",
-        "flash d128 floa full block-sparse",
-        "flash d256 floa causal block-sparse",
+        "flash d64 f16 causal GQA 8/2",
+        "flash d128 f16 full block-sparse",
+        "flash d256 f16 causal block-sparse",
     )
 } | {
-    ("flash d128 floa full block-sparse", "flash_attention_dq", "A100"): (
+    ("flash d128 f16 full block-sparse", "flash_attention_dq", "A100"): (
         "attention (pallas_kernels/flash_attention.py)"
     ),
 }
@@ -119,7 +119,8 @@ def describe(cell: dict) -> str:
     if cell["kind"] == "monarch":
         shape = "square" if cell["n_in"] == cell["n_out"] else "rect"
         return f"monarch {cell['n_in']}->{cell['n_out']} nb={cell['nblocks']} ({shape})"
-    parts = [f"flash d{cell['head_dim']} {cell['dtype'][:4]}"]
+    short = {"bfloat16": "bf16", "float16": "f16"}.get(cell["dtype"], cell["dtype"])
+    parts = [f"flash d{cell['head_dim']} {short}"]
     parts.append("causal" if cell["causal"] else "full")
     if cell.get("kv_heads"):
         parts.append(f"GQA {cell['heads']}/{cell['kv_heads']}")

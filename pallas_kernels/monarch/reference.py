@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels._compat import widen_for_cpu_dot
 from pallas_kernels.monarch.base import MONARCH_OP
 from pallas_kernels.monarch.base import check_shapes
 from pallas_kernels.op import Implementation
@@ -34,12 +35,16 @@ def precision_for(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """An einsum of ``a`` and ``b`` accumulated (and returned) in float32."""
+    precision = precision_for(a.dtype)
+    a, b = widen_for_cpu_dot(a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """An einsum with float32 accumulation, cast back to the first operand's dtype."""
-    out = jnp.einsum(
-        spec, a, b, preferred_element_type=jnp.float32, precision=precision_for(a.dtype)
-    )
-    return out.astype(a.dtype)
+    return einsum32(spec, a, b).astype(a.dtype)
 
 
 def intermediate(x2d: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
