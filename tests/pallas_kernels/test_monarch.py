@@ -101,9 +101,12 @@ class MonarchOpTest:
     def test_general_shapes(self):
         x, w1, w2, _ = _inputs(3, *GENERAL)
         if self.accepts_general_shapes:
-            got = monarch_matmul(x, w1, w2, implementation=self.implementation)
+            impl = self.implementation
+            got, want = jax.jit(
+                lambda *a: (monarch_matmul(*a, implementation=impl), monarch_matmul_reference(*a))
+            )(x, w1, w2)
             assert got.shape == (3, 2, 36)
-            assert _rel_err(got, monarch_matmul_reference(x, w1, w2)) < 1e-6
+            assert _rel_err(got, want) < 1e-6
         else:
             with pytest.raises(ValueError, match="r % k == 0"):
                 monarch_matmul(x, w1, w2, implementation=self.implementation)
@@ -121,9 +124,9 @@ class TestXla(MonarchOpTest):
 
 
 class TestXlaChunked(MonarchOpTest):
-    # 35 and 9 rows in chunks of 8: padded, the custom VJP recomputes each chunk
+    # 9 rows in chunks of 8: padded to 16, the custom VJP recomputes each chunk
     implementation = XlaMonarch(row_chunk=8)
-    shapes = ("square_t32", "rect_up")
+    shapes = ("rect_up",)
     check_bfloat16 = False
 
 
