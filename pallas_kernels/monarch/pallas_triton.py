@@ -79,6 +79,7 @@ class BlockSizes:
         False: the fused kernel; None: chosen by shape.
 
     Every tile must divide the size it tiles (a tile larger than the size means the size).
+    With explicit block sizes the fused path does not pad a rank t < 16 (the chooser does).
     """
 
     block_rows: int = 64
