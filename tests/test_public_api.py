@@ -90,6 +90,9 @@ PUBLIC = {
         "flash_attention_reference",
         "local_block_mask",
         "MonarchBlockSizes",
+        "PallasTritonMonarch",
+        "ReferenceMonarch",
+        "XlaMonarch",
         "dense_to_monarch",
         "monarch_matmul",
         "monarch_matmul_reference",
@@ -126,7 +129,6 @@ PUBLIC = {
         "monarch_shapes",
         "monarchify",
         "project_dense_params",
-        "xla_row_chunk",
     ],
     "efflax.optim": [
         "cycle_end_steps",
