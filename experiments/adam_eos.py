@@ -173,7 +173,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     batch = jax.tree.map(jnp.asarray, arrays)
     model = make_model()
     loss_fn = lambda params, batch: mse(model.apply, params, batch)
-    step_fn = make_train_step(lambda params, state, batch, rng: (loss_fn(params, batch), {}))
+    step_fn = make_train_step(lambda params, state, batch, rng: loss_fn(params, batch))
     runs: dict[str, dict] = {}
     estimates: dict[str, Estimate] = {}
     statuses = []

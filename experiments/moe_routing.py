@@ -44,6 +44,7 @@ from efflax.stats import Estimate
 from efflax.stats import decide
 from efflax.stats import ratio_interval
 from efflax.stats import seeds_to_decide
+from efflax.training import LossOutput
 from efflax.training import fit
 from efflax.training import make_train_step
 from experiments import _setups
@@ -158,7 +159,7 @@ def make_loss_fn(cfg: Config):
             {"params": params}, inputs, positions, deterministic=False, mutable=["losses"]
         )
         mlm = _masked_ce(logits, tokens, positions)
-        return mlm + moe_aux_loss(variables.get("losses", {})), {"metrics": {"mlm": mlm}}
+        return mlm + moe_aux_loss(variables.get("losses", {})), LossOutput(metrics={"mlm": mlm})
 
     return loss_fn
 

@@ -56,6 +56,7 @@ from efflax.stats import mean_interval
 from efflax.stats import paired_difference
 from efflax.stats import ratio_interval
 from efflax.stats import seeds_to_decide
+from efflax.training import LossOutput
 from efflax.training import fit
 from efflax.training import make_train_step
 from experiments import _setups
@@ -106,7 +107,8 @@ def _decay(cfg: Config, steps_per_epoch: int) -> float:
 
 
 def _loss_fn(method: str, cfg: Config, steps_per_epoch: int):
-    """The loss of SGD, SAF or MESA; every method keeps the evaluation EMA in ``extra``."""
+    """The loss of SGD (and SAM), SAF or MESA; every method keeps the evaluation EMA in
+    ``extra``."""
     decay = _decay(cfg, steps_per_epoch)
     # The library's saf_loss/mesa_loss switch the term on for epoch >= start: the official
     # strict start < epoch is start + 1.
@@ -146,28 +148,9 @@ def _loss_fn(method: str, cfg: Config, steps_per_epoch: int):
                 start_epoch=first_epoch_on,
             )
             metrics = {**metrics, **mesa_metrics}
-        return loss, {"metrics": metrics, "extra": extra}
+        return loss, LossOutput(metrics=metrics, extra=extra)
 
     return loss_fn
-
-
-def _sam_step(cfg: Config, steps_per_epoch: int):
-    """A SAM train step (``optax.contrib.sam``, opaque mode: two gradients per update)."""
-    decay = _decay(cfg, steps_per_epoch)
-
-    def step(state, batch):
-        def loss_of(params):
-            logits = state.apply_fn({"params": params}, batch["x"])
-            return _task_loss(logits, batch["y"]), logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        grad_fn = lambda params, _: jax.grad(lambda p: loss_of(p)[0])(params)
-        extra = {"ema": ema_update(state.extra["ema"], state.params, decay)}
-        state = state.apply_gradients(grads, extra=extra, grad_fn=grad_fn)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-        return state, {"loss": loss, "accuracy": accuracy}
-
-    return step
 
 
 def _optimizer(method: str, cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -200,9 +183,9 @@ def make_method(
         return _setups.make_state(model, tx, seed=seed, extra=extra)
 
     def make_step():
-        if method == "sam":
-            return _sam_step(cfg, steps_per_epoch)
-        return make_train_step(_loss_fn(method, cfg, steps_per_epoch), jit=False)
+        # SAM: the SGD loss; the optimizer takes the gradient at the perturbed point itself.
+        loss_fn = _loss_fn("sgd" if method == "sam" else method, cfg, steps_per_epoch)
+        return make_train_step(loss_fn, pass_grad_fn=method == "sam", jit=False)
 
     return make_state, make_step
 

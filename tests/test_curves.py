@@ -121,7 +121,7 @@ def test_interleaved_runs_advance_in_lockstep_and_time_only_their_steps():
 
     def loss_fn(params, state, batch, rng):
         prediction = state.apply_fn({"params": params}, batch["x"])[:, 0]
-        return jnp.mean((prediction - batch["y"]) ** 2), {}
+        return jnp.mean((prediction - batch["y"]) ** 2)
 
     step = make_train_step(loss_fn)
     calls = []
