@@ -139,9 +139,9 @@ def plot(runs: dict, out_dir: pathlib.Path) -> pathlib.Path:
             if run["optimizer"] == "adam":
                 values = [r["preconditioned_sharpness"] for r in probes]
                 axes[0].plot(steps, values, color=color, alpha=0.7, label=label)
-            axes[1].plot(
-                steps, [r["sharpness"] for r in probes], color=color, alpha=0.7, label=label
-            )
+            if probes and "sharpness" in probes[0]:  # the raw sharpness (full size, and GD)
+                raw = [r["sharpness"] for r in probes]
+                axes[1].plot(steps, raw, color=color, alpha=0.7, label=label)
             losses = [(r["step"], r["train/loss"]) for r in history if "train/loss" in r]
             axes[2].plot(*zip(*losses, strict=True), color=color, alpha=0.7, label=label)
         target = axes[0] if run["optimizer"] == "adam" else axes[1]
