@@ -12,7 +12,9 @@ version-dependent names directly, so an API move in JAX means one edit here:
   `has_triton_backend` tells whether it is still there (the compiled Pallas Triton
   implementations refuse the call where it is gone, so `'auto'` runs the XLA path).
 - `multiple_of`, `cdiv`: Pallas helpers (identity / plain arithmetic where unavailable).
-- `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`.
+- `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`; a mesh with
+  `Explicit` axes (what `jax.make_mesh` builds by default since JAX 0.10) is run as its `Auto`
+  twin (`auto_axes`), so inputs of any placement are resharded to the specs instead of refused.
 - `to_varying`: marks a replicated value as device-varying inside `shard_map`
   (`lax.pcast(..., to='varying')`, `lax.pvary` before it, a no-op before either existed).
 - `widen_for_cpu_dot`: XLA:CPU of JAX 0.12 cannot run a bf16 x bf16 -> f32 dot inside a loop
@@ -115,8 +117,29 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def auto_axes(mesh: Any) -> Any:
+    """``mesh`` with every axis of type ``Auto`` (itself if it already is, or has no axis types).
+
+    ``jax.make_mesh`` gives ``Explicit`` axes by default since JAX 0.10; under them
+    ``shard_map`` demands inputs already sharded exactly as ``in_specs`` and a matmul that
+    contracts a sharded axis needs a hand-written output sharding. On the ``Auto`` twin (same
+    devices, same names) XLA's partitioner inserts the resharding.
+    """
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(mesh, "axis_types", None)
+    if axis_type is None or types is None or all(t == axis_type.Auto for t in types):
+        return mesh
+    return jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(axis_type.Auto,) * len(mesh.axis_names)
+    )
+
+
 def shard_map(fn: Any, *, mesh: Any, in_specs: Any, out_specs: Any) -> Any:
-    """``jax.shard_map`` (JAX >= 0.7), or ``jax.experimental.shard_map`` on older JAX."""
+    """``jax.shard_map`` (JAX >= 0.7), or ``jax.experimental.shard_map`` on older JAX.
+
+    A mesh with ``Explicit`` axes is used as its ``Auto`` twin (see :func:`auto_axes`).
+    """
+    mesh = auto_axes(mesh)
     if hasattr(jax, "shard_map"):
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover - old JAX
