@@ -1,4 +1,4 @@
-"""FlashAttention as Pallas kernels: exact attention in O(N) memory, forward and backward.
+"""FlashAttention as Pallas (Triton) kernels: exact attention in O(N) memory, forward and backward.
 
 Tri Dao, Daniel Y. Fu, Stefano Ermon, Atri Rudra, Christopher Re, "FlashAttention: Fast and
 Memory-Efficient Exact Attention with IO-Awareness", arXiv:2205.14135 (2022); Tri Dao,
@@ -11,9 +11,15 @@ backward pass recomputes the scores tile by tile from Q, K, V, O, lse and dO
 (delta = rowsum(dO * O)): one kernel accumulates dQ per Q block, one dK/dV per K/V block.
 
 Layout is `[batch, seq, heads, head_dim]`, as in `jax.nn.dot_product_attention`. Causal masking
-is aligned at the top left (query i sees keys j <= i), also as there. Tiles that cannot contribute
-(above the causal diagonal, or off in a `block_mask`) are skipped through the loop bounds, not
-computed and zeroed. Rows that see no key at all give zeros and zero gradients.
+is aligned at the top left (query i sees keys j <= i), also as there, optionally shifted by a
+traced `q_offset` (decoding with a cache). Tiles that cannot contribute (above the causal
+diagonal, or off in a `block_mask`) are skipped through the loop bounds, not computed and zeroed.
+In tiles that are partly masked, non-finite inputs are zeroed before they meet a masked (zero)
+weight, and the rows that do see them are made NaN, so a masked key never influences an output
+or a gradient. Rows that see no key at all give zeros and zero gradients.
+
+`PallasTritonAttention` is the kernel's implementation of the attention op
+(`pallas_kernels.attention.base`); `flash_attention` calls it directly.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +39,14 @@ from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import default_interpret
 from pallas_kernels._compat import multiple_of
 from pallas_kernels._compat import resolve_interpret
+from pallas_kernels.attention.base import ATTENTION_OP
+from pallas_kernels.attention.base import AttentionImplementation
+from pallas_kernels.attention.base import dot_product_attention
+from pallas_kernels.op import Unsupported
 
 # A finite "minus infinity": masked scores must not turn max/exp arithmetic into inf - inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MAX_HEAD_DIM = 256
 _MIN_BLOCK = 16  # Triton's dot needs tiles of at least 16 x 16.
 _MAX_BLOCK = 1024
@@ -245,97 +255,6 @@ def block_mask_from_mask(
     return jnp.any(mask, axis=(2, 4))
 
 
-def _expand_block_mask(block_mask: jax.Array, block_q: int, block_k: int, q_len: int, kv_len: int):
-    expanded = jnp.repeat(jnp.repeat(block_mask, block_q, axis=1), block_k, axis=2)
-    return expanded[:, :q_len, :kv_len]
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------
-
-
-def _check_inputs(q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes):
-    """Validates the arguments; returns (segment_ids as int32 pair or None, sm_scale)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(
-                f"{name}.shape={getattr(x, 'shape', None)} must be [batch, seq, heads, head_dim]"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes must match, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{q.dtype=} is not supported; use float32, bfloat16 or float16")
-    batch, q_len, num_heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{k.shape=} and {v.shape=} must be equal")
-    if k.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: {q.shape=}, {k.shape=}")
-    if k.shape[3] != head_dim:
-        raise ValueError(f"head_dim differs: {q.shape=}, {k.shape=}")
-    if not 1 <= head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"{head_dim=} must be in [1, {_MAX_HEAD_DIM}]")
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    if q_len == 0 or kv_len == 0 or batch == 0 or num_kv_heads == 0:
-        raise ValueError(f"empty dimension in {q.shape=} or {k.shape=}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_kv_heads=} (k.shape[2]) must divide {num_heads=} (q.shape[2])")
-    if not isinstance(causal, bool):
-        raise ValueError(f"{causal=} must be a bool")
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(sm_scale, int | float | np.floating) and not isinstance(sm_scale, bool):
-        sm_scale = float(sm_scale)
-    else:
-        raise ValueError(f"{sm_scale=} must be a Python float or None")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"{block_sizes=} must be a BlockSizes or None")
-
-    if segment_ids is not None:
-        if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:
-            raise ValueError(
-                f"segment_ids of type {type(segment_ids).__name__} must be a "
-                "(q_segment_ids, kv_segment_ids) pair"
-            )
-        q_seg, kv_seg = (jnp.asarray(s) for s in segment_ids)
-        if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
-            raise ValueError(
-                f"segment_ids shapes {q_seg.shape}, {kv_seg.shape} must be "
-                f"{(batch, q_len)}, {(batch, kv_len)}"
-            )
-        if not (
-            jnp.issubdtype(q_seg.dtype, jnp.integer) and jnp.issubdtype(kv_seg.dtype, jnp.integer)
-        ):
-            raise ValueError(f"segment_ids dtypes {q_seg.dtype}, {kv_seg.dtype} must be integer")
-        segment_ids = (q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
-
-    if block_mask is not None:
-        if block_sizes is None:
-            raise ValueError(
-                "block_mask needs the block_sizes it was built with (block_sizes=None)"
-            )
-        mask = jnp.asarray(block_mask)
-        expected = (-(-q_len // block_sizes.block_q), -(-kv_len // block_sizes.block_k))
-        if mask.dtype != jnp.bool_ or mask.ndim != 3 or mask.shape[0] not in (1, num_heads):
-            raise ValueError(
-                f"block_mask of shape {mask.shape} and dtype {mask.dtype} must be bool "
-                f"[1 or {num_heads}, {expected[0]}, {expected[1]}]"
-            )
-        if mask.shape[1:] != expected:
-            raise ValueError(
-                f"block_mask.shape={mask.shape} does not match {q_len=}, {kv_len=} with "
-                f"block_q={block_sizes.block_q}, block_k={block_sizes.block_k}: expected "
-                f"[{mask.shape[0]}, {expected[0]}, {expected[1]}]"
-            )
-        tile = (block_sizes.block_q, block_sizes.block_k)
-        if block_sizes.dkv != tile or block_sizes.dq != tile:
-            raise ValueError(
-                f"with a block_mask the backward tiles must equal the forward tile {tile}, got "
-                f"dkv={block_sizes.dkv}, dq={block_sizes.dq}"
-            )
-    return segment_ids, sm_scale
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -354,6 +273,7 @@ class _Config:
     block_q_dq: int
     block_k_dq: int
     causal: bool
+    has_offset: bool  # causal rows start at a traced position (decoding with a cache)
     sm_scale: float
     has_segments: bool
     mask_heads: int  # 0: no block mask; else its leading dimension (1 or num_heads)
@@ -370,13 +290,26 @@ def _dot(a, b, *, transpose_a=False, transpose_b=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _tile_mask(cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tail):
-    """Element mask of one tile (True = attend), or None when nothing needs masking."""
+def _finite(x):
+    """Elementwise: x is neither NaN nor +-inf (one comparison; NaN compares False)."""
+    return jnp.abs(x) < jnp.inf
+
+
+def _zero_non_finite(x):
+    return jnp.where(_finite(x), x, jnp.zeros((), x.dtype))
+
+
+def _tile_mask(cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tail, q_start=None):
+    """Element mask of one tile (True = attend), or None when nothing needs masking.
+
+    `q_pos` is the causal position of the tile's first query row; `q_start`, when given, its
+    index, to mask the padding rows past `q_len` (the dK/dV kernel, whose rows are summed).
+    """
     mask = None
     if cfg.causal or mask_tail:
         cols = k_start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
     if cfg.causal:
-        rows = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+        rows = q_pos + jnp.arange(block_q, dtype=jnp.int32)[:, None]
         mask = rows >= cols
     if mask_tail:
         in_range = cols < cfg.kv_len
@@ -384,6 +317,9 @@ def _tile_mask(cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, *, mask_t
     if q_seg is not None:
         same = q_seg[:, None] == kv_seg[None, :]
         mask = same if mask is None else mask & same
+    if q_start is not None and cfg.q_len % block_q:
+        real = (q_start + jnp.arange(block_q, dtype=jnp.int32))[:, None] < cfg.q_len
+        mask = real if mask is None else mask & real
     return mask
 
 
@@ -393,11 +329,12 @@ def _fori(lower, upper, body, carry):
     return lax.fori_loop(lower, upper, body, carry)
 
 
-def _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list):
+def _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list):
     """Runs `tile(kv_block, carry, masked)` over the K/V blocks a query block can see.
 
-    Tiles above the causal diagonal or off in the block mask are never visited; tiles that are
-    entirely visible run without the element-mask arithmetic.
+    `q_pos` is the causal position of the block's first row. Tiles above the causal diagonal or
+    off in the block mask are never visited; tiles that are entirely visible run without the
+    element-mask arithmetic.
     """
     num_kv_blocks = -(-cfg.kv_len // block_k)  # padding-only blocks are never visited
     full_kv_blocks = cfg.kv_len // block_k
@@ -405,8 +342,8 @@ def _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list):
     if read_list is not None:
         return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
     if cfg.causal:
-        upper = jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), num_kv_blocks)
-        split = jnp.minimum(lax.div(q_start + 1, block_k), full_kv_blocks)
+        upper = jnp.minimum(lax.div(q_pos + block_q + block_k - 1, block_k), num_kv_blocks)
+        split = jnp.minimum(lax.div(q_pos + 1, block_k), full_kv_blocks)
     else:
         upper, split = num_kv_blocks, full_kv_blocks
     if cfg.has_segments:
@@ -415,17 +352,21 @@ def _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list):
     return _fori(split, upper, lambda j, c: tile(j, c, True), carry)
 
 
-def _loop_over_q(cfg, tile, carry, k_start, block_q, block_k, read_list):
-    """Runs `tile(q_block, carry, masked)` over the query blocks that can see a K/V block."""
+def _loop_over_q(cfg, tile, carry, k_start, offset, block_q, block_k, read_list):
+    """Runs `tile(q_block, carry, masked)` over the query blocks that can see a K/V block.
+
+    Query row `i` has causal position `offset + i`.
+    """
     num_q_blocks = -(-cfg.q_len // block_q)
     needs_mask = cfg.causal or cfg.has_segments
     if read_list is not None:
         return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
     if cfg.causal:
-        lower = lax.div(k_start, block_q)
-        # From this block on every query row is at or below the tile's last key.
-        split = jnp.minimum(lax.div(k_start + block_k + block_q - 2, block_q), num_q_blocks)
-        split = jnp.maximum(split, lower)
+        # The first row that sees the tile's first key, and the first block from which every
+        # row sees the tile's last key.
+        lower = lax.div(jnp.maximum(k_start - offset, 0), block_q)
+        split = lax.div(jnp.maximum(k_start + block_k - 1 - offset, 0) + block_q - 1, block_q)
+        split = jnp.maximum(jnp.minimum(split, num_q_blocks), lower)
     else:
         lower, split = 0, 0
     if cfg.has_segments:
@@ -434,9 +375,16 @@ def _loop_over_q(cfg, tile, carry, k_start, block_q, block_k, read_list):
     return _fori(split, num_q_blocks, lambda i, c: tile(i, c, False), carry)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse_ref, *, cfg):
+def _read_offset(cfg, offset_ref):
+    return offset_ref[0] if cfg.has_offset else 0
+
+
+def _fwd_kernel(
+    q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, offset_ref, list_ref, o_ref, lse_ref, *, cfg
+):
     block_q, block_k = cfg.block_q, cfg.block_k
     q_start = pl.program_id(0) * block_q
+    q_pos = q_start + _read_offset(cfg, offset_ref)
     q = q_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
     scale = cfg.sm_scale * _LOG2E  # scores in base 2: exp2 is the native instruction
@@ -446,15 +394,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse
         acc, m_prev, l_prev = carry
         k_start = multiple_of(kv_block * block_k, block_k)
         keys = pl.ds(k_start, block_k)
-        k = k_ref[keys, :]
-        s = _dot(q, k, transpose_b=True) * scale
+        s = _dot(q, k_ref[keys, :], transpose_b=True) * scale
+        v = v_ref[keys, :]
         mask = None
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
             mask = _tile_mask(
-                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
+                cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
             )
         if mask is not None:
+            # p @ v would turn a masked-out non-finite value into 0 * NaN: zero it, and make the
+            # scores of the rows that do see it NaN instead (a non-finite key does that itself).
+            v_finite = _finite(v)
+            v = jnp.where(v_finite, v, jnp.zeros((), v.dtype))
+            v_bad = jnp.max(jnp.where(v_finite, 0.0, 1.0), axis=1) > 0.0
+            s = jnp.where(v_bad[None, :], jnp.nan, s)
             s = jnp.where(mask, s, _MASK_VALUE)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
@@ -463,7 +417,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse
             # A row with no visible key in this tile must add nothing (its max is _MASK_VALUE).
             p = jnp.where(mask, p, 0.0)
         l_next = correction * l_prev + jnp.sum(p, axis=1)
-        v = v_ref[keys, :]
         acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
 
@@ -473,7 +426,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse
         jnp.zeros((block_q,), jnp.float32),
     )
     read_list = None if list_ref is None else (lambda t: list_ref[t])
-    acc, m, l = _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list)
+    acc, m, l = _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list)
     empty = l == 0.0  # a row that saw no key: output 0, lse +inf (so p = 0 in the backward)
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -481,10 +434,23 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, list_ref, dq_ref, *, cfg
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    offset_ref,
+    list_ref,
+    dq_ref,
+    *,
+    cfg,
 ):
     block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
     q_start = pl.program_id(0) * block_q
+    q_pos = q_start + _read_offset(cfg, offset_ref)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
@@ -495,21 +461,26 @@ def _dq_kernel(
         k_start = multiple_of(kv_block * block_k, block_k)
         keys = pl.ds(k_start, block_k)
         k, v = k_ref[keys, :], v_ref[keys, :]
-        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        mask = None
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
             mask = _tile_mask(
-                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
+                cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
             )
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
+        if mask is not None:
+            # Rows that saw a non-finite key/value have lse = NaN already; masked ones must not
+            # get 0 * NaN through ds @ k or do @ v.
+            k, v = _zero_non_finite(k), _zero_non_finite(v)
+        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
         dp = _dot(do, v, transpose_b=True)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
     read_list = None if list_ref is None else (lambda t: list_ref[t])
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = _loop_over_kv(cfg, tile, dq, q_start, block_q, block_k, read_list)
+    dq = _loop_over_kv(cfg, tile, dq, q_pos, block_q, block_k, read_list)
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
@@ -522,6 +493,7 @@ def _dkv_kernel(
     delta_ref,
     q_seg_ref,
     kv_seg_ref,
+    offset_ref,
     list_ref,
     dk_ref,
     dv_ref,
@@ -531,6 +503,7 @@ def _dkv_kernel(
 ):
     block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
     k_start = pl.program_id(0) * block_k
+    offset = _read_offset(cfg, offset_ref)
     k, v = k_ref[...], v_ref[...]
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
     scale = cfg.sm_scale * _LOG2E
@@ -541,18 +514,34 @@ def _dkv_kernel(
         rows = pl.ds(q_start, block_q)
         q, do = q_ref[rows, head, :], do_ref[rows, head, :]
         lse, delta = lse_ref[head, rows], delta_ref[head, rows]
-        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        mask = None
         if masked:
-            # Padded keys need no mask here: their dK/dV rows are cut off by the caller.
+            # Padded keys need no mask here (their dK/dV rows are cut off by the caller), padded
+            # queries do (their rows are summed into this tile's dK/dV).
             q_seg = None if q_seg_ref is None else q_seg_ref[rows]
             mask = _tile_mask(
-                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=False
+                cfg,
+                q_start + offset,
+                k_start,
+                block_q,
+                block_k,
+                q_seg,
+                kv_seg,
+                mask_tail=False,
+                q_start=q_start,
             )
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
+        if mask is not None:
+            # A query that does not see these keys must add nothing, even with non-finite
+            # q, dO, lse or delta (0 * NaN): zero its inputs and mask p and ds.
+            q, do = _zero_non_finite(q), _zero_non_finite(do)
+        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
         dp = _dot(do, v, transpose_b=True)
         ds = p * (dp - delta[:, None])
+        if mask is not None:
+            ds = jnp.where(mask, ds, 0.0)
         dk = dk + _dot(ds.astype(q.dtype), q, transpose_a=True)
         return dk, dv
 
@@ -565,7 +554,7 @@ def _dkv_kernel(
         else:
             read_list = lambda t: list_ref[head, t]
         body = lambda i, c, masked: tile(i, c, masked, head)
-        return _loop_over_q(cfg, body, carry, k_start, block_q, block_k, read_list)
+        return _loop_over_q(cfg, body, carry, k_start, offset, block_q, block_k, read_list)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = _fori(0, group, one_head, (zeros, zeros))
@@ -615,7 +604,11 @@ def _row_list_spec(cfg, lists, heads_per_program):
     return pl.BlockSpec((heads_per_program, None, width), lambda r, b, h: (h, r, 0))
 
 
-def _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg):
+def _offset_spec(offset):
+    return None if offset is None else pl.BlockSpec((1,), lambda r, b, h: (0,))
+
+
+def _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -637,18 +630,25 @@ def _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg):
         head_dim,
         "flash_attention_fwd",
         grid=(q_len // block_q, batch, num_heads),
-        in_specs=[q_spec, kv_spec, kv_spec, *segment_specs, _row_list_spec(cfg, kv_lists, None)],
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            *segment_specs,
+            _offset_spec(offset),
+            _row_list_spec(cfg, kv_lists, None),
+        ],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32),
         ],
-    )(q, k, v, q_seg, kv_seg, kv_lists)
+    )(q, k, v, q_seg, kv_seg, offset, kv_lists)
     return out, lse
 
 
 def _backward(cfg, residuals, do):
-    q, k, v, q_seg, kv_seg, lists, out, lse = residuals
+    q, k, v, q_seg, kv_seg, offset, lists, out, lse = residuals
     kv_lists, q_lists = (None, None) if lists is None else lists
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -660,6 +660,11 @@ def _backward(cfg, residuals, do):
         do.astype(jnp.float32),
         precision=lax.Precision.HIGHEST,
     )
+    if q_len != cfg.q_len:
+        # Padding rows (zero q and dO) add nothing to dK/dV: p = 0 wherever their key is finite.
+        real = jnp.arange(q_len) < cfg.q_len
+        lse = jnp.where(real, lse, jnp.inf)
+        delta = jnp.where(real, delta, 0.0)
     do = do.astype(q.dtype)
 
     block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
@@ -688,11 +693,12 @@ def _backward(cfg, residuals, do):
             row_spec,
             row_spec,
             *segment_specs,
+            _offset_spec(offset),
             _row_list_spec(cfg, kv_lists, None),
         ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    )(q, k, v, do, lse, delta, q_seg, kv_seg, kv_lists)
+    )(q, k, v, do, lse, delta, q_seg, kv_seg, offset, kv_lists)
 
     block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
     # One program per (K/V block, batch, K/V head); it loops over the `group` query heads.
@@ -719,24 +725,25 @@ def _backward(cfg, residuals, do):
             row_spec,
             row_spec,
             *segment_specs,
+            _offset_spec(offset),
             _row_list_spec(cfg, q_lists, group),
         ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    )(q, k, v, do, lse, delta, q_seg, kv_seg, q_lists)
-    return dq, dk, dv, None, None, None
+    )(q, k, v, do, lse, delta, q_seg, kv_seg, offset, q_lists)
+    return dq, dk, dv, None, None, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash_attention_padded(q, k, v, q_seg, kv_seg, lists, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash_attention_padded(q, k, v, q_seg, kv_seg, offset, lists, cfg):
     kv_lists = None if lists is None else lists[0]
-    return _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg)[0]
+    return _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg)[0]
 
 
-def _flash_attention_padded_fwd(q, k, v, q_seg, kv_seg, lists, cfg):
+def _flash_attention_padded_fwd(q, k, v, q_seg, kv_seg, offset, lists, cfg):
     kv_lists = None if lists is None else lists[0]
-    out, lse = _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg)
-    return out, (q, k, v, q_seg, kv_seg, lists, out, lse)
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg)
+    return out, (q, k, v, q_seg, kv_seg, offset, lists, out, lse)
 
 
 _flash_attention_padded.defvjp(_flash_attention_padded_fwd, _backward)
@@ -769,7 +776,7 @@ def _resolve_block_sizes(block_sizes, q_len, kv_len, has_block_mask):
     static_argnames=("causal", "sm_scale", "block_sizes", "interpret"),
 )
 def _flash_attention_impl(
-    q, k, v, segment_ids, block_mask, *, causal, sm_scale, block_sizes, interpret
+    q, k, v, segment_ids, q_offset, block_mask, *, causal, sm_scale, block_sizes, interpret
 ):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len = k.shape[1]
@@ -789,6 +796,7 @@ def _flash_attention_impl(
     if segment_ids is not None:
         q_seg = jnp.pad(segment_ids[0], ((0, 0), (0, q_len_padded - q_len)))
         kv_seg = jnp.pad(segment_ids[1], ((0, 0), (0, kv_len_padded - kv_len)))
+    offset = None if q_offset is None else jnp.reshape(q_offset.astype(jnp.int32), (1,))
     lists = None
     if block_mask is not None:
         if causal:
@@ -804,6 +812,7 @@ def _flash_attention_impl(
         block_q_dq=bq_dq,
         block_k_dq=bk_dq,
         causal=causal,
+        has_offset=offset is not None,
         sm_scale=sm_scale,
         has_segments=segment_ids is not None,
         mask_heads=0 if block_mask is None else block_mask.shape[0],
@@ -811,8 +820,116 @@ def _flash_attention_impl(
         num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages,
     )
-    out = _flash_attention_padded(q_p, k_p, v_p, q_seg, kv_seg, lists, cfg)
+    out = _flash_attention_padded(q_p, k_p, v_p, q_seg, kv_seg, offset, lists, cfg)
     return out[:, :q_len, :, :head_dim]
+
+
+# --------------------------------------------------------------------------------------------
+# The implementation of the attention op, and the kernel's own entry points
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTritonAttention(AttentionImplementation):
+    """FlashAttention Pallas kernels (``implementation='pallas_triton'``, alias ``'pallas'``).
+
+    Expresses causal masks (with ``q_offset``), segment ids (so padding) and block-sparse masks,
+    with GQA; refuses a dense boolean ``mask``, a ``bias`` and dropout, so ``'auto'`` falls
+    through. Differentiable by ``jax.grad`` (backward kernels), not by ``jax.jvp``.
+
+    Attributes:
+      block_sizes: tiles and GPU launch parameters; default ``BlockSizes.get_default()`` (with
+        a block mask: its ``block_shape``). With a block mask, the forward tile must equal the
+        mask's ``block_shape`` and the backward tiles the forward one.
+      interpret: Pallas interpret mode; ``None``: interpret unless on a GPU.
+    """
+
+    name = "pallas_triton"
+    supports_forward_mode = False
+    block_sizes: BlockSizes | None = None
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
+            raise ValueError(f"block_sizes={self.block_sizes!r} must be a BlockSizes or None")
+        resolve_interpret(self.interpret)  # validates
+
+    def __call__(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        *,
+        bias: jax.Array | None,
+        mask: jax.Array | None,
+        causal: bool,
+        q_offset: jax.Array | None,
+        segment_ids: tuple[jax.Array, jax.Array] | None,
+        block_mask: jax.Array | None,
+        block_shape: tuple[int, int] | None,
+        sm_scale: float,
+        dropout_rate: float,
+        dropout_rng: jax.Array | None,
+        broadcast_dropout: bool,
+        precision: Any,
+    ) -> jax.Array:
+        del dropout_rng, broadcast_dropout, precision  # float32 dots run at HIGHEST precision
+        if mask is not None:
+            raise Unsupported(
+                "a dense boolean mask cannot be tiled; pass causal=, segment_ids= or a block_mask"
+            )
+        if bias is not None:
+            raise Unsupported("an additive bias is not supported by the kernel")
+        if dropout_rate > 0.0:
+            raise Unsupported("dropout is not supported by the kernel")
+        head_dim = query.shape[-1]
+        if head_dim > _MAX_HEAD_DIM:
+            raise Unsupported(f"head_dim={head_dim} > {_MAX_HEAD_DIM}")
+        interpret = resolve_interpret(self.interpret)
+        block_sizes = self.block_sizes
+        if block_mask is not None:
+            if q_offset is not None:
+                raise Unsupported("a block_mask with q_offset is not supported by the kernel")
+            if block_sizes is None:
+                block_sizes = BlockSizes(*block_shape)
+            tile = (block_sizes.block_q, block_sizes.block_k)
+            if tile != tuple(block_shape):
+                raise Unsupported(
+                    f"block_shape={tuple(block_shape)} differs from the kernel's forward tile "
+                    f"{tile} (block_sizes)"
+                )
+            if block_sizes.dkv != tile or block_sizes.dq != tile:
+                raise Unsupported(
+                    f"with a block_mask the backward tiles must equal the forward tile {tile}, "
+                    f"got dkv={block_sizes.dkv}, dq={block_sizes.dq}"
+                )
+        if block_sizes is None:
+            block_sizes = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=head_dim)
+        return _flash_attention_impl(
+            query,
+            key,
+            value,
+            segment_ids,
+            q_offset,
+            block_mask,
+            causal=causal,
+            sm_scale=sm_scale,
+            block_sizes=block_sizes,
+            interpret=interpret,
+        )
+
+
+ATTENTION_OP.register(PallasTritonAttention())
+
+
+def _kernel_block_mask(block_mask, block_sizes):
+    if block_mask is None:
+        return None
+    if block_sizes is None:
+        raise ValueError("block_mask needs the block_sizes it was built with (block_sizes=None)")
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes={block_sizes!r} must be a BlockSizes or None")
+    return (block_sizes.block_q, block_sizes.block_k)
 
 
 def flash_attention(
@@ -828,6 +945,8 @@ def flash_attention(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Exact softmax attention in O(seq) memory, differentiable through Pallas kernels.
+
+    The kernel itself; :func:`pallas_kernels.dot_product_attention` is the op that chooses it.
 
     Args:
       q: `[batch, q_len, num_heads, head_dim]`, float32, bfloat16 or float16.
@@ -846,31 +965,25 @@ def flash_attention(
 
     Returns:
       `[batch, q_len, num_heads, head_dim]` in q's dtype (float32 accumulation). A query that
-      sees no key gets zeros, and zero gradients.
+      sees no key gets zeros, and zero gradients; a key a query does not see never influences
+      it, even when it holds NaN.
 
     Example:
       >>> q = k = v = jnp.ones((2, 100, 4, 64), jnp.bfloat16)
       >>> flash_attention(q, k, v, causal=True).shape
       (2, 100, 4, 64)
     """
-    segment_ids, sm_scale = _check_inputs(
-        q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes
-    )
-    interpret = resolve_interpret(interpret)
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=q.shape[-1])
-    if block_mask is not None:
-        block_mask = jnp.asarray(block_mask)
-    return _flash_attention_impl(
+    implementation = PallasTritonAttention(block_sizes=block_sizes, interpret=interpret)
+    return dot_product_attention(
         q,
         k,
         v,
-        segment_ids,
-        block_mask,
         causal=causal,
+        segment_ids=segment_ids,
         sm_scale=sm_scale,
-        block_sizes=block_sizes,
-        interpret=interpret,
+        block_mask=block_mask,
+        block_shape=_kernel_block_mask(block_mask, block_sizes),
+        implementation=implementation,
     )
 
 
@@ -887,47 +1000,29 @@ def flash_attention_reference(
 ) -> jax.Array:
     """Plain-jnp attention with the same arguments and semantics as `flash_attention`.
 
-    Computes in float32 from upcast inputs and materialises the `[q_len, kv_len]` scores: the
-    test oracle, not a fast path. `block_mask` is expanded to elements with `block_sizes`.
-    Fully masked rows give zeros (and zero gradients), as in the kernel.
+    The op's float32 oracle (`implementation='reference'`): it materialises the scores (and the
+    keys/values each query sees), so it is for tests, not a fast path. `block_mask` is expanded
+    to elements with `block_sizes`. Fully masked rows give zeros (and zero gradients).
     """
-    segment_ids, sm_scale = _check_inputs(
-        q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes
-    )
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
-
-    mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)  # [batch, heads, q, kv]
-    if causal:
-        mask = mask & jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
-    if segment_ids is not None:
-        q_seg, kv_seg = segment_ids
-        mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
-    if block_mask is not None:
-        expanded = _expand_block_mask(
-            jnp.asarray(block_mask), block_sizes.block_q, block_sizes.block_k, q_len, kv_len
-        )
-        mask = mask & expanded[None]
-    # Split heads into (kv head, group member) so K/V broadcast over the group.
-    mask = mask.reshape(
-        mask.shape[0], *((num_kv_heads, group) if mask.shape[1] > 1 else (1, 1)), q_len, kv_len
+    return dot_product_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        sm_scale=sm_scale,
+        block_mask=block_mask,
+        block_shape=_kernel_block_mask(block_mask, block_sizes),
+        implementation="reference",
     )
 
-    hp = lax.Precision.HIGHEST
-    q32 = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q32, k.astype(jnp.float32), precision=hp)
-    logits = jnp.where(mask, logits * sm_scale, _MASK_VALUE)
-    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32), precision=hp)
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
-
-__all__ = (
+__all__ = [
     "BlockSizes",
+    "PallasTritonAttention",
     "block_mask_from_mask",
     "causal_block_mask",
     "flash_attention",
     "flash_attention_reference",
     "local_block_mask",
-)
+]
