@@ -1,344 +1,504 @@
-"""Tests for pallas_kernels.flash_attention: kernels vs the plain-jnp reference.
+"""The attention op family: one shared test base, subclassed for every implementation.
 
-On CPU the kernels run in Pallas interpret mode. Each distinct shape compiles the forward and both
-backward kernels, so shapes are few and small; they are compiled with cheap XLA options (the
-numerics do not depend on them).
+Every implementation runs the same cases (awkward lengths, GQA/MQA, causal, segment ids with
+fully masked rows, padding, block-sparse masks, a causal ``q_offset``, dense masks, bias,
+dropout, bfloat16), values and gradients against an oracle; a case an implementation cannot
+express must be refused with a ``ValueError`` when it is asked for explicitly. Keys no query may
+see hold NaN/inf in every case that has them: they must not influence anything.
+
+On CPU the Pallas kernels run in interpret mode: shapes are few and tiny, and compiled with cheap
+XLA options (the numerics do not depend on them). The ``gpu`` subclasses run the same cases
+compiled (cuDNN in bfloat16, the only precision it takes).
 """
 
+import functools
+import math
 import re
+from typing import ClassVar
 
 import chex
-import hypothesis
-import hypothesis.strategies as st
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import ATTENTION_OP
+from pallas_kernels import BlockSizes
+from pallas_kernels import CudnnAttention
+from pallas_kernels import PallasTritonAttention
+from pallas_kernels import ReferenceAttention
+from pallas_kernels import XlaAttention
 from pallas_kernels import _compat
-from pallas_kernels.flash_attention import BlockSizes
-from pallas_kernels.flash_attention import block_mask_from_mask
-from pallas_kernels.flash_attention import causal_block_mask
-from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.flash_attention import flash_attention_reference
-from pallas_kernels.flash_attention import local_block_mask
+from pallas_kernels import block_mask_from_mask
+from pallas_kernels import causal_block_mask
+from pallas_kernels import dot_product_attention
+from pallas_kernels import flash_attention
+from pallas_kernels import flash_attention_reference
+from pallas_kernels import local_block_mask
+from pallas_kernels.op import forward_mode_autodiff
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
-_SMALL = BlockSizes(16, 16)
-_GPU_INTERPRET = False  # the GPU test's kernels are compiled (set True to dry-run it on CPU)
+_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
 
 
 def _compile(fn, *args):
     lowered = jax.jit(fn).lower(*args)
-    on_cpu = jax.default_backend() == "cpu"
-    return lowered.compile(compiler_options=_FAST_COMPILE if on_cpu else None)
+    return lowered.compile(compiler_options=None if _compat.is_gpu() else _FAST_COMPILE)
 
 
-def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), jnp.float32)
-    k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), jnp.float32)
-    v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), jnp.float32)
-    cotangent = jax.random.normal(keys[3], q.shape, jnp.float32)
-    return tuple(x.astype(dtype) for x in (q, k, v, cotangent))
+def _segments(seed, batch, length, num_segments=3):
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.integers(0, num_segments, (batch, length)), axis=1).astype(np.int32)
 
 
-def _output_and_grads(attention, q, k, v, cotangent, **kwargs):
-    """Output and the vjp of <out, cotangent> (the gradient of a scalar function of out)."""
+# Each case: shapes, dtype, the op's keyword arguments (built from the random inputs' rng), and
+# `poison`: (batch index, kv positions) no query may see, filled with NaN (keys) and inf (values).
+def _case_gqa_causal_segments():
+    batch, q_len, kv_len = 2, 40, 48
+    q_ids, kv_ids = _segments(1, batch, q_len), _segments(2, batch, kv_len)
+    q_ids[0, 5:9] = 7  # no key has segment 7: fully masked rows
+    kv_ids[1, 10:14] = 8  # no query has segment 8: these keys are never seen
+    return dict(
+        shape=(batch, q_len, kv_len, 4, 2, 16),
+        kwargs=dict(causal=True, segment_ids=(jnp.asarray(q_ids), jnp.asarray(kv_ids))),
+        poison=[(1, slice(10, 14)), (slice(None), slice(q_len, None))],  # + causal future
+        empty_rows=(0, slice(5, 9)),
+    )
 
-    def run(q, k, v, cotangent):
-        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, **kwargs), q, k, v)
-        return out, vjp(cotangent)
 
-    return _compile(run, q, k, v, cotangent)(q, k, v, cotangent)
+def _case_bf16_mqa():
+    return dict(shape=(1, 33, 20, 3, 1, 24), dtype="bfloat16", kwargs=dict(sm_scale=0.3))
+
+
+def _case_block_sparse():
+    heads, q_len, kv_len = 4, 48, 64
+    mask = np.random.default_rng(3).random((heads, 3, 4)) < 0.6
+    mask[:, :, 2] = False  # keys 32..47 are never seen
+    mask[1, 0, :] = False  # head 1, queries 0..15 see nothing
+    return dict(
+        shape=(1, q_len, kv_len, heads, 2, 16),
+        kwargs=dict(causal=True, block_mask=jnp.asarray(mask), block_shape=(16, 16)),
+        poison=[(slice(None), slice(32, 48))],
+    )
+
+
+def _case_q_offset():
+    q_len, kv_len, offset = 20, 40, 5
+    return dict(
+        shape=(2, q_len, kv_len, 2, 1, 16),
+        kwargs=dict(causal=True, q_offset=jnp.int32(offset)),
+        poison=[(slice(None), slice(offset + q_len, None))],
+    )
+
+
+def _case_mask_and_bias():
+    batch, q_len, kv_len, heads = 2, 24, 32, 4
+    rng = np.random.default_rng(4)
+    mask = rng.random((batch, 1, q_len, kv_len)) < 0.7
+    mask[:, :, :, 30:] = False  # never seen
+    mask[1, :, 3] = False  # a fully masked row
+    bias = rng.standard_normal((1, heads, q_len, kv_len)).astype(np.float32)
+    return dict(
+        shape=(batch, q_len, kv_len, heads, 2, 16),
+        kwargs=dict(mask=jnp.asarray(mask), bias=jnp.asarray(bias)),
+        poison=[(slice(None), slice(30, None))],
+        empty_rows=(1, 3),
+    )
+
+
+def _case_padding_dropout():
+    batch, length = 2, 32
+    lengths = np.array([[length], [21]])
+    padding = np.arange(length)[None, :] < lengths  # keys past the length are padding
+    return dict(
+        shape=(batch, length, length, 2, 2, 16),
+        kwargs=dict(
+            mask=jnp.asarray(padding)[:, None, None, :],
+            dropout_rate=0.3,
+            dropout_rng=jax.random.key(5),
+            broadcast_dropout=False,
+        ),
+        poison=[(1, slice(21, None))],
+    )
+
+
+CASES = {
+    "gqa_causal_segments": _case_gqa_causal_segments,
+    "bf16_mqa_d24": _case_bf16_mqa,
+    "block_sparse_causal": _case_block_sparse,
+    "q_offset": _case_q_offset,
+    "mask_and_bias": _case_mask_and_bias,
+    "padding_dropout": _case_padding_dropout,
+}
+
+
+def _normal(rng, shape, dtype):
+    # numpy draws: eager jax.random compiles a kernel per shape, which dominates small tests.
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def _inputs(case, dtype):
+    batch, q_len, kv_len, heads, kv_heads, head_dim = case["shape"]
+    rng = np.random.default_rng(sum(case["shape"]))
+    q = _normal(rng, (batch, q_len, heads, head_dim), dtype)
+    k = _normal(rng, (batch, kv_len, kv_heads, head_dim), dtype)
+    v = _normal(rng, (batch, kv_len, kv_heads, head_dim), dtype)
+    return q, k, v, _normal(rng, q.shape, dtype)
+
+
+def _poisoned(k, v, poison):
+    for index in poison:
+        k = k.at[index].set(jnp.nan)
+        v = v.at[index].set(jnp.inf)
+    return k, v
+
+
+def _zeroed(k, v, poison):
+    for index in poison:
+        k, v = k.at[index].set(0), v.at[index].set(0)
+    return k, v
+
+
+def _output_and_grads(implementation, q, k, v, cotangent, kwargs):
+    """Output and the vjp of <out, cotangent> w.r.t. q, k, v and (if given) the bias."""
+    kwargs = dict(kwargs)
+    bias = kwargs.pop("bias", None)
+
+    def run(q, k, v, bias, cotangent):
+        def attention(q, k, v, bias):
+            return dot_product_attention(
+                q, k, v, bias=bias, implementation=implementation, **kwargs
+            )
+
+        out, vjp = jax.vjp(attention, q, k, v, bias)
+        grads = vjp(cotangent)
+        return (out, *grads[:3], *grads[3:4]) if bias is not None else (out, *grads[:3])
+
+    return _compile(run, q, k, v, bias, cotangent)(q, k, v, bias, cotangent)
+
+
+def _flax_oracle(q, k, v, cotangent, kwargs):
+    """The same attention written with ``flax.linen.dot_product_attention`` and an explicit
+    dense mask: an oracle independent of the op (fully masked rows zeroed, as the op defines)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, group = k.shape[1], heads // k.shape[2]
+    visible = np.ones((batch, heads, q_len, kv_len), bool)
+    rows, cols = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+    if kwargs.get("causal"):
+        visible &= rows + int(kwargs.get("q_offset", 0)) >= cols
+    if kwargs.get("segment_ids") is not None:
+        q_ids, kv_ids = (np.asarray(s) for s in kwargs["segment_ids"])
+        visible &= (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
+    if kwargs.get("block_mask") is not None:
+        block_q, block_k = kwargs["block_shape"]
+        tiles = np.asarray(kwargs["block_mask"])
+        visible &= np.repeat(np.repeat(tiles, block_q, 1), block_k, 2)[None, :, :q_len, :kv_len]
+    if kwargs.get("mask") is not None:
+        visible &= np.asarray(kwargs["mask"])
+    sees_any = jnp.asarray(visible.any(-1)).transpose(0, 2, 1)[..., None]
+    scale = kwargs.get("sm_scale") or 1 / math.sqrt(head_dim)
+    rate = kwargs.get("dropout_rate", 0.0)
+
+    def attention(q, k, v, bias):
+        q = q.astype(jnp.float32) * (scale * math.sqrt(head_dim))  # Flax scales by 1/sqrt(d)
+        k, v = (jnp.repeat(x.astype(jnp.float32), group, axis=2) for x in (k, v))
+        out = nn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=jnp.asarray(visible),
+            dropout_rng=kwargs.get("dropout_rng"),
+            dropout_rate=rate,
+            broadcast_dropout=kwargs.get("broadcast_dropout", True),
+            deterministic=rate == 0.0,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        return jnp.where(sees_any, out, 0.0)
+
+    @jax.jit
+    def run(q, k, v, bias, cotangent):
+        out, vjp = jax.vjp(attention, q, k, v, bias)
+        grads = vjp(cotangent.astype(jnp.float32))
+        return (out, *grads[:3], *grads[3:4]) if bias is not None else (out, *grads[:3])
+
+    return run(q, k, v, kwargs.get("bias"), cotangent)
 
 
 def _assert_close(actual, expected, dtype):
-    tol = _TOLERANCE[jnp.dtype(dtype).type]
-    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
+    tol = _TOLERANCE[dtype]
+    names = ("out", "dq", "dk", "dv", "dbias")[: len(actual)]
+    for name, a, e in zip(names, actual, expected, strict=True):
         a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
         assert np.all(np.isfinite(a)), f"{name} has non-finite values"
         scale = max(1.0, float(np.max(np.abs(e))))
         np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale, err_msg=name)
 
 
-def _check_against_reference(
-    *,
-    seed=0,
-    batch,
-    q_len,
-    kv_len,
-    heads,
-    kv_heads,
-    head_dim,
-    dtype=jnp.float32,
-    block_sizes=_SMALL,
-    nan_keys=None,
-    segment_ids=None,
-    interpret=None,
-    **kwargs,
-):
-    q, k, v, cotangent = _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype)
-    k_ref, v_ref = k, v
-    if nan_keys is not None:
-        # Keys no query may see, poisoned: a skipped tile never reads them, a computed-and-zeroed
-        # tile would turn 0 * NaN into NaN. The reference gets zeros there instead.
-        k = k.at[:, nan_keys].set(jnp.nan)
-        v = v.at[:, nan_keys].set(jnp.nan)
-        k_ref = k_ref.at[:, nan_keys].set(0)
-        v_ref = v_ref.at[:, nan_keys].set(0)
-    kwargs = dict(kwargs, block_sizes=block_sizes, segment_ids=segment_ids)
-    actual = _output_and_grads(flash_attention, q, k, v, cotangent, interpret=interpret, **kwargs)
-    expected = _output_and_grads(flash_attention_reference, q, k_ref, v_ref, cotangent, **kwargs)
-    _assert_close((actual[0], *actual[1]), (expected[0], *expected[1]), dtype)
-    return actual
+@functools.cache
+def _reference_result(name, dtype):
+    """The oracle's output and gradients for a case (inputs zeroed where poisoned), computed
+    once and shared by the implementations' test classes."""
+    case = CASES[name]()
+    q, k, v, cotangent = _inputs(case, dtype)
+    k, v = _zeroed(k, v, case.get("poison", []))
+    return _output_and_grads("reference", q, k, v, cotangent, case["kwargs"])
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        # Lengths not a multiple of the block, batch 2, head_dim 32.
-        dict(batch=2, q_len=40, kv_len=40, heads=2, kv_heads=2, head_dim=32),
-        # q_len != kv_len, GQA, head_dim 64, causal, different backward tiles; keys >= 64 are
-        # above the diagonal for every query, so causal skipping is checked with NaN there.
-        dict(
-            batch=1,
-            q_len=40,
-            kv_len=72,
-            heads=4,
-            kv_heads=2,
-            head_dim=64,
-            causal=True,
-            block_sizes=BlockSizes(
-                16, 32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=16
-            ),
-            nan_keys=slice(64, None),
-        ),
-        # bfloat16, one head, batch 1, head_dim 128, causal.
-        dict(
-            batch=1,
-            q_len=33,
-            kv_len=33,
-            heads=1,
-            kv_heads=1,
-            head_dim=128,
-            dtype=jnp.bfloat16,
-            causal=True,
-        ),
-        # float16, MQA, head_dim 40 (padded to 64 inside), q_len > kv_len, explicit scale.
-        dict(
-            batch=2,
-            q_len=50,
-            kv_len=20,
-            heads=3,
-            kv_heads=1,
-            head_dim=40,
-            dtype=jnp.float16,
-            sm_scale=0.3,
-        ),
-    ],
-    ids=["f32-tails", "f32-gqa-causal", "bf16-causal-d128", "f16-mqa-d40"],
-)
-def test_matches_reference(case):
-    _check_against_reference(**case)
+class AttentionOpTests:
+    """The shared base: a subclass sets ``implementation`` and says what it refuses."""
 
+    implementation: ClassVar = None
+    dtype: ClassVar[str | None] = None  # run every case in this dtype (cuDNN: bfloat16)
 
-def test_segment_ids_and_fully_masked_rows():
-    """Packed sequences, causal, q_len > kv_len; queries with segment id 9 see no key at all."""
-    batch, q_len, kv_len = 2, 48, 40
-    rng = np.random.default_rng(1)
-    q_seg = np.sort(rng.integers(0, 3, (batch, q_len)), axis=1)
-    kv_seg = np.sort(rng.integers(0, 3, (batch, kv_len)), axis=1)
-    q_seg[0, 5:9] = 9
-    q_seg[1, -3:] = 9
-    segment_ids = (jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32))
-    out, (dq, _, _) = _check_against_reference(
-        batch=batch,
-        q_len=q_len,
-        kv_len=kv_len,
-        heads=2,
-        kv_heads=1,
-        head_dim=32,
-        causal=True,
-        segment_ids=segment_ids,
-    )
-    np.testing.assert_array_equal(np.asarray(out)[q_seg == 9], 0.0)
-    np.testing.assert_array_equal(np.asarray(dq)[q_seg == 9], 0.0)
+    def refusal(self, case: dict, dtype: str) -> str | None:
+        """The message (regex) with which the implementation refuses ``case``, or None."""
+        return None
 
+    def expected(self, name, dtype):
+        return _reference_result(name, dtype)
 
-def test_block_mask_skips_tiles_and_equals_dense():
-    """A per-head block mask (GQA) with one K/V block off everywhere (filled with NaN: it must
-    never be read) and one query block with no tile at all (zeros, finite gradients)."""
-    heads, q_len, kv_len = 4, 48, 64
-    block_sizes = BlockSizes(16, 16)
-    rng = np.random.default_rng(2)
-    mask = rng.random((heads, 3, 4)) < 0.6
-    mask[:, :, 2] = False  # keys 32..47 are never seen
-    mask[1, 0, :] = False  # head 1, queries 0..15 see nothing
-    out, _ = _check_against_reference(
-        batch=1,
-        q_len=q_len,
-        kv_len=kv_len,
-        heads=heads,
-        kv_heads=2,
-        head_dim=32,
-        block_sizes=block_sizes,
-        block_mask=jnp.asarray(mask),
-        nan_keys=slice(32, 48),
-    )
-    np.testing.assert_array_equal(np.asarray(out)[:, :16, 1], 0.0)
-
-
-def test_sliding_window_block_mask_with_causal():
-    q_len = kv_len = 72
-    block_sizes = BlockSizes(16, 16)
-    mask = local_block_mask(q_len, kv_len, block_sizes, window_left=24, window_right=0)
-    _check_against_reference(
-        batch=1,
-        q_len=q_len,
-        kv_len=kv_len,
-        heads=2,
-        kv_heads=2,
-        head_dim=32,
-        causal=True,
-        block_sizes=block_sizes,
-        block_mask=mask,
-    )
-
-
-def test_reference_matches_jax_dot_product_attention():
-    """The oracle itself agrees with jax.nn.dot_product_attention (GQA, causal, element mask)."""
-    q, k, v, _ = _inputs(3, 2, 24, 24, 4, 2, 32, jnp.float32)
-    block_sizes = BlockSizes(16, 16)
-    block_mask = local_block_mask(24, 24, block_sizes, window_left=0, window_right=None)
-    expanded = jnp.repeat(jnp.repeat(block_mask, 16, 1), 16, 2)[:, :24, :24]
-    with jax.default_matmul_precision("highest"):
-        expected = jax.jit(jax.nn.dot_product_attention, static_argnames=("is_causal",))(
-            q, k, v, mask=expanded[None], is_causal=True
+    @pytest.mark.parametrize("name", sorted(CASES))
+    def test_matches_oracle(self, name):
+        case = CASES[name]()
+        dtype = self.dtype or case.get("dtype", "float32")
+        q, k, v, cotangent = _inputs(case, dtype)
+        kwargs = case["kwargs"]
+        reason = self.refusal(case, dtype)
+        if reason is not None:
+            with pytest.raises(ValueError, match=reason):
+                dot_product_attention(q, k, v, implementation=self.implementation, **kwargs)
+            return
+        poison = case.get("poison", [])
+        actual = _output_and_grads(
+            self.implementation, q, *_poisoned(k, v, poison), cotangent, kwargs
         )
-    reference = jax.jit(
-        lambda q, k, v: flash_attention_reference(
-            q, k, v, causal=True, block_mask=block_mask, block_sizes=block_sizes
+        expected = self.expected(name, dtype)
+        for index in poison:  # unseen keys get exactly zero gradients
+            for grad in actual[2:4]:
+                np.testing.assert_array_equal(np.asarray(grad[index], np.float32), 0.0)
+        actual = [np.array(x, np.float32) for x in actual]
+        expected = [np.array(x, np.float32) for x in expected]
+        for index in poison:  # the oracle ran with zeros there: their gradients are moot
+            for grads in (actual, expected):
+                grads[2][index] = grads[3][index] = 0.0
+        _assert_close(actual, expected, dtype)
+        if "empty_rows" in case:
+            batch, rows = case["empty_rows"]
+            np.testing.assert_array_equal(actual[0][batch, rows], 0.0)
+            np.testing.assert_array_equal(actual[1][batch, rows], 0.0)
+
+    def test_seen_non_finite_value_makes_only_its_rows_nan(self):
+        """Causal: key 20 holds NaN; queries < 20 do not see it (finite, exact), the rest do."""
+        case = dict(shape=(1, 40, 40, 2, 1, 16))
+        dtype = self.dtype or "float32"
+        q, k, v, _ = _inputs(case, dtype)
+        if self.refusal(dict(case, kwargs=dict(causal=True)), dtype) is not None:
+            pytest.skip("refuses the case")
+        nan_value = v.at[:, 20].set(jnp.nan)
+        out = dot_product_attention(
+            q, k, nan_value, causal=True, implementation=self.implementation
+        )
+        prefix = dot_product_attention(
+            q[:, :20], k[:, :20], v[:, :20], causal=True, implementation="reference"
+        )
+        assert np.all(np.isnan(np.asarray(out[:, 20:], np.float32)))
+        _assert_close([out[:, :20]], [prefix], dtype)
+
+
+class TestReference(AttentionOpTests):
+    implementation = "reference"
+
+    def expected(self, name, dtype):
+        case = CASES[name]()
+        q, k, v, cotangent = _inputs(case, dtype)
+        return _flax_oracle(q, *_zeroed(k, v, case.get("poison", [])), cotangent, case["kwargs"])
+
+
+class TestXla(AttentionOpTests):
+    implementation = "xla"
+
+
+def _pallas_refusal(case, dtype):
+    kwargs = case["kwargs"]
+    if kwargs.get("mask") is not None:
+        return "pallas_triton.*dense boolean mask"
+    if kwargs.get("bias") is not None:
+        return "pallas_triton.*bias"
+    if kwargs.get("dropout_rate", 0.0) > 0:
+        return "pallas_triton.*dropout"
+    return None
+
+
+class TestPallasTritonInterpret(AttentionOpTests):
+    implementation = PallasTritonAttention(block_sizes=BlockSizes(16, 16), interpret=True)
+
+    def refusal(self, case, dtype):
+        return _pallas_refusal(case, dtype)
+
+
+@pytest.mark.gpu
+class TestPallasTritonCompiled(AttentionOpTests):
+    implementation = PallasTritonAttention(interpret=False)
+
+    def refusal(self, case, dtype):
+        return _pallas_refusal(case, dtype)
+
+
+@pytest.mark.gpu
+class TestCudnn(AttentionOpTests):
+    implementation = "cudnn"
+    dtype = "bfloat16"
+
+    def refusal(self, case, dtype):
+        kwargs = case["kwargs"]
+        if kwargs.get("dropout_rate", 0.0) > 0:
+            return "cudnn.*no dropout"
+        _, q_len, kv_len, _, _, head_dim = case["shape"]
+        if head_dim % 8:
+            return "cudnn.*head_dim"
+        dense = any(kwargs.get(n) is not None for n in ("mask", "segment_ids", "block_mask"))
+        dense = dense or kwargs.get("q_offset") is not None or kwargs.get("bias") is not None
+        if dense and (q_len % 2 or kv_len % 2):
+            return "cudnn.*even lengths"
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch: 'auto' falls through refusals; explicit refusals are ValueErrors
+# --------------------------------------------------------------------------------------------
+
+
+def _small_inputs(dtype=jnp.float32):
+    rng = np.random.default_rng(9)
+    q = _normal(rng, (2, 16, 4, 16), dtype)
+    return q, _normal(rng, (2, 16, 2, 16), dtype), _normal(rng, (2, 16, 2, 16), dtype)
+
+
+def test_auto_order_and_aliases():
+    names = lambda backend: [c.name for c in ATTENTION_OP.candidates("auto", backend)]
+    assert names("gpu") == ["pallas_triton", "cudnn", "xla"]
+    assert names("cpu") == names("tpu") == ["xla"]
+    assert isinstance(ATTENTION_OP.get("pallas"), PallasTritonAttention)
+    assert set(ATTENTION_OP.implementations) == {"xla", "pallas_triton", "cudnn", "reference"}
+    for implementation in (XlaAttention(), ReferenceAttention(), CudnnAttention()):
+        assert ATTENTION_OP.get(implementation) is implementation
+
+
+def test_auto_falls_through_to_xla_when_the_kernels_refuse():
+    """On a GPU backend a float32 call with a dense mask is refused by the Pallas kernel (dense
+    mask) and by cuDNN (float32); 'auto' runs XLA and an explicit request says why not."""
+    q, k, v = _small_inputs()
+    mask = jnp.asarray(np.random.default_rng(10).random((2, 1, 16, 16)) < 0.8)
+    auto_on_gpu = jax.jit(
+        lambda q, k, v, mask: ATTENTION_OP.dispatch(
+            "auto", q, k, v, backend="gpu", **_normalised(q, k, v, mask=mask)
         )
     )
-    actual = reference(q, k, v)
-    chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-5)
+    xla = jax.jit(lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask))
+    chex.assert_trees_all_close(auto_on_gpu(q, k, v, mask), xla(q, k, v, mask), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="implementation='pallas'.*dense boolean mask"):
+        dot_product_attention(q, k, v, mask=mask, implementation="pallas")
+    if not _compat.is_gpu():
+        with pytest.raises(ValueError, match="implementation='cudnn'.*runs on gpu"):
+            dot_product_attention(q, k, v, implementation="cudnn")
+    with pytest.raises(ValueError, match="cudnn: cuDNN attention needs bfloat16"):
+        ATTENTION_OP.dispatch("cudnn", q, k, v, backend="gpu", **_normalised(q, k, v))
 
 
-@hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
-@hypothesis.given(
-    batch=st.integers(1, 2),
-    q_len=st.integers(1, 70),
-    kv_len=st.integers(1, 70),
-    kv_heads=st.integers(1, 2),
-    group=st.integers(1, 2),
-    head_dim=st.sampled_from([16, 24, 32]),
-    causal=st.booleans(),
-    block_q=st.sampled_from([16, 32]),
-    block_k=st.sampled_from([16, 32]),
-)
-def test_random_shapes(batch, q_len, kv_len, kv_heads, group, head_dim, causal, block_q, block_k):
-    _check_against_reference(
-        batch=batch,
-        q_len=q_len,
-        kv_len=kv_len,
-        heads=kv_heads * group,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        causal=causal,
-        block_sizes=BlockSizes(block_q, block_k),
+def _normalised(q, k, v, **kwargs):
+    from pallas_kernels.attention.base import check_arguments
+
+    return check_arguments(q, k, v, **kwargs)
+
+
+def test_forward_mode_autodiff_runs_the_xla_path():
+    """jax.jvp cannot go through the kernel's custom_vjp; inside forward_mode_autodiff the
+    Pallas request runs on XLA (same numbers), so Hessian-vector products work."""
+    q, k, v = _small_inputs()
+    f = lambda implementation: (
+        lambda q: dot_product_attention(q, k, v, causal=True, implementation=implementation)
     )
+    direction = v.repeat(2, axis=2)
+    with forward_mode_autodiff():
+        tangent = jax.jit(lambda q: jax.jvp(f("pallas"), (q,), (direction,))[1])(q)
+    expected = jax.jit(lambda q: jax.jvp(f("xla"), (q,), (direction,))[1])(q)
+    chex.assert_trees_all_close(tangent, expected, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel's own entry points and helpers
+# --------------------------------------------------------------------------------------------
+
+
+def test_flash_attention_entry_points_match():
+    """`flash_attention` / `flash_attention_reference` keep their signatures and agree."""
+    q, k, v = _small_inputs()
+    blocks = BlockSizes(16, 16)
+    mask = local_block_mask(16, 16, blocks, window_left=8)
+    kwargs = dict(causal=True, block_mask=mask, block_sizes=blocks)
+    out = jax.jit(lambda q, k, v: flash_attention(q, k, v, **kwargs))(q, k, v)
+    expected = jax.jit(lambda q, k, v: flash_attention_reference(q, k, v, **kwargs))(q, k, v)
+    chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_memory_is_linear_in_sequence_length():
-    """Compiled forward+backward temporaries grow linearly and stay far below one S x S array.
+    """Compiled forward+backward temporaries of the kernel grow linearly and stay far below one
+    S x S array, while the XLA path's hold one (so the check would catch it).
 
-    On CPU the kernels compile in interpret mode, as a loop over the grid that slices each
-    block out of the full arrays, so XLA's buffer assignment sees exactly what the kernels keep
-    (blocks, not score matrices). The dense reference is measured beside it to show that the
-    check would catch an S x S temporary.
+    On CPU the kernels compile in interpret mode, as a loop over the grid that slices each block
+    out of the full arrays, so XLA's buffer assignment sees what the kernels keep alive.
     """
 
-    def temp_bytes(attention, seq_len):
+    def temp_bytes(implementation, seq_len):
         shape = jax.ShapeDtypeStruct((1, seq_len, 1, 32), jnp.float32)
-        loss = lambda q, k, v: jnp.sum(attention(q, k, v, causal=True) ** 2)
+
+        def loss(q, k, v):
+            out = dot_product_attention(q, k, v, causal=True, implementation=implementation)
+            return jnp.sum(out**2)
+
         compiled = _compile(jax.grad(loss, argnums=(0, 1, 2)), shape, shape, shape)
         return compiled.memory_analysis().temp_size_in_bytes
 
     short, long = 4096, 16384
     score_matrix = long * long * 4
-    flash_short, flash_long = temp_bytes(flash_attention, short), temp_bytes(flash_attention, long)
+    pallas = PallasTritonAttention(interpret=True)
+    flash_short, flash_long = temp_bytes(pallas, short), temp_bytes(pallas, long)
     assert flash_long < score_matrix / 16, (flash_long, score_matrix)
     assert flash_long < 4.5 * flash_short, (flash_short, flash_long)  # linear, not 16x
-    assert temp_bytes(flash_attention_reference, long) > score_matrix
+    assert temp_bytes("xla", long) > score_matrix
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "case",
-    [
-        dict(dtype=jnp.bfloat16, head_dim=128, causal=True),
-        dict(dtype=jnp.bfloat16, head_dim=64, causal=False, kv_len=700),
-        dict(dtype=jnp.float32, head_dim=64, causal=True, segments=True),
-        dict(dtype=jnp.bfloat16, head_dim=64, causal=True, window=256),
-        dict(dtype=jnp.float16, head_dim=256, causal=False),
-    ],
-)
-def test_compiled_on_gpu(case):
-    """The same checks with the Triton kernels compiled, at default (GPU) tile sizes."""
-    case = dict(case)
-    q_len, kv_len = 1000, case.pop("kv_len", 1000)
-    block_sizes = BlockSizes.get_default("gpu", head_dim=case["head_dim"])
-    if window := case.pop("window", None):
-        block_sizes = BlockSizes(64, 64)  # a block mask uses one tile for all three kernels
-        case["block_mask"] = local_block_mask(q_len, kv_len, block_sizes, window_left=window)
-    if case.pop("segments", False):
-        ids = jnp.arange(max(q_len, kv_len)) // 300
-        case["segment_ids"] = (jnp.tile(ids[:q_len], (2, 1)), jnp.tile(ids[:kv_len], (2, 1)))
-    _check_against_reference(
-        batch=2,
-        q_len=q_len,
-        kv_len=kv_len,
-        heads=4,
-        kv_heads=2,
-        block_sizes=block_sizes,
-        interpret=_GPU_INTERPRET,
-        **case,
-    )
-
-
-@pytest.mark.parametrize(
-    "dtype, head_dim, extra",
-    [
-        (jnp.float32, 64, dict(causal=True, segments=True)),
-        (jnp.bfloat16, 128, dict(causal=True, block_sizes=BlockSizes(64, 64), block_mask=True)),
-        (jnp.float16, 40, dict()),
-    ],
-    ids=["f32-causal-segments", "bf16-d128-block-mask", "f16-d40"],
-)
-def test_kernels_lower_to_triton(dtype, head_dim, extra):
-    """Cross-lowers forward + backward for CUDA, so the Triton lowering is checked without a GPU
-    (shapes, primitives, dynamic loops); compiling the Triton IR to PTX still needs one."""
-    batch, q_len, kv_len, heads, kv_heads = 2, 300, 200, 4, 2
-    extra = dict(extra)
-    if extra.pop("segments", False):
-        extra["segment_ids"] = (
-            jnp.zeros((batch, q_len), jnp.int32),
-            jnp.zeros((batch, kv_len), jnp.int32),
-        )
-    if extra.pop("block_mask", False):
-        extra["block_mask"] = jnp.ones((heads, 5, 4), bool)
-    q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype)
-    kv = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), dtype)
+def test_kernels_lower_to_triton():
+    """Cross-lowers forward + backward for CUDA (no GPU needed): the Triton lowering of the
+    kernels with segments, a causal q_offset and GQA; compiling to PTX needs the GPU check."""
+    batch, q_len, kv_len = 2, 300, 200
+    q = jax.ShapeDtypeStruct((batch, q_len, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch, kv_len, 2, 64), jnp.bfloat16)
+    ids = (jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32))
 
     def fwd_bwd(q, k, v, cotangent):
         out, vjp = jax.vjp(
-            lambda q, k, v: flash_attention(q, k, v, interpret=False, **extra), q, k, v
+            lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=ids, interpret=False),
+            q,
+            k,
+            v,
         )
-        return out, vjp(cotangent)
+        offset = dot_product_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            q_offset=jnp.int32(7),
+            implementation=PallasTritonAttention(interpret=False),
+        )
+        return out, vjp(cotangent), offset
 
-    lowered = jax.jit(fwd_bwd).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",))
+    try:
+        lowered = jax.jit(fwd_bwd).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",))
+    except RuntimeError as e:  # JAX >= 0.11 needs an abstract GPU device to lower for CUDA
+        pytest.skip(f"cannot lower for CUDA on this host: {e}")
     text = lowered.as_text()
     for name in ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"):
         assert name in text
@@ -360,7 +520,7 @@ def test_block_mask_helpers():
 
 
 def test_defaults_and_interpret_resolution():
-    assert _compat.resolve_interpret(None) == (jax.default_backend() not in ("gpu", "cuda", "rocm"))
+    assert _compat.resolve_interpret(None) == (not _compat.is_gpu())
     assert _compat.resolve_interpret(False) is False
     for backend in ("gpu", "cpu"):
         for head_dim in (32, 64, 128, 256):
@@ -370,77 +530,117 @@ def test_defaults_and_interpret_resolution():
     assert params.num_warps == 4 and params.num_stages == 2
 
 
-def _bad_call(**overrides):
-    q = jnp.ones((2, 20, 4, 32), jnp.float32)
-    k = v = jnp.ones((2, 24, 2, 32), jnp.float32)
-    kwargs = dict(q=q, k=k, v=v)
-    kwargs.update(overrides)
-    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
-    return flash_attention(q, k, v, **kwargs)
+# --------------------------------------------------------------------------------------------
+# Bad input: a ValueError naming the argument
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_call(implementation="xla", **overrides):
+    arrays = dict(
+        query=jnp.ones((2, 20, 4, 32)), key=jnp.ones((2, 24, 2, 32)), value=jnp.ones((2, 24, 2, 32))
+    )
+    for name in arrays:
+        arrays[name] = overrides.pop(name, arrays[name])
+    return dot_product_attention(
+        arrays["query"], arrays["key"], arrays["value"], implementation=implementation, **overrides
+    )
+
+
+_IDS = (jnp.zeros((2, 20), jnp.int32), jnp.zeros((2, 24), jnp.int32))
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(k=jnp.ones((3, 24, 2, 32)), v=jnp.ones((3, 24, 2, 32))), "batch"),
-        (dict(k=jnp.ones((2, 24, 2, 16)), v=jnp.ones((2, 24, 2, 16))), "head_dim"),
-        (dict(k=jnp.ones((2, 24, 3, 32)), v=jnp.ones((2, 24, 3, 32))), "num_kv_heads=3"),
-        (dict(q=jnp.ones((2, 20, 4, 32), jnp.int32)), "dtype"),
+        (dict(key=jnp.ones((3, 24, 2, 32)), value=jnp.ones((3, 24, 2, 32))), "batch differs"),
+        (dict(key=jnp.ones((2, 24, 2, 16)), value=jnp.ones((2, 24, 2, 16))), "head_dim differs"),
+        (dict(key=jnp.ones((2, 24, 3, 32)), value=jnp.ones((2, 24, 3, 32))), "num_kv_heads=3"),
+        (dict(value=jnp.ones((2, 23, 2, 32))), "value.shape=(2, 23, 2, 32)"),
+        (dict(query=jnp.ones((2, 20, 4, 32), jnp.int32)), "query.dtype=int32"),
+        (dict(query=jnp.ones((2, 20, 4, 32), jnp.bfloat16)), "dtypes must match"),
+        (dict(query=jnp.ones((20, 4, 32))), "query.shape=(20, 4, 32)"),
+        (dict(query=jnp.ones((2, 0, 4, 32))), "empty dimension"),
+        (dict(sm_scale=float("nan")), "sm_scale=nan"),
+        (dict(sm_scale=float("inf")), "sm_scale=inf"),
+        (dict(sm_scale=0.0), "sm_scale=0.0 must be > 0"),
+        (dict(sm_scale=-1.0), "sm_scale=-1.0"),
+        (dict(causal=1), "causal=1"),
+        (dict(mask=jnp.ones((2, 4, 20, 23), bool)), "mask.shape=(2, 4, 20, 23) does not broadcast"),
+        (dict(mask=jnp.ones((3, 1, 1, 24), bool)), "mask.shape=(3, 1, 1, 24)"),
+        (dict(mask=jnp.ones((2, 1, 1, 24), jnp.int32)), "mask.dtype=int32"),
+        (dict(bias=jnp.ones((1, 5, 20, 24))), "bias.shape=(1, 5, 20, 24)"),
+        (dict(bias=jnp.ones((20, 24), bool)), "bias.dtype=bool"),
+        (dict(segment_ids=(_IDS[0], _IDS[0])), "kv_segment_ids.shape=(2, 20)"),
+        (dict(segment_ids=_IDS[0]), "q_len=20 != kv_len=24"),
+        (dict(segment_ids=(_IDS[0].astype(jnp.float32), _IDS[1])), "q_segment_ids.dtype=float32"),
+        (dict(segment_ids=[_IDS[0]]), "pair"),
+        (dict(q_offset=3), "q_offset=3 only applies with causal=True"),
+        (dict(q_offset=-1, causal=True), "q_offset=-1 must be >= 0"),
+        (dict(q_offset=jnp.zeros(2, jnp.int32), causal=True), "q_offset.shape=(2,)"),
+        (dict(q_offset=1.5, causal=True), "q_offset=1.5"),
+        (dict(block_mask=jnp.ones((1, 2, 2), bool)), "block_shape=None"),
+        (dict(block_mask=jnp.ones((1, 3, 2), bool), block_shape=(16, 16)), "block_mask"),
+        (dict(block_mask=jnp.ones((3, 2, 2), bool), block_shape=(16, 16)), "[1 or 4, 2, 2]"),
+        (dict(block_shape=(16, 16)), "block_shape=(16, 16) is only used with a block_mask"),
+        (dict(dropout_rate=0.1), "dropout_rate=0.1 > 0 needs a dropout_rng"),
+        (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), "dropout_rate=1.0"),
+        (dict(dropout_rate=-0.1), "dropout_rate=-0.1"),
+        (dict(dropout_rate=0.1, dropout_rng=jnp.ones(3)), "dropout_rng"),
+        (dict(precision="fast"), "precision='fast'"),
+        (dict(implementation="flash"), "implementation='flash' is not one of"),
         (
             dict(
-                q=jnp.ones((2, 20, 4, 512)),
-                k=jnp.ones((2, 24, 2, 512)),
-                v=jnp.ones((2, 24, 2, 512)),
+                implementation=PallasTritonAttention(),
+                query=jnp.ones((2, 20, 4, 512)),
+                key=jnp.ones((2, 24, 2, 512)),
+                value=jnp.ones((2, 24, 2, 512)),
             ),
             "head_dim=512",
         ),
-        (dict(q=jnp.ones((20, 4, 32))), "q.shape"),
-        (
-            dict(segment_ids=(jnp.zeros((2, 20), jnp.int32), jnp.zeros((2, 20), jnp.int32))),
-            "segment_ids shapes",
-        ),
-        (dict(segment_ids=jnp.zeros((2, 20), jnp.int32)), "pair"),
-        (dict(segment_ids=(jnp.zeros((2, 20)), jnp.zeros((2, 24)))), "integer"),
-        (
-            dict(block_mask=jnp.ones((1, 3, 2), bool), block_sizes=BlockSizes(16, 16)),
-            "block_mask.shape",
-        ),
-        (dict(block_mask=jnp.ones((3, 2, 2), bool), block_sizes=BlockSizes(16, 16)), "[1 or 4"),
-        (dict(block_mask=jnp.ones((1, 2, 2), bool)), "block_sizes"),
         (
             dict(
-                block_mask=jnp.ones((1, 2, 2), bool), block_sizes=BlockSizes(16, 16, block_q_dq=32)
+                implementation=PallasTritonAttention(block_sizes=BlockSizes(16, 16, block_q_dq=32)),
+                block_mask=jnp.ones((1, 2, 2), bool),
+                block_shape=(16, 16),
             ),
             "backward tiles",
         ),
-        (dict(causal=1), "causal=1"),
-        (dict(interpret="yes"), "interpret='yes'"),
+        (
+            dict(
+                implementation=PallasTritonAttention(block_sizes=BlockSizes(32, 16)),
+                block_mask=jnp.ones((1, 2, 2), bool),
+                block_shape=(16, 16),
+            ),
+            "forward tile",
+        ),
     ],
 )
 def test_bad_inputs_raise(overrides, message):
+    overrides = dict(overrides)
+    implementation = overrides.pop("implementation", "xla")
     with pytest.raises(ValueError, match=re.escape(message)):
-        _bad_call(**overrides)
+        _bad_call(implementation, **overrides)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "make, message",
     [
-        (dict(block_q=24, block_k=16), "block_q=24"),
-        (dict(block_q=16, block_k=8), "block_k=8"),
-        (dict(block_q=16, block_k=16, block_q_dkv=2048), "block_q_dkv=2048"),
-        (dict(block_q=16, block_k=16, num_warps=3), "num_warps=3"),
-        (dict(block_q=16, block_k=16, num_stages=0), "num_stages=0"),
+        (lambda: BlockSizes(block_q=24, block_k=16), "block_q=24"),
+        (lambda: BlockSizes(block_q=16, block_k=8), "block_k=8"),
+        (lambda: BlockSizes(16, 16, block_q_dkv=2048), "block_q_dkv=2048"),
+        (lambda: BlockSizes(16, 16, num_warps=3), "num_warps=3"),
+        (lambda: BlockSizes(16, 16, num_stages=0), "num_stages=0"),
+        (lambda: PallasTritonAttention(block_sizes=(16, 16)), "block_sizes=(16, 16)"),
+        (lambda: PallasTritonAttention(interpret="yes"), "interpret='yes'"),
+        (lambda: local_block_mask(8, 8, (16, 16), window_left=-1), "window_left=-1"),
+        (lambda: block_mask_from_mask(jnp.ones((2, 3, 4, 5), bool), (16, 16)), "element_mask"),
+        (lambda: causal_block_mask(8, 8, (12, 16)), "block_q=12"),
+        (
+            lambda: flash_attention(*_small_inputs(), block_mask=jnp.ones((1, 1, 1), bool)),
+            "block_mask needs the block_sizes",
+        ),
     ],
 )
-def test_bad_block_sizes_raise(kwargs, message):
+def test_bad_configuration_raises(make, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        BlockSizes(**kwargs)
-
-
-def test_helpers_reject_bad_arguments():
-    with pytest.raises(ValueError, match="window_left=-1"):
-        local_block_mask(8, 8, (16, 16), window_left=-1)
-    with pytest.raises(ValueError, match="element_mask"):
-        block_mask_from_mask(jnp.ones((2, 3, 4, 5), bool), (16, 16))
-    with pytest.raises(ValueError, match="block_q=12"):
-        causal_block_mask(8, 8, (12, 16))
+        make()
