@@ -276,6 +276,9 @@ class _Config:
     has_offset: bool  # causal rows start at a traced position (decoding with a cache)
     sm_scale: float
     has_segments: bool
+    # Element masking with non-finite inputs zeroed outside the kernels; the forward adds each
+    # key's flag (0, or NaN for a key/value that had a non-finite entry) to its scores.
+    has_flags: bool
     mask_heads: int  # 0: no block mask; else its leading dimension (1 or num_heads)
     interpret: bool
     num_warps: int | None
@@ -290,20 +293,10 @@ def _dot(a, b, *, transpose_a=False, transpose_b=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _finite(x):
-    """Elementwise: x is neither NaN nor +-inf (one comparison; NaN compares False)."""
-    return jnp.abs(x) < jnp.inf
-
-
-def _zero_non_finite(x):
-    return jnp.where(_finite(x), x, jnp.zeros((), x.dtype))
-
-
-def _tile_mask(cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tail, q_start=None):
+def _tile_mask(cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tail):
     """Element mask of one tile (True = attend), or None when nothing needs masking.
 
-    `q_pos` is the causal position of the tile's first query row; `q_start`, when given, its
-    index, to mask the padding rows past `q_len` (the dK/dV kernel, whose rows are summed).
+    `q_pos` is the causal position of the tile's first query row.
     """
     mask = None
     if cfg.causal or mask_tail:
@@ -317,9 +310,6 @@ def _tile_mask(cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tai
     if q_seg is not None:
         same = q_seg[:, None] == kv_seg[None, :]
         mask = same if mask is None else mask & same
-    if q_start is not None and cfg.q_len % block_q:
-        real = (q_start + jnp.arange(block_q, dtype=jnp.int32))[:, None] < cfg.q_len
-        mask = real if mask is None else mask & real
     return mask
 
 
@@ -380,7 +370,18 @@ def _read_offset(cfg, offset_ref):
 
 
 def _fwd_kernel(
-    q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, offset_ref, list_ref, o_ref, lse_ref, *, cfg
+    q_ref,
+    k_ref,
+    v_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    offset_ref,
+    flag_ref,
+    list_ref,
+    o_ref,
+    lse_ref,
+    *,
+    cfg,
 ):
     block_q, block_k = cfg.block_q, cfg.block_k
     q_start = pl.program_id(0) * block_q
@@ -395,7 +396,10 @@ def _fwd_kernel(
         k_start = multiple_of(kv_block * block_k, block_k)
         keys = pl.ds(k_start, block_k)
         s = _dot(q, k_ref[keys, :], transpose_b=True) * scale
-        v = v_ref[keys, :]
+        if flag_ref is not None:
+            # K/V arrive with non-finite entries zeroed (so a masked one cannot leak 0 * NaN
+            # into p @ v); the rows that see such a key become NaN through its flag instead.
+            s = s + flag_ref[keys][None, :]
         mask = None
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
@@ -403,12 +407,6 @@ def _fwd_kernel(
                 cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
             )
         if mask is not None:
-            # p @ v would turn a masked-out non-finite value into 0 * NaN: zero it, and make the
-            # scores of the rows that do see it NaN instead (a non-finite key does that itself).
-            v_finite = _finite(v)
-            v = jnp.where(v_finite, v, jnp.zeros((), v.dtype))
-            v_bad = jnp.max(jnp.where(v_finite, 0.0, 1.0), axis=1) > 0.0
-            s = jnp.where(v_bad[None, :], jnp.nan, s)
             s = jnp.where(mask, s, _MASK_VALUE)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
@@ -417,6 +415,7 @@ def _fwd_kernel(
             # A row with no visible key in this tile must add nothing (its max is _MASK_VALUE).
             p = jnp.where(mask, p, 0.0)
         l_next = correction * l_prev + jnp.sum(p, axis=1)
+        v = v_ref[keys, :]
         acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
 
@@ -467,10 +466,7 @@ def _dq_kernel(
             mask = _tile_mask(
                 cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
             )
-        if mask is not None:
-            # Rows that saw a non-finite key/value have lse = NaN already; masked ones must not
-            # get 0 * NaN through ds @ k or do @ v.
-            k, v = _zero_non_finite(k), _zero_non_finite(v)
+        # Rows that saw a non-finite key/value have lse = NaN (from the forward's flags).
         p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
@@ -516,32 +512,18 @@ def _dkv_kernel(
         lse, delta = lse_ref[head, rows], delta_ref[head, rows]
         mask = None
         if masked:
-            # Padded keys need no mask here (their dK/dV rows are cut off by the caller), padded
-            # queries do (their rows are summed into this tile's dK/dV).
+            # Padded keys need no mask here: their dK/dV rows are cut off by the caller. Padded
+            # queries add nothing: zero q and dO, lse = inf and delta = 0 (see _backward).
             q_seg = None if q_seg_ref is None else q_seg_ref[rows]
             mask = _tile_mask(
-                cfg,
-                q_start + offset,
-                k_start,
-                block_q,
-                block_k,
-                q_seg,
-                kv_seg,
-                mask_tail=False,
-                q_start=q_start,
+                cfg, q_start + offset, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=False
             )
-        if mask is not None:
-            # A query that does not see these keys must add nothing, even with non-finite
-            # q, dO, lse or delta (0 * NaN): zero its inputs and mask p and ds.
-            q, do = _zero_non_finite(q), _zero_non_finite(do)
         p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
         dp = _dot(do, v, transpose_b=True)
         ds = p * (dp - delta[:, None])
-        if mask is not None:
-            ds = jnp.where(mask, ds, 0.0)
         dk = dk + _dot(ds.astype(q.dtype), q, transpose_a=True)
         return dk, dv
 
@@ -608,7 +590,13 @@ def _offset_spec(offset):
     return None if offset is None else pl.BlockSpec((1,), lambda r, b, h: (0,))
 
 
-def _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg):
+def _flag_spec(flags, group, kv_len):
+    if flags is None:
+        return None
+    return pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, lax.div(h, group), 0))
+
+
+def _forward(q, k, v, q_seg, kv_seg, offset, flags, kv_lists, cfg):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -636,6 +624,7 @@ def _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg):
             kv_spec,
             *segment_specs,
             _offset_spec(offset),
+            _flag_spec(flags, group, kv_len),
             _row_list_spec(cfg, kv_lists, None),
         ],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
@@ -643,7 +632,7 @@ def _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32),
         ],
-    )(q, k, v, q_seg, kv_seg, offset, kv_lists)
+    )(q, k, v, q_seg, kv_seg, offset, flags, kv_lists)
     return out, lse
 
 
@@ -661,11 +650,18 @@ def _backward(cfg, residuals, do):
         precision=lax.Precision.HIGHEST,
     )
     if q_len != cfg.q_len:
-        # Padding rows (zero q and dO) add nothing to dK/dV: p = 0 wherever their key is finite.
+        # Padding rows (zero q and dO) add nothing to dK/dV: p = 0 (keys are finite or flagged).
         real = jnp.arange(q_len) < cfg.q_len
         lse = jnp.where(real, lse, jnp.inf)
         delta = jnp.where(real, delta, 0.0)
     do = do.astype(q.dtype)
+    if cfg.has_flags:
+        # A masked query's non-finite q, dO or delta must not reach a key through 0 * NaN in
+        # ds^T q, p^T dO or p * (dp - delta): zero them. A row that saw a non-finite key or value
+        # keeps lse = NaN, so p and its own gradients stay NaN where it sees.
+        q = jnp.where(jnp.isfinite(q), q, jnp.zeros((), q.dtype))
+        do = jnp.where(jnp.isfinite(do), do, jnp.zeros((), do.dtype))
+        delta = jnp.where(jnp.isfinite(delta), delta, 0.0)
 
     block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
     q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
@@ -731,18 +727,18 @@ def _backward(cfg, residuals, do):
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
     )(q, k, v, do, lse, delta, q_seg, kv_seg, offset, q_lists)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash_attention_padded(q, k, v, q_seg, kv_seg, offset, lists, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash_attention_padded(q, k, v, q_seg, kv_seg, offset, flags, lists, cfg):
     kv_lists = None if lists is None else lists[0]
-    return _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg)[0]
+    return _forward(q, k, v, q_seg, kv_seg, offset, flags, kv_lists, cfg)[0]
 
 
-def _flash_attention_padded_fwd(q, k, v, q_seg, kv_seg, offset, lists, cfg):
+def _flash_attention_padded_fwd(q, k, v, q_seg, kv_seg, offset, flags, lists, cfg):
     kv_lists = None if lists is None else lists[0]
-    out, lse = _forward(q, k, v, q_seg, kv_seg, offset, kv_lists, cfg)
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offset, flags, kv_lists, cfg)
     return out, (q, k, v, q_seg, kv_seg, offset, lists, out, lse)
 
 
@@ -791,6 +787,16 @@ def _flash_attention_impl(
         widths = ((0, 0), (0, length - x.shape[1]), (0, 0), (0, head_dim_padded - head_dim))
         return jnp.pad(x, widths) if any(w[1] for w in widths) else x
 
+    has_flags = causal or segment_ids is not None
+    flags = None
+    if has_flags:
+        # Element masking: a masked key's non-finite entry must meet no zero weight (0 * NaN).
+        k_finite, v_finite = jnp.isfinite(k), jnp.isfinite(v)
+        bad = ~(jnp.all(k_finite, axis=-1) & jnp.all(v_finite, axis=-1))  # [b, kv, kv_heads]
+        flags = jnp.where(bad, jnp.nan, 0.0).astype(jnp.float32).transpose(0, 2, 1)
+        flags = jnp.pad(flags, ((0, 0), (0, 0), (0, kv_len_padded - kv_len)))
+        k = jnp.where(k_finite, k, jnp.zeros((), k.dtype))
+        v = jnp.where(v_finite, v, jnp.zeros((), v.dtype))
     q_p, k_p, v_p = pad(q, q_len_padded), pad(k, kv_len_padded), pad(v, kv_len_padded)
     q_seg = kv_seg = None
     if segment_ids is not None:
@@ -815,12 +821,13 @@ def _flash_attention_impl(
         has_offset=offset is not None,
         sm_scale=sm_scale,
         has_segments=segment_ids is not None,
+        has_flags=has_flags,
         mask_heads=0 if block_mask is None else block_mask.shape[0],
         interpret=interpret,
         num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages,
     )
-    out = _flash_attention_padded(q_p, k_p, v_p, q_seg, kv_seg, offset, lists, cfg)
+    out = _flash_attention_padded(q_p, k_p, v_p, q_seg, kv_seg, offset, flags, lists, cfg)
     return out[:, :q_len, :, :head_dim]
 
 
