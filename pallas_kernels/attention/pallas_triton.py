@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import default_interpret
+from pallas_kernels._compat import has_triton_backend
 from pallas_kernels._compat import multiple_of
 from pallas_kernels._compat import resolve_interpret
 from pallas_kernels.attention.base import ATTENTION_OP
@@ -893,6 +894,8 @@ class PallasTritonAttention(AttentionImplementation):
         if head_dim > _MAX_HEAD_DIM:
             raise Unsupported(f"head_dim={head_dim} > {_MAX_HEAD_DIM}")
         interpret = resolve_interpret(self.interpret)
+        if not interpret and not has_triton_backend():
+            raise Unsupported("this JAX has no Pallas Triton backend (removed after 0.12?)")
         block_sizes = self.block_sizes
         if block_mask is not None:
             if q_offset is not None:

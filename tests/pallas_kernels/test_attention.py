@@ -495,10 +495,8 @@ def test_kernels_lower_to_triton():
         )
         return out, vjp(cotangent), offset
 
-    try:
+    with _compat.cuda_lowering():  # JAX >= 0.11 needs an abstract GPU device to lower for
         lowered = jax.jit(fwd_bwd).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",))
-    except RuntimeError as e:  # JAX >= 0.11 needs an abstract GPU device to lower for CUDA
-        pytest.skip(f"cannot lower for CUDA on this host: {e}")
     text = lowered.as_text()
     for name in ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"):
         assert name in text
