@@ -76,7 +76,8 @@ class BlockSizes:
 
     Attributes:
       block_q, block_k: query / key rows per tile in the forward kernel. With a `block_mask`
-        they are the mask's granularity, and the backward kernels use them too.
+        they are the mask's granularity; the backward tiles must then divide them (unset ones
+        take the backend defaults, capped at the mask tile).
       block_q_dkv, block_k_dkv: tile of the dK/dV kernel (None: block_q, block_k).
       block_q_dq, block_k_dq: tile of the dQ kernel (None: block_q, block_k).
       num_warps: Triton warps per program (None: 4 for head_dim <= 64, else 8). GPU only.
@@ -130,11 +131,15 @@ class BlockSizes:
 
         `backend=None` picks 'cpu' when Pallas would run in interpret mode here, else 'gpu'.
         The GPU sizes follow FlashAttention-2's Triton kernels (128 x 64 forward tiles, narrower
-        backward tiles); they are starting points, not tuned on this project's hardware yet.
+        backward tiles), chosen so that no kernel spills registers on sm_80 or sm_90a in the
+        deviceless compile check (`make gpu-check`); not yet timed on a GPU. head_dim <= 64 uses
+        a 64 x 32 dK/dV tile: 32 x 64 spilled on sm_80 with GQA.
         """
         if backend is None:
             backend = "cpu" if default_interpret() else "gpu"
         if backend == "gpu":
+            if head_dim <= 64:
+                return cls(128, 64, 64, 32, 64, 32, num_stages=2)
             if head_dim <= 128:
                 return cls(128, 64, 32, 64, 64, 32, num_stages=2)
             return cls(64, 32, 16, 32, 32, 16, num_stages=2)
@@ -320,7 +325,20 @@ def _fori(lower, upper, body, carry):
     return lax.fori_loop(lower, upper, body, carry)
 
 
-def _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list):
+def _listed(read_list, tile, carry, needs_mask, sub):
+    """Runs `tile` over the blocks of a block-mask row/column list; a listed mask tile spans
+    `sub` kernel tiles (backward tiles may divide the mask's)."""
+
+    def one(t, c):
+        first = read_list(t + 1) * sub
+        if sub == 1:
+            return tile(first, c, needs_mask)
+        return lax.fori_loop(0, sub, lambda u, c: tile(first + u, c, needs_mask), c)
+
+    return _fori(0, read_list(0), one, carry)
+
+
+def _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list, sub=1):
     """Runs `tile(kv_block, carry, masked)` over the K/V blocks a query block can see.
 
     `q_pos` is the causal position of the block's first row. Tiles above the causal diagonal or
@@ -331,7 +349,7 @@ def _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list):
     full_kv_blocks = cfg.kv_len // block_k
     needs_mask = cfg.causal or cfg.has_segments or full_kv_blocks != num_kv_blocks
     if read_list is not None:
-        return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
+        return _listed(read_list, tile, carry, needs_mask, sub)
     if cfg.causal:
         upper = jnp.minimum(lax.div(q_pos + block_q + block_k - 1, block_k), num_kv_blocks)
         split = jnp.minimum(lax.div(q_pos + 1, block_k), full_kv_blocks)
@@ -343,7 +361,7 @@ def _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list):
     return _fori(split, upper, lambda j, c: tile(j, c, True), carry)
 
 
-def _loop_over_q(cfg, tile, carry, k_start, offset, block_q, block_k, read_list):
+def _loop_over_q(cfg, tile, carry, k_start, offset, block_q, block_k, read_list, sub=1):
     """Runs `tile(q_block, carry, masked)` over the query blocks that can see a K/V block.
 
     Query row `i` has causal position `offset + i`.
@@ -351,7 +369,7 @@ def _loop_over_q(cfg, tile, carry, k_start, offset, block_q, block_k, read_list)
     num_q_blocks = -(-cfg.q_len // block_q)
     needs_mask = cfg.causal or cfg.has_segments
     if read_list is not None:
-        return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
+        return _listed(read_list, tile, carry, needs_mask, sub)
     if cfg.causal:
         # The first row that sees the tile's first key, and the first block from which every
         # row sees the tile's last key.
@@ -477,7 +495,8 @@ def _dq_kernel(
 
     read_list = None if list_ref is None else (lambda t: list_ref[t])
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = _loop_over_kv(cfg, tile, dq, q_pos, block_q, block_k, read_list)
+    sub = cfg.block_k // block_k  # dQ tiles per block-mask column
+    dq = _loop_over_kv(cfg, tile, dq, q_pos, block_q, block_k, read_list, sub)
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
@@ -537,7 +556,8 @@ def _dkv_kernel(
         else:
             read_list = lambda t: list_ref[head, t]
         body = lambda i, c, masked: tile(i, c, masked, head)
-        return _loop_over_q(cfg, body, carry, k_start, offset, block_q, block_k, read_list)
+        sub = cfg.block_q // block_q  # dK/dV tiles per block-mask row
+        return _loop_over_q(cfg, body, carry, k_start, offset, block_q, block_k, read_list, sub)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = _fori(0, group, one_head, (zeros, zeros))
@@ -570,21 +590,23 @@ def _call(kernel, cfg, head_dim, name, **kwargs):
     )
 
 
-def _row_list_spec(cfg, lists, heads_per_program):
+def _row_list_spec(cfg, lists, heads_per_program, per_mask_tile=1):
     """BlockSpec of one row of a `[mask_heads, rows, 1 + cols]` tile list, grid (row, b, h).
 
     `heads_per_program=None`: one query head per program (forward, dQ), a 1-D ref. Otherwise
     (dK/dV) the program's `heads_per_program` query heads, a `[heads, 1 + cols]` ref, unless the
-    mask is shared by all heads.
+    mask is shared by all heads. `per_mask_tile` programs share one mask row (backward tiles
+    smaller than the mask's).
     """
     if lists is None:
         return None
     width = lists.shape[-1]
+    row = lambda r: lax.div(r, per_mask_tile)
     if cfg.mask_heads == 1:
-        return pl.BlockSpec((None, None, width), lambda r, b, h: (0, r, 0))
+        return pl.BlockSpec((None, None, width), lambda r, b, h: (0, row(r), 0))
     if heads_per_program is None:
-        return pl.BlockSpec((None, None, width), lambda r, b, h: (h, r, 0))
-    return pl.BlockSpec((heads_per_program, None, width), lambda r, b, h: (h, r, 0))
+        return pl.BlockSpec((None, None, width), lambda r, b, h: (h, row(r), 0))
+    return pl.BlockSpec((heads_per_program, None, width), lambda r, b, h: (h, row(r), 0))
 
 
 def _offset_spec(offset):
@@ -691,7 +713,7 @@ def _backward(cfg, residuals, do):
             row_spec,
             *segment_specs,
             _offset_spec(offset),
-            _row_list_spec(cfg, kv_lists, None),
+            _row_list_spec(cfg, kv_lists, None, cfg.block_q // block_q),
         ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -723,7 +745,7 @@ def _backward(cfg, residuals, do):
             row_spec,
             *segment_specs,
             _offset_spec(offset),
-            _row_list_spec(cfg, q_lists, group),
+            _row_list_spec(cfg, q_lists, group, cfg.block_k // block_k),
         ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -848,7 +870,7 @@ class PallasTritonAttention(AttentionImplementation):
     Attributes:
       block_sizes: tiles and GPU launch parameters; default ``BlockSizes.get_default()`` (with
         a block mask: its ``block_shape``). With a block mask, the forward tile must equal the
-        mask's ``block_shape`` and the backward tiles the forward one.
+        mask's ``block_shape`` and the backward tiles must divide it.
       interpret: Pallas interpret mode; ``None``: interpret unless on a GPU.
     """
 
@@ -900,19 +922,7 @@ class PallasTritonAttention(AttentionImplementation):
         if block_mask is not None:
             if q_offset is not None:
                 raise Unsupported("a block_mask with q_offset is not supported by the kernel")
-            if block_sizes is None:
-                block_sizes = BlockSizes(*block_shape)
-            tile = (block_sizes.block_q, block_sizes.block_k)
-            if tile != tuple(block_shape):
-                raise Unsupported(
-                    f"block_shape={tuple(block_shape)} differs from the kernel's forward tile "
-                    f"{tile} (block_sizes)"
-                )
-            if block_sizes.dkv != tile or block_sizes.dq != tile:
-                raise Unsupported(
-                    f"with a block_mask the backward tiles must equal the forward tile {tile}, "
-                    f"got dkv={block_sizes.dkv}, dq={block_sizes.dq}"
-                )
+            block_sizes = _block_mask_tiles(block_sizes, tuple(block_shape), interpret, head_dim)
         if block_sizes is None:
             block_sizes = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=head_dim)
         return _flash_attention_impl(
@@ -930,6 +940,37 @@ class PallasTritonAttention(AttentionImplementation):
 
 
 ATTENTION_OP.register(PallasTritonAttention())
+
+
+def _block_mask_tiles(block_sizes, block_shape, interpret, head_dim):
+    """The tiles of a block-sparse call: the forward tile is the mask's; backward tiles divide
+    it (unset ones: the backend's defaults, capped at the mask tile), so the backward kernels
+    keep their register-friendly tiles under a coarse mask."""
+    if block_sizes is None:
+        block_sizes = BlockSizes(*block_shape)
+    tile = (block_sizes.block_q, block_sizes.block_k)
+    if tile != block_shape:
+        raise Unsupported(
+            f"block_shape={block_shape} differs from the kernel's forward tile {tile} (block_sizes)"
+        )
+    default = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=head_dim)
+    filled = {}
+    for name, fallback, mask_side in (
+        ("block_q_dkv", default.dkv[0], tile[0]),
+        ("block_k_dkv", default.dkv[1], tile[1]),
+        ("block_q_dq", default.dq[0], tile[0]),
+        ("block_k_dq", default.dq[1], tile[1]),
+    ):
+        value = getattr(block_sizes, name)
+        if value is None:
+            value = min(fallback, mask_side)
+        if mask_side % value:
+            raise Unsupported(
+                f"with a block_mask the backward tiles must divide the mask tile {tile}, got "
+                f"{name}={value}"
+            )
+        filled[name] = value
+    return dataclasses.replace(block_sizes, **filled)
 
 
 def _kernel_block_mask(block_mask, block_sizes):
