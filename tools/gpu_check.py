@@ -77,18 +77,7 @@ exec "$real" "$@"
 # Violations measured in kernels this check does not own, kept visible in the table and the
 # output but not failing CI until their owner fixes them: (cell, kernel, target) -> owner/why.
 # An entry that no longer occurs is reported so it can be removed.
-KNOWN_VIOLATIONS = {
-    (cell, "flash_attention_dkv", "A100"): "attention (pallas_kernels/flash_attention.py)"
-    for cell in (
-        "flash d64 f16 causal GQA 8/2",
-        "flash d128 f16 full block-sparse",
-        "flash d256 f16 causal block-sparse",
-    )
-} | {
-    ("flash d128 f16 full block-sparse", "flash_attention_dq", "A100"): (
-        "attention (pallas_kernels/flash_attention.py)"
-    ),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {}
 
 
 def monarch_cells() -> list[dict]:
