@@ -16,8 +16,24 @@ from pallas_kernels import BlockSizes
 from pallas_kernels import PallasTritonAttention
 
 BATCH, SEQ, FEATURES, HEADS, HEAD_DIM = 2, 16, 32, 4, 8
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 F32 = dict(rtol=1e-5, atol=1e-5)
 PALLAS = PallasTritonAttention(block_sizes=BlockSizes(16, 16), interpret=True)
+
+
+def fast_jit(fn):
+    """``jax.jit`` compiled with cheap XLA options (CPU compile time dominates these tests)."""
+    jitted, compiled = jax.jit(fn), {}
+
+    def call(*args):
+        leaves = jax.tree.leaves(args)
+        key = (jax.tree.structure(args), tuple((x.shape, x.dtype) for x in leaves))
+        if key not in compiled:
+            options = None if jax.default_backend() != "cpu" else _FAST_COMPILE
+            compiled[key] = jitted.lower(*args).compile(compiler_options=options)
+        return compiled[key](*args)
+
+    return call
 
 
 def normal(seed, shape, dtype=jnp.float32):
@@ -58,8 +74,8 @@ def test_drop_in_matches_flax_dot_product_attention(case):
         kwargs |= dict(dropout_rate=0.5, deterministic=True)
     if case == "dropout":  # the same key draws the same dropout mask as Flax
         kwargs |= dict(dropout_rate=0.3, dropout_rng=jax.random.key(5), broadcast_dropout=False)
-    ours = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **kwargs))(q, k, v)
-    theirs = jax.jit(lambda q, k, v: nn.dot_product_attention(q, k, v, **kwargs))(q, k, v)
+    ours = fast_jit(lambda q, k, v: dot_product_attention(q, k, v, **kwargs))(q, k, v)
+    theirs = fast_jit(lambda q, k, v: nn.dot_product_attention(q, k, v, **kwargs))(q, k, v)
     if case == "padding":
         # Padded queries see no key: efflax gives zeros there, Flax the mean of all values.
         np.testing.assert_array_equal(ours[1, 11:], 0.0)
@@ -69,29 +85,34 @@ def test_drop_in_matches_flax_dot_product_attention(case):
 
 def test_drop_in_inside_flax_module_matches_flax():
     """`nn.MultiHeadDotProductAttention(attention_fn=efflax.nn.dot_product_attention)` with a
-    causal mask, with dropout, and sowing its weights, gives Flax's own module's numbers."""
+    causal mask and dropout, sowing its weights, gives Flax's own module's numbers (the outputs
+    and the sown attention weights)."""
     x = normal(6, (BATCH, SEQ, FEATURES))
     mask = nn.make_causal_mask(jnp.ones((BATCH, SEQ)))
     theirs = nn.MultiHeadDotProductAttention(num_heads=HEADS, dropout_rate=0.2)
     ours = theirs.clone(attention_fn=dot_product_attention)
     params = theirs.init(jax.random.key(7), x, mask=mask, deterministic=True)
 
-    def run(module, **kwargs):
-        return jax.jit(lambda p, x: module.apply(p, x, mask=mask, **kwargs))(params, x)
+    def run(module):
+        apply = lambda p, x, key: module.apply(
+            p,
+            x,
+            mask=mask,
+            deterministic=False,
+            rngs={"dropout": key},
+            sow_weights=True,
+            mutable=["intermediates"],
+        )
+        return fast_jit(apply)(params, x, jax.random.key(8))
 
-    same = lambda a, b: chex.assert_trees_all_close(a, b, **F32)
-    same(run(ours, deterministic=True), run(theirs, deterministic=True))
-    rngs = {"dropout": jax.random.key(8)}
-    same(run(ours, deterministic=False, rngs=rngs), run(theirs, deterministic=False, rngs=rngs))
-    sown = lambda m: run(m, deterministic=True, sow_weights=True, mutable=["intermediates"])[1]
-    chex.assert_trees_all_close(sown(ours), sown(theirs), **F32)
+    chex.assert_trees_all_close(run(ours), run(theirs), **F32)
 
 
 def test_drop_in_tiles_structural_masks_and_refuses_what_the_kernel_cannot():
     """causal= and segment_ids= run on the Pallas kernel; a dense mask cannot."""
     q, k, v = qkv(9)
     ids = jnp.where(REAL, 0, 1)
-    attend = lambda implementation: jax.jit(
+    attend = lambda implementation: fast_jit(
         lambda q, k, v: dot_product_attention(
             q, k, v, causal=True, segment_ids=ids, implementation=implementation
         )
@@ -102,19 +123,15 @@ def test_drop_in_tiles_structural_masks_and_refuses_what_the_kernel_cannot():
 
 
 def test_drop_in_takes_flax_batch_dims():
+    """Flax's `[*batch, seq, heads, dim]` with two batch dims and a mask over one of them."""
     q, k, v = qkv(10, batch=(2, 3))
-    mask = jnp.asarray(np.random.default_rng(11).random((3, 1, SEQ, SEQ)) < 0.7) | jnp.eye(
-        SEQ, dtype=bool
-    )
-    chex.assert_trees_all_close(
+    mask = np.random.default_rng(11).random((3, 1, SEQ, SEQ)) < 0.7
+    mask = jnp.asarray(mask | np.eye(SEQ, dtype=bool))
+    both = lambda q, k, v, mask: (
         dot_product_attention(q, k, v, mask=mask),
         nn.dot_product_attention(q, k, v, mask=mask),
-        **F32,
     )
-    q1, k1, v1 = (x[0, 0] for x in (q, k, v))  # no batch dim at all
-    chex.assert_trees_all_close(
-        dot_product_attention(q1, k1, v1), nn.dot_product_attention(q1, k1, v1), **F32
-    )
+    chex.assert_trees_all_close(*fast_jit(both)(q, k, v, mask), **F32)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +176,7 @@ def test_module_pallas_matches_xla_values_and_gradients():
         loss = lambda p: jnp.sum(
             weights * module.clone(implementation=implementation).apply({"params": p}, x, **call)
         )
-        return jax.jit(jax.value_and_grad(loss))(params)
+        return fast_jit(jax.value_and_grad(loss))(params)
 
     chex.assert_trees_all_close(value_and_grad(PALLAS), value_and_grad("xla"), rtol=1e-4, atol=1e-5)
 
@@ -184,15 +201,15 @@ def test_module_dropout_follows_flax_conventions():
     module = MultiHeadAttention(num_heads=HEADS, dropout_rate=0.5, implementation="xla")
     x = normal(18, (BATCH, SEQ, FEATURES))
     params = module.init(jax.random.key(19), x, deterministic=True)
-    apply = jax.jit(module.apply, static_argnames="deterministic")
     plain = module.clone(dropout_rate=0.0).apply(params, x)
-    chex.assert_trees_all_close(apply(params, x, deterministic=True), plain, **F32)
-    first = apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    second = apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
-    assert float(jnp.max(jnp.abs(first - second))) > 1e-2
-    chex.assert_trees_all_close(
-        first, apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    deterministic = fast_jit(lambda p, x: module.apply(p, x, deterministic=True))
+    chex.assert_trees_all_close(deterministic(params, x), plain, **F32)
+    dropped = fast_jit(
+        lambda p, x, key: module.apply(p, x, deterministic=False, rngs={"dropout": key})
     )
+    first = dropped(params, x, jax.random.key(1))
+    assert float(jnp.max(jnp.abs(first - dropped(params, x, jax.random.key(2))))) > 1e-2
+    chex.assert_trees_all_close(first, dropped(params, x, jax.random.key(1)))
     attribute = module.clone(deterministic=True).apply(params, x)  # attribute instead of argument
     chex.assert_trees_all_close(attribute, plain, **F32)
     with pytest.raises(ValueError, match="deterministic"):
@@ -211,11 +228,11 @@ def test_decoding_token_by_token_equals_the_full_causal_forward(implementation):
     )
     x = normal(20, (BATCH, SEQ, FEATURES))
     params = module.init(jax.random.key(21), x)["params"]
-    full = jax.jit(module.apply)({"params": params}, x)
+    full = fast_jit(module.apply)({"params": params}, x)
     decoder = module.clone(decode=True)
     cache = decoder.init(jax.random.key(21), x)["cache"]
     assert cache["cached_key"].shape == (BATCH, SEQ, 2, FEATURES // 4)
-    step = jax.jit(
+    step = fast_jit(
         lambda cache, x: decoder.apply({"params": params, "cache": cache}, x, mutable="cache")
     )
     prompt = 5
@@ -238,7 +255,7 @@ def test_decode_errors():
     with pytest.raises(ValueError, match="cache index 8 \\+ 1 new positions exceeds"):
         module.apply({**variables, **filled}, x[:, :1], mutable="cache")
     # Under jit the index is not known when tracing: an overflowing call returns NaN, loudly.
-    over, _ = jax.jit(lambda v, x: module.apply(v, x, mutable="cache"))(
+    over, _ = fast_jit(lambda v, x: module.apply(v, x, mutable="cache"))(
         {**variables, **filled}, x[:, :1]
     )
     assert np.all(np.isnan(over))
@@ -255,9 +272,8 @@ def test_padding_equals_truncation():
     module = MultiHeadAttention(num_heads=HEADS, rope=True, implementation="xla")
     x = normal(26, (1, SEQ, FEATURES))
     variables = module.init(jax.random.key(27), x)
-    apply = jax.jit(module.apply)
-    padded = apply(variables, x, padding_mask=REAL[1:])
-    truncated = apply(variables, x[:, :11])
+    padded = fast_jit(lambda v, x, m: module.apply(v, x, padding_mask=m))(variables, x, REAL[1:])
+    truncated = fast_jit(module.apply)(variables, x[:, :11])
     chex.assert_trees_all_close(padded[:, :11], truncated, **F32)
 
 
@@ -265,8 +281,8 @@ def test_bfloat16_module_close_to_float32():
     module = MultiHeadAttention(num_heads=HEADS, causal=True, implementation="xla")
     x = normal(28, (BATCH, SEQ, FEATURES))
     variables = module.init(jax.random.key(29), x)
-    out32 = jax.jit(module.apply)(variables, x)
-    out16 = jax.jit(module.clone(dtype=jnp.bfloat16).apply)(variables, x)
+    out32 = fast_jit(module.apply)(variables, x)
+    out16 = fast_jit(module.clone(dtype=jnp.bfloat16).apply)(variables, x)
     assert out16.dtype == jnp.bfloat16
     assert jax.tree.leaves(variables)[0].dtype == jnp.float32
     chex.assert_trees_all_close(out16.astype(jnp.float32), out32, rtol=2e-2, atol=2e-2)
@@ -357,7 +373,7 @@ def test_gpu_implementations_match_xla_bfloat16(implementation):
             out = module.apply({"params": params}, x, padding_mask=mask)
             return jnp.mean(out.astype(jnp.float32) ** 2), out
 
-        return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+        return fast_jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
 
     (_, out_other), grads_other = grads(other)
     (_, out_xla), grads_xla = grads(xla)

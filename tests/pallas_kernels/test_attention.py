@@ -217,13 +217,13 @@ def _flax_oracle(q, k, v, cotangent, kwargs):
         )
         return jnp.where(sees_any, out, 0.0)
 
-    @jax.jit
     def run(q, k, v, bias, cotangent):
         out, vjp = jax.vjp(attention, q, k, v, bias)
         grads = vjp(cotangent.astype(jnp.float32))
         return (out, *grads[:3], *grads[3:4]) if bias is not None else (out, *grads[:3])
 
-    return run(q, k, v, kwargs.get("bias"), cotangent)
+    args = (q, k, v, kwargs.get("bias"), cotangent)
+    return _compile(run, *args)(*args)
 
 
 def _assert_close(actual, expected, dtype):
@@ -296,12 +296,15 @@ class AttentionOpTests:
         q, k, v, _ = _inputs(case, dtype)
         if self.refusal(dict(case, kwargs=dict(causal=True)), dtype) is not None:
             pytest.skip("refuses the case")
+
+        def attention(q, k, v, implementation=self.implementation):
+            return dot_product_attention(q, k, v, causal=True, implementation=implementation)
+
         nan_value = v.at[:, 20].set(jnp.nan)
-        out = dot_product_attention(
-            q, k, nan_value, causal=True, implementation=self.implementation
-        )
-        prefix = dot_product_attention(
-            q[:, :20], k[:, :20], v[:, :20], causal=True, implementation="reference"
+        out = _compile(attention, q, k, nan_value)(q, k, nan_value)
+        prefix = (q[:, :20], k[:, :20], v[:, :20])
+        prefix = _compile(functools.partial(attention, implementation="reference"), *prefix)(
+            *prefix
         )
         assert np.all(np.isnan(np.asarray(out[:, 20:], np.float32)))
         _assert_close([out[:, :20]], [prefix], dtype)
