@@ -43,7 +43,7 @@ PUBLIC = {
         "read_metrics",
         "restore_latest",
     ],
-    "efflax.models": ["CNN1D", "MLP"],
+    "efflax.models": ["CNN1D", "MLP", "ViT", "patchify"],
     "efflax.losses": [
         "batch_entropy",
         "capture_activations",
@@ -116,6 +116,9 @@ PUBLIC = {
         "monarchify",
         "project_dense_params",
         "xla_row_chunk",
+        "LearnedTokenMerger",
+        "TokenLearner",
+        "merge_tokens",
     ],
     "efflax.optim": [
         "cycle_end_steps",
