@@ -155,7 +155,8 @@ def plot_arms(
             capsize=4,
         )
     right.set_xticks(range(len(finals)), list(finals), rotation=15, fontsize=8)
-    right.set_ylabel(f"final {ylabel} (per seed; mean +- sd)")
+    right.set_ylabel(ylabel)
+    right.set_title("final, per seed (black: mean +- sd)", fontsize=9)
     right.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
