@@ -69,7 +69,7 @@ class Config:
     noise: float = 0.1
 
 
-QUICK = Config(seeds=tuple(range(16)), teacher_steps=1500, student_steps=1200)
+QUICK = Config(seeds=tuple(range(16)), teacher_steps=1500, student_steps=1500)
 FULL = Config(seeds=tuple(range(32)), teacher_steps=6000, student_steps=6000)
 
 

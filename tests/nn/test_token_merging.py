@@ -73,7 +73,7 @@ def test_learned_token_merger_matches_float64_reference(scale):
     x = rng.standard_normal((2, 5, 4)).astype(np.float32)
     cotangent = rng.standard_normal((2, 3, 4))
     merger = LearnedTokenMerger(num_tokens=3, scale=scale)
-    params = _randomised(nn.unbox(merger.init(jax.random.key(0), x)["params"]), rng)
+    params = _randomised(nn.unbox(jax.jit(merger.init)(jax.random.key(0), x)["params"]), rng)
 
     @jax.jit
     def run(p, x):
@@ -104,7 +104,7 @@ def test_token_learner_matches_float64_reference_and_is_permutation_invariant():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 6, 8)).astype(np.float32)
     learner = TokenLearner(num_tokens=3, bottleneck_dim=5)
-    params = _randomised(nn.unbox(learner.init(jax.random.key(1), x)["params"]), rng)
+    params = _randomised(nn.unbox(jax.jit(learner.init)(jax.random.key(1), x)["params"]), rng)
     apply = jax.jit(lambda p, x: learner.apply({"params": p}, x))
     y = apply(params, x)
     assert y.shape == (2, 3, 8)
@@ -121,7 +121,7 @@ def test_merger_is_permutation_invariant_and_ignores_masked_tokens():
     mask[1, 0] = False
     mask[2, :] = False  # nothing to merge: zero weights, zero output
     merger = LearnedTokenMerger(num_tokens=2)
-    variables = merger.init(jax.random.key(3), x)
+    variables = jax.jit(merger.init)(jax.random.key(3), x)
 
     @jax.jit
     def run(x, mask):
@@ -168,7 +168,7 @@ def test_vit_with_a_merger_mid_network():
     np.testing.assert_array_equal(patches[1, 5], images[1, 2:4, 2:4].reshape(-1))  # row 1, col 1
     model = ViT(
         patch_size=2,
-        num_layers=3,
+        num_layers=2,
         d_model=16,
         num_heads=2,
         mlp_hidden=32,
@@ -185,8 +185,8 @@ def test_vit_with_a_merger_mid_network():
 
     logits, weights, variables = run(images)
     assert logits.shape == (3, 10) and weights.shape == (3, 4, 16)
-    assert set(variables["params"]) >= {"block_0", "block_2", "merger", "head"}
+    assert set(variables["params"]) >= {"block_0", "merger", "block_1", "head"}
     with pytest.raises(ValueError, match="patch_size=3"):
         patchify(images, 3)
-    with pytest.raises(ValueError, match="merge_after=5"):
-        model.clone(merge_after=5).init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="merge_after=3"):
+        model.clone(merge_after=3).init(jax.random.key(0), images)
