@@ -22,18 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:  # the typed loss contract of make_train_step (efflax.training.LossOutput)
-    from efflax.training import LossOutput
-except ImportError:  # pragma: no cover - older efflax: the dict contract
-    LossOutput = None
-
-
-def loss_output(metrics: Mapping[str, Any]) -> Any:
-    """The auxiliary output of a loss function carrying only ``metrics``."""
-    if LossOutput is not None:
-        return LossOutput(metrics=dict(metrics))
-    return {"metrics": dict(metrics)}
-
 
 def init_stacked(init: Callable[[jax.Array], Any], seeds: Sequence[int], *, salt: int = 0) -> Any:
     """``init(key)`` for every seed, stacked on a leading axis (boxed metadata removed)."""

@@ -37,6 +37,7 @@ from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import seeds_to_decide
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
@@ -44,7 +45,6 @@ from experiments._multiseed import SeedBatches
 from experiments._multiseed import curves
 from experiments._multiseed import final_per_seed
 from experiments._multiseed import init_stacked
-from experiments._multiseed import loss_output
 from experiments._multiseed import per_seed_accuracy
 
 ARMS = ("ce", "lbe")
@@ -141,7 +141,7 @@ def train_depth(cfg: Config, depth: int, out_dir: pathlib.Path):
                 }
             )
         metrics["alpha_mean"] = jnp.mean(jnp.abs(params["lbe"]["alpha"]))
-        return total, loss_output(metrics)
+        return total, LossOutput(metrics=metrics)
 
     state = TrainState.create(
         apply_fn=model.apply,

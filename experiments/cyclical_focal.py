@@ -36,13 +36,13 @@ from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import paired_difference
 from efflax.stats import seeds_to_decide
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
 from experiments._multiseed import SeedBatches
 from experiments._multiseed import final_per_seed
 from experiments._multiseed import init_stacked
-from experiments._multiseed import loss_output
 from experiments._multiseed import per_seed_accuracy
 from experiments._multiseed import plot_arms
 
@@ -119,7 +119,7 @@ def train(cfg: Config, out_dir: pathlib.Path):
             losses = jax.vmap(lambda lg, yy, arm=arm: losses_of(arm, lg, yy, epoch))(logits, y)
             total = total + jnp.sum(losses)  # independent runs: each gets its own gradient
             metrics[f"loss_{arm}"] = jnp.mean(losses)
-        return total, loss_output(metrics)
+        return total, LossOutput(metrics=metrics)
 
     state = TrainState.create(
         apply_fn=model.apply,

@@ -37,6 +37,7 @@ from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import paired_difference
 from efflax.stats import seeds_to_decide
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import fit
@@ -44,7 +45,6 @@ from efflax.training import make_train_step
 from experiments._multiseed import SeedBatches
 from experiments._multiseed import final_per_seed
 from experiments._multiseed import init_stacked
-from experiments._multiseed import loss_output
 from experiments._multiseed import per_seed_accuracy
 from experiments._multiseed import plot_arms
 
@@ -100,7 +100,7 @@ def train_teacher(cfg: Config, out_dir: pathlib.Path) -> tuple[CNN1D, dict, floa
     def loss_fn(params, state, batch, rng):
         x = augment(rng, jnp.asarray(batch["x"]), max_shift=cfg.max_shift, noise=cfg.noise)
         logits = state.apply_fn({"params": params}, x)
-        return soft_target_cross_entropy(logits, batch["y"]), loss_output({})
+        return soft_target_cross_entropy(logits, batch["y"])
 
     loader = data.load("mnist1d", "train", cfg.batch_size, seed=99, epochs=None)
     state, history = fit(
@@ -156,7 +156,7 @@ def train_students(cfg: Config, teacher, teacher_params, out_dir: pathlib.Path):
         # The sum of independent runs' losses: each run gets exactly its own gradient.
         per_arm = losses.reshape(num_arms, num_seeds).mean(-1)
         metrics = {f"loss_{arm}": per_arm[i] for i, arm in enumerate(ARMS)}
-        return jnp.sum(losses), loss_output(metrics)
+        return jnp.sum(losses), LossOutput(metrics=metrics)
 
     def by_arm(params):
         return {
