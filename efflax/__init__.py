@@ -7,9 +7,9 @@ Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 Pallas kernels are in the sibling package ``pallas_kernels``.
 
 The subpackages are imported on first use (``efflax.nn`` imports ``efflax/nn`` when first
-touched): ``import efflax`` starts nothing, so ``efflax.distributed.initialize()`` can still
-join a multi-process run, which JAX allows only before its backend starts (importing the
-Pallas kernels starts it).
+touched), so ``import efflax`` is cheap. No import starts a JAX backend (tests/test_import.py),
+so ``efflax.distributed.initialize()`` can still join a multi-process run after any efflax
+import: JAX allows that only before its backend starts.
 """
 
 import importlib
