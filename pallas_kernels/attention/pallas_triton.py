@@ -882,7 +882,8 @@ class PallasTritonAttention(AttentionImplementation):
     def __post_init__(self):
         if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
             raise ValueError(f"block_sizes={self.block_sizes!r} must be a BlockSizes or None")
-        resolve_interpret(self.interpret)  # validates
+        if self.interpret is not None and not isinstance(self.interpret, bool):
+            raise ValueError(f"interpret={self.interpret!r} must be None, True or False")
 
     def __call__(
         self,
