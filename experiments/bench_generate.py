@@ -35,6 +35,7 @@ from jax import lax
 import efflax
 from efflax.models import TransformerLM
 from efflax.models import generate
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import make_train_step
 from experiments._timing import interleaved_times
@@ -46,7 +47,7 @@ def byte_lm_loss_fn(params, state, batch, rng):
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     logits = state.apply_fn({"params": params}, tokens[:, :-1])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-    return loss, {"metrics": {"bits_per_byte": loss / jnp.log(2.0)}}
+    return loss, LossOutput(metrics={"bits_per_byte": loss / jnp.log(2.0)})
 
 
 def train(model: TransformerLM, *, steps: int, seq_len: int, batch_size: int) -> TrainState:
