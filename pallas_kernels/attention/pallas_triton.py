@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._compat import check_interpret
 from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import default_interpret
 from pallas_kernels._compat import has_triton_backend
@@ -882,8 +883,7 @@ class PallasTritonAttention(AttentionImplementation):
     def __post_init__(self):
         if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
             raise ValueError(f"block_sizes={self.block_sizes!r} must be a BlockSizes or None")
-        if self.interpret is not None and not isinstance(self.interpret, bool):
-            raise ValueError(f"interpret={self.interpret!r} must be None, True or False")
+        check_interpret(self.interpret)  # validates without asking JAX for a backend
 
     def __call__(
         self,
