@@ -6,6 +6,9 @@ from pallas_kernels.flash_attention import causal_block_mask
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.flash_attention import local_block_mask
+from pallas_kernels.mixed_chunk import BlockSizes as MixedChunkBlockSizes
+from pallas_kernels.mixed_chunk import mixed_chunk_attention
+from pallas_kernels.mixed_chunk import mixed_chunk_attention_reference
 from pallas_kernels.monarch import BlockSizes as MonarchBlockSizes
 from pallas_kernels.monarch import dense_to_monarch
 from pallas_kernels.monarch import monarch_matmul
