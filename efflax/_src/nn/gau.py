@@ -305,7 +305,8 @@ class GatedAttentionUnit(_GAUSettings):
         linear state of the current chunk so far, and the current chunk's quadratic keys and
         values: its size does not grow with the length. FLASH-Quad's holds every key and value.
         The creating call's length is the decode length (it fixes ``'length'``
-        normalisation); FLASH-Quad returns NaN past it rather than wrong numbers.
+        normalisation); FLASH-Quad returns NaN past it rather than wrong numbers. The cache
+        may be zero-filled from its shapes: nothing is read from the initial values.
         """
         batch, length, _, qk_dim = qk.shape
         e = v.shape[-1]
@@ -315,7 +316,9 @@ class GatedAttentionUnit(_GAUSettings):
         f32 = jnp.float32
         cache = {
             "index": self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)),
-            "length": self.variable("cache", "length", lambda: jnp.asarray(length, jnp.int32)),
+            # Only the shape [length, 0] matters: callers may zero-fill a cache made from
+            # shapes (efflax.models.generate does), so no setting may live in its values.
+            "length": self.variable("cache", "length", jnp.zeros, (length, 0), f32),
             "keys": self.variable("cache", "keys", jnp.zeros, (batch, window, qk_dim), qk.dtype),
             "values": self.variable("cache", "values", jnp.zeros, (batch, window, e), v.dtype),
         }
@@ -326,7 +329,7 @@ class GatedAttentionUnit(_GAUSettings):
             return None
 
         window = cache["keys"].value.shape[1]
-        total = cache["length"].value.astype(f32)
+        total = float(cache["length"].value.shape[0])
         if self.normalization == "none":
             quad_scale = lin_scale = 1.0
         elif self.normalization == "length":
