@@ -132,6 +132,8 @@ class _Config:
     num_warps: int | None
     num_stages: int
 
+    value_blocks: int  # padded value features // block_e
+
     @property
     def tiles(self) -> int:
         return self.chunk // self.block
@@ -360,7 +362,16 @@ def _dbias_kernel(qq_ref, kq_ref, v_ref, bias_ref, do_ref, db_ref, *, cfg):
         cols = _rows(chunk * cfg.chunk + tile_j * block, block)
         mask = "element" if cfg.causal else "none"
         r = _relu_scores(cfg, qq_ref[rows, :], kq_ref[cols, :], bias_ref, tile_i, tile_j, mask=mask)
-        return acc + 2.0 * r * _dot(do_ref[rows, :], v_ref[cols, :], transpose_b=True)
+
+        def value_block(e, d_weights):
+            # dO_i . v_j over the value features, one block at a time (a wide e stays in
+            # registers only block_e columns wide).
+            features = _rows(e * cfg.block_e, cfg.block_e)
+            do, v = do_ref[rows, features], v_ref[cols, features]
+            return d_weights + _dot(do, v, transpose_b=True)
+
+        d_weights = _fori(0, cfg.value_blocks, value_block, jnp.zeros_like(r))
+        return acc + 2.0 * r * d_weights
 
     # Causal tiles above the diagonal see nothing: no chunk is visited.
     if cfg.causal:
@@ -556,6 +567,7 @@ def mixed_chunk_attention_pallas(
         chunk=chunk,
         block=block,
         block_e=block_e,
+        value_blocks=e_padded // block_e,
         causal=causal,
         quad_scale=quad_scale,
         lin_scale=lin_scale,
@@ -649,7 +661,7 @@ def gpu_check_cases(block_sizes: BlockSizes | None = None) -> list[dict[str, Any
 
         def fwd_bwd(*args, fwd=fwd):
             out, vjp = jax.vjp(fwd, *args)
-            return vjp(jnp.ones_like(out))
+            return out, vjp(jnp.ones_like(out))
 
         tag = "causal" if causal else "full"
         args = (z, z, z, z, v, b)
