@@ -198,6 +198,8 @@ def test_bad_input_is_a_value_error_naming_the_value():
         init(FLASHQuad(), x, padding_mask=jnp.ones((2, 8)))
     with pytest.raises(ValueError, match="normalization='seq' must be one of"):
         init(FLASH(normalization="seq"), x)
+    with pytest.raises(ValueError, match="normalization_length=0 must be an int >= 1"):
+        init(FLASHQuad(normalization_length=0), x)
     with pytest.raises(ValueError, match="scale_init='zero' must be one of"):
         init(FLASH(scale_init="zero"), x)
     with pytest.raises(ValueError, match="decode=True needs causal=True"):

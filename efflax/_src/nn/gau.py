@@ -94,7 +94,12 @@ class _GAUSettings(nn.Module):
         the linear term by ``C`` (causal) or ``T`` (non-causal), as in the reference port;
         ``'length'``: both by the sequence length ``T`` (the paper's pseudo-code); ``'none'``.
         For quadratic attention the chunk is the whole sequence, so ``'chunk'`` divides by
-        ``T``.
+        ``T``. In decoding, ``T`` is the length the cache was made for.
+      normalization_length: a fixed ``T`` for the normalisation (None: the input's length).
+        Dividing by the actual length ties the attention weights to it: a model trained at
+        length 512 sees other weights at 128, and a prefix decoded from a cache of another
+        length gets other outputs. Set it (e.g. to the training length) to make the weights
+        independent of the length, as the reference port had to for fine-tuning.
       scale_init: ``'paper'``: ``gamma ~ N(0, 0.02)`` (attention ~0 at initialisation);
         ``'one'``: ``gamma ~ 1 + N(0, 0.02)``. Offsets start at 0.
       rope: rotary position embeddings on the queries and keys (needs an even ``qk_dim``).
@@ -115,6 +120,7 @@ class _GAUSettings(nn.Module):
     expansion: float = 2.0
     causal: bool = False
     normalization: str = "chunk"
+    normalization_length: int | None = None
     scale_init: str = "paper"
     rope: bool = True
     rope_base: float = 10_000.0
@@ -134,6 +140,8 @@ class _GAUSettings(nn.Module):
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal={self.causal!r} must be a bool")
         _checks.one_of("normalization", self.normalization, NORMALIZATIONS)
+        if self.normalization_length is not None:
+            _checks.int_at_least("normalization_length", self.normalization_length, 1)
         _checks.one_of("scale_init", self.scale_init, SCALE_INITS)
         if self.rope:
             if self.qk_dim % 2:
@@ -279,13 +287,16 @@ class GatedAttentionUnit(_GAUSettings):
         out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
         return x + out if self.pre_norm_residual else out
 
-    def _scales(self, chunk: int, seq_len: int) -> tuple[float, float]:
-        """(quad_scale, lin_scale) of the normalisation for one chunk length and length."""
+    def _scales(self, chunk: int, length: int) -> tuple[float, float]:
+        """(quad_scale, lin_scale) for a chunk length and a sequence length (see the
+        ``normalization`` attribute; ``normalization_length`` replaces the length)."""
+        length = self.normalization_length or length
         if self.normalization == "none":
             return 1.0, 1.0
         if self.normalization == "length":
-            return 1.0 / seq_len, 1.0 / seq_len
-        return 1.0 / chunk, 1.0 / (chunk if self.causal else seq_len)
+            return 1.0 / length, 1.0 / length
+        quad = chunk if self.chunk_size is not None else length
+        return 1.0 / quad, 1.0 / (chunk if self.causal else length)
 
     def _bias(self, table: Array, query_positions: Array, key_positions: Array) -> Array:
         buckets = relative_position_buckets(
@@ -329,13 +340,7 @@ class GatedAttentionUnit(_GAUSettings):
             return None
 
         window = cache["keys"].value.shape[1]
-        total = float(cache["length"].value.shape[0])
-        if self.normalization == "none":
-            quad_scale = lin_scale = 1.0
-        elif self.normalization == "length":
-            quad_scale = lin_scale = 1.0 / total
-        else:
-            quad_scale = lin_scale = 1.0 / window if mixed else 1.0 / total
+        quad_scale, lin_scale = self._scales(window, cache["length"].value.shape[0])
         slots = jnp.arange(window)
 
         def step(carry, token):
