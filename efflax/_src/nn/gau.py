@@ -87,8 +87,8 @@ class _GAUSettings(nn.Module):
 
     Attributes:
       qk_dim: ``s``, width of the shared representation ``Z`` (paper: 128).
-      expansion: ``e / d`` (paper: 2). A GAU has ``~ 2 e d + s d`` parameters: two GAUs with
-        expansion 2 about match one MHA + 4x FFN block.
+      expansion: ``e / d`` (paper: 2). A GAU has ``~ 3 e d + s d`` parameters (``6 d^2 + s d``
+        at expansion 2): two GAUs about match one MHA + 4x FFN block (``12 d^2``).
       causal: autoregressive masking (in-chunk mask, exclusive prefix sum across chunks).
       normalization: ``'chunk'``: scores divided by the chunk length ``C`` inside ``relu^2``,
         the linear term by ``C`` (causal) or ``T`` (non-causal), as in the reference port;
