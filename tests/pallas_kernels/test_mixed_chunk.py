@@ -223,3 +223,25 @@ def test_bad_input_is_a_value_error_naming_the_value():
         call(implementation="cudnn")
     with pytest.raises(ValueError, match="block=24 must be a power of two"):
         BlockSizes(block=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_kernels_match_the_reference_on_a_gpu(causal, dtype):
+    # Paper-like widths, a chunk that leaves a short last chunk, the default GPU tiles.
+    args, key_mask, cotangent = _inputs(10, batch=2, seq=1000, s=128, e=256, chunk=256, dtype=dtype)
+    kwargs = dict(chunk_size=256, causal=causal, quad_scale=1 / 256, lin_scale=1 / 256)
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    expected = _value_and_grads(
+        mixed_chunk_attention_reference, f32(args), key_mask, f32(cotangent), **kwargs
+    )
+    actual = _value_and_grads(
+        mixed_chunk_attention,
+        args,
+        key_mask,
+        cotangent,
+        implementation=PallasTritonMixedChunk(interpret=False),
+        **kwargs,
+    )
+    _assert_close(actual, expected, 1e-4 if dtype == jnp.float32 else 3e-2)
