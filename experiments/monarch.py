@@ -147,7 +147,7 @@ def train_variants(cfg: Config) -> dict[str, dict]:
         params=dense_params,
         opt_state=jax.vmap(dense_tx.init)(dense_params),
         rng=jnp.copy(state.rng),
-        step=state.step,
+        step=jnp.copy(state.step),  # the Monarch run's step donates its own buffers
     )
     after = eval_fn(dense_state)
     last = cfg.steps - switch
