@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -115,15 +116,18 @@ def same_structure(name_a: str, a: Any, name_b: str, b: Any, *, shapes: bool = T
 
 
 _KINDS = {
-    "floating": ("a floating-point", lambda d: np.issubdtype(d, np.floating)),
-    "integer": ("an integer", lambda d: np.issubdtype(d, np.integer)),
-    "real": ("a real (integer or floating-point)", lambda d: d.kind in "iuf"),
+    "floating": ("a floating-point", lambda d: jnp.issubdtype(d, jnp.floating)),
+    "integer": ("an integer", lambda d: jnp.issubdtype(d, jnp.integer)),
+    "real": (
+        "a real (integer or floating-point)",
+        lambda d: jnp.issubdtype(d, jnp.integer) or jnp.issubdtype(d, jnp.floating),
+    ),
 }
 
 
-def _dtype_of(value: Any) -> np.dtype:
-    # jnp dtypes (bfloat16, float8) are numpy extension dtypes: np.issubdtype knows them.
-    return np.dtype(value.dtype)
+def _dtype_of(value: Any) -> Any:
+    # jnp.issubdtype knows the ml_dtypes extension types (bfloat16, float8) np.issubdtype lacks.
+    return value.dtype
 
 
 def array(

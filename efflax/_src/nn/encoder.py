@@ -126,7 +126,9 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        _checks.array("x", x, ndim=3, nonempty=True, layout="[batch, tokens, features]")
+        if getattr(x, "ndim", None) != 3:
+            raise ValueError(f"x must be [batch, tokens, features], got x.shape={jnp.shape(x)}")
+        _checks.array("x", x, nonempty=True, layout="[batch, tokens, features]")
         _checks.int_at_least("num_layers", self.num_layers, 0)
         for name in ("d_model", "num_heads", "mlp_hidden", "max_len"):
             _checks.int_at_least(name, getattr(self, name))

@@ -151,7 +151,7 @@ class TrainState(struct.PyTreeNode):
             raise ValueError(f"tx={tx!r} must be an optax GradientTransformation")
         if extra is not None and not isinstance(extra, Mapping):
             raise ValueError(f"extra must be a dict (or None), got {type(extra).__name__}")
-        _checks.function("apply_fn", apply_fn)
+        _checks.function("apply_fn", apply_fn, optional=True)
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
             if not jnp.issubdtype(_dtype(leaf), jnp.inexact):
                 raise ValueError(
