@@ -211,6 +211,12 @@ def _default_dcn(shape: tuple[int, int, int], processes: int) -> tuple[int, int,
 
 
 def _check_logical(logical: Sequence[str | None], rules: Rules) -> None:
+    named = [name for name in logical if name is not None]
+    if len(set(named)) != len(named):
+        raise ValueError(
+            f"logical={tuple(logical)!r} names an axis twice; each logical name may shard one "
+            "dimension (use None for the others)"
+        )
     known = {name for name, _ in rules}
     for name in logical:
         if name is not None and name not in known:

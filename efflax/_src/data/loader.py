@@ -108,9 +108,9 @@ def data_source(name: str, split: str, **builder_kwargs):
       ValueError: unknown dataset, split or option; or a standard TFDS dataset that is not
         prepared in the user's TFDS data dir (it cannot be downloaded here).
     """
+    _check_name(name)  # before importing TFDS, which takes seconds
     import tensorflow_datasets as tfds
 
-    _check_name(name)
     if name in LOCAL_DATASETS:
         builder = _local_builder(name, builder_kwargs)
         sources = builder.as_data_source()
