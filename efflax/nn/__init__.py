@@ -1,4 +1,5 @@
-"""Flax linen modules: attention on the Pallas kernels, Monarch layers, mixture of experts."""
+"""Flax linen modules: attention on the Pallas kernels, Monarch layers, mixture of experts,
+learned token merging, GAU/FLASH."""
 
 from efflax._src.nn.attention import MultiHeadAttention
 from efflax._src.nn.attention import apply_rotary_embedding
@@ -7,6 +8,10 @@ from efflax._src.nn.attention import segment_ids_with_padding
 from efflax._src.nn.encoder import DenseFeedForward
 from efflax._src.nn.encoder import Encoder
 from efflax._src.nn.encoder import EncoderBlock
+from efflax._src.nn.gau import FLASH
+from efflax._src.nn.gau import FLASHQuad
+from efflax._src.nn.gau import GatedAttentionUnit
+from efflax._src.nn.gau import relative_position_buckets
 from efflax._src.nn.moe import MoEFeedForward
 from efflax._src.nn.moe import moe_aux_loss
 from efflax._src.nn.moe import prune_experts
@@ -30,3 +35,6 @@ from efflax._src.nn.routing import multiplicative_jitter
 from efflax._src.nn.routing import router_z_loss
 from efflax._src.nn.routing import token_choice
 from efflax._src.nn.routing import token_choice_from_probs
+from efflax._src.nn.token_merging import LearnedTokenMerger
+from efflax._src.nn.token_merging import TokenLearner
+from efflax._src.nn.token_merging import merge_tokens
