@@ -159,3 +159,45 @@ def random_variables(module: Any, *args: Any, seed: int = 0, scale: float = 0.5)
         normal(seed + i, leaf.shape, scale).astype(leaf.dtype) for i, leaf in enumerate(leaves)
     ]
     return jax.tree.unflatten(treedef, values)
+
+
+def attention64(q, k, v, *, causal=False, mask=None, bias=None, segments=None, scale=None):
+    """Softmax attention ``[b, t, h, d]`` in float64; GQA by repeating key/value heads.
+
+    A query that sees no key gets zeros.
+    """
+    q, k, v = f64(q), f64(k), f64(v)
+    groups = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.einsum("bthd,bshd->bhts", q, k) * scale
+    if bias is not None:
+        scores = scores + f64(bias)
+    visible = np.ones(scores.shape, bool)
+    t, s = scores.shape[-2:]
+    if causal:
+        visible &= np.arange(s)[None, :] <= np.arange(t)[:, None]
+    if mask is not None:
+        visible &= np.asarray(mask, bool)
+    if segments is not None:
+        q_ids, kv_ids = (np.asarray(x) for x in segments)
+        visible &= q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+    scores = np.where(visible, scores, -np.inf)
+    top = np.max(scores, -1, keepdims=True)
+    weights = np.where(visible, np.exp(scores - np.where(np.isfinite(top), top, 0)), 0.0)
+    total = weights.sum(-1, keepdims=True)
+    weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+    return np.einsum("bhts,bshd->bthd", weights, v)
+
+
+def rope64(x, positions, base=10_000.0):
+    """Rotary embedding (half-split layout) of ``x [b, t, h, d]`` in float64."""
+    x = f64(x)
+    d = x.shape[-1]
+    positions = np.broadcast_to(f64(positions), x.shape[:2])
+    inv_freq = base ** (-np.arange(0, d, 2) / d)
+    angles = positions[:, :, None, None] * inv_freq
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return np.concatenate(
+        [x1 * np.cos(angles) - x2 * np.sin(angles), x2 * np.cos(angles) + x1 * np.sin(angles)], -1
+    )
