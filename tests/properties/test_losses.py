@@ -229,3 +229,218 @@ def test_mixup_refuses_integer_inputs(dtype):
         ),
         "x",
     )
+
+
+# --------------------------------------------------------------------------- focal losses
+
+
+def _focal64(logits, labels, weights_fn, smoothing):
+    p = softmax64(f64(logits))
+    one_hot = np.eye(CLASSES)[labels]
+    targets = one_hot * (1 - smoothing) + smoothing / CLASSES
+    return -np.mean(np.sum(targets * np.log(p) * weights_fn(p, one_hot), -1))
+
+
+def _schedule64(epoch, num_epochs, factor):
+    scaled = factor * epoch / (num_epochs - 1)
+    if factor * epoch < num_epochs:
+        xi = 1 - scaled
+    else:
+        xi = 0.0 if factor == 1 else (scaled - 1) / (factor - 1)
+    return min(max(xi, 0.0), 1.0)
+
+
+@VALID
+@given(
+    seeds,
+    st.floats(0.0, 4.0),
+    st.floats(0.0, 0.3),
+    st.integers(0, 9),
+    st.sampled_from([1.0, 2.0, 4.0]),
+)
+def test_focal_losses_match_numpy(seed, gamma, smoothing, epoch, factor):
+    logits = normal(seed, (BATCH, CLASSES), 2.0)
+    labels = _labels(seed, soft=False)
+
+    def focal(p, y, g_pos=gamma, g_neg=gamma):
+        return np.where(y > 0, (1 - p) ** g_pos, p**g_neg)
+
+    got = L.focal_loss(
+        jnp.asarray(logits), jnp.asarray(labels), gamma=gamma, label_smoothing=smoothing
+    )
+    assert_close(got, _focal64(logits, labels, focal, smoothing), rtol=1e-4, atol=1e-6)
+    xi = _schedule64(epoch, 10, factor)
+    assert_close(L.cyclical_focal_schedule(epoch, num_epochs=10, factor=factor), xi, atol=1e-6)
+
+    def cyclical(p, y):
+        return (1 - xi) * focal(p, y, 2.0, 1.0) + xi * np.where(y > 0, (1 + p) ** 3.0, 1.0)
+
+    got = L.cyclical_focal_loss(
+        jnp.asarray(logits), jnp.asarray(labels), epoch, num_epochs=10, gamma_pos=2.0,
+        gamma_neg=1.0, gamma_hc=3.0, factor=factor, label_smoothing=smoothing,
+    )  # fmt: skip
+    assert_close(got, _focal64(logits, labels, cyclical, smoothing), rtol=1e-4, atol=1e-6)
+
+
+@INVALID
+@given(st.data())
+def test_focal_losses_refuse(data):
+    logits = jnp.asarray(normal(0, (BATCH, CLASSES)))
+    labels = jnp.asarray(_labels(0, soft=False))
+    case = data.draw(
+        st.sampled_from(
+            ["gamma", "labels", "logits", "smoothing", "epochs", "epoch", "factor", "gammas"]
+        )
+    )
+    if case == "gamma":
+        refused(
+            lambda: L.focal_loss(
+                logits,
+                labels,
+                gamma=data.draw(bad_positive(allow_zero=True).filter(lambda v: v is not None)),
+            ),
+            "gamma",
+        )
+    elif case == "labels":
+        bad = data.draw(
+            st.sampled_from(
+                [labels.at[0].set(CLASSES), labels.at[0].set(-1), labels * 1.0, labels[:2]]
+            )
+        )
+        refused(lambda: L.focal_loss(logits, bad), "labels")
+    elif case == "logits":
+        bad = data.draw(st.sampled_from([logits[0], logits.astype(jnp.int32), logits[:0]]))
+        refused(
+            lambda: L.focal_loss(bad, labels[: bad.shape[0]] if bad.ndim == 2 else labels), "logits"
+        )
+    elif case == "smoothing":
+        refused(
+            lambda: L.focal_loss(
+                logits, labels, label_smoothing=data.draw(bad_probabilities(allow_one=False))
+            ),
+            "label_smoothing",
+        )
+    elif case == "epochs":
+        refused(
+            lambda: L.cyclical_focal_schedule(0, num_epochs=data.draw(bad_ints(2))), "num_epochs"
+        )
+    elif case == "epoch":
+        bad = data.draw(st.sampled_from([-1, float("nan"), "3", jnp.ones(2)]))
+        refused(lambda: L.cyclical_focal_loss(logits, labels, bad, num_epochs=10), "epoch")
+    elif case == "factor":
+        refused(
+            lambda: L.cyclical_focal_schedule(
+                0, num_epochs=10, factor=data.draw(st.sampled_from([0.5, float("nan"), True]))
+            ),
+            "factor",
+        )
+    else:
+        arg = data.draw(st.sampled_from(["gamma_pos", "gamma_neg", "gamma_hc"]))
+        refused(lambda: L.cyclical_focal_loss(logits, labels, 0, num_epochs=10, **{arg: -1.0}), arg)
+
+
+# --------------------------------------------------------------------------- layerwise batch entropy
+
+
+@VALID
+@given(seeds, st.sampled_from([(4, 3), (5, 2, 3)]), st.floats(0.01, 10.0))
+def test_batch_entropy_and_lbe_match_numpy(seed, shape, scale):
+    a = normal(seed, shape, scale)
+    x = f64(a).reshape(shape[0], -1)
+    entropy = np.mean(0.5 * np.log1p(np.pi * np.e * x.var(0, ddof=1)))
+    assert_close(L.batch_entropy(jnp.asarray(a)), entropy, rtol=1e-4)
+    entropies = [jnp.float32(entropy), jnp.float32(0.3)]
+    alphas = np.array([0.1, -2.0])
+    targets = np.maximum(0.5, np.abs(alphas))
+    penalty = np.mean((np.array([entropy, 0.3]) - targets) ** 2)
+    assert_close(L.lbe_penalty(entropies, jnp.asarray(alphas), alpha_min=0.5), penalty, rtol=1e-4)
+    got = L.lbe_loss(jnp.float32(2.0), entropies, jnp.asarray(alphas), beta=0.1, alpha_min=0.5)
+    assert_close(got, 2.0 * (1 + 0.1 * penalty), rtol=1e-4)
+
+
+@VALID
+@given(seeds, st.sampled_from(["inputs", "outputs"]))
+def test_capture_activations_records_the_hidden_layers(seed, where):
+    import flax.linen as nn
+
+    from efflax.models import MLP
+
+    model = MLP(features=(5, 4), num_classes=3)
+    x = jnp.asarray(normal(seed, (2, 6)))
+    variables = model.init(jax.random.key(0), x)
+    out, captured = L.capture_activations(model.apply, variables, x, select=nn.Dense, where=where)
+    np.testing.assert_array_equal(out, model.apply(variables, x))
+    assert list(captured) == ["Dense_0", "Dense_1", "Dense_2"]
+    if where == "inputs":
+        np.testing.assert_array_equal(captured["Dense_0"], x)
+    else:
+        np.testing.assert_array_equal(captured["Dense_2"], out)
+
+
+@INVALID
+@given(st.data())
+def test_batch_entropy_refuses(data):
+    case = data.draw(
+        st.sampled_from(
+            [
+                "activations",
+                "alpha_min",
+                "alphas",
+                "empty",
+                "beta",
+                "task_loss",
+                "select",
+                "where",
+                "fn",
+            ]
+        )
+    )
+    h = [jnp.float32(1.0)]
+    if case == "activations":
+        bad = data.draw(st.sampled_from([jnp.ones((1, 4)), jnp.float32(1), "x"]))
+        refused(lambda: L.batch_entropy(bad), "activations")
+    elif case == "alpha_min":
+        refused(
+            lambda: L.lbe_penalty(
+                h,
+                jnp.ones(1),
+                alpha_min=data.draw(bad_positive(allow_zero=True).filter(lambda v: v is not None)),
+            ),
+            "alpha_min",
+        )
+    elif case == "alphas":
+        refused(lambda: L.lbe_penalty(h * 2, jnp.ones(3), alpha_min=0.1), "alphas")
+    elif case == "empty":
+        refused(lambda: L.lbe_penalty([], jnp.ones(0), alpha_min=0.1), "entropies")
+    elif case == "beta":
+        refused(
+            lambda: L.lbe_loss(
+                jnp.float32(1.0),
+                h,
+                jnp.ones(1),
+                beta=data.draw(st.sampled_from([-1.0, float("nan"), "0.1"])),
+                alpha_min=0.1,
+            ),
+            "beta",
+        )
+    elif case == "task_loss":
+        refused(
+            lambda: L.lbe_loss(jnp.ones(3), h, jnp.ones(1), beta=0.1, alpha_min=0.1), "task_loss"
+        )
+    elif case == "select":
+        refused(
+            lambda: L.capture_activations(
+                lambda: None, select=data.draw(st.sampled_from(["Dense", 3]))
+            ),
+            "select",
+        )
+    elif case == "where":
+        import flax.linen as nn
+
+        refused(
+            lambda: L.capture_activations(lambda: None, select=nn.Dense, where="middle"), "where"
+        )
+    else:
+        import flax.linen as nn
+
+        refused(lambda: L.capture_activations(5, select=nn.Dense), "fn")

@@ -13,6 +13,7 @@ from _hyp import INVALID
 from _hyp import NAN
 from _hyp import VALID
 from _hyp import assert_close
+from _hyp import attention64
 from _hyp import bad_ints
 from _hyp import bad_keys
 from _hyp import bad_positive
@@ -25,6 +26,7 @@ from _hyp import normal
 from _hyp import props
 from _hyp import random_variables
 from _hyp import refused
+from _hyp import rope64
 from _hyp import seeds
 from _hyp import softmax64
 from hypothesis import given
@@ -659,3 +661,321 @@ def test_encoder_refuses(data):
         bad_ints(0 if arg == "num_layers" else 1).filter(lambda v: v is not None)
     )
     refused(lambda: enn.Encoder(**kwargs).init(KEY, x), arg)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@VALID
+@given(seeds, st.sampled_from([10.0, 10_000.0]), st.booleans())
+def test_apply_rotary_embedding_matches_numpy(seed, base, batch_positions):
+    x = normal(seed, (2, 5, 2, 4))
+    positions = np.random.default_rng(seed).integers(0, 100, (2, 5) if batch_positions else (5,))
+    got = enn.apply_rotary_embedding(jnp.asarray(x), jnp.asarray(positions), base=base)
+    assert_close(got, rope64(x, positions, base), rtol=1e-4, atol=1e-4)
+
+
+@functools.cache
+def _nn_attention(causal):
+    return jax.jit(functools.partial(enn.dot_product_attention, causal=causal))
+
+
+@VALID
+@given(seeds, st.booleans(), st.booleans())
+def test_flax_style_attention_matches_numpy(seed, causal, with_mask):
+    q, k, v = (normal(seed + i, (2, 6, 2, 4)) for i in range(3))
+    mask = np.random.default_rng(seed).random((2, 1, 6, 6)) < 0.7 if with_mask else None
+    got = _nn_attention(causal)(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        mask=None if mask is None else jnp.asarray(mask),
+    )
+    assert_close(got, attention64(q, k, v, causal=causal, mask=mask), rtol=2e-4, atol=2e-5)
+
+
+@functools.cache
+def _mha(rope, num_kv_heads):
+    layer = enn.MultiHeadAttention(2, num_kv_heads=num_kv_heads, causal=True, rope=rope)
+    return layer, jax.jit(layer.apply)
+
+
+@FEW
+@given(seeds, st.sampled_from([(False, None), (True, 1)]))
+def test_multi_head_attention_matches_numpy(seed, config):
+    rope, kv_heads = config
+    layer, apply = _mha(rope, kv_heads)
+    x = normal(seed, (2, 5, 8))
+    params = random_variables(layer, jnp.asarray(x), seed=seed)["params"]
+    proj = lambda name: np.einsum("btd,dhk->bthk", f64(x), f64(params[name]["kernel"]))  # noqa: E731
+    q, k, v = proj("query"), proj("key"), proj("value")
+    if rope:
+        q, k = rope64(q, np.arange(5)), rope64(k, np.arange(5))
+    encoded = attention64(q, k, v, causal=True)
+    expected = np.einsum("bthk,hkd->btd", encoded, f64(params["out"]["kernel"]))
+    assert_close(apply({"params": params}, jnp.asarray(x)), expected, rtol=2e-4, atol=2e-4)
+
+
+@FEW
+@given(seeds, st.integers(1, 5))
+def test_segment_ids_with_padding_hides_the_padded_keys(seed, real):
+    padding = np.arange(6)[None, :] < np.array([[real], [6]])
+    q_ids, kv_ids = enn.segment_ids_with_padding(jnp.asarray(padding), 4)
+    assert q_ids.shape == (2, 4) and kv_ids.shape == (2, 6)
+    seen = np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :]
+    np.testing.assert_array_equal(seen, np.broadcast_to(padding[:, None, :], seen.shape))
+
+
+@INVALID
+@given(st.data())
+def test_attention_layers_refuse(data):
+    x = jnp.ones((1, 8, 8))
+    q = jnp.ones((1, 8, 2, 4))
+    case = data.draw(
+        st.sampled_from(
+            ["rope_x", "rope_base", "positions", "q_len", "padding", "heads", "kv_heads",
+             "head_dim", "rope_dim", "sm_scale", "implementation", "out", "dropout", "x",
+             "dtype", "hooks"]
+        )
+    )  # fmt: skip
+    MHA = enn.MultiHeadAttention
+    if case == "rope_x":
+        bad = data.draw(st.sampled_from([q.astype(jnp.int32), q.astype(jnp.complex64), q[0]]))
+        refused(lambda: enn.apply_rotary_embedding(bad, jnp.arange(8)), "x")
+    elif case == "rope_base":
+        refused(
+            lambda: enn.apply_rotary_embedding(q, jnp.arange(8), base=data.draw(bad_positive())),
+            "base",
+        )
+    elif case == "positions":
+        bad = data.draw(st.sampled_from([jnp.arange(5), jnp.zeros((3, 8)), jnp.ones(8, bool)]))
+        refused(lambda: enn.apply_rotary_embedding(q, bad), "positions")
+    elif case == "q_len":
+        refused(
+            lambda: enn.segment_ids_with_padding(jnp.ones((1, 8), bool), data.draw(bad_ints())),
+            "q_len",
+        )
+    elif case == "padding":
+        bad = data.draw(st.sampled_from([jnp.ones(8, bool), jnp.ones((1, 8)) * 0.5]))
+        refused(lambda: enn.segment_ids_with_padding(bad, 8), "padding_mask")
+    elif case in ("heads", "kv_heads", "head_dim", "out"):
+        arg = {
+            "heads": "num_heads",
+            "kv_heads": "num_kv_heads",
+            "head_dim": "head_dim",
+            "out": "out_features",
+        }[case]
+        # 3 heads do not divide 8 features, 3 kv heads do not divide 2 heads.
+        bad = data.draw(
+            st.sampled_from([0, -1, 2.5] + ([3] if case in ("heads", "kv_heads") else []))
+        )
+        kwargs = {"num_heads": 2, arg: bad}
+        refused(lambda: MHA(**kwargs).init(KEY, x), arg)
+    elif case == "rope_dim":
+        refused(lambda: MHA(2, head_dim=3, rope=True).init(KEY, x), "head_dim")
+    elif case == "sm_scale":
+        refused(
+            lambda: MHA(2, sm_scale=data.draw(bad_positive().filter(lambda v: v is not None))).init(
+                KEY, x
+            ),
+            "sm_scale",
+        )
+    elif case == "implementation":
+        refused(
+            lambda: MHA(2, implementation=data.draw(st.sampled_from(["nope", 3]))).init(KEY, x),
+            "implementation",
+        )
+    elif case == "dropout":
+        refused(
+            lambda: MHA(2, dropout_rate=data.draw(bad_probabilities(allow_one=False))).init(KEY, x),
+            "dropout_rate",
+        )
+    elif case == "x":
+        refused(lambda: MHA(2).init(KEY, jnp.ones((8, 8))), "inputs_q")
+    elif case == "dtype":
+        refused(lambda: enn.dot_product_attention(q, q, q, dtype="nope"), "dtype")
+    else:
+        refused(
+            lambda: enn.dot_product_attention(q, q, q, einsum_dot_general=jnp.einsum),
+            "einsum_dot_general",
+        )
+
+
+# --------------------------------------------------------------------------- GAU / FLASH
+
+
+def _buckets64(rel, bidirectional, num_buckets, max_distance):
+    out = np.zeros_like(rel)
+    for idx, r in np.ndenumerate(rel):
+        n, d, bucket = num_buckets, -r, 0
+        if bidirectional:
+            n //= 2
+            bucket = n if d < 0 else 0
+            d = abs(d)
+        else:
+            d = max(d, 0)
+        exact = n // 2
+        if d < exact:
+            out[idx] = bucket + d
+        else:
+            large = exact + int(np.log(d / exact) / np.log(max_distance / exact) * (n - exact))
+            out[idx] = bucket + min(large, n - 1)
+    return out
+
+
+@VALID
+@given(st.booleans(), st.sampled_from([(8, 16), (32, 128), (6, 50)]))
+def test_relative_position_buckets_match_t5(bidirectional, sizes):
+    num_buckets, max_distance = sizes
+    rel = np.arange(-150, 151, dtype=np.int32)
+    got = enn.relative_position_buckets(
+        jnp.asarray(rel), bidirectional=bidirectional, num_buckets=num_buckets,
+        max_distance=max_distance,
+    )  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(got), _buckets64(rel, bidirectional, num_buckets, max_distance)
+    )
+
+
+@functools.cache
+def _gau(kind):
+    cls = {"gau": enn.GatedAttentionUnit, "quad": enn.FLASHQuad, "flash": enn.FLASH}[kind]
+    extra = {"chunk_size": 4} if kind == "flash" else {}
+    layer = cls(qk_dim=4, causal=True, num_buckets=8, max_distance=16, **extra)
+    return layer, jax.jit(layer.apply)
+
+
+@FEW
+@given(seeds, st.sampled_from(["gau", "quad", "flash"]))
+def test_causal_gau_layers_do_not_see_the_future(seed, kind):
+    layer, apply = _gau(kind)
+    x = jnp.asarray(normal(seed, (2, 10, 6)))
+    variables = random_variables(layer, x, seed=seed, scale=0.3)
+    out = apply(variables, x)
+    changed = apply(variables, x.at[:, 6:].set(jnp.asarray(normal(seed + 1, (2, 4, 6)))))
+    assert bool(jnp.all(jnp.isfinite(out)))
+    np.testing.assert_allclose(
+        np.asarray(changed[:, :6]), np.asarray(out[:, :6]), rtol=1e-5, atol=1e-5
+    )
+
+
+@INVALID
+@given(st.data())
+def test_gau_layers_refuse(data):
+    x = jnp.ones((2, 8, 6))
+    cls = data.draw(st.sampled_from([enn.GatedAttentionUnit, enn.FLASHQuad, enn.FLASH]))
+    arg = data.draw(
+        st.sampled_from(
+            [
+                "qk_dim",
+                "expansion",
+                "normalization",
+                "dropout_rate",
+                "causal",
+                "num_buckets",
+                "x",
+                "padding_mask",
+                "buckets_fn",
+            ]
+        )
+    )
+    kwargs = dict(qk_dim=4)
+    if arg == "qk_dim":
+        kwargs[arg] = data.draw(st.sampled_from([0, -2, 2.5]))
+    elif arg == "expansion":
+        kwargs[arg] = data.draw(bad_positive().filter(lambda v: v is not None))
+    elif arg == "normalization":
+        kwargs[arg] = data.draw(st.sampled_from(["batch", None]))
+    elif arg == "dropout_rate":
+        kwargs[arg] = data.draw(bad_probabilities(allow_one=False))
+    elif arg == "causal":
+        kwargs[arg] = data.draw(st.sampled_from([1, "yes"]))
+    elif arg == "num_buckets":
+        kwargs[arg] = data.draw(st.sampled_from([0, 1, 3]))  # non-causal needs 4
+    elif arg == "x":
+        bad = data.draw(
+            st.sampled_from([jnp.ones((8, 6)), jnp.ones((2, 0, 6)), jnp.ones((2, 8, 6), jnp.int32)])
+        )
+        refused(lambda: cls(**kwargs).init(KEY, bad), "x")
+        return
+    elif arg == "padding_mask":
+        refused(lambda: cls(**kwargs).init(KEY, x, padding_mask=jnp.ones((2, 8))), "padding_mask")
+        return
+    else:
+        bad = data.draw(
+            st.sampled_from(
+                [{"relative_position": jnp.arange(4.0)}, {"bidirectional": 1}, {"max_distance": 2}]
+            )
+        )
+        name = next(iter(bad))
+        call = {
+            "relative_position": jnp.arange(4),
+            "bidirectional": True,
+            "num_buckets": 8,
+            "max_distance": 16,
+            **bad,
+        }
+        refused(lambda: enn.relative_position_buckets(call.pop("relative_position"), **call), name)
+        return
+    refused(lambda: cls(**kwargs).init(KEY, x), arg)
+
+
+# --------------------------------------------------------------------------- token merging
+
+
+@VALID
+@given(seeds, st.booleans())
+def test_merge_tokens_matches_numpy(seed, with_mask):
+    scores, tokens = normal(seed, (2, 3, 6), 2.0), normal(seed + 1, (2, 6, 4))
+    mask = np.arange(6)[None, :] < np.array([[4], [6]]) if with_mask else np.ones((2, 6), bool)
+    merged, weights = enn.merge_tokens(
+        jnp.asarray(scores), jnp.asarray(tokens), jnp.asarray(mask) if with_mask else None
+    )
+    expected_w = np.where(
+        mask[:, None, :], np.exp(f64(scores) - f64(scores).max(-1, keepdims=True)), 0
+    )
+    expected_w = expected_w / expected_w.sum(-1, keepdims=True)
+    assert_close(weights, expected_w, rtol=1e-5, atol=1e-6)
+    assert_close(merged, np.einsum("bmn,bnd->bmd", expected_w, f64(tokens)), rtol=1e-5, atol=1e-5)
+
+
+@FEW
+@given(seeds, st.sampled_from(["merger", "learner"]))
+def test_token_mergers_ignore_masked_tokens(seed, kind):
+    module = (
+        enn.LearnedTokenMerger(2) if kind == "merger" else enn.TokenLearner(2, bottleneck_dim=4)
+    )
+    tokens = jnp.asarray(normal(seed, (2, 6, 4)))
+    mask = jnp.asarray(np.arange(6)[None, :] < 4).repeat(2, 0)
+    variables = random_variables(module, tokens, seed=seed)
+    out = module.apply(variables, tokens, mask=mask)
+    changed = module.apply(variables, tokens.at[:, 4:].set(99.0), mask=mask)
+    assert out.shape == (2, 2, 4)
+    assert_close(changed, f64(out), rtol=1e-5, atol=1e-5)
+
+
+@INVALID
+@given(st.data())
+def test_token_merging_refuses(data):
+    tokens = jnp.ones((2, 6, 4))
+    cls = data.draw(st.sampled_from([enn.LearnedTokenMerger, enn.TokenLearner]))
+    case = data.draw(st.sampled_from(["num_tokens", "tokens", "mask", "scores", "bottleneck"]))
+    if case == "num_tokens":
+        refused(
+            lambda: cls(data.draw(bad_ints().filter(lambda v: v is not None))).init(KEY, tokens),
+            "num_tokens",
+        )
+    elif case == "tokens":
+        refused(lambda: cls(2).init(KEY, tokens[0]), "tokens")
+    elif case == "mask":
+        bad = data.draw(st.sampled_from([jnp.ones((2, 6)), jnp.ones((2, 5), bool)]))
+        refused(lambda: cls(2).init(KEY, tokens, mask=bad), "mask")
+    elif case == "scores":
+        refused(lambda: enn.merge_tokens(jnp.ones((2, 3, 5)), tokens), "scores")
+    else:
+        refused(
+            lambda: enn.TokenLearner(
+                2, bottleneck_dim=data.draw(st.sampled_from([0, -1, 2.5]))
+            ).init(KEY, tokens),
+            "bottleneck_dim",
+        )
