@@ -312,6 +312,12 @@ def _plot_quality(quality: dict, path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _to_decide(n: int | None, unit: str) -> str:
+    if n is None:
+        return f"no number of {unit} decides it at the measured mean"
+    return f"~{n} {unit} would decide it"
+
+
 @register("flash_gau", description="FLASH vs quadratic GAU: linear-time training, byte-LM quality")
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
@@ -338,8 +344,9 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         f"fwd+bwd log-log slope FLASH {slope_flash.format('.2f')} (<= {SLOPE_FLASH_MAX}: "
         f"{statuses['slope_flash']}), quadratic GAU {slope_quad.format('.2f')} (>= "
         f"{SLOPE_QUAD_MIN}: {statuses['slope_quad']}); speed-up of FLASH at T={t} "
-        f"{speedup.format('.2f')} (>= {SPEEDUP_MIN}: {statuses['speedup']}); T in {list(flash_lengths)}, "
-        f"{rounds} interleaved rounds, {jax.default_backend().upper()} wall time"
+        f"{speedup.format('.2f')} (>= {SPEEDUP_MIN}: {statuses['speedup']}); T in "
+        f"{scaling['lengths']['flash']} (quadratic {scaling['lengths']['quad']}), "
+        f"{scaling['rounds']} interleaved rounds, {jax.default_backend().upper()} wall time"
     )
     for name, status in statuses.items():
         if status == "INCONCLUSIVE":
@@ -351,7 +358,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             }[name]
             direction = "<=" if name == "slope_flash" else ">="
             n = stats.seeds_to_decide(estimate, threshold, direction=direction)
-            measured += f"; {name} needs ~{n} rounds to decide"
+            measured += f"; {name}: {_to_decide(n, 'rounds')}"
     print(measured, flush=True)
     metrics = {"scaling": scaling, "statuses": dict(statuses)}
 
@@ -368,9 +375,13 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             status = stats.decide(ratio, QUALITY_RATIO_MAX, direction="<=")
             estimates[f"val_loss_ratio_{name}"] = ratio
             statuses[f"quality_{name}"] = status
-            part = f"{name} val loss {ratio.format('.3f')}x the Transformer's (<= {QUALITY_RATIO_MAX}: {status}"
+            part = (
+                f"{name} / Transformer val loss {ratio.format('.3f')} "
+                f"(<= {QUALITY_RATIO_MAX}: {status}"
+            )
             if status == "INCONCLUSIVE":
-                part += f", ~{stats.seeds_to_decide(ratio, QUALITY_RATIO_MAX, direction='<=')} seeds to decide"
+                n = stats.seeds_to_decide(ratio, QUALITY_RATIO_MAX, direction="<=")
+                part += f", {_to_decide(n, 'seeds')}"
             parts.append(part + ")")
         losses = {
             n: stats.mean_interval([r["val_loss"] for r in rs]).format(".3f")
