@@ -498,3 +498,79 @@ def test_checkpoint_restores_buffer_and_ema_and_resume_is_exact(tmp_path):
     assert isinstance(resumed.extra["mesa"], optax.EmaState)
     fields = lambda s: jax.device_get((s.step, s.params, s.opt_state, s.rng, s.extra))
     chex.assert_trees_all_equal(fields(resumed), fields(straight))
+
+
+# --- a batch spread over two processes (jax.distributed on CPU, gloo collectives) ------------
+
+_WORKER = r"""
+import os, sys
+process_id, port = int(sys.argv[1]), sys.argv[2]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from efflax.optim import SAF, read_logits, write_logits
+
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows, by_row = NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data", None))
+saf = SAF(16, 3, steps_per_epoch=2, lag=1, start_epoch=0)
+local = np.arange(4, dtype=np.int32) + 4 * process_id  # a global batch of 8: rows 0..7
+indices = jax.make_array_from_process_local_data(rows, local)
+assert not indices.is_fully_addressable
+step = saf.with_index_check(lambda state, batch: "ran")
+assert step(None, {"index": indices}) == "ran"
+# Eager buffer access with indices that span both processes.
+logits = jax.make_array_from_process_local_data(by_row, np.full((4, 3), process_id + 1.0, np.float32))
+buffer = write_logits(jax.device_put(saf.init(), NamedSharding(mesh, P())), indices, logits, 0)
+for shard in read_logits(buffer, indices, 1).addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), process_id + 1.0)
+# Only process 1 holds the bad index; both must refuse the batch (or process 0 would hang in
+# the next collective).
+local[2] = 16 if process_id == 1 else local[2]
+try:
+    step(None, {"index": jax.make_array_from_process_local_data(rows, local)})
+    print("accepted", flush=True)
+except ValueError as e:
+    print("ValueError:", e, flush=True)
+"""
+
+
+def test_index_check_and_buffer_access_on_a_batch_spanning_two_processes(tmp_path):
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=240)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-3000:]
+    assert "process(es) [1] hold indices outside the logits buffer [0, 16)" in outputs[0]
+    assert "batch['index'] [16] are outside the logits buffer [0, 16)" in outputs[1]

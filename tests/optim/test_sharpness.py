@@ -387,3 +387,40 @@ def test_sharpness_probe_in_the_training_harness(mlp_problem):
         probed[-1]["preconditioned_sharpness"], want["preconditioned_sharpness"], rtol=1e-3
     )
     assert probed[-1]["adam_threshold"] == pytest.approx(3800.0)
+
+
+def test_bad_inputs_raise_naming_the_value():
+    loss = lambda p: jnp.sum(p["w"] ** 2) * p["n"]
+    with_int = {"w": jnp.ones(3), "n": jnp.int32(2)}  # an integer leaf has a float0 tangent
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"params\['n'\] has dtype int32"):
+        sharpness(loss, with_int, key=key)
+    with pytest.raises(ValueError, match=r"params\['n'\] has dtype int32"):
+        hvp(loss, with_int, with_int)
+    state = optax.adam(1e-3).init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"params\['n'\] has dtype int32"):
+        preconditioned_sharpness(loss, with_int, state, eps=1e-8, key=key)
+    square = lambda p: jnp.sum(p["w"] ** 2)
+    with pytest.raises(ValueError, match="params and vector have different structures"):
+        hvp(square, {"w": jnp.ones(3)}, {"v": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"params\['w'\] has shape \(3,\) but vector\['w'\]"):
+        hvp(square, {"w": jnp.ones(3)}, {"w": jnp.ones(4)})
+    with pytest.raises(ValueError, match=r"loss_fn must return a float scalar; .* shape \(3,\)"):
+        hvp(lambda p: p["w"] ** 2, {"w": jnp.ones(3)}, {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="key=0 must be a single PRNG key"):
+        sharpness(square, {"w": jnp.ones(3)}, key=0)
+    with pytest.raises(ValueError, match="num_steps=True"):
+        sharpness(square, {"w": jnp.ones(3)}, key=key, num_steps=True)
+    with pytest.raises(ValueError, match=r"params and the Adam state's nu"):
+        preconditioned_sharpness(
+            square, {"w": jnp.ones(3), "b": jnp.ones(1)}, state, eps=1e-8, key=key
+        )
+    for kwargs, name in [({"eps": float("inf")}, "eps=inf"), ({"b1": float("nan")}, "b1=nan")]:
+        with pytest.raises(ValueError, match=name):
+            SharpnessProbe(square, 2, **{"learning_rate": 1e-3, "b1": 0.9, "eps": 1e-8, **kwargs})
+    with pytest.raises(ValueError, match="learning_rate=inf"):
+        adam_stability_threshold(float("inf"), 0.9)
+    # A float vector for bfloat16 params is cast to their dtype.
+    out = hvp(lambda p: jnp.sum(p["w"] ** 3), {"w": jnp.ones(3, jnp.bfloat16)}, {"w": jnp.ones(3)})
+    assert out["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out["w"], np.float32), 6.0)

@@ -112,12 +112,12 @@ def _check_epochs(start_epoch: Any, end_epoch: Any, *, minimum: int) -> None:
         _checks.int_at_least("end_epoch", end_epoch, start_epoch + 2)
 
 
-def _host_values(array: Any) -> list[np.ndarray] | None:
-    """The values of ``array`` this process can read, or ``None`` when it is traced.
+def _host_values(array: Any) -> tuple[list[np.ndarray], bool] | None:
+    """The values of ``array`` this process can read, and whether that is all of it; ``None``
+    when ``array`` is traced.
 
     A ``jax.Array`` that spans several processes (a global batch in a multi-controller job)
-    cannot be fetched whole; each process then reads only its addressable shards, and the checks
-    built on this are made by every process on the part it holds.
+    cannot be fetched whole; each process then reads only its addressable shards.
     """
     if isinstance(array, jax.Array):
         try:
@@ -125,25 +125,43 @@ def _host_values(array: Any) -> list[np.ndarray] | None:
         except jax.errors.ConcretizationTypeError:
             return None  # a tracer
         if not fully_addressable:
-            return [np.asarray(shard.data) for shard in array.addressable_shards]
+            return [np.asarray(shard.data) for shard in array.addressable_shards], False
     value = _checks.concrete(array)
-    return None if value is None else [value]
+    return None if value is None else ([value], True)
 
 
 def _check_indices(indices: Any, num_examples: int, name: str = "indices") -> None:
-    """Host-side check of example indices (on the shards this process holds); skips tracers."""
-    values = _host_values(indices)
-    if values is None:
+    """Host-side check of example indices; skips tracers.
+
+    On an array spread over several processes every process checks the shards it holds, and the
+    processes then agree (one small all-gather) so that all of them raise, not only the one
+    holding the bad index, which would leave the others waiting in the next collective.
+    """
+    host = _host_values(indices)
+    if host is None:
         return
-    for value in values:
-        if not np.issubdtype(value.dtype, np.integer):
-            raise ValueError(f"{name} dtype={value.dtype} must be an integer type")
-        bad = (value < 0) | (value >= num_examples)
-        if bad.any():
+    values, whole = host
+    dtype = values[0].dtype if values else np.dtype(np.int32)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{name} dtype={dtype} must be an integer type")
+    bad = np.unique(
+        np.concatenate([v[(v < 0) | (v >= num_examples)].ravel() for v in values] or [[]])
+    )
+    if not whole:
+        from jax.experimental import multihost_utils
+
+        bad_per_process = np.asarray(multihost_utils.process_allgather(np.int32(bad.size)))
+        if bad_per_process.any() and not bad.size:
+            holders = np.flatnonzero(bad_per_process).tolist()
             raise ValueError(
-                f"{name} {np.unique(value[bad])[:8].tolist()} are outside the logits buffer "
+                f"{name}: process(es) {holders} hold indices outside the logits buffer "
                 f"[0, {num_examples})"
             )
+    if bad.size:
+        raise ValueError(
+            f"{name} {bad[:8].astype(np.int64).tolist()} are outside the logits buffer "
+            f"[0, {num_examples})"
+        )
 
 
 # --- the buffer --------------------------------------------------------------------------------
