@@ -25,19 +25,51 @@ from typing import Protocol
 
 import numpy as np
 
+from efflax._src.stats import STATUSES
+from efflax._src.stats import Estimate
+from efflax._src.stats import Status
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """The result of an experiment: the paper's claim and what this run measured."""
+    """The result of an experiment: the paper's claim, what this run measured, and the decision.
+
+    Attributes:
+      claim: the paper's claim, in a few words.
+      measured: what this run measured, with intervals.
+      status: ``'PASS'`` (the interval supports the claim), ``'FAIL'`` (it contradicts it) or
+        ``'INCONCLUSIVE'`` (it straddles the threshold; ``measured`` says how many seeds would
+        decide). Use :func:`efflax.stats.decide` to get it from an estimate.
+      estimates: the claimed quantities by name (see :class:`efflax.stats.Estimate`).
+    """
 
     claim: str
     measured: str
-    passed: bool
+    status: Status
+    estimates: Mapping[str, Estimate] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"status={self.status!r} must be one of {STATUSES}")
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "PASS"
 
     def line(self) -> str:
         """One line: ``claim: ... | measured: ... | PASS``."""
-        status = "PASS" if self.passed else "FAIL"
-        return f"claim: {self.claim} | measured: {self.measured} | {status}"
+        return f"claim: {self.claim} | measured: {self.measured} | {self.status}"
+
+    def to_json(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Verdict:
+        estimates = {
+            name: Estimate(**{**e, "samples": tuple(e.get("samples", ()))})
+            for name, e in dict(data.get("estimates", {})).items()
+        }
+        return cls(data["claim"], data["measured"], data["status"], estimates)
 
 
 class RunFn(Protocol):
@@ -139,7 +171,7 @@ def _run_isolated(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool)
     code = subprocess.run(command, env=env, check=False).returncode
     if code != 0 or not verdict_path.exists():
         raise RuntimeError(f"experiment process exited with code {code} (its output is above)")
-    return Verdict(**json.loads(verdict_path.read_text()))
+    return Verdict.from_json(json.loads(verdict_path.read_text()))
 
 
 def run_experiments(
@@ -208,7 +240,7 @@ def _write_report(out: pathlib.Path, results, *, quick: bool) -> None:
         if verdict is None:
             row = f"| {name} | | {_cell(error)} | ERROR | {seconds:.0f} s | {plots} |"
         else:
-            status = "PASS" if verdict.passed else "FAIL"
+            status = verdict.status
             row = (
                 f"| {name} | {_cell(verdict.claim)} | {_cell(verdict.measured)} | {status} | "
                 f"{seconds:.0f} s | {plots} |"
@@ -221,7 +253,7 @@ def _run_one(name: str, exp_dir: pathlib.Path, *, quick: bool) -> Verdict:
     """Runs a registered experiment here and writes its verdict to ``exp_dir/verdict.json``."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     verdict = discover()[name].run(exp_dir, quick=quick)
-    (exp_dir / "verdict.json").write_text(json.dumps(dataclasses.asdict(verdict)) + "\n")
+    (exp_dir / "verdict.json").write_text(json.dumps(verdict.to_json()) + "\n")
     return verdict
 
 

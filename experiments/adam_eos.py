@@ -256,7 +256,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     return Verdict(
         claim="full-batch Adam's preconditioned sharpness hovers at 38/lr (within 10%)",
         measured=measured,
-        passed=passed,
+        status="PASS" if passed else "FAIL",
     )
 
 

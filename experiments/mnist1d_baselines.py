@@ -101,7 +101,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             f"MLP {100 * mean['mlp']:.1f}%, CNN {100 * mean['cnn']:.1f}% "
             f"({steps} steps, {len(seeds)} seed(s))"
         ),
-        passed=passed,
+        status="PASS" if passed else "FAIL",
     )
 
 

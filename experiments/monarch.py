@@ -283,7 +283,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             f"train loss change at switch {jump:+.3f} ({len(seeds)} seed(s), {steps} steps, "
             f"{4 * (num_samples or 5000) // 5} train examples)"
         ),
-        passed=bool(passed),
+        status="PASS" if bool(passed) else "FAIL",
     )
 
 

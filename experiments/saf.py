@@ -426,7 +426,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             "with accuracy >= SGD"
         ),
         measured="; ".join(text for _, text in checks.values()) + f" ({scale})",
-        passed=all(ok for ok, _ in checks.values()),
+        status="PASS" if all(ok for ok, _ in checks.values()) else "FAIL",
     )
 
 

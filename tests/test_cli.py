@@ -50,7 +50,7 @@ def test_a_crashing_experiment_process_is_reported(tmp_path, monkeypatch):
 
 
 def test_verdict_line():
-    v = experiment.Verdict(claim="2x faster", measured="2.1x", passed=True)
+    v = experiment.Verdict(claim="2x faster", measured="2.1x", status="PASS")
     assert v.line() == "claim: 2x faster | measured: 2.1x | PASS"
     with pytest.raises(ValueError, match="registered twice"):
         experiment.register("mnist1d_baselines")(lambda out_dir, *, quick: v)
@@ -71,7 +71,7 @@ def test_experiments_get_their_own_host_device_count(monkeypatch):
 
 
 def test_report_cells_escape_pipes(tmp_path):
-    verdict = experiment.Verdict(claim="a | b", measured="worst |gap| 0.4\nok", passed=True)
+    verdict = experiment.Verdict(claim="a | b", measured="worst |gap| 0.4\nok", status="PASS")
     experiment._write_report(tmp_path, [("x", verdict, 1.0, "")], quick=True)
     row = (tmp_path / "REPORT.md").read_text().splitlines()[-1]
     cells = re.split(r"(?<!\\)\|", row)[1:-1]

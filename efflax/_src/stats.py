@@ -1,0 +1,266 @@
+"""Estimates with uncertainty and the three-way verdict an experiment reports.
+
+A claim such as "expert choice reaches the baseline's loss at least 1.1x faster" is decided from
+runs over several seeds: the quantity gets a 95% interval (Student-t over seeds, a paired t
+interval for paired runs, a log-scale interval for ratios), and the verdict is
+
+- ``PASS`` when the whole interval supports the claim,
+- ``FAIL`` when the whole interval contradicts it,
+- ``INCONCLUSIVE`` when it straddles the threshold; :func:`seeds_to_decide` says how many seeds
+  would decide it if the mean and spread stayed as measured.
+
+Example:
+  >>> speedup = ratio_interval(top2_steps, expert_choice_steps)      # paired by seed
+  >>> decide(speedup, 1.1, direction=">=")
+  'PASS'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+Status = Literal["PASS", "FAIL", "INCONCLUSIVE"]
+Direction = Literal[">=", "<=", "within"]
+STATUSES: tuple[Status, ...] = ("PASS", "FAIL", "INCONCLUSIVE")
+
+__all__ = [
+    "Estimate",
+    "STATUSES",
+    "bootstrap_interval",
+    "combine_statuses",
+    "decide",
+    "mean_interval",
+    "paired_difference",
+    "ratio_interval",
+    "seeds_to_decide",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A measured quantity: point estimate and a two-sided interval.
+
+    Attributes:
+      value: the point estimate (a mean, a mean difference, a geometric-mean ratio).
+      low, high: the interval's ends.
+      n: the number of runs (seeds) it comes from.
+      confidence: the interval's coverage (0.95 by default).
+      samples: the per-run values it was computed from (for reports and re-analysis).
+    """
+
+    value: float
+    low: float
+    high: float
+    n: int
+    confidence: float = 0.95
+    samples: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if not self.low <= self.value <= self.high:
+            raise ValueError(f"interval [{self.low}, {self.high}] must contain {self.value}")
+
+    def format(self, spec: str = ".3g", unit: str = "") -> str:
+        """``'1.35 [1.12, 1.58] (n=5)'``."""
+        return (
+            f"{self.value:{spec}}{unit} [{self.low:{spec}}, {self.high:{spec}}]{unit} (n={self.n})"
+        )
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _samples(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if array.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name}={array.tolist()} must be finite")
+    return array
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must be in (0, 1)")
+
+
+def mean_interval(samples: Sequence[float], *, confidence: float = 0.95) -> Estimate:
+    """Mean of independent runs with a Student-t interval (one run: a zero-width interval).
+
+    A single run carries no information about spread; its interval is the point itself, so a
+    verdict from one seed is only as good as that seed (use several).
+    """
+    _check_confidence(confidence)
+    x = _samples(samples, "samples")
+    mean = float(np.mean(x))
+    if x.size == 1:
+        return Estimate(mean, mean, mean, 1, confidence, tuple(x.tolist()))
+    half = float(
+        _scipy_stats.t.ppf(0.5 + confidence / 2, df=x.size - 1)
+        * np.std(x, ddof=1)
+        / math.sqrt(x.size)
+    )
+    return Estimate(mean, mean - half, mean + half, x.size, confidence, tuple(x.tolist()))
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95
+) -> Estimate:
+    """Mean of ``a_i - b_i`` over paired runs (same seed, data order) with a t interval."""
+    a, b = _samples(a, "a"), _samples(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples need equal lengths, got {a.size} and {b.size}")
+    return mean_interval(a - b, confidence=confidence)
+
+
+def ratio_interval(
+    numerator: Sequence[float],
+    denominator: Sequence[float],
+    *,
+    paired: bool = True,
+    confidence: float = 0.95,
+) -> Estimate:
+    """Geometric-mean ratio ``numerator / denominator`` with an interval on the log scale.
+
+    For speed-ups and cost ratios (positive quantities whose spread is multiplicative). Paired:
+    the t interval of ``log(num_i / den_i)``; unpaired: Welch's interval of the difference of the
+    mean logs.
+    """
+    _check_confidence(confidence)
+    num, den = _samples(numerator, "numerator"), _samples(denominator, "denominator")
+    if np.any(num <= 0) or np.any(den <= 0):
+        raise ValueError("ratio_interval needs positive values")
+    if paired:
+        log_ratio = mean_interval(np.log(num) - np.log(den), confidence=confidence)
+        samples = tuple((num / den).tolist())
+        return Estimate(
+            math.exp(log_ratio.value),
+            math.exp(log_ratio.low),
+            math.exp(log_ratio.high),
+            log_ratio.n,
+            confidence,
+            samples,
+        )
+    ln, ld = np.log(num), np.log(den)
+    diff = float(ln.mean() - ld.mean())
+    if ln.size < 2 or ld.size < 2:
+        return Estimate(math.exp(diff), math.exp(diff), math.exp(diff), min(ln.size, ld.size))
+    vn, vd = ln.var(ddof=1) / ln.size, ld.var(ddof=1) / ld.size
+    se = math.sqrt(vn + vd)
+    if se == 0:
+        half = 0.0
+    else:
+        dof = (vn + vd) ** 2 / (vn**2 / (ln.size - 1) + vd**2 / (ld.size - 1))
+        half = float(_scipy_stats.t.ppf(0.5 + confidence / 2, df=dof) * se)
+    return Estimate(
+        math.exp(diff),
+        math.exp(diff - half),
+        math.exp(diff + half),
+        min(ln.size, ld.size),
+        confidence,
+    )
+
+
+def bootstrap_interval(
+    samples: Sequence[float],
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    *,
+    confidence: float = 0.95,
+    num_resamples: int = 10_000,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile-bootstrap interval of ``statistic`` (deterministic for a given seed)."""
+    _check_confidence(confidence)
+    x = _samples(samples, "samples")
+    value = float(statistic(x))
+    if x.size == 1:
+        return Estimate(value, value, value, 1, confidence, tuple(x.tolist()))
+    rng = np.random.default_rng(seed)
+    draws = np.array(
+        [statistic(x[rng.integers(0, x.size, x.size)]) for _ in range(int(num_resamples))]
+    )
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha])
+    return Estimate(
+        value,
+        min(float(low), value),
+        max(float(high), value),
+        x.size,
+        confidence,
+        tuple(x.tolist()),
+    )
+
+
+def decide(estimate: Estimate, threshold: float, *, direction: Direction = ">=") -> Status:
+    """PASS / FAIL / INCONCLUSIVE for the claim ``quantity <direction> threshold``.
+
+    Args:
+      estimate: the measured quantity.
+      threshold: the claim's bound; for ``'within'`` the tolerance ``t`` of ``|quantity| <= t``.
+      direction: ``'>='``, ``'<='`` or ``'within'``.
+    """
+    if direction == ">=":
+        if estimate.low >= threshold:
+            return "PASS"
+        return "FAIL" if estimate.high < threshold else "INCONCLUSIVE"
+    if direction == "<=":
+        if estimate.high <= threshold:
+            return "PASS"
+        return "FAIL" if estimate.low > threshold else "INCONCLUSIVE"
+    if direction == "within":
+        if threshold < 0:
+            raise ValueError(f"threshold={threshold!r} must be >= 0 for direction='within'")
+        if -threshold <= estimate.low and estimate.high <= threshold:
+            return "PASS"
+        if estimate.low > threshold or estimate.high < -threshold:
+            return "FAIL"
+        return "INCONCLUSIVE"
+    raise ValueError(f"direction={direction!r} must be '>=', '<=' or 'within'")
+
+
+def seeds_to_decide(
+    estimate: Estimate,
+    threshold: float,
+    *,
+    direction: Direction = ">=",
+    max_seeds: int = 1000,
+) -> int | None:
+    """Seeds that would decide an INCONCLUSIVE claim if the mean and spread stayed as measured.
+
+    Returns ``None`` when the estimate sits on the threshold (no finite number decides it) or
+    there are too few samples to estimate the spread.
+    """
+    x = np.asarray(estimate.samples, dtype=np.float64)
+    if x.size < 2:
+        return None
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    bounds = (-threshold, threshold) if direction == "within" else (threshold,)
+    gap = min(abs(mean - b) for b in bounds)
+    if gap == 0:
+        return None
+    if sd == 0:
+        return x.size
+    for n in range(2, max_seeds + 1):
+        t = _scipy_stats.t.ppf(0.5 + estimate.confidence / 2, df=n - 1)
+        if t * sd / math.sqrt(n) < gap:
+            return max(n, x.size)
+    return None
+
+
+def combine_statuses(statuses: Sequence[Status]) -> Status:
+    """All of several claims: FAIL if any fails, PASS if all pass, else INCONCLUSIVE."""
+    statuses = list(statuses)
+    for status in statuses:
+        if status not in STATUSES:
+            raise ValueError(f"status={status!r} must be one of {STATUSES}")
+    if not statuses:
+        raise ValueError("no statuses to combine")
+    if "FAIL" in statuses:
+        return "FAIL"
+    return "PASS" if all(s == "PASS" for s in statuses) else "INCONCLUSIVE"

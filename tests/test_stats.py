@@ -1,0 +1,104 @@
+"""Intervals and verdicts on known distributions: a clear win, a clear loss, a tie."""
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from efflax.experiment import Verdict
+from efflax.stats import Estimate
+from efflax.stats import bootstrap_interval
+from efflax.stats import combine_statuses
+from efflax.stats import decide
+from efflax.stats import mean_interval
+from efflax.stats import paired_difference
+from efflax.stats import ratio_interval
+from efflax.stats import seeds_to_decide
+
+
+def test_mean_interval_matches_the_t_formula():
+    x = np.array([1.0, 2.0, 4.0, 3.5, 2.5])
+    est = mean_interval(x)
+    half = scipy_stats.t.ppf(0.975, 4) * x.std(ddof=1) / np.sqrt(5)
+    np.testing.assert_allclose(
+        [est.value, est.low, est.high], [x.mean(), x.mean() - half, x.mean() + half]
+    )
+    assert est.n == 5 and est.samples == tuple(x)
+
+
+def test_interval_covers_the_true_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    covered = [
+        (e := mean_interval(rng.normal(3.0, 2.0, size=5))).low <= 3.0 <= e.high for _ in range(2000)
+    ]
+    assert 0.93 < np.mean(covered) < 0.97
+
+
+@pytest.mark.parametrize(
+    ("shift", "expected"), [(2.0, "PASS"), (-2.0, "FAIL"), (0.0, "INCONCLUSIVE")]
+)
+def test_decide_win_loss_tie(shift, expected):
+    rng = np.random.default_rng(1)
+    a = rng.normal(10.0, 1.0, size=8)
+    b = a - shift + rng.normal(0.0, 0.3, size=8)  # paired runs
+    est = paired_difference(a, b)
+    assert decide(est, 0.0, direction=">=") == expected
+
+
+def test_decide_directions_and_within():
+    est = Estimate(1.0, 0.5, 1.5, 5)
+    assert decide(est, 0.4) == "PASS" and decide(est, 1.6) == "FAIL"
+    assert decide(est, 1.0) == "INCONCLUSIVE"
+    assert decide(est, 1.6, direction="<=") == "PASS" and decide(est, 0.4, direction="<=") == "FAIL"
+    assert decide(Estimate(0.1, -0.2, 0.3, 4), 0.5, direction="within") == "PASS"
+    assert decide(Estimate(0.9, 0.7, 1.1, 4), 0.5, direction="within") == "FAIL"
+    assert decide(Estimate(0.4, 0.2, 0.6, 4), 0.5, direction="within") == "INCONCLUSIVE"
+    with pytest.raises(ValueError, match="direction='>'"):
+        decide(est, 0.0, direction=">")
+
+
+def test_ratio_interval_is_symmetric_on_the_log_scale():
+    num = np.array([2.0, 2.2, 1.8, 2.1])
+    den = np.ones(4)
+    est = ratio_interval(num, den)
+    assert est.low < est.value < est.high
+    np.testing.assert_allclose(est.value, np.exp(np.mean(np.log(num))))
+    np.testing.assert_allclose(
+        np.log(est.high) - np.log(est.value), np.log(est.value) - np.log(est.low)
+    )
+    unpaired = ratio_interval(num, [1.0, 1.1, 0.9], paired=False)
+    assert unpaired.low < unpaired.value < unpaired.high
+    with pytest.raises(ValueError, match="positive"):
+        ratio_interval([1.0, -1.0], [1.0, 1.0])
+
+
+def test_seeds_to_decide_grows_as_the_gap_shrinks():
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0, 1, size=4)
+    noise -= noise.mean()
+    far = seeds_to_decide(mean_interval(1.0 + noise), 0.0)
+    near = seeds_to_decide(mean_interval(0.3 + noise), 0.0)
+    assert far is not None and near is not None and near > far
+    assert seeds_to_decide(mean_interval([1.0]), 0.0) is None
+
+
+def test_bootstrap_and_bad_inputs():
+    est = bootstrap_interval([1.0, 2.0, 3.0, 4.0], seed=0)
+    assert est.low <= 2.5 <= est.high
+    for bad in ([], [1.0, float("nan")]):
+        with pytest.raises(ValueError):
+            mean_interval(bad)
+    with pytest.raises(ValueError, match="confidence"):
+        mean_interval([1.0, 2.0], confidence=1.0)
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_combine_and_verdict_round_trip():
+    assert combine_statuses(["PASS", "PASS"]) == "PASS"
+    assert combine_statuses(["PASS", "INCONCLUSIVE"]) == "INCONCLUSIVE"
+    assert combine_statuses(["INCONCLUSIVE", "FAIL"]) == "FAIL"
+    verdict = Verdict("c", "m", "INCONCLUSIVE", {"speedup": ratio_interval([2.0, 1.5], [1.0, 1.0])})
+    assert Verdict.from_json(verdict.to_json()) == verdict
+    assert not verdict.passed
+    with pytest.raises(ValueError, match="status='OK'"):
+        Verdict("c", "m", "OK")
