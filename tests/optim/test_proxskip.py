@@ -295,6 +295,12 @@ def test_contracts_at_least_as_fast_as_theorem():
         (lambda: communication_period(0.0), "probability=0.0"),
         (lambda: communication_period(float("nan")), "probability=nan"),
         (lambda: make_client_step(local_gd(0.1, 2), lambda w, d: w, axis_name="c"), "needs a mesh"),
+        (lambda: make_client_step(local_gd(0.1, 2), None), "client_grad_fn=None"),
+        (lambda: proxskip(0.1, 0.5, communicate="mean"), "communicate='mean'"),
+        (
+            lambda: consensus_average({"w": jnp.ones(3), "count": jnp.int32(0)}),
+            r"stacked\['count'\]",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_the_value(build, message):

@@ -83,6 +83,13 @@ def consensus_average(stacked: Any, axis_name: str | None = None) -> Any:
       A pytree like ``stacked`` with every client holding the average.
     """
 
+    for path, leaf in jax.tree_util.tree_leaves_with_path(stacked):
+        if jnp.ndim(leaf) == 0:
+            raise ValueError(
+                f"stacked{jax.tree_util.keystr(path)} is a scalar; every leaf needs a leading "
+                "client axis"
+            )
+
     def average(leaf):
         mean = jnp.mean(leaf, axis=0, keepdims=True)
         if axis_name is not None:
@@ -160,6 +167,11 @@ def _client_axis(built: str | None, passed: Any, transform: str) -> str | None:
     return passed
 
 
+def _check_communicate(communicate: Any) -> None:
+    if communicate is not None and not callable(communicate):
+        raise ValueError(f"communicate={communicate!r} must be callable or None")
+
+
 def _communicate_fn(communicate: Communicate | None, axis_name: str | None) -> Communicate:
     if communicate is not None:
         return communicate
@@ -218,6 +230,7 @@ def proxskip(
     """
     _check_probability(probability)
     _check_learning_rate(learning_rate)
+    _check_communicate(communicate)
     if derandomized:
         if _checks.concrete(probability) is None:
             raise ValueError(
@@ -298,6 +311,7 @@ def local_gd(
     """
     _check_learning_rate(learning_rate)
     local_steps = _checks.int_at_least("local_steps", local_steps)
+    _check_communicate(communicate)
 
     def init_fn(params):
         del params
@@ -393,6 +407,8 @@ def make_client_step(
       The jitted step (``step.lower(...)`` works, to inspect the compiled HLO).
     """
 
+    if not callable(client_grad_fn):
+        raise ValueError(f"client_grad_fn={client_grad_fn!r} must be callable")
     if mesh is None and axis_name is not None:
         raise ValueError(f"{axis_name=} needs a mesh (the clients are vmapped without one)")
     if mesh is not None and (axis_name is None or axis_name not in mesh.axis_names):
