@@ -471,6 +471,8 @@ class SharpnessProbe:
       gd_momentum: heavy-ball momentum for ``gd_threshold``.
       raw: also measure the raw sharpness (doubles the cost).
       seed: key for ``measure`` when no key is given.
+      unroll: as in ``lanczos`` (``None``: fully unrolled on CPU, where it runs fastest; 1
+        compiles one Hessian-vector product per eigenvalue, the shortest compile).
 
     Example:
       >>> probe = SharpnessProbe(loss, every=50, learning_rate=1e-3, b1=0.9, eps=1e-7)
@@ -491,6 +493,7 @@ class SharpnessProbe:
         gd_momentum: float = 0.0,
         raw: bool = True,
         seed: int = 0,
+        unroll: bool | int | None = None,
     ) -> None:
         _check_steps(every, "every")
         _check_steps(num_steps)
@@ -513,11 +516,20 @@ class SharpnessProbe:
             raw_key, pre_key = jax.random.split(key)
             out = {
                 "preconditioned_sharpness": preconditioned_sharpness(
-                    loss, params, opt_state, eps=eps, num_steps=num_steps, key=pre_key, b2=b2
+                    loss,
+                    params,
+                    opt_state,
+                    eps=eps,
+                    num_steps=num_steps,
+                    key=pre_key,
+                    b2=b2,
+                    unroll=unroll,
                 )
             }
             if raw:
-                out["sharpness"] = sharpness(loss, params, num_steps=num_steps, key=raw_key)
+                out["sharpness"] = sharpness(
+                    loss, params, num_steps=num_steps, key=raw_key, unroll=unroll
+                )
             return out
 
         self._batch = batch
