@@ -80,12 +80,30 @@ def _check_scalar_loss(loss_fn: Callable[[PyTree], jax.Array], params: PyTree) -
         )
 
 
+_FORWARD_MODE_HINT = (
+    "loss_fn reaches a kernel that jax.jvp cannot differentiate (a Pallas kernel or another "
+    "custom_vjp function called directly): use efflax layers or the pallas_kernels ops "
+    "(dot_product_attention, monarch_matmul), which switch to their XLA path inside the probes"
+)
+
+
+def _raised_in_pallas(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None:
+        if "pallas" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree) -> PyTree:
     """Hessian-vector product H(params) @ vector, forward-over-reverse.
 
     Traced inside ``pallas_kernels.op.forward_mode_autodiff()``, so models built from efflax
     layers use their forward-mode-capable (XLA) implementations here, whatever implementation
-    they were configured with.
+    they were configured with; and with ``jax.disable_jit()``, so that a ``jax.jit``-compiled
+    function inside ``loss_fn`` (traced before, with the Pallas kernels, and cached) is traced
+    again here. Called outside ``jit`` this runs op by op: jit the caller (the probes do).
 
     Args:
       loss_fn: scalar function of ``params`` (close over the batch).
@@ -102,9 +120,18 @@ def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree) 
     _checks.same_structure("params", params, "vector", vector)
     _check_floating("params", params)
     vector = jax.tree.map(lambda v, p: jnp.asarray(v).astype(jnp.result_type(p)), vector, params)
-    with forward_mode_autodiff():
+    with forward_mode_autodiff(), jax.disable_jit():
         _check_scalar_loss(loss_fn, params)
-        return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+        try:
+            return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+        except AssertionError as e:  # what Pallas' JVP rule raises on a kernel it cannot push
+            if not _raised_in_pallas(e):
+                raise
+            raise ValueError(_FORWARD_MODE_HINT) from e
+        except TypeError as e:
+            if "forward-mode" not in str(e) or "custom_vjp" not in str(e):
+                raise
+            raise ValueError(f"{_FORWARD_MODE_HINT}: {e}") from e
 
 
 def _flat_operator(matvec: MatVec, params_like: PyTree):
