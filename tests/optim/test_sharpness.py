@@ -426,45 +426,23 @@ def test_bad_inputs_raise_naming_the_value():
     np.testing.assert_allclose(np.asarray(out["w"], np.float32), 6.0)
 
 
-# --- probes through efflax's own layers ------------------------------------------------------
+def test_a_pallas_kernel_that_cannot_be_differentiated_gets_a_value_error():
+    """Not a bare AssertionError from inside Pallas' JVP rule (here: program_id in a kernel)."""
+    from jax.experimental import pallas as pl
 
-_VOCAB, _SEQ, _WIDTH = 11, 16, 16
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...] ** 2 * (pl.program_id(0) + 1)
 
-
-class _TinyLM(nn.Module):
-    """A pre-norm block from efflax layers: causal attention, a Monarch MLP, an MoE FFN."""
-
-    attention: str = "xla"
-    monarch: str = "xla"
-    row_chunk: Any = None
-
-    @nn.compact
-    def __call__(self, tokens):
-        from efflax.nn import MoEFeedForward
-        from efflax.nn import MonarchDense
-        from efflax.nn import MultiHeadAttention
-
-        x = nn.Embed(_VOCAB, _WIDTH)(tokens)
-        x = x + MultiHeadAttention(num_heads=2, causal=True, implementation=self.attention)(
-            nn.LayerNorm()(x)
-        )
-        monarch = dict(nblocks=2, implementation=self.monarch, row_chunk=self.row_chunk)
-        h = nn.gelu(MonarchDense(2 * _WIDTH, **monarch)(nn.LayerNorm()(x)))
-        x = x + MonarchDense(_WIDTH, **monarch)(h)
-        x = x + MoEFeedForward(num_experts=2, hidden=_WIDTH)(nn.LayerNorm()(x))
-        return nn.Dense(_VOCAB)(x)
-
-
-def _lm_problem():
-    tokens = jax.random.randint(jax.random.key(3), (2, _SEQ + 1), 0, _VOCAB)
-    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
-    params = nn.unbox(jax.jit(_TinyLM().init)(jax.random.key(4), batch["x"])["params"])
-    return params, batch
-
-
-def _lm_loss(model):
-    def loss(params, batch):
-        logits = model.apply({"params": params}, batch["x"]).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
-    return loss
+    block = pl.BlockSpec((4,), lambda i: (i,))
+    square = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+        grid=(2,),
+        in_specs=[block],
+        out_specs=block,
+        interpret=True,
+    )
+    x = jnp.arange(8.0)
+    with pytest.raises(ValueError, match="cannot differentiate in forward mode") as raised:
+        hvp(lambda x: jnp.sum(square(x)), x, x)
+    assert isinstance(raised.value.__cause__, AssertionError)
