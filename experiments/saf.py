@@ -31,6 +31,7 @@ from efflax.optim import SAF
 from efflax.optim import logits_buffer_bytes
 from efflax.optim import sam
 from efflax.optim import sharpness
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import fit
@@ -114,26 +115,9 @@ def _loss_fn(method: str, cfg: Config, num_examples: int, steps_per_epoch: int):
             teacher = state.apply_fn(extra["mesa"].ema, batch["x"])
             loss, mesa_metrics = mesa.loss(loss, logits, teacher, state.step)
             metrics = {**metrics, **mesa_metrics}
-        return loss, {"metrics": metrics, "extra": extra}
+        return loss, LossOutput(metrics=metrics, extra=extra)
 
     return loss_fn
-
-
-def _sam_step(cfg: Config):
-    """A SAM train step: optax.contrib.sam in opaque mode (2 gradients per update)."""
-
-    def step(state: TrainState, batch: dict[str, Any]):
-        def loss_of(params):
-            logits = state.apply_fn({"params": params}, batch["x"])
-            return _task_loss(logits, batch["y"]), logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        grad_fn = lambda params, _: jax.grad(lambda p: loss_of(p)[0])(params)
-        state = state.apply_gradients(grads, grad_fn=grad_fn)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-        return state, {"loss": loss, "accuracy": accuracy}
-
-    return jax.jit(step, donate_argnums=(0,))
 
 
 def _optimizer(method: str, cfg: Config, total_steps: int) -> optax.GradientTransformation:
@@ -161,10 +145,9 @@ def _make(method: str, cfg: Config, seed: int, loader) -> tuple[TrainState, Call
         rng=jax.random.key(seed + 1000),
         extra=extra,
     )
-    if method == "sam":
-        step = _sam_step(cfg)
-    else:
-        step = make_train_step(_loss_fn(method, cfg, loader.num_examples, loader.steps_per_epoch))
+    # SAM's second gradient comes from grad_fn, which the step passes to tx.update.
+    loss_fn = _loss_fn(method, cfg, loader.num_examples, loader.steps_per_epoch)
+    step = make_train_step(loss_fn, pass_grad_fn=method == "sam")
     if method == "saf":  # the data-path guard: no out-of-range index reaches the buffer
         step = _saf(cfg, loader.num_examples, loader.steps_per_epoch).with_index_check(step)
     return state, step

@@ -25,6 +25,7 @@ from efflax.optim import trajectory_loss
 from efflax.optim import write_logits
 from efflax.sharding import make_mesh
 from efflax.sharding import replicated
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
@@ -414,7 +415,7 @@ def _loss_fn(params, state, batch, rng):
     loss, buffer, metrics = _SAF.loss(task, logits, state.extra["saf"], batch["index"], state.step)
     loss, mesa_metrics = _MESA.loss(loss, logits, teacher, state.step)
     metrics = {**metrics, "mesa_trajectory_loss": mesa_metrics["trajectory_loss"]}
-    return loss, {"metrics": metrics, "extra": {"saf": buffer, "mesa": mesa_state}}
+    return loss, LossOutput(metrics=metrics, extra={"saf": buffer, "mesa": mesa_state})
 
 
 def _state(buffer_sharding=None):
@@ -500,35 +501,42 @@ def test_checkpoint_restores_buffer_and_ema_and_resume_is_exact(tmp_path):
     chex.assert_trees_all_equal(fields(resumed), fields(straight))
 
 
-# --- a batch spread over two processes (jax.distributed on CPU, gloo collectives) ------------
+# --- a batch spread over two processes (jax.distributed on CPU) ------------------------------
 
 _WORKER = r"""
-import os, sys
-process_id, port = int(sys.argv[1]), sys.argv[2]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import os
+
 import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+
+# The runtime from the environment efflax.distributed.launch sets, before efflax is imported
+# (importing pallas_kernels asks for the default backend, which must come after this).
+jax.config.update("jax_num_cpu_devices", int(os.environ["EFFLAX_CPU_DEVICES"]))
+jax.distributed.initialize(
+    os.environ["EFFLAX_COORDINATOR_ADDRESS"],
+    int(os.environ["EFFLAX_NUM_PROCESSES"]),
+    int(os.environ["EFFLAX_PROCESS_ID"]),
+)
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from efflax.optim import SAF, read_logits, write_logits
 
+process = jax.process_index()
 mesh = Mesh(np.array(jax.devices()), ("data",))
 rows, by_row = NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data", None))
 saf = SAF(16, 3, steps_per_epoch=2, lag=1, start_epoch=0)
-local = np.arange(4, dtype=np.int32) + 4 * process_id  # a global batch of 8: rows 0..7
+local = np.arange(4, dtype=np.int32) + 4 * process  # a global batch of 8: rows 0..7
 indices = jax.make_array_from_process_local_data(rows, local)
 assert not indices.is_fully_addressable
 step = saf.with_index_check(lambda state, batch: "ran")
 assert step(None, {"index": indices}) == "ran"
 # Eager buffer access with indices that span both processes.
-logits = jax.make_array_from_process_local_data(by_row, np.full((4, 3), process_id + 1.0, np.float32))
+logits = jax.make_array_from_process_local_data(by_row, np.full((4, 3), process + 1.0, np.float32))
 buffer = write_logits(jax.device_put(saf.init(), NamedSharding(mesh, P())), indices, logits, 0)
 for shard in read_logits(buffer, indices, 1).addressable_shards:
-    np.testing.assert_array_equal(np.asarray(shard.data), process_id + 1.0)
-# Only process 1 holds the bad index; both must refuse the batch (or process 0 would hang in
-# the next collective).
-local[2] = 16 if process_id == 1 else local[2]
+    np.testing.assert_array_equal(np.asarray(shard.data), process + 1.0)
+# Only process 1 holds the bad index; both must refuse the batch (or process 0 would wait for
+# process 1 in the next collective).
+local[2] = 16 if process == 1 else local[2]
 try:
     step(None, {"index": jax.make_array_from_process_local_data(rows, local)})
     print("accepted", flush=True)
@@ -538,39 +546,66 @@ except ValueError as e:
 
 
 def test_index_check_and_buffer_access_on_a_batch_spanning_two_processes(tmp_path):
-    import os
     import pathlib
-    import socket
-    import subprocess
     import sys
+
+    from efflax.distributed import launch
 
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
     root = str(pathlib.Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(i), str(port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-3000:]
+    codes = launch(
+        [sys.executable, str(script)],
+        num_processes=2,
+        cpu_devices=2,
+        timeout=240,
+        env={"PYTHONPATH": root, "XLA_FLAGS": ""},
+        output=lambda i: open(logs[i], "w"),  # noqa: SIM115 - the child owns it
+    )
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs
     assert "process(es) [1] hold indices outside the logits buffer [0, 16)" in outputs[0]
     assert "batch['index'] [16] are outside the logits buffer [0, 16)" in outputs[1]
+
+
+# --- the README's SAF and MESA snippets, in the README's quickstart loop ---------------------
+
+
+def _readme_script(snippet_index):
+    """The quickstart with the snippet in place of its ``train_step = ...`` line, one epoch."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    quickstart = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    section = readme[readme.index("### SAF, MESA or SAM in the same loop") :].split("\n## ")[0]
+    snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)[snippet_index]
+    line = next(l for l in quickstart.splitlines() if l.startswith("train_step = "))
+    assert "epochs=20" in quickstart
+    return quickstart.replace(line, snippet).replace("epochs=20", "epochs=1")
+
+
+def test_readme_saf_snippet_runs_in_the_quickstart_loop():
+    from efflax.data import load_arrays
+
+    assert len(load_arrays("mnist1d", "train")["y"]) == 4000  # the snippet's num_examples
+    scope = {}
+    exec(compile(_readme_script(0), "README.md", "exec"), scope)
+    state, metrics = scope["state"], scope["metrics"]
+    # One epoch of 31 batches of 128 wrote 3968 examples' logits into slot 0, nothing else.
+    written = np.abs(np.asarray(state.extra["saf"].logits)).sum(-1) > 0
+    assert written[:, 0].sum() == 31 * 128 and not written[:, 1:].any()
+    assert int(state.step) == 31 and float(metrics["sharpness_term_on"]) == 0.0
+
+
+def test_readme_mesa_snippet_runs_in_the_quickstart_loop():
+    scope = {}
+    exec(compile(_readme_script(1), "README.md", "exec"), scope)
+    state, metrics = scope["state"], scope["metrics"]
+    mesa_state = state.extra["mesa"]
+    assert int(mesa_state.count) == 31 and "trajectory_loss" in metrics
+    moved = jax.tree.map(
+        lambda e, p: float(jnp.abs(e - p).max()), mesa_state.ema["params"], state.params
+    )
+    assert 0 < max(jax.tree.leaves(moved))  # the EMA trails the weights

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from efflax._src.distributed import addressable_values
 from pallas_kernels import _checks
 
 __all__ = [
@@ -121,11 +122,10 @@ def _host_values(array: Any) -> tuple[list[np.ndarray], bool] | None:
     """
     if isinstance(array, jax.Array):
         try:
-            fully_addressable = array.is_fully_addressable
+            whole = array.is_fully_addressable
         except jax.errors.ConcretizationTypeError:
             return None  # a tracer
-        if not fully_addressable:
-            return [np.asarray(shard.data) for shard in array.addressable_shards], False
+        return addressable_values(array), whole
     value = _checks.concrete(array)
     return None if value is None else ([value], True)
 
