@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
 from pallas_kernels._compat import cdiv
+from pallas_kernels._compat import check_interpret
 from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import has_triton_backend
 from pallas_kernels._compat import multiple_of
@@ -639,7 +640,7 @@ class PallasTritonMonarch(Implementation):
     def __post_init__(self):
         if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
             raise ValueError(f"block_sizes={self.block_sizes!r} must be a MonarchBlockSizes")
-        resolve_interpret(self.interpret)
+        check_interpret(self.interpret)
 
     def __call__(self, x2d: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
         k, q, p = w1.shape
