@@ -29,6 +29,8 @@ from efflax.optim import sharpness
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
+from pallas_kernels.attention import ATTENTION_OP
+from pallas_kernels.attention import PallasTritonAttention
 from pallas_kernels.monarch import MONARCH_OP
 from pallas_kernels.monarch import XlaMonarch
 
@@ -408,12 +410,15 @@ def test_bad_inputs_raise_naming_the_value():
 
 _VOCAB, _SEQ, _WIDTH = 11, 16, 16
 
-# The registered implementations of the Monarch op other than the Pallas kernel (which the fit
-# test below trains with) and a chunked XLA path (8 < the 32 rows here), each in its own layer of
-# one model, so that one compilation covers them all. The reference is the all-XLA model
-# (unchunked). Attention joins when MultiHeadAttention is on the op interface.
+# The registered implementations of both ops other than the Pallas kernels (which the fit test
+# below trains with) and a chunked XLA Monarch path (8 < the 32 rows here), each in its own layer
+# of one model, so that one compilation covers them all. The reference is the all-XLA model
+# (unchunked Monarch).
 _XLA_MONARCH = XlaMonarch(row_chunk=None)
-_ATTENTION = ()
+_ATTENTION = (
+    "auto",
+    *(n for n in ATTENTION_OP.implementations if n not in ("xla", "pallas_triton")),
+)
 _MONARCH = ("auto", "reference", XlaMonarch(row_chunk=8))
 
 
@@ -466,8 +471,9 @@ def _lm_loss(model):
 
 def test_hvp_through_every_implementation_matches_the_xla_model():
     """Inside the probes' forward_mode_autodiff() every op picks an implementation that jax.jvp
-    can cross (a chunked XLA Monarch call is a custom_vjp outside it), with the same numbers as
-    the XLA path."""
+    can cross (cuDNN attention is a custom_vjp; a chunked XLA Monarch call too, outside it), with
+    the same numbers as the XLA path."""
+    assert set(ATTENTION_OP.implementations) == {"xla", "pallas_triton", "cudnn", "reference"}
     assert set(MONARCH_OP.implementations) == {"xla", "pallas_triton", "reference"}
     batch = _lm_batch()
     params = nn.unbox(jax.jit(_Stack().init)(jax.random.key(4), batch["x"])["params"])
@@ -484,11 +490,12 @@ def test_hvp_through_every_implementation_matches_the_xla_model():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
-def test_sharpness_probe_in_fit_on_pallas_monarch_and_moe():
-    """The probe as a fit hook on a model whose train step runs the Pallas kernel (interpret
-    mode on CPU): the same eigenvalue as the same model built on the XLA path."""
+def test_sharpness_probe_in_fit_on_pallas_attention_monarch_and_moe():
+    """The probe as a fit hook on a model whose train step runs the Pallas kernels (interpret
+    mode on CPU; jax.jvp through Pallas attention raises a bare AssertionError): the same
+    eigenvalue as the same model built on the XLA path."""
     batch = _lm_batch()
-    kernels = _TinyLM(attention="xla", monarch="pallas_triton")
+    kernels = _TinyLM(attention=PallasTritonAttention(interpret=True), monarch="pallas_triton")
     params = nn.unbox(jax.jit(kernels.init)(jax.random.key(4), batch["x"])["params"])
     # One jitted loss for the step and the probe: the step traces it with the Pallas kernels
     # first, and the probe must not reuse that trace from the jit cache.
