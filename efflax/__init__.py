@@ -2,14 +2,15 @@
 
 Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.sharding`` (meshes and logical axes), ``efflax.nn`` (modules), ``efflax.optim``
-(optimizers and probes), ``efflax.models`` (small reference models); the Pallas kernels are in
-the sibling package ``pallas_kernels``.
+(optimizers and probes), ``efflax.pruning`` (structured pruning: CoFi), ``efflax.models`` (small
+reference models); the Pallas kernels are in the sibling package ``pallas_kernels``.
 """
 
 from efflax import data
 from efflax import models
 from efflax import nn
 from efflax import optim
+from efflax import pruning
 from efflax import sharding
 from efflax import stats
 from efflax import training
