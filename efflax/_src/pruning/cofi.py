@@ -259,34 +259,55 @@ class CoFiStructure:
         _checks.same_structure("expected gates", expected, name, masks)
         return masks
 
-    def init(self, key: Array) -> dict[str, Any]:
-        """``log_alpha`` of every gate, initialised as in CoFi (10, or 0 for FFN units)."""
+    @functools.cached_property
+    def _jitted(self) -> dict[str, Callable[..., Any]]:
+        # One compiled program per method, instead of one small one per gate array and op.
+        return {
+            "init": jax.jit(self._init),
+            "clamp": jax.jit(lambda a: self._map(lambda g, x: g.clamp(x), a)),
+            "sample": jax.jit(self._sample),
+            "deterministic": jax.jit(lambda a: self._map(lambda g, x: g.deterministic(x), a)),
+            "prob_nonzero": jax.jit(lambda a: self._map(lambda g, x: g.prob_nonzero(x), a)),
+            "remaining": jax.jit(self._remaining),
+            "size": jax.jit(
+                lambda m: self._remaining(jax.tree.map(lambda z: (z != 0).astype(jnp.float32), m))
+            ),
+        }
+
+    def _init(self, key: Array) -> Any:
         gates = self.gates()
         leaves, treedef = jax.tree.flatten(gates, is_leaf=lambda x: isinstance(x, HardConcreteMask))
         keys = jax.random.split(key, len(leaves))
         return jax.tree.unflatten(treedef, [g.init(k) for g, k in zip(leaves, keys, strict=True)])
 
+    def _sample(self, log_alpha: Any, key: Array) -> Any:
+        leaves = jax.tree.leaves(log_alpha)
+        keys = iter(jax.random.split(key, len(leaves)))
+        return self._map(lambda g, a: g.sample(a, next(keys)), log_alpha)
+
+    def init(self, key: Array) -> dict[str, Any]:
+        """``log_alpha`` of every gate, initialised as in CoFi (10, or 0 for FFN units)."""
+        return self._jitted["init"](key)
+
     def clamp(self, log_alpha: Any) -> Any:
         """Every ``log_alpha`` clipped to its range (CoFi does this after each step)."""
         self.check(log_alpha, "log_alpha")
-        return self._map(lambda g, a: g.clamp(a), log_alpha)
+        return self._jitted["clamp"](log_alpha)
 
     def sample(self, log_alpha: Any, key: Array) -> Any:
         """Training-time masks: an independent hard-concrete sample of every gate."""
         self.check(log_alpha, "log_alpha")
-        leaves, treedef = jax.tree.flatten(log_alpha)
-        keys = iter(jax.random.split(key, len(leaves)))
-        return self._map(lambda g, a: g.sample(a, next(keys)), log_alpha)
+        return self._jitted["sample"](log_alpha, key)
 
     def deterministic(self, log_alpha: Any) -> Any:
         """CoFi's eval-time masks (per gate array: the expected number of zeros, soft values)."""
         self.check(log_alpha, "log_alpha")
-        return self._map(lambda g, a: g.deterministic(a), log_alpha)
+        return self._jitted["deterministic"](log_alpha)
 
     def prob_nonzero(self, log_alpha: Any) -> Any:
         """``P(z != 0)`` of every gate."""
         self.check(log_alpha, "log_alpha")
-        return self._map(lambda g, a: g.prob_nonzero(a), log_alpha)
+        return self._jitted["prob_nonzero"](log_alpha)
 
     # --- sizes -------------------------------------------------------------------------------
     @functools.cached_property
@@ -353,14 +374,14 @@ class CoFiStructure:
         counts when the layer keeps any head or unit. Embeddings and task heads are excluded
         (CoFi's ``prunable_model_size``); norms are included.
         """
-        return self._remaining(self.prob_nonzero(log_alpha))
+        return self._jitted["remaining"](self.prob_nonzero(log_alpha))
 
     def size(self, masks: Any) -> Array:
         """The number of parameters left under ``masks`` (a gate counts when it is non-zero);
         equals the parameter count of the attention layers, FFNs and norms of
         ``extract(...)``'s model."""
         self.check(masks)
-        return self._remaining(jax.tree.map(lambda z: (z != 0).astype(jnp.float32), masks))
+        return self._jitted["size"](masks)
 
     def expected_sparsity(self, log_alpha: Any) -> Array:
         """``1 - expected_size / prunable_size``: what the Lagrangian drives to the target."""
