@@ -5,7 +5,17 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "efflax": ["data", "models", "nn", "optim", "sharding", "stats", "training", "__version__"],
+    "efflax": [
+        "data",
+        "losses",
+        "models",
+        "nn",
+        "optim",
+        "sharding",
+        "stats",
+        "training",
+        "__version__",
+    ],
     "efflax.data": ["AVAILABLE", "Loader", "data_dir", "data_source", "load", "load_arrays"],
     "efflax.data.builders": ["Mnist1d", "StdlibText", "stdlib_source_files", "stdlib_split_of"],
     "efflax.sharding": [
@@ -34,6 +44,13 @@ PUBLIC = {
         "restore_latest",
     ],
     "efflax.models": ["CNN1D", "MLP"],
+    "efflax.losses": [
+        "cutmix",
+        "distillation_loss",
+        "mix_batch",
+        "mixup",
+        "soft_target_cross_entropy",
+    ],
     "efflax.stats": [
         "STATUSES",
         "Estimate",

@@ -244,3 +244,14 @@ def test_bfloat16_traces_with_float32_router(router):
     )
     assert y.dtype == jnp.bfloat16 and y.shape == x.shape
     assert state["losses"]["aux_loss"][0].dtype == jnp.float32
+
+
+def test_moe_refuses_bad_jitter_and_pruning_scores():
+    x = jnp.ones((2, 8, 4))
+    with pytest.raises(ValueError, match="jitter=-3"):
+        MoEFeedForward(num_experts=4, hidden=8, jitter=-3).init(jax.random.key(0), x)
+    params = MoEFeedForward(num_experts=4, hidden=8).init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"gate_weight of shape \(3,\) must be a finite \[4\]"):
+        prune_experts(params, np.ones(3), target_num_experts=2)
+    with pytest.raises(ValueError, match="target_num_experts=0"):
+        prune_experts(params, np.ones(4), target_num_experts=0)

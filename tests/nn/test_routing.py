@@ -13,6 +13,7 @@ from efflax.nn import combine
 from efflax.nn import dispatch
 from efflax.nn import expert_capacity
 from efflax.nn import expert_choice
+from efflax.nn import expert_choice_from_probs
 from efflax.nn import load_balancing_loss
 from efflax.nn import multiplicative_jitter
 from efflax.nn import router_z_loss
@@ -241,3 +242,21 @@ def test_bad_arguments_raise():
     r = expert_choice(logits)
     with pytest.raises(ValueError, match="method"):
         dispatch(jnp.ones((1, 4, 3)), r.token_indices, r.slot_mask, method="dense")
+
+
+def test_routing_refuses_bad_values_instead_of_computing_garbage():
+    with pytest.raises(ValueError, match="capacity_factor=nan"):
+        expert_capacity(16, 4, float("nan"))
+    with pytest.raises(ValueError, match="num_tokens=2.5"):
+        expert_capacity(2.5, 4, 1.0)
+    negative = -jax.nn.softmax(jax.random.normal(jax.random.key(0), (1, 6, 3)))
+    with pytest.raises(ValueError, match=r"probs must lie in \[0, 1\]"):
+        expert_choice_from_probs(negative, 2)
+    with pytest.raises(ValueError, match=r"probs must lie in \[0, 1\]"):
+        load_balancing_loss(negative)
+    with pytest.raises(ValueError, match="capacity=7 exceeds"):
+        expert_choice_from_probs(-negative, 7)
+    with pytest.raises(ValueError, match="expert_indices.shape"):
+        load_balancing_loss(-negative, jnp.zeros((1, 5), jnp.int32))
+    with pytest.raises(ValueError, match="eps=-0.5"):
+        multiplicative_jitter(jnp.ones(3), jax.random.key(0), -0.5)

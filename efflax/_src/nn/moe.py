@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
 from efflax._src.nn import routing as R
+from pallas_kernels import _checks
 from pallas_kernels._compat import shard_map
 
 __all__ = ["MoEFeedForward", "prune_experts", "moe_aux_loss", "ROUTERS"]
@@ -126,6 +127,10 @@ class MoEFeedForward(nn.Module):
             )
         if not 0.0 <= self.gating_dropout <= 1.0:
             raise ValueError(f"{self.gating_dropout=} must be in [0, 1]")
+        # The same range multiplicative_jitter enforces: a negative eps must not mean "off".
+        _checks.probability("jitter", self.jitter, allow_one=False)
+        for name in ("load_balancing_coef", "z_loss_coef"):
+            _checks.positive_float(name, getattr(self, name), allow_zero=True)
         num_shards = self._expert_shards()
         if self.num_experts % num_shards:
             raise ValueError(
@@ -368,9 +373,28 @@ def prune_experts(
       in their old order.
     """
     scores = np.asarray(gate_weight, np.float64)
-    num_experts = scores.shape[0]
-    if not 1 <= target_num_experts <= num_experts:
-        raise ValueError(f"{target_num_experts=} must be in [1, {num_experts}]")
+    expert_axes = {"wi": 0, "wi_0": 0, "wi_1": 0, "wo": 0}
+    sizes = {
+        name: np.shape(nn.meta.unbox(value))[expert_axes[name]]
+        for name, value in params.items()
+        if name in expert_axes
+    }
+    if not sizes:
+        raise ValueError(
+            f"params with keys {sorted(params)} are not MoEFeedForward params (no 'wi'/'wo')"
+        )
+    num_experts = next(iter(sizes.values()))
+    if scores.shape != (num_experts,) or not np.all(np.isfinite(scores)):
+        raise ValueError(
+            f"gate_weight of shape {scores.shape} must be a finite [{num_experts}] vector, one "
+            "score per expert of params"
+        )
+    if (
+        isinstance(target_num_experts, bool)
+        or not isinstance(target_num_experts, int | np.integer)
+        or not 1 <= target_num_experts <= num_experts
+    ):
+        raise ValueError(f"{target_num_experts=} must be an int in [1, {num_experts}]")
     above = int(np.sum(scores >= scores.mean()))
     keep_count = max(above, target_num_experts)
     kept = np.sort(np.argsort(-scores, kind="stable")[:keep_count])

@@ -24,7 +24,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from pallas_kernels import _checks
 
 __all__ = [
     "Routing",
@@ -78,21 +81,39 @@ def expert_capacity(
     Raises:
       ValueError: if `capacity_factor <= 0` or the sizes are not positive.
     """
-    if capacity_factor <= 0:
-        raise ValueError(f"{capacity_factor=} must be > 0")
-    if num_tokens < 1 or num_experts < 1 or k < 1:
-        raise ValueError(f"{num_tokens=}, {num_experts=} and {k=} must be >= 1")
+    capacity_factor = _checks.positive_float("capacity_factor", capacity_factor)
+    num_tokens = _checks.int_at_least("num_tokens", num_tokens)
+    num_experts = _checks.int_at_least("num_experts", num_experts)
+    k = _checks.int_at_least("k", k)
     return min(math.ceil(k * num_tokens * capacity_factor / num_experts), num_tokens)
 
 
-def _check_logits(logits: jax.Array) -> None:
-    if logits.ndim != 3:
-        raise ValueError(f"router logits must be [groups, tokens, experts], got {logits.shape=}")
+def _check_logits(logits: jax.Array, name: str = "logits") -> None:
+    if getattr(logits, "ndim", None) != 3:
+        raise ValueError(
+            f"router {name}.shape={getattr(logits, 'shape', None)} must be "
+            "[groups, tokens, experts]"
+        )
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"router {name} dtype={logits.dtype} must be floating")
+    if 0 in logits.shape:
+        raise ValueError(f"router {name} shape={logits.shape} has an empty dimension")
+
+
+def _check_probs(probs: jax.Array) -> None:
+    """Probabilities in [0, 1] (checked when known at trace time; a traced softmax always is)."""
+    _check_logits(probs, "probs")
+    values = _checks.concrete(probs)
+    if values is not None and not np.all((values >= 0) & (values <= 1)):
+        bad = values[~((values >= 0) & (values <= 1))]
+        raise ValueError(
+            f"router probs must lie in [0, 1]; got values such as {bad[:4].tolist()} "
+            "(pass softmax outputs, or use expert_choice/token_choice on logits)"
+        )
 
 
 def _check_capacity(capacity: int, num_tokens: int) -> None:
-    if capacity < 1:
-        raise ValueError(f"{capacity=} must be at least 1 token")
+    _checks.int_at_least("capacity", capacity)
     if capacity > num_tokens:
         raise ValueError(f"{capacity=} exceeds the {num_tokens} tokens of a group")
 
@@ -129,8 +150,10 @@ def expert_choice(
 
 
 def expert_choice_from_probs(probs: jax.Array, capacity: int) -> Routing:
-    """`expert_choice` on given router probabilities `[groups, tokens, experts]`."""
+    """`expert_choice` on given router probabilities `[groups, tokens, experts]` in [0, 1]."""
+    _check_probs(probs)
     groups, num_tokens, _ = probs.shape
+    _check_capacity(capacity, num_tokens)
     gates, token_indices = lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
     picks = jax.vmap(lambda idx: jnp.zeros(num_tokens, jnp.int32).at[idx.reshape(-1)].add(1))(
         token_indices
@@ -179,8 +202,12 @@ def token_choice(
 
 
 def token_choice_from_probs(probs: jax.Array, *, k: int, capacity: int) -> Routing:
-    """`token_choice` on given router probabilities `[groups, tokens, experts]`."""
+    """`token_choice` on given router probabilities `[groups, tokens, experts]` in [0, 1]."""
+    _check_probs(probs)
     groups, num_tokens, num_experts = probs.shape
+    if k not in (1, 2) or k > num_experts:
+        raise ValueError(f"{k=} must be 1 or 2 and at most num_experts={num_experts}")
+    _check_capacity(capacity, num_tokens)
     top_gates, top_experts = lax.top_k(probs, k)  # [g, t, k]
     if k > 1:
         top_gates = top_gates / jnp.sum(top_gates, axis=-1, keepdims=True)
@@ -217,11 +244,18 @@ def load_balancing_loss(probs: jax.Array, expert_indices: jax.Array | None = Non
       expert_indices: chosen experts `[groups, tokens]` or `[groups, tokens, k]` (the first is
         used); default `argmax(probs)`.
     """
+    _check_probs(probs)
     num_experts = probs.shape[-1]
     if expert_indices is None:
         expert_indices = jnp.argmax(probs, axis=-1)
-    elif expert_indices.ndim == probs.ndim:
-        expert_indices = expert_indices[..., 0]
+    else:
+        if expert_indices.shape[:2] != probs.shape[:2] or expert_indices.ndim not in (2, 3):
+            raise ValueError(
+                f"expert_indices.shape={expert_indices.shape} must be [groups, tokens] or "
+                f"[groups, tokens, k] matching probs.shape={probs.shape}"
+            )
+        if expert_indices.ndim == probs.ndim:
+            expert_indices = expert_indices[..., 0]
     fraction = jnp.mean(jax.nn.one_hot(expert_indices, num_experts, dtype=jnp.float32), axis=-2)
     mean_prob = jnp.mean(probs.astype(jnp.float32), axis=-2)
     return jnp.mean(num_experts * jnp.sum(fraction * mean_prob, axis=-1))
@@ -234,8 +268,7 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 def multiplicative_jitter(x: jax.Array, rng: jax.Array, eps: float = 1e-2) -> jax.Array:
     """Multiply `x` by noise drawn uniformly from `[1 - eps, 1 + eps]` (Switch router input)."""
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"{eps=} must be in [0, 1)")
+    _checks.probability("eps", eps, allow_one=False)
     noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
     return (x.astype(jnp.float32) * noise).astype(x.dtype)
 

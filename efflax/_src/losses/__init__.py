@@ -1,0 +1,1 @@
+"""Implementation modules; see the public module ``efflax.losses``."""
