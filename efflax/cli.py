@@ -1,4 +1,4 @@
-"""The ``efflax`` console script: ``efflax list`` and ``efflax reproduce``."""
+"""The ``efflax`` console script: ``efflax list``, ``efflax reproduce`` and ``efflax launch``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:
+        # `efflax launch -n N -- CMD ...`: N local processes of one multi-process run.
+        from efflax._src.distributed import main as launch_main
+
+        return launch_main(argv[1:])
     parser = argparse.ArgumentParser(prog="efflax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered experiments")
+    sub.add_parser("launch", help="run a command as N local processes (efflax launch -n N -- CMD)")
     rep = sub.add_parser("reproduce", help="run experiments and write REPORT.md")
     rep.add_argument("names", nargs="*", help="experiments to run (default: all)")
     rep.add_argument("--quick", action="store_true", help="CPU-minute sizes")

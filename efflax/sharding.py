@@ -3,6 +3,8 @@
 from efflax._src.sharding import BATCH_AXES
 from efflax._src.sharding import LOGICAL_AXIS_RULES
 from efflax._src.sharding import MESH_AXES
+from efflax._src.sharding import auto_axes
+from efflax._src.sharding import batch_axes
 from efflax._src.sharding import data_sharding
 from efflax._src.sharding import logical_to_mesh_spec
 from efflax._src.sharding import make_mesh
@@ -16,6 +18,8 @@ __all__ = [
     "BATCH_AXES",
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
+    "auto_axes",
+    "batch_axes",
     "data_sharding",
     "logical_to_mesh_spec",
     "make_mesh",

@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflax.nn import monarch_shapes
-from efflax.nn import xla_row_chunk
-from pallas_kernels.monarch import monarch_matmul
-from pallas_kernels.monarch import monarch_matmul_reference
-from pallas_kernels.monarch import monarch_to_dense
+from pallas_kernels import PallasTritonMonarch
+from pallas_kernels import XlaMonarch
+from pallas_kernels import monarch_matmul
+from pallas_kernels import monarch_matmul_reference
+from pallas_kernels import monarch_to_dense
+from pallas_kernels._compat import is_gpu
 
 
 def _median_seconds(fn: Callable, args: tuple, *, min_runs: int, max_runs: int, budget_s: float):
@@ -73,7 +75,7 @@ def bench(
     max_runs: int = 50,
     budget_s: float = 10.0,
 ) -> list[dict]:
-    on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+    on_gpu = is_gpu()
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     tol = 2e-2 if on_gpu else 1e-4
     rows = []
@@ -112,11 +114,13 @@ def bench(
                 w1.astype(jnp.float32), w2.astype(jnp.float32)
             )
             assert _rel_err(ref32, dense_equiv) < 1e-4, "reference != its dense matrix"
-            chunk = xla_row_chunk(w1_shape, w2_shape)
+            xla = XlaMonarch()
+            chunk = xla.resolved_row_chunk(w1_shape, w2_shape)
             # the XLA path exactly as MonarchDense(implementation='xla') runs it here
-            paths = {"xla": lambda x, w1, w2: monarch_matmul_reference(x, w1, w2, row_chunk=chunk)}
+            paths = {"xla": lambda x, w1, w2: monarch_matmul(x, w1, w2, implementation=xla)}
             if on_gpu:
-                paths["pallas"] = lambda x, w1, w2: monarch_matmul(x, w1, w2, interpret=False)
+                pallas = PallasTritonMonarch(interpret=False)
+                paths["pallas"] = lambda x, w1, w2: monarch_matmul(x, w1, w2, implementation=pallas)
             flops = 2 * tokens * (math.prod(w1_shape) + math.prod(w2_shape))
             row = {
                 "n": n,
@@ -203,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"device: {device.device_kind} ({jax.default_backend()}), {platform.processor() or ''}")
     print(f"jax {jax.__version__}, dtype {rows[0]['dtype']}, tokens {rows[0]['tokens']}")
-    if jax.default_backend() == "cpu":
+    on_cpu = not is_gpu()
+    if on_cpu:
         print("pallas path not timed on CPU: interpret mode is an emulator, not a timing")
-    on_cpu = jax.default_backend() == "cpu"
     print(f"xla path row chunks: {sorted({str(r['xla_row_chunk']) for r in rows})}")
     print("x = dense time / Monarch time, medians in one process (ms columns: wall time)")
     if on_cpu:

@@ -34,6 +34,7 @@ from efflax.optim import mesa_loss
 from efflax.optim import saf_loss
 from efflax.optim import sharpness
 from efflax.optim import with_index_check
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import fit
@@ -111,7 +112,7 @@ def _loss_fn(method: str, cfg: Config, steps_per_epoch: int):
             # EMA of the weights entering this step (one step behind "after the update").
             extra = {"ema": ema_update(state.extra["ema"], params, decay)}
             metrics = {**metrics, **mesa_metrics}
-        return loss, {"metrics": metrics, "extra": extra}
+        return loss, LossOutput(metrics=metrics, extra=extra)
 
     return loss_fn
 

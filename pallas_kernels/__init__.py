@@ -7,6 +7,9 @@ from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.flash_attention import local_block_mask
 from pallas_kernels.monarch import BlockSizes as MonarchBlockSizes
+from pallas_kernels.monarch import PallasTritonMonarch
+from pallas_kernels.monarch import ReferenceMonarch
+from pallas_kernels.monarch import XlaMonarch
 from pallas_kernels.monarch import dense_to_monarch
 from pallas_kernels.monarch import monarch_matmul
 from pallas_kernels.monarch import monarch_matmul_reference

@@ -8,16 +8,28 @@ version-dependent names directly, so an API move in JAX means one edit here:
   kernels run in interpret mode (`interpret=None`: interpret unless on a GPU).
 - `gpu_compiler_params` / `compiler_params_kwargs`: the Triton compiler-params class is
   `plgpu.CompilerParams` since JAX 0.7 (`plgpu.TritonCompilerParams` before). The Triton
-  backend of Pallas is deprecated since JAX 0.11; its deprecation warning is left visible.
+  backend of Pallas is deprecated since JAX 0.11; its deprecation warning is left visible, and
+  `has_triton_backend` tells whether it is still there (the compiled Pallas Triton
+  implementations refuse the call where it is gone, so `'auto'` runs the XLA path).
 - `multiple_of`, `cdiv`: Pallas helpers (identity / plain arithmetic where unavailable).
-- `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`.
+- `shard_map`: `jax.shard_map` (JAX >= 0.7) or `jax.experimental.shard_map`; a mesh with
+  `Explicit` axes (what `jax.make_mesh` builds by default since JAX 0.10) is run as its `Auto`
+  twin (`auto_axes`), so inputs of any placement are resharded to the specs instead of refused.
 - `to_varying`: marks a replicated value as device-varying inside `shard_map`
   (`lax.pcast(..., to='varying')`, `lax.pvary` before it, a no-op before either existed).
+- `widen_for_cpu_dot`: XLA:CPU of JAX 0.12 cannot run a bf16 x bf16 -> f32 dot inside a loop
+  (`UNIMPLEMENTED: Unsupported element type for DotThunk::Execute`); on CPU 16-bit operands
+  are widened to float32 first (exact: their products fit float32).
+- `cuda_lowering`: lowering Pallas Triton kernels for CUDA on a host without a GPU needs an
+  abstract GPU device since JAX 0.11 (`No supported GPU devices found`); JAX 0.10 assumed
+  compute capability 9.0. `use_mesh`: `jax.set_mesh` or `jax.sharding.use_mesh`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -59,6 +71,25 @@ def _triton_module() -> Any:
     return plgpu
 
 
+def widen_for_cpu_dot(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """16-bit float operands as float32 on CPU (same products, float32 accumulation either way)."""
+    if backend_kind() != "cpu":
+        return arrays
+    return tuple(
+        a.astype(jax.numpy.float32) if a.dtype in (jax.numpy.bfloat16, jax.numpy.float16) else a
+        for a in arrays
+    )
+
+
+def has_triton_backend() -> bool:
+    """Whether this JAX still ships Pallas' Triton backend (deprecated since JAX 0.11)."""
+    try:
+        _triton_module()
+    except ImportError:  # pragma: no cover - a JAX that removed it
+        return False
+    return True
+
+
 def gpu_compiler_params(*, num_warps: int | None = None, num_stages: int | None = None) -> Any:
     """Compiler parameters for the Pallas Triton (GPU) backend, whatever the class is called."""
     plgpu = _triton_module()
@@ -86,8 +117,29 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def auto_axes(mesh: Any) -> Any:
+    """``mesh`` with every axis of type ``Auto`` (itself if it already is, or has no axis types).
+
+    ``jax.make_mesh`` gives ``Explicit`` axes by default since JAX 0.10; under them
+    ``shard_map`` demands inputs already sharded exactly as ``in_specs`` and a matmul that
+    contracts a sharded axis needs a hand-written output sharding. On the ``Auto`` twin (same
+    devices, same names) XLA's partitioner inserts the resharding.
+    """
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(mesh, "axis_types", None)
+    if axis_type is None or types is None or all(t == axis_type.Auto for t in types):
+        return mesh
+    return jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(axis_type.Auto,) * len(mesh.axis_names)
+    )
+
+
 def shard_map(fn: Any, *, mesh: Any, in_specs: Any, out_specs: Any) -> Any:
-    """``jax.shard_map`` (JAX >= 0.7), or ``jax.experimental.shard_map`` on older JAX."""
+    """``jax.shard_map`` (JAX >= 0.7), or ``jax.experimental.shard_map`` on older JAX.
+
+    A mesh with ``Explicit`` axes is used as its ``Auto`` twin (see :func:`auto_axes`).
+    """
+    mesh = auto_axes(mesh)
     if hasattr(jax, "shard_map"):
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover - old JAX
@@ -105,3 +157,37 @@ def to_varying(x: jax.Array, axis_name: str) -> jax.Array:
     if hasattr(lax, "pvary"):  # pragma: no cover - JAX versions between pvary and pcast
         return lax.pvary(x, (axis_name,))
     return x  # pragma: no cover - before varying-manual-axes types existed
+
+
+# Device kinds of the GPUs the kernels are compiled for without one (shared/gpu_specs/).
+H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+A100_DEVICE_KIND = "NVIDIA A100-SXM4-80GB"
+
+
+@contextlib.contextmanager
+def cuda_lowering(device_kind: str = H100_DEVICE_KIND, num_cores: int = 132) -> Iterator[None]:
+    """Context for ``.lower(lowering_platforms=("cuda",))`` of Pallas kernels without a GPU.
+
+    Lowers for the compute capability of ``device_kind`` through an abstract mesh of one
+    abstract GPU device. JAX >= 0.11 requires it; JAX 0.10 accepts it too (and without it
+    assumed compute capability 9.0).
+    """
+    sharding = jax.sharding
+    abstract_device = getattr(sharding, "AbstractDevice", None)
+    use_abstract_mesh = getattr(sharding, "use_abstract_mesh", None)
+    if abstract_device is None or use_abstract_mesh is None:  # pragma: no cover - old JAX
+        yield
+        return
+    device = abstract_device(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+    mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with use_abstract_mesh(mesh):
+        yield
+
+
+def use_mesh(mesh: Any) -> Any:
+    """Context manager making ``mesh`` the current mesh (``jax.set_mesh`` / ``use_mesh``)."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    if hasattr(jax.sharding, "use_mesh"):  # pragma: no cover - JAX versions before set_mesh
+        return jax.sharding.use_mesh(mesh)
+    return mesh  # pragma: no cover - a Mesh is its own context manager on old JAX

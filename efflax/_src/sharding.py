@@ -4,6 +4,12 @@ Every parameter in efflax carries logical axis names (``nn.with_logical_partitio
 module is the only place that turns them into mesh axes. Meshes have the axes
 ``('data', 'expert', 'model')``; a batch is split over ``data`` and ``expert`` together (expert
 parallelism reuses the data-parallel devices, as in GShard/Switch).
+
+Any mesh whose axes are named from ``MESH_AXES`` works, including one from ``jax.make_mesh``
+(whose axes are ``Explicit`` by default in JAX >= 0.10) and one that lacks some of the axes
+(a logical name mapped to a missing mesh axis is replicated). efflax shards with XLA's automatic
+partitioner, so what it places goes on the ``Auto`` version of the mesh (same devices, same
+names, see :func:`auto_axes`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from pallas_kernels import _checks
+from pallas_kernels import _compat
 from pallas_kernels._compat import shard_map  # noqa: F401 - re-exported as efflax.sharding.shard_map
 
 MESH_AXES = ("data", "expert", "model")
@@ -42,6 +50,49 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_window", None),
 )
 
+Rules = Sequence[tuple[str, Any]]
+
+
+def _rule_targets(rules: Rules) -> set[str]:
+    targets: set[str] = set()
+    for _, target in rules:
+        if isinstance(target, str):
+            targets.add(target)
+        elif target is not None:
+            targets.update(target)
+    return targets
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis of type ``Auto`` (the same mesh if it already is).
+
+    ``jax.make_mesh`` gives ``Explicit`` axes by default (JAX >= 0.10), under which a matmul that
+    contracts a sharded axis needs a hand-written output sharding; efflax leaves that to XLA's
+    partitioner, so it places arrays on this equivalent mesh.
+    """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh")
+    return _compat.auto_axes(mesh)
+
+
+def check_mesh(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Mesh:
+    """The ``Auto`` version of ``mesh``, after checking that the logical table can use it.
+
+    Raises:
+      ValueError: a mesh axis of size > 1 that no rule maps to (its devices would only hold
+        copies), or a mesh with none of the batch axes.
+    """
+    mesh = auto_axes(mesh)
+    used = _rule_targets(rules)
+    unused = [a for a in mesh.axis_names if a not in used and mesh.shape[a] > 1]
+    if unused:
+        raise ValueError(
+            f"mesh axis {unused[0]!r} (of mesh axes {tuple(mesh.axis_names)}) is not used by the "
+            f"logical-axis table, so its {mesh.shape[unused[0]]} devices would hold copies; name "
+            f"the mesh axes from {MESH_AXES} (e.g. jax.make_mesh((8,), ('data',)))"
+        )
+    return mesh
+
 
 def make_mesh(
     *,
@@ -49,93 +100,219 @@ def make_mesh(
     expert: int = 1,
     model: int = 1,
     devices: Sequence[Any] | None = None,
+    dcn: Sequence[int] | None = None,
 ) -> Mesh:
-    """Builds a ``('data', 'expert', 'model')`` mesh.
+    """Builds a ``('data', 'expert', 'model')`` mesh, following the topology across hosts.
+
+    In one process the devices are laid out in order. With several processes (one per host,
+    see ``efflax.distributed``), the mesh is built with
+    ``jax.experimental.mesh_utils.create_hybrid_device_mesh``: each host's devices form the
+    fast (ICI/NVLink) part of every axis and the hosts are laid out over the slow (DCN) part,
+    ``dcn`` hosts along ``(data, expert, model)``.
 
     Args:
       data: size of the data axis; ``None`` takes every device left after expert and model.
       expert: size of the expert axis.
       model: size of the model (tensor-parallel) axis.
-      devices: devices to use (default ``jax.devices()``).
+      devices: devices to use (default ``jax.devices()``, every process's devices).
+      dcn: hosts (processes) along each axis, e.g. ``(2, 1, 1)``; default: as many as
+        possible along ``data``, then ``expert``, then ``model``. Only with several processes.
 
     Returns:
-      A ``jax.sharding.Mesh`` with the three named axes.
+      A ``jax.sharding.Mesh`` with the three named axes (``Auto`` axis types).
+
+    Example:
+      >>> mesh = make_mesh(expert=4)  # 8 devices: data 2 x expert 4
     """
     devices = list(jax.devices() if devices is None else devices)
-    for name, size in (("expert", expert), ("model", model)):
-        if size < 1:
-            raise ValueError(f"{name}={size} must be >= 1")
+    _checks.int_at_least("expert", expert)
+    _checks.int_at_least("model", model)
     if data is None:
         if len(devices) % (expert * model):
             raise ValueError(
                 f"expert*model={expert * model} does not divide the {len(devices)} devices"
             )
         data = len(devices) // (expert * model)
-    if data < 1:
-        raise ValueError(f"data={data} must be >= 1")
+    _checks.int_at_least("data", data)
     needed = data * expert * model
     if needed > len(devices):
         raise ValueError(
             f"mesh data={data} x expert={expert} x model={model} needs {needed} devices, "
             f"only {len(devices)} available"
         )
-    grid = np.asarray(devices[:needed], dtype=object).reshape(data, expert, model)
+    devices = devices[:needed]
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) == 1:
+        if dcn is not None and tuple(dcn) != (1, 1, 1):
+            raise ValueError(f"dcn={tuple(dcn)} needs devices of several processes")
+        grid = np.asarray(devices, dtype=object).reshape(data, expert, model)
+        return Mesh(grid, MESH_AXES)
+
+    from jax.experimental import mesh_utils
+
+    shape = (data, expert, model)
+    dcn = _default_dcn(shape, len(processes)) if dcn is None else tuple(dcn)
+    if len(dcn) != 3 or any(not isinstance(n, int) or n < 1 for n in dcn):
+        raise ValueError(f"dcn={dcn} must be three ints >= 1 (hosts along data, expert, model)")
+    if math.prod(dcn) != len(processes) or any(s % n for s, n in zip(shape, dcn, strict=True)):
+        raise ValueError(
+            f"dcn={dcn} must multiply to the {len(processes)} processes and divide the mesh "
+            f"shape data={data}, expert={expert}, model={model}"
+        )
+    per_host = tuple(s // n for s, n in zip(shape, dcn, strict=True))
+    grid = mesh_utils.create_hybrid_device_mesh(
+        per_host, dcn, devices, process_is_granule=True, allow_split_physical_axes=True
+    )
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None] | None) -> PartitionSpec:
-    """Maps a tuple of logical axis names to a ``PartitionSpec`` with the rules above."""
+def _default_dcn(shape: tuple[int, int, int], processes: int) -> tuple[int, int, int]:
+    """Hosts along (data, expert, model): as many as possible on data, then expert, then model."""
+    remaining, dcn = processes, []
+    for size in shape:
+        along = math.gcd(size, remaining)
+        dcn.append(along)
+        remaining //= along
+    if remaining != 1:
+        raise ValueError(
+            f"cannot lay {processes} processes over the mesh data={shape[0]} x expert="
+            f"{shape[1]} x model={shape[2]}; pass dcn= or change the axis sizes"
+        )
+    return tuple(dcn)
+
+
+def _check_logical(logical: Sequence[str | None], rules: Rules) -> None:
+    known = {name for name, _ in rules}
+    for name in logical:
+        if name is not None and name not in known:
+            raise ValueError(
+                f"logical axis {name!r} is not in the logical-axis table (known: "
+                f"{sorted(known)}); fix the name or pass rules=LOGICAL_AXIS_RULES + "
+                f"(({name!r}, mesh_axis_or_None),)"
+            )
+
+
+def _drop_missing_axes(spec: PartitionSpec, mesh: Mesh | None) -> PartitionSpec:
+    """Mesh axes ``mesh`` lacks are dropped: that dimension is replicated over them."""
+    if mesh is None:
+        return spec
+    names = set(mesh.axis_names)
+
+    def keep(entry):
+        if entry is None:
+            return None
+        if isinstance(entry, str):
+            return entry if entry in names else None
+        kept = tuple(a for a in entry if a in names)
+        return kept if len(kept) > 1 else (kept[0] if kept else None)
+
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+def logical_to_mesh_spec(
+    logical: Sequence[str | None] | None,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules = LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
+    """Maps a tuple of logical axis names to a ``PartitionSpec`` with the rules above.
+
+    Args:
+      logical: logical names (``None`` = replicated dimension).
+      mesh: if given, mesh axes it does not have are dropped (replicated).
+      rules: the logical-axis table (default ``LOGICAL_AXIS_RULES``).
+
+    Raises:
+      ValueError: a name that is not in the table (a typo must not silently replicate).
+    """
     if logical is None:
         return PartitionSpec()
-    return nn.logical_to_mesh_axes(tuple(logical), LOGICAL_AXIS_RULES)
+    if isinstance(logical, str):
+        raise ValueError(f"logical={logical!r} must be a tuple of names, e.g. ({logical!r},)")
+    _check_logical(logical, rules)
+    return _drop_missing_axes(nn.logical_to_mesh_axes(tuple(logical), tuple(rules)), mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """A sharding that keeps a full copy on every device of ``mesh``."""
-    return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(auto_axes(mesh), PartitionSpec())
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a batch is split over (``BATCH_AXES`` the mesh has).
+
+    Raises:
+      ValueError: the mesh has none of them.
+    """
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(
+            f"the mesh axes {tuple(mesh.axis_names)} include none of the batch axes {BATCH_AXES}; "
+            f"name the data-parallel axis 'data'"
+        )
+    return axes
 
 
 def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Sharding of an array whose leading axis is the batch."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+    _checks.int_at_least("ndim", ndim)
+    mesh = check_mesh(mesh)
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
-def params_shardings(params: Any, mesh: Mesh) -> Any:
+def params_shardings(params: Any, mesh: Mesh, *, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """``NamedSharding`` per leaf of a params tree, from the logical names it carries.
 
     Leaves without logical names (plain arrays) are replicated.
+
+    Raises:
+      ValueError: a logical name that is not in ``rules``.
     """
-    specs = nn.get_partition_spec(params)
-    mesh_specs = nn.logical_to_mesh(specs, LOGICAL_AXIS_RULES)
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
-        mesh_specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    mesh = check_mesh(mesh, rules)
+
+    def sharding(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            spec = logical_to_mesh_spec(leaf.names, mesh=mesh, rules=rules)
+        elif isinstance(leaf, nn.Partitioned):  # boxed with mesh axis names directly
+            spec = _drop_missing_axes(PartitionSpec(*leaf.names), mesh)
+        else:
+            spec = PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
-    """Places a (possibly logically boxed) params tree on ``mesh`` and unboxes it."""
-    shardings = params_shardings(params, mesh)
-    return jax.device_put(nn.unbox(params), shardings)
+def shard_params(params: Any, mesh: Mesh, *, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """Places a (possibly logically boxed) params tree on ``mesh`` and unboxes it.
+
+    Works in a multi-process run too: every process passes the same (host-local) values and
+    each copies only the shards its own devices hold.
+    """
+    from efflax._src.distributed import put_global
+
+    return put_global(nn.unbox(params), params_shardings(params, mesh, rules=rules))
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Splits every array of ``batch`` along its leading (batch) axis over the mesh.
 
+    In a multi-process run ``batch`` is the global batch (the same in every process); each
+    process copies only its own rows. ``efflax.data.Loader(mesh=...)`` reads only those rows.
+
     Raises:
       ValueError: if the batch size does not divide over the data-parallel devices.
     """
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    ways = math.prod(mesh.shape[a] for a in axes)
+    from efflax._src.distributed import put_global
 
-    def put(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        if x.ndim == 0 or x.shape[0] % ways:
+    mesh = check_mesh(mesh)
+    ways = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+    def sharding(x):
+        shape = np.shape(x)
+        if len(shape) == 0 or shape[0] % ways:
             raise ValueError(
-                f"batch leading dim {x.shape[:1]} must divide over {ways} data-parallel devices"
+                f"batch leading dim {shape[:1]} must divide over {ways} data-parallel devices"
             )
-        return jax.device_put(x, data_sharding(mesh, x.ndim))
+        return data_sharding(mesh, len(shape))
 
-    return jax.tree.map(put, batch)
+    return put_global(batch, jax.tree.map(sharding, batch))

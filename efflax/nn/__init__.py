@@ -17,7 +17,6 @@ from efflax._src.nn.monarch import monarch_params_to_dense
 from efflax._src.nn.monarch import monarch_shapes
 from efflax._src.nn.monarch import monarchify
 from efflax._src.nn.monarch import project_dense_params
-from efflax._src.nn.monarch import xla_row_chunk
 from efflax._src.nn.routing import LinearRouter
 from efflax._src.nn.routing import Routing
 from efflax._src.nn.routing import XMoERouter

@@ -1,3 +1,5 @@
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,103 @@ def test_load_shards_batches_over_the_data_axis():
     assert batch["x"].addressable_shards[0].data.shape == (8, 40)
     host = next(iter(data.load("mnist1d", "train", batch_size=64)))
     np.testing.assert_array_equal(np.asarray(batch["index"]), host["index"])
+
+
+def test_two_processes_preparing_a_dataset_for_the_first_time(tmp_path):
+    """Like `pytest -n 2` on an empty $EFFLAX_DATA_DIR: both processes start at once, one
+    prepares under the lock, the other waits and then reads the prepared splits."""
+    import os
+    import sys
+
+    from efflax import distributed
+
+    script = tmp_path / "prepare.py"
+    script.write_text(
+        "import sys\n"
+        "from efflax import data\n"
+        "x = data.load_arrays('mnist1d', 'train', num_samples=200)['x']\n"
+        "print('rows', len(x), float(x.sum()))\n"
+    )
+    root = pathlib.Path(__file__).parent.parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["EFFLAX_DATA_DIR"] = str(tmp_path / "data")
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    logs = [open(tmp_path / f"log{i}.txt", "w") for i in range(2)]  # noqa: SIM115
+    try:
+        codes = distributed.launch(
+            [sys.executable, str(script)],
+            num_processes=2,
+            timeout=90,
+            env=env,
+            output=lambda i: logs[i],
+        )
+    finally:
+        for log in logs:
+            log.close()
+    texts = [(tmp_path / f"log{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
+    rows = [line for t in texts for line in t.splitlines() if line.startswith("rows")]
+    assert len(rows) == 2 and rows[0] == rows[1] and rows[0].startswith("rows 160 ")
+    assert sum("efflax: preparing" in t for t in texts) == 1
+
+
+def test_loader_refuses_steps_outside_the_run():
+    loader = data.Loader(_fake_arrays(10), 5, epochs=1)
+    with pytest.raises(ValueError, match="step=-1"):
+        loader.batch_at(-1)
+    with pytest.raises(ValueError, match="step=1000 is past the end of the loader: it has 2"):
+        loader.batch_at(1000)
+    with pytest.raises(ValueError, match="step=2 is past the end"):
+        loader.batch_at(2)
+    assert list(loader.iter_from(2)) == []  # resuming at the end yields nothing
+    with pytest.raises(ValueError, match="step=3"):
+        next(loader.iter_from(3))
+    endless = data.Loader(_fake_arrays(10), 5, epochs=None)
+    np.testing.assert_array_equal(
+        np.sort(endless.batch_at(1000)["index"]), np.sort(endless.batch_at(1000)["index"])
+    )
+    with pytest.raises(ValueError, match="seed=-1"):
+        data.Loader(_fake_arrays(10), 5, seed=-1)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        data.Loader(_fake_arrays(10), 0)
+    with pytest.raises(ValueError, match="one leading length"):
+        data.Loader({"x": np.zeros(3), "y": np.zeros(4)}, 1)
+    with pytest.raises(ValueError, match="source must be"):
+        data.Loader(42, 1)
+
+
+def test_loader_on_a_mesh_checks_the_batch_when_built():
+    from efflax.sharding import make_mesh
+
+    mesh = make_mesh(data=8)
+    with pytest.raises(ValueError, match="batch_size=12 must divide over the mesh's 8"):
+        data.Loader(_fake_arrays(40), 12, mesh=mesh)
+    with pytest.raises(ValueError, match="last partial batch has 4 examples"):
+        data.Loader(_fake_arrays(20), 16, mesh=mesh, drop_remainder=False)
+
+
+def test_streaming_from_the_files_gives_the_in_memory_batches():
+    import jax
+
+    from efflax.sharding import make_mesh
+
+    memory = data.load("mnist1d", "train", 64, seed=2, epochs=2, in_memory=True)
+    files = data.load("mnist1d", "train", 64, seed=2, epochs=2, in_memory=False)
+    assert files.arrays is None  # nothing materialised
+    on_mesh = data.load("mnist1d", "train", 64, seed=2, epochs=2, in_memory=False, mesh=make_mesh())
+    for step in (0, 61, len(memory) - 1):
+        expected = memory.batch_at(step)
+        for got in (files.batch_at(step), jax.device_get(on_mesh.batch_at(step))):
+            assert sorted(got) == sorted(expected)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+                assert got[key].dtype == expected[key].dtype
+
+
+def test_loader_reads_any_random_access_source():
+    records = [{"x": np.full(3, i, np.float32), "label": i % 2} for i in range(12)]
+    loader = data.Loader(records, 4, seed=1, epochs=1)
+    batch = loader.batch_at(1)
+    np.testing.assert_array_equal(batch["x"][:, 0], batch["index"])  # index = position
+    assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
+    np.testing.assert_array_equal(batch["index"], loader.positions_at(1))

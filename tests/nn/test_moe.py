@@ -246,6 +246,33 @@ def test_bfloat16_traces_with_float32_router(router):
     assert state["losses"]["aux_loss"][0].dtype == jnp.float32
 
 
+def test_expert_parallel_on_a_jax_make_mesh():
+    """`jax.make_mesh` (Explicit axes in JAX >= 0.10) works like an efflax mesh."""
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    x = jax.random.normal(jax.random.key(2), (8, 4, 8))
+    single = MoEFeedForward(8, 16, capacity_factor=2.0)
+    sharded = MoEFeedForward(8, 16, capacity_factor=2.0, mesh=mesh)
+    shapes = jax.eval_shape(single.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    compiled = jax.jit(sharded.apply).lower({"params": params}, x).compile()
+    assert "all-to-all" in compiled.as_text()
+    y_single = jax.jit(single.apply)({"params": params}, x)
+    chex.assert_trees_all_close(compiled({"params": params}, x), y_single, atol=1e-5)
+
+
+def test_bad_inputs_and_meshes_raise():
+    layer = MoEFeedForward(4, 8)
+    params = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 4, 8)))
+    with pytest.raises(ValueError, match="at least one token"):
+        layer.apply(params, jnp.ones((2, 0, 8)))
+    no_expert_axis = jax.make_mesh((8,), ("data",))
+    with pytest.raises(ValueError, match="expert_axis='expert' is not an axis of the mesh"):
+        jax.eval_shape(
+            MoEFeedForward(4, 8, mesh=no_expert_axis).init, jax.random.key(0), jnp.ones((8, 4, 8))
+        )
+
+
 def test_moe_refuses_bad_jitter_and_pruning_scores():
     x = jnp.ones((2, 8, 4))
     with pytest.raises(ValueError, match="jitter=-3"):

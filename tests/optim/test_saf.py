@@ -28,6 +28,7 @@ from efflax.optim import with_index_check
 from efflax.optim import write_logits
 from efflax.sharding import make_mesh
 from efflax.sharding import replicated
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
@@ -272,7 +273,7 @@ def _loss_fn(steps_per_epoch, *, start_epoch=1):
         ema_logits = state.apply_fn({"params": state.extra["ema"]}, batch["x"])
         loss, _ = mesa_loss(loss, logits, ema_logits, epoch, start_epoch=start_epoch)
         extra = {"saf": buffer, "ema": ema_update(state.extra["ema"], params, decay=0.9)}
-        return loss, {"metrics": saf_metrics, "extra": extra}
+        return loss, LossOutput(metrics=saf_metrics, extra=extra)
 
     return loss_fn
 

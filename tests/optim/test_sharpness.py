@@ -369,7 +369,7 @@ def test_sharpness_probe_in_the_training_harness(mlp_problem):
     loss_on_batch = lambda p, b: _mlp_loss(p, b["x"], b["y"])
 
     def loss_fn(params, state, batch, rng):
-        return loss_on_batch(params, batch), {"metrics": {}}
+        return loss_on_batch(params, batch)
 
     state = TrainState.create(
         apply_fn=None, params=params, tx=optax.adamw(1e-2, eps=1e-7), rng=jax.random.key(0)

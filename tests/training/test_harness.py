@@ -6,12 +6,16 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from jax.sharding import PartitionSpec
 
 from efflax import data
 from efflax.models import CNN1D
+from efflax.models import MLP
 from efflax.sharding import make_mesh
+from efflax.sharding import replicated
 from efflax.sharding import shard_params
 from efflax.training import CheckpointError
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import cross_entropy_loss_fn
@@ -27,7 +31,7 @@ def _loss_with_dropout_noise_and_extra(params, state, batch, rng):
     noise = 1e-3 * jax.random.normal(rng, logits.shape)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits + noise, batch["y"]).mean()
     extra = {"seen": state.extra["seen"].at[batch["index"]].add(1)}
-    return loss, {"metrics": {"noise": noise.mean()}, "extra": extra}
+    return loss, LossOutput(metrics={"noise": noise.mean()}, extra=extra)
 
 
 def _state(seed=0):
@@ -172,3 +176,229 @@ def test_fit_data_parallel_on_eight_devices_runs_many_steps(loader):
         progress=False,
     )
     assert int(state.step) == 150 and np.isfinite(history[-1]["train/loss"])
+
+
+# --- resume on a mesh (every placement of the template) --------------------------------------
+_TX = optax.adamw(3e-3)  # one transform for every state below: one compilation per placement
+_STEP = make_train_step(_loss_with_dropout_noise_and_extra)
+
+
+_MLP = MLP(features=(16, 16))  # one module: its apply is static metadata of the state
+_INIT_MLP = jax.jit(_MLP.init)
+
+
+def _mlp_state(placement, mesh, seed=0):
+    params = _INIT_MLP(jax.random.key(seed), jnp.zeros((1, 40)))["params"]
+    params = shard_params(params, mesh) if placement == "sharded" else nn.unbox(params)
+    state = TrainState.create(
+        apply_fn=_MLP.apply,
+        params=params,
+        tx=_TX,
+        rng=jax.random.key(seed + 1),
+        extra={"seen": jnp.zeros(4000, jnp.int32)},
+    )
+    return jax.device_put(state, replicated(mesh)) if placement == "replicated" else state
+
+
+def test_fit_resumes_on_a_mesh_bit_exactly(tmp_path):
+    """The README loop with `fit(checkpoint_dir=...)` twice on an 8-device mesh, for a template
+    left unplaced, replicated on the mesh, and sharded over its model axis (logical names)."""
+    mesh = make_mesh(data=4, model=2)
+    loader = data.load("mnist1d", "train", 32, seed=5, epochs=None, mesh=mesh)
+    straight = {}  # unplaced and replicated templates train in the same (replicated) layout
+    for placement in ("unplaced", "replicated", "sharded"):
+        layout = placement == "sharded"
+        if layout not in straight:
+            straight[layout], _ = fit(
+                _mlp_state(placement, mesh), _STEP, loader, num_steps=5, progress=False
+            )
+        ckpt = tmp_path / placement
+        fit(_mlp_state(placement, mesh), _STEP, loader, num_steps=3, checkpoint_dir=ckpt,
+            checkpoint_every=3, progress=False)  # fmt: skip
+        resumed, history = fit(
+            _mlp_state(placement, mesh, seed=7), _STEP, loader, num_steps=5,
+            checkpoint_dir=ckpt, log_every=1, progress=False,
+        )  # fmt: skip
+        assert history[0]["step"] == 4, placement  # it continued from step 3
+        for a, b in zip(jax.tree.leaves(straight[layout]), jax.tree.leaves(resumed), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=placement)
+        kernel = resumed.params["Dense_0"]["kernel"]
+        assert len(kernel.sharding.device_set) == 8
+        if placement == "sharded":
+            assert kernel.sharding.spec == PartitionSpec(None, "model")
+
+
+# --- the user's arrays survive a donated step ---------------------------------------------------
+def test_create_copies_the_arrays_it_takes(loader):
+    batch = loader.batch_at(0)
+    step = make_train_step(_loss_with_dropout_noise_and_extra)  # donates the state
+    for key in (jax.random.key(3), jax.random.PRNGKey(3)):
+        params = {"w": jax.random.normal(jax.random.key(0), (40, 10))}
+        seen = jnp.zeros(4000, jnp.int32)
+        state = TrainState.create(
+            apply_fn=_linear_apply, params=params, tx=_TX, rng=key, extra={"seen": seen}
+        )
+        for _ in range(2):
+            state, _ = step(state, batch)
+        jax.random.normal(key, ())  # the caller's key, params and extra are still alive
+        np.asarray(params["w"])
+        assert int(seen.sum()) == 0 and int(state.extra["seen"].sum()) == 64
+
+
+def _linear_apply(variables, x):
+    return x @ variables["params"]["w"]
+
+
+# --- the typed loss contract -------------------------------------------------------------------
+def _linear_problem(extra=None):
+    w = jax.random.normal(jax.random.key(0), (3,))
+    state = TrainState.create(
+        apply_fn=lambda variables, x: x @ variables["params"]["w"],
+        params={"w": w},
+        tx=optax.sgd(0.1),
+        rng=jax.random.key(1),
+        extra=extra,
+    )
+    batch = {"x": jax.random.normal(jax.random.key(2), (8, 3)), "y": jnp.arange(8.0)}
+    return state, batch
+
+
+def _mse(params, state, batch, rng):
+    del rng
+    return jnp.mean((state.apply_fn({"params": params}, batch["x"]) - batch["y"]) ** 2)
+
+
+def test_loss_output_metrics_and_partial_extra():
+    state, batch = _linear_problem(extra={"count": jnp.zeros((), jnp.int32), "kept": jnp.ones(2)})
+
+    def loss_fn(params, state, batch, rng):
+        loss = _mse(params, state, batch, rng)
+        return loss, LossOutput(
+            metrics={"double": 2 * loss}, extra={"count": state.extra["count"] + 1}
+        )
+
+    step = make_train_step(loss_fn, donate=False)
+    new_state, metrics = step(state, batch)
+    new_state, _ = step(new_state, batch)
+    np.testing.assert_allclose(metrics["double"], 2 * metrics["loss"], rtol=1e-6)
+    assert int(new_state.extra["count"]) == 2
+    np.testing.assert_array_equal(
+        new_state.extra["kept"], np.ones(2)
+    )  # a partial dict drops nothing
+    plain, metrics = make_train_step(_mse, donate=False)(state, batch)  # a bare loss is fine
+    assert sorted(metrics) == ["loss"] and int(plain.step) == 1
+
+
+@pytest.mark.parametrize(
+    "returned,match",
+    [
+        (lambda loss, s: (loss, {"metrics": {}, "extra": {}}), "LossOutput\\(metrics=..., extra=...\\)` instead"),
+        (lambda loss, s: (loss, {"acc": loss}), "got `\\(loss, dict\\)`"),
+        (lambda loss, s: (loss, LossOutput(), 1), "tuple of 3"),
+        (lambda loss, s: LossOutput(), "LossOutput alone"),
+        (lambda loss, s: jnp.stack([loss, loss]), "float scalar loss, got shape \\(2,\\)"),
+        (lambda loss, s: (loss, LossOutput(metrics={"loss": loss})), "must not set 'loss'"),
+        (lambda loss, s: (loss, LossOutput(extra={"new": loss})), "key 'new' that state.extra"),
+        (lambda loss, s: (loss, LossOutput(extra={"buf": jnp.zeros(4)})), "state.extra\\['buf'\\] has shape \\(3,\\)"),
+        (lambda loss, s: (loss, LossOutput(extra={"buf": jnp.zeros(3, jnp.int32)})), "dtype int32"),
+        (lambda loss, s: (loss, LossOutput(extra={"buf": {"a": jnp.zeros(3)}})), "different structures"),
+        (lambda loss, s: (loss, LossOutput(extra=[1])), "must be a dict"),
+    ],
+)  # fmt: skip
+def test_loss_contract_refuses_what_it_cannot_honour(returned, match):
+    state, batch = _linear_problem(extra={"buf": jnp.zeros(3)})
+    step = make_train_step(lambda p, s, b, r: returned(_mse(p, s, b, r), s), jit=False)
+    with pytest.raises(ValueError, match=match):
+        step(state, batch)
+
+
+def test_pass_grad_fn_gives_optax_sam_its_gradient():
+    """`optax.contrib.sam(opaque_mode=True)` through make_train_step equals the hand-written
+    step (the same loss, batch and rng at the perturbed parameters)."""
+
+    def noisy_mse(params, state, batch, rng):
+        noise = 0.1 * jax.random.normal(rng, batch["y"].shape)
+        return _mse(params, state, {**batch, "y": batch["y"] + noise}, None)
+
+    sam = optax.contrib.sam(optax.sgd(0.05), optax.sgd(0.02), opaque_mode=True)
+    state, batch = _linear_problem()
+    state = TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=sam, rng=state.rng)
+    ours = make_train_step(noisy_mse, pass_grad_fn=True, donate=False)
+
+    def by_hand(state, batch):
+        loss_of = lambda p: noisy_mse(p, state, batch, state.step_rng())
+        grads = jax.grad(loss_of)(state.params)
+        return state.apply_gradients(grads, grad_fn=lambda p, _: jax.grad(loss_of)(p))
+
+    a, b = state, state
+    for _ in range(3):
+        a, _ = ours(a, batch)
+        b = by_hand(b, batch)
+    np.testing.assert_allclose(a.params["w"], b.params["w"], rtol=1e-6)
+    sgd = TrainState.create(
+        apply_fn=state.apply_fn, params=state.params, tx=optax.sgd(0.05), rng=state.rng
+    )
+    for _ in range(3):
+        sgd, _ = make_train_step(noisy_mse, donate=False)(sgd, batch)
+    assert not np.allclose(a.params["w"], sgd.params["w"], rtol=1e-3)  # SAM did something else
+    with pytest.raises(ValueError, match="takes no keyword arguments"):
+        plain = optax.GradientTransformation(optax.sgd(0.1).init, optax.sgd(0.1).update)
+        plain_state = TrainState.create(
+            apply_fn=state.apply_fn, params=state.params, tx=plain, rng=state.rng
+        )
+        make_train_step(_mse, pass_grad_fn=True, jit=False)(plain_state, batch)
+
+
+def test_pass_value_reaches_the_transform():
+    seen = []
+
+    def update(updates, opt_state, params=None, *, value=None, **extra):
+        seen.append(value)
+        return updates, opt_state
+
+    tx = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+    state, batch = _linear_problem()
+    _, metrics = make_train_step(_mse, pass_value=True, jit=False)(state.replace(tx=tx), batch)
+    np.testing.assert_allclose(seen[0], metrics["loss"])
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def test_bad_arguments_are_refused_by_name(tmp_path, loader):
+    from efflax.training import open_checkpoints
+
+    step = make_train_step(cross_entropy_loss_fn())
+    state, _ = _linear_problem()  # every check fires before the state is used
+    cases = [
+        (dict(num_steps=-5), "num_steps=-5"),
+        (dict(num_steps=3, checkpoint_every=0, checkpoint_dir=tmp_path / "c"), "checkpoint_every=0"),
+        (dict(num_steps=3, checkpoint_every=2), "without a checkpoint_dir"),
+        (dict(num_steps=3, log_every=0), "log_every=0"),
+        (dict(num_steps=3, eval_every=2), "without an eval_fn"),
+        (dict(num_steps=3, eval_fn=lambda s: {}, eval_steps=[5]), "eval_steps holds 5"),
+    ]  # fmt: skip
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fit(state, step, loader, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="max_to_keep=0"):
+        open_checkpoints(tmp_path / "m", max_to_keep=0)
+    for rng in (0, jnp.zeros(3, jnp.uint32), jax.random.split(jax.random.key(0), 2)):
+        with pytest.raises(ValueError, match="rng"):
+            TrainState.create(apply_fn=None, params={}, tx=_TX, rng=rng)
+    with pytest.raises(ValueError, match="tx="):
+        TrainState.create(apply_fn=None, params={}, tx="adam", rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="batch_size=0"):
+        classification_eval_fn(data.load_arrays("mnist1d", "test"), batch_size=0)
+    with pytest.raises(ValueError, match="x_key='inputs'"):
+        classification_eval_fn(data.load_arrays("mnist1d", "test"), x_key="inputs")
+
+
+def test_corrupt_metrics_file_and_unknown_plot_keys_are_named(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo\n')
+    with pytest.raises(ValueError, match="m.jsonl' line 2 is not a JSON record"):
+        read_metrics(path)
+    path.write_text('{"step": 1, "train/loss": 2.0}\n')
+    with pytest.raises(ValueError, match="'nope'.*present: \\['step', 'train/loss'\\]"):
+        plot_metrics(path, tmp_path / "m.png", keys=["nope"])
+    with pytest.raises(ValueError, match="x names 'epoch'"):
+        plot_metrics(path, tmp_path / "m.png", x="epoch")

@@ -2,6 +2,9 @@
 
 Both are generated locally, never downloaded: MNIST-1D from the ``mnist1d`` package's procedure
 (Greydanus 2020) and a byte-level corpus from the running Python's standard-library sources.
+Examples are stored in ``index`` order (``disable_shuffling``), so reading position ``i`` of a
+split gives example ``i``: a loader that streams from the files and one that holds the split in
+memory visit the same examples (version 1.1.0; 1.0.0 stored them in TFDS's hashed order).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
     seed 42); ``num_samples`` makes larger versions with the same procedure.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Examples stored in index order.", "1.0.0": "First version."}
     BUILDER_CONFIGS = [Mnist1dConfig(name="default", description="4,000/1,000 split")]
 
     @classmethod
@@ -55,6 +59,7 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
                 }
             ),
             supervised_keys=("x", "y"),
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):
@@ -103,7 +108,8 @@ class StdlibText(tfds.core.GeneratorBasedBuilder):
     and next-byte targets come from one example.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Examples stored in index order.", "1.0.0": "First version."}
     BUILDER_CONFIGS = [StdlibTextConfig(name="seq256", seq_len=256)]
 
     @classmethod
@@ -125,6 +131,7 @@ class StdlibText(tfds.core.GeneratorBasedBuilder):
                     "index": np.int32,
                 }
             ),
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):

@@ -75,7 +75,8 @@ class MoEFeedForward(nn.Module):
         their own device, skipping the all-to-all (needs a mesh with an expert axis > 1 and the
         `'gating_dropout'` rng).
       causal: set in a decoder; expert choice then raises, because it looks at future tokens.
-      mesh: a mesh with axis `expert_axis` (and optionally `data_axis`) for expert parallelism.
+      mesh: a mesh with axis `expert_axis` (and optionally `data_axis`) for expert parallelism;
+        `efflax.sharding.make_mesh` or `jax.make_mesh` (Explicit axes are run as Auto).
       dtype / param_dtype: computation / parameter dtypes; the router always runs in float32.
 
     Sown values: `'losses'/'aux_loss'` (weighted sum, add it to the task loss, see
@@ -131,6 +132,15 @@ class MoEFeedForward(nn.Module):
         _checks.probability("jitter", self.jitter, allow_one=False)
         for name in ("load_balancing_coef", "z_loss_coef"):
             _checks.positive_float(name, getattr(self, name), allow_zero=True)
+        if self.mesh is not None:
+            if not isinstance(self.mesh, Mesh):
+                raise ValueError(f"mesh={self.mesh!r} must be a jax.sharding.Mesh")
+            if self.expert_axis not in self.mesh.axis_names:
+                raise ValueError(
+                    f"expert_axis={self.expert_axis!r} is not an axis of the mesh "
+                    f"{tuple(self.mesh.axis_names)}; name the mesh's expert axis "
+                    f"{self.expert_axis!r} or pass expert_axis= (mesh= is for expert parallelism)"
+                )
         num_shards = self._expert_shards()
         if self.num_experts % num_shards:
             raise ValueError(
@@ -157,6 +167,8 @@ class MoEFeedForward(nn.Module):
         self._check_config()
         if x.ndim < 2:
             raise ValueError(f"x must be [..., tokens, d], got {x.shape=}")
+        if 0 in x.shape:
+            raise ValueError(f"x must have at least one token of size >= 1, got {x.shape=}")
         shape, d = x.shape, x.shape[-1]
         x = x.reshape(-1, shape[-2], d).astype(self.dtype)  # [batch, tokens, d]
 
@@ -195,6 +207,7 @@ class MoEFeedForward(nn.Module):
         if num_shards > 1:
             batch_spec = PartitionSpec(self._batch_axes())
             expert_spec = PartitionSpec(self.expert_axis)
+            # The compat shard_map runs an Explicit mesh (jax.make_mesh) as its Auto twin.
             run = shard_map(
                 run,
                 mesh=self.mesh,

@@ -22,15 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pallas_kernels.monarch import BlockSizes
+from pallas_kernels.monarch import MONARCH_OP
 from pallas_kernels.monarch import dense_to_monarch
 from pallas_kernels.monarch import monarch_matmul
-from pallas_kernels.monarch import monarch_matmul_reference
 from pallas_kernels.monarch import monarch_to_dense
+from pallas_kernels.op import Implementation
 
 Dtype = Any
 MONARCH_AXES = ("monarch_blocks", None, None)
-_IMPLEMENTATIONS = ("auto", "pallas", "xla")
 
 # Each factor is LeCun-normal over its own fan-in (p for w1, r for w2): the composed matrix then
 # has entry variance 1 / in_features, the scale of nn.Dense's default kernel init.
@@ -52,26 +51,11 @@ def monarch_shapes(
     return (nblocks, q, p), (nblocks, s, q)
 
 
-def xla_row_chunk(w1_shape: tuple[int, ...], w2_shape: tuple[int, ...]) -> int | None:
-    """Row chunk of the XLA path (``monarch_matmul_reference(row_chunk=...)``).
-
-    On CPU, small blocks (<= 128 wide) make the two einsums memory-bound: 32 rows at a time keep
-    the transposes between them in cache (n=4096, nblocks=64, 8192 rows: forward+backward
-    1.6x faster than unchunked). Large blocks are compute-bound and run unchunked; other
-    backends never chunk.
-    """
-    if jax.default_backend() != "cpu":
-        return None
-    return 32 if max(*w1_shape[1:], *w2_shape[1:]) <= 128 else None
-
-
-def _choose_implementation(implementation: str, w1_shape, w2_shape) -> str:
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"{implementation=} must be one of {_IMPLEMENTATIONS}")
-    if implementation != "auto":
-        return implementation
-    kernel_ok = w2_shape[2] % w1_shape[0] == 0
-    return "pallas" if kernel_ok and jax.default_backend() in ("gpu", "cuda", "rocm") else "xla"
+def _check_implementation(implementation: str | Implementation) -> str | Implementation:
+    """``implementation`` if the Monarch op knows it (raises ``ValueError`` naming it if not)."""
+    if not (isinstance(implementation, str) and implementation == "auto"):
+        MONARCH_OP.get(implementation)
+    return implementation
 
 
 def _monarch_forward(
@@ -81,27 +65,19 @@ def _monarch_forward(
     features: int,
     nblocks: int,
     use_bias: bool,
-    implementation: str,
+    implementation: str | Implementation,
     dtype: Dtype | None,
     param_dtype: Dtype,
     bias_init: Callable,
-    block_sizes: BlockSizes | None,
-    row_chunk: int | str | None = "auto",
 ) -> jax.Array:
     """Creates ``w1``, ``w2`` (and ``bias``) in ``module``'s scope and applies them to ``x``."""
     w1_shape, w2_shape = monarch_shapes(x.shape[-1], features, nblocks)
-    impl = _choose_implementation(implementation, w1_shape, w2_shape)
     init = nn.with_logical_partitioning(factor_init, MONARCH_AXES)
     w1 = module.param("w1", init, w1_shape, param_dtype)
     w2 = module.param("w2", init, w2_shape, param_dtype)
     bias = module.param("bias", bias_init, (features,), param_dtype) if use_bias else None
     x, w1, w2, bias = nn.dtypes.promote_dtype(x, w1, w2, bias, dtype=dtype)
-    if impl == "pallas":
-        y = monarch_matmul(x, w1, w2, block_sizes=block_sizes)
-    else:
-        if row_chunk == "auto":
-            row_chunk = xla_row_chunk(w1.shape, w2.shape)
-        y = monarch_matmul_reference(x, w1, w2, row_chunk=row_chunk)
+    y = monarch_matmul(x, w1, w2, implementation=implementation)
     if bias is not None:
         y = y + bias
     return y
@@ -119,15 +95,16 @@ class MonarchDense(nn.Module):
       nblocks: number of diagonal blocks (4 in the paper's GPT-2/ViT MLPs; sqrt(n) is the
         cheapest).
       use_bias: add a bias.
-      implementation: 'pallas' (fused kernel, interpret mode on CPU), 'xla' (two einsums), or
-        'auto' (pallas on GPU when the kernel supports the shapes, else xla).
+      implementation: how the product runs (``pallas_kernels.monarch_matmul``): ``'auto'``
+        (the Pallas kernels on a GPU where they support the shapes, else the XLA path),
+        ``'xla'``, ``'pallas_triton'`` (alias ``'pallas'``; interpret mode on CPU),
+        ``'reference'``, or a configured instance such as
+        ``PallasTritonMonarch(block_sizes=...)`` or ``XlaMonarch(row_chunk=None)``. Inside
+        ``pallas_kernels.op.forward_mode_autodiff()`` every choice is differentiable with
+        ``jax.jvp`` (Hessian-vector products).
       dtype: computation dtype (None: promote inputs and params).
       param_dtype: parameter dtype.
       bias_axis: logical axis name of the bias (e.g. 'mlp'); None leaves it replicated.
-      block_sizes: tiles for the Pallas kernel.
-      row_chunk: rows per chunk of the XLA path ('auto': ``xla_row_chunk``, chunked on CPU for
-        small blocks; None: never chunk, which keeps forward-mode autodiff (``jax.jvp``)
-        available; the chunked path is reverse-mode only).
 
     Example:
       >>> layer = MonarchDense(256, nblocks=16)
@@ -137,12 +114,10 @@ class MonarchDense(nn.Module):
     features: int
     nblocks: int = 4
     use_bias: bool = True
-    implementation: str = "auto"
+    implementation: str | Implementation = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     bias_axis: str | None = None
-    block_sizes: BlockSizes | None = None
-    row_chunk: int | str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,12 +127,10 @@ class MonarchDense(nn.Module):
             features=self.features,
             nblocks=self.nblocks,
             use_bias=self.use_bias,
-            implementation=self.implementation,
+            implementation=_check_implementation(self.implementation),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.bias_axis,)),
-            block_sizes=self.block_sizes,
-            row_chunk=self.row_chunk,
         )
 
 
@@ -170,9 +143,8 @@ class Monarchified(nn.Module):
 
     module: nn.Module
     nblocks: int = 4
-    implementation: str = "auto"
+    implementation: str | Implementation = "auto"
     include: Callable[[nn.Dense, int], bool] | None = None
-    block_sizes: BlockSizes | None = None
 
     def setup(self):
         # Same parameter tree as the wrapped module: no extra 'module' level.
@@ -185,15 +157,12 @@ class Monarchified(nn.Module):
             nblocks=self.nblocks,
             implementation=self.implementation,
             include=self.include,
-            block_sizes=self.block_sizes,
         )
         with nn.intercept_methods(intercept):
             return self.module(*args, **kwargs)
 
 
-def _intercept_dense(
-    next_fun, args, kwargs, context, *, nblocks, implementation, include, block_sizes
-):
+def _intercept_dense(next_fun, args, kwargs, context, *, nblocks, implementation, include):
     dense = context.module
     if type(dense) is not nn.Dense or context.method_name != "__call__" or len(args) != 1:
         return next_fun(*args, **kwargs)
@@ -214,7 +183,6 @@ def _intercept_dense(
         dtype=dense.dtype,
         param_dtype=dense.param_dtype,
         bias_init=dense.bias_init,
-        block_sizes=block_sizes,
     )
 
 
@@ -222,9 +190,8 @@ def monarchify(
     module: nn.Module,
     *,
     nblocks: int = 4,
-    implementation: str = "auto",
+    implementation: str | Implementation = "auto",
     include: Callable[[nn.Dense, int], bool] | None = None,
-    block_sizes: BlockSizes | None = None,
 ) -> Monarchified:
     """Wraps ``module`` so that its ``nn.Dense`` layers become Monarch layers.
 
@@ -239,21 +206,15 @@ def monarchify(
       implementation: see ``MonarchDense``.
       include: ``include(dense, in_features) -> bool`` picks the layers to convert (default: all
         whose sizes nblocks divides).
-      block_sizes: tiles for the Pallas kernel.
 
     Returns:
       A module to ``init``/``apply`` like ``module``.
     """
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"{implementation=} must be one of {_IMPLEMENTATIONS}")
+    _check_implementation(implementation)
     if nblocks < 1:
         raise ValueError(f"{nblocks=} must be >= 1")
     return Monarchified(
-        module=module,
-        nblocks=nblocks,
-        implementation=implementation,
-        include=include,
-        block_sizes=block_sizes,
+        module=module, nblocks=nblocks, implementation=implementation, include=include
     )
 
 

@@ -16,9 +16,12 @@ from typing import Protocol
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
+from efflax._src import distributed
 from efflax._src.training.state import TrainState
+from pallas_kernels import _checks
 
 
 class Hook(Protocol):
@@ -34,18 +37,73 @@ class CheckpointError(ValueError):
 
 
 def _scalar(value: Any) -> Any:
-    array = np.asarray(value)
+    array = distributed.to_host(value)
     return array.item() if array.ndim == 0 else array.tolist()
 
 
+def place_on_mesh(tree: Any, mesh: Any) -> Any:
+    """Every array of ``tree`` on ``mesh``: sharded leaves keep their spec, others are replicated.
+
+    Leaves already on ``mesh`` (or on its ``Explicit`` twin from ``jax.make_mesh``) keep their
+    partitioning; single-device and host arrays get a full copy on every device. Works in a
+    multi-process run (each process copies the shards its devices hold).
+
+    Raises:
+      ValueError: a leaf sharded over a mesh of other devices (it cannot be moved silently).
+    """
+    from efflax._src.sharding import auto_axes
+    from efflax._src.sharding import replicated
+
+    mesh = auto_axes(mesh)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    shardings = []
+    for path, leaf in leaves:
+        sharding = getattr(leaf, "sharding", None)
+        if (
+            isinstance(sharding, NamedSharding)
+            and sharding.mesh.axis_names == mesh.axis_names
+            and (np.array_equal(sharding.mesh.device_ids, mesh.device_ids))
+        ):
+            shardings.append(NamedSharding(mesh, sharding.spec))
+        elif (
+            isinstance(leaf, jax.Array)
+            and len(leaf.sharding.device_set) > 1
+            and not leaf.is_fully_replicated
+        ):
+            raise ValueError(
+                f"state{jax.tree_util.keystr(path)} is sharded over devices "
+                f"{sorted(d.id for d in leaf.sharding.device_set)}, not over the loader's mesh "
+                f"{dict(mesh.shape)}; shard it on that mesh (efflax.sharding.shard_params)"
+            )
+        else:
+            shardings.append(replicated(mesh))
+    return distributed.put_global(
+        jax.tree.unflatten(treedef, [leaf for _, leaf in leaves]),
+        jax.tree.unflatten(treedef, shardings),
+    )
+
+
 def open_checkpoints(
-    directory: str | pathlib.Path, *, save_every: int | None = None, max_to_keep: int = 2
+    directory: str | pathlib.Path, *, save_every: int | None = None, max_to_keep: int | None = 2
 ) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` on ``directory``; refuses a directory it cannot read.
 
+    In a multi-process run every process opens it on the same (shared) directory and takes
+    part in every save and restore, as orbax requires.
+
+    Args:
+      directory: where the checkpoints live (``<directory>/<step>/``).
+      save_every: steps between kept saves (``manager.save`` skips the others).
+      max_to_keep: checkpoints kept on disk (``None``: all).
+
     Raises:
       CheckpointError: ``directory`` is a file, or holds entries but no readable checkpoint.
+      ValueError: ``save_every`` or ``max_to_keep`` < 1.
     """
+    if save_every is not None:
+        _checks.int_at_least("save_every", save_every)
+    if max_to_keep is not None:
+        _checks.int_at_least("max_to_keep", max_to_keep)
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"checkpoint_dir={str(directory)!r} exists and is not a directory")
@@ -66,7 +124,9 @@ def open_checkpoints(
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
     """The latest checkpoint restored into the structure (and shardings) of ``state``.
 
-    Returns ``state`` unchanged when the directory has no checkpoint yet.
+    Place ``state`` as it will be used first (``fit`` puts it on the loader's mesh): the
+    restored arrays get exactly its shardings, whatever the mesh or the number of processes
+    that wrote the checkpoint. Returns ``state`` unchanged when the directory has no checkpoint.
 
     Raises:
       CheckpointError: the latest checkpoint cannot be read or does not match ``state``.
@@ -102,6 +162,13 @@ def fit(
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains ``state`` for ``num_steps`` steps, resuming from ``checkpoint_dir`` if it has one.
 
+    With a loader on a mesh (``efflax.data.load(..., mesh=mesh)``) the state is first placed on
+    that mesh (sharded leaves keep their partitioning, the rest is replicated), then restored
+    into that placement, so a run resumes on the mesh it trains on. In a multi-process run every
+    process calls ``fit`` alike; only the primary process (``efflax.distributed.is_primary``)
+    shows progress, prints evaluations and writes ``metrics_path``, every process checkpoints
+    (orbax needs all of them) and returns the same history.
+
     Args:
       state: the initial state (also the template a checkpoint is restored into).
       train_step: ``step(state, batch) -> (state, metrics)``, e.g. from ``make_train_step``.
@@ -121,26 +188,61 @@ def fit(
     Returns:
       The final state and the list of records (dicts with ``step``, ``examples_seen``,
       ``wall_time`` and metrics) written during this call.
-    """
-    if num_steps is None:
-        num_steps = len(loader)  # type: ignore[arg-type]
-    if eval_every is not None and eval_every < 1:
-        raise ValueError(f"eval_every={eval_every} must be >= 1")
-    if log_every < 1:
-        raise ValueError(f"log_every={log_every} must be >= 1")
-    for hook in hooks:
-        if getattr(hook, "every", 0) < 1:
-            raise ValueError(f"hook {hook!r} needs an `every` >= 1")
-    eval_at = set(int(s) for s in eval_steps)
-    batch_size = batch_size or getattr(loader, "batch_size", None) or 0
 
+    Raises:
+      ValueError: a bad argument (named), a checkpoint past ``num_steps``, a loader that runs
+        out of batches.
+      CheckpointError: ``checkpoint_dir`` cannot be read as a checkpoint directory.
+    """
+    if not callable(train_step):
+        raise ValueError(f"train_step={train_step!r} must be callable (see make_train_step)")
+    if num_steps is None:
+        if not hasattr(loader, "__len__"):
+            raise ValueError("num_steps is required for a loader without a length")
+        num_steps = len(loader)  # type: ignore[arg-type]
+    num_steps = _checks.int_at_least("num_steps", num_steps)
+    log_every = _checks.int_at_least("log_every", log_every)
+    if eval_every is not None:
+        eval_every = _checks.int_at_least("eval_every", eval_every)
+    eval_at = set()
+    for s in eval_steps:
+        if not (isinstance(s, int | np.integer) and 1 <= s <= num_steps):
+            raise ValueError(
+                f"eval_steps holds {s!r}; every entry must be a step in [1, {num_steps}]"
+            )
+        eval_at.add(int(s))
+    if eval_fn is None and (eval_every is not None or eval_at):
+        raise ValueError("eval_every / eval_steps were given without an eval_fn")
+    if checkpoint_every is not None:
+        checkpoint_every = _checks.int_at_least("checkpoint_every", checkpoint_every)
+        if checkpoint_dir is None:
+            raise ValueError(f"{checkpoint_every=} was given without a checkpoint_dir")
+    for hook in hooks:
+        every = getattr(hook, "every", None)
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"hook {hook!r} needs an int `every` >= 1, got {every!r}")
+    if batch_size is not None:
+        batch_size = _checks.int_at_least("batch_size", batch_size)
+    batch_size = batch_size or getattr(loader, "batch_size", None) or 0
+    primary = distributed.is_primary()
+
+    mesh = getattr(loader, "mesh", None)
+    if mesh is not None:
+        state = place_on_mesh(state, mesh)
     manager = None
     if checkpoint_dir is not None:
         manager = open_checkpoints(checkpoint_dir, save_every=checkpoint_every)
         state = restore_latest(manager, state)
     start = int(state.step)
     if start > num_steps:
-        raise ValueError(f"the checkpoint is at step {start}, past num_steps={num_steps}")
+        if manager is not None:
+            manager.close()
+        raise ValueError(
+            f"the state is at step {start} (restored from checkpoint_dir={str(checkpoint_dir)!r})"
+            f" past num_steps={num_steps}"
+            if checkpoint_dir is not None
+            else f"the state is at step {start}, past num_steps={num_steps}"
+        )
 
     if hasattr(loader, "iter_from"):
         batches = loader.iter_from(start)
@@ -148,7 +250,7 @@ def fit(
         batches = itertools.islice(iter(loader), start, None)
 
     metrics_file = None
-    if metrics_path is not None:
+    if metrics_path is not None and primary:
         metrics_path = pathlib.Path(metrics_path)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(metrics_path, "a")  # noqa: SIM115 - closed in finally
@@ -173,7 +275,18 @@ def fit(
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
 
-    bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train", leave=False)
+    bar = tqdm(
+        total=num_steps,
+        initial=start,
+        disable=not (progress and primary),
+        desc="train",
+        leave=False,
+    )
+
+    def say(line: str) -> None:
+        if primary:
+            bar.write(line)
+
     try:
         step = start
         while step < num_steps:
@@ -191,13 +304,13 @@ def fit(
             bar.update(1)
             values: dict[str, Any] = {}
             if step % log_every == 0 or step == num_steps:
-                stacked = jax.device_get(pending)
+                stacked = jax.tree.map(distributed.to_host, pending)
                 values.update(
                     {f"train/{k}": float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
                 )
                 pending = []
                 if not math.isfinite(values.get("train/loss", 0.0)):
-                    bar.write(f"step {step}: non-finite training loss {values['train/loss']}")
+                    say(f"step {step}: non-finite training loss {values['train/loss']}")
                 bar.set_postfix({k[6:]: f"{v:.4g}" for k, v in values.items()})
             for hook in hooks:
                 if step % hook.every == 0:
@@ -207,7 +320,7 @@ def fit(
             ):
                 eval_values = eval_fn(state)
                 values.update(eval_values)
-                bar.write(
+                say(
                     f"step {step}: "
                     + ", ".join(f"{k}={_scalar(v):.4g}" for k, v in eval_values.items())
                 )
@@ -228,9 +341,26 @@ def fit(
 
 
 def read_metrics(metrics_path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines metrics file."""
-    lines = pathlib.Path(metrics_path).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The records of a JSON-lines metrics file.
+
+    Raises:
+      ValueError: a line that is not a JSON object, naming the file and the line number.
+    """
+    path = pathlib.Path(metrics_path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{str(path)!r} line {number} is not a JSON record ({e.msg}): {line[:80]!r}"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{str(path)!r} line {number} is not a JSON object: {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 def plot_metrics(
@@ -241,21 +371,34 @@ def plot_metrics(
     x: str = "step",
     title: str | None = None,
 ) -> pathlib.Path:
-    """Plots metrics of a JSON-lines file against ``x`` (one panel per key) into a PNG."""
+    """Plots metrics of a JSON-lines file against ``x`` (one panel per key) into a PNG.
+
+    Raises:
+      ValueError: no metrics, or a key (or ``x``) that no record has.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
+    present = sorted({k for r in records for k in r})
     if keys is None:
         skip = {"step", "examples_seen", "wall_time"}
-        keys = sorted({k for r in records for k in r if k not in skip})
+        keys = [k for k in present if k not in skip]
+    if isinstance(keys, str):
+        raise ValueError(f"keys={keys!r} must be a list of metric names, e.g. [{keys!r}]")
     if not keys:
         raise ValueError(f"no metrics to plot in {str(metrics_path)!r}")
+    for name, wanted in [("keys", k) for k in keys] + [("x", x)]:
+        if not any(wanted in r for r in records):
+            raise ValueError(
+                f"{name} names {wanted!r}, which no record of {str(metrics_path)!r} has "
+                f"(present: {present})"
+            )
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        points = [(r[x], r[key]) for r in records if key in r]
+        points = [(r[x], r[key]) for r in records if key in r and x in r]
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
