@@ -4,8 +4,8 @@ Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.sharding`` (meshes and logical axes), ``efflax.distributed`` (multi-host runs),
 ``efflax.nn`` (modules), ``efflax.losses`` (distillation, batch entropy, focal losses),
 ``efflax.optim`` (optimizers and probes), ``efflax.pruning`` (structured pruning: CoFi),
-``efflax.models`` (small reference models); the
-Pallas kernels are in the sibling package ``pallas_kernels``.
+``efflax.models`` (small reference models); the Pallas kernels are in the sibling package
+``pallas_kernels``.
 """
 
 from efflax import data

@@ -53,6 +53,7 @@ from efflax.stats import mean_interval
 from efflax.stats import paired_difference
 from efflax.stats import ratio_interval
 from efflax.stats import seeds_to_decide
+from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
@@ -261,7 +262,7 @@ def pretrain(config: Config, seed: int = 0):
         logits = state.apply_fn({"params": params}, jnp.where(masked, MASK_ID, tokens))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
         loss = jnp.sum(losses * masked) / jnp.maximum(jnp.sum(masked), 1)
-        return loss, {"metrics": {}}
+        return loss
 
     x = jnp.zeros((1, config.seq_len), jnp.int32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x))["params"]
@@ -297,7 +298,7 @@ def classification_step(model):
             temperature=KD_TEMPERATURE,
         )
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-        return loss, {"metrics": {"accuracy": accuracy}}
+        return loss, LossOutput(metrics={"accuracy": accuracy})
 
     return make_train_step(loss_fn)
 
@@ -358,7 +359,7 @@ def prune_step(model, structure, teacher_apply, warmup_steps: int):
             "lambda_1": params["lagrangian"]["lambda_1"],
             "lambda_2": params["lagrangian"]["lambda_2"],
         }
-        return loss, {"metrics": metrics}
+        return loss, LossOutput(metrics=metrics)
 
     return make_train_step(loss_fn, donate=False)
 
