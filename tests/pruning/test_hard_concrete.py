@@ -74,7 +74,7 @@ def test_init_clamp_and_flax_initializer():
             z = gate.sample(self.param("log_alpha", gate.init), key)
             return x @ mask_axis(kernel, z, axis=0)
 
-    variables = Gated().init(jax.random.key(0), jnp.ones((1, 3)), jax.random.key(1))
+    variables = jax.jit(Gated().init)(jax.random.key(0), jnp.ones((1, 3)), jax.random.key(1))
     assert variables["params"]["log_alpha"].shape == (3,)
 
 

@@ -9,15 +9,16 @@ a smaller dense model.
 
 How the masks reach a model without rewriting it. :func:`cofi_structure` traces the user's
 model once and finds its attention layers (modules with ``query``/``key``/``value``/``out``
-projections, e.g. ``efflax.nn.MultiHeadAttention``), FFNs (modules with a down projection ``wo``
-``[units, embed]`` fed by up projections ``[embed, units]``, e.g. ``DenseFeedForward``) and
+projections, e.g. ``efflax.nn.MultiHeadAttention``), FFNs (modules made of Dense layers: one
+down projection ``[units, embed]`` - logical axes ``('mlp', 'embed')``, or named ``wo`` /
+``down`` - fed by up projections ``[embed, units]``, e.g. ``DenseFeedForward``, GLU variants) and
 norms (``nn.LayerNorm`` / ``nn.RMSNorm``). :func:`apply_masks` is a context manager that runs the
 model under ``nn.intercept_methods`` and
 
 - scales the input of an attention layer's ``out`` projection by the head gates (the same as
   scaling that head's slice of the output kernel) and the layer's output by its layer gate;
-- scales the input of an FFN's ``wo`` by the unit gates (the same as scaling rows of ``wo``) and
-  the FFN's output by its layer gate;
+- scales the input of an FFN's down projection by the unit gates (the same as scaling its rows)
+  and the FFN's output by its layer gate;
 - for the hidden dimension, computes every norm's statistics over the kept features only
   (``mask=`` of the Flax norms) and scales its output by the hidden gates.
 
@@ -30,10 +31,11 @@ that *write* pruned features need no mask. With gates in ``{0} U (0, 1]`` (train
 the deterministic eval mask) the masked model and the extracted model compute the same function.
 
 :func:`extract` folds the soft gate values into the weights (head gates and the attention layer
-gate into ``out``, unit gates and the FFN gate into ``wo``, hidden gates into the norms) and
-deletes the pruned heads, units, features and whole sublayers; :class:`ExtractedModel` runs the
-user's model with the smaller shapes (it clones each attention layer with its own head count,
-each FFN with its own width, and the model with the new width; a dropped sublayer returns zeros).
+gate into ``out``, unit gates and the FFN gate into the down projection, hidden gates into the
+norms) and deletes the pruned heads, units, features and whole sublayers; :class:`ExtractedModel`
+runs the user's model with the smaller shapes (it clones each attention layer with its own head
+count, each FFN with its own width, and the model with the new width; a dropped sublayer returns
+zeros).
 
 Example:
   >>> structure = cofi_structure(model, x)                         # finds heads, FFNs, norms
@@ -91,7 +93,7 @@ GROUPS = ("head", "head_layer", "intermediate", "mlp", "hidden")
 _ROLES = ("embed", "heads", "kv_heads", "mlp")
 _ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
 _ATTENTION_OUT = "out"
-_FFN_DOWN = "wo"
+_FFN_DOWN_NAMES = ("wo", "down")
 _NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
 
 # How ExtractedModel resizes a module class: its attribute for each size it infers.
@@ -167,6 +169,7 @@ class FeedForwardSite:
     units: int
     in_features: int
     out_features: int
+    down: str = "wo"  # the name of the down projection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,24 +460,28 @@ def _attention_site(path: Path, module: nn.Module, params: Mapping) -> Attention
 
 
 def _feed_forward_site(path: Path, module: nn.Module, params: Mapping) -> FeedForwardSite | None:
-    if not isinstance(params, Mapping) or _FFN_DOWN not in params:
+    """An FFN: Dense children only, one down projection ``[units, d]`` (logical names
+    ``('mlp', 'embed')``, or named ``wo`` / ``down``) fed by up projections ``[d, units]``."""
+    if not isinstance(params, Mapping) or len(params) < 2:
         return None
-    down = _kernel(params, _FFN_DOWN)
-    if down is None or len(_shape(down)) != 2:
+    kernels = {name: _kernel(params, name) for name in params}
+    if any(k is None or len(_shape(k)) != 2 for k in kernels.values()):
         return None
-    units, out_features = _shape(down)
-    ups = [n for n in params if n != _FFN_DOWN]
-    if not ups:
+    downs = [
+        n
+        for n, k in kernels.items()
+        if isinstance(k, nn.Partitioned) and tuple(k.names) == ("mlp", "embed")
+    ]
+    if not downs:
+        downs = [n for n in kernels if n in _FFN_DOWN_NAMES]
+    if len(downs) != 1:
         return None
-    in_features = None
-    for name in ups:
-        up = _kernel(params, name)
-        if up is None or len(_shape(up)) != 2 or _shape(up)[1] != units:
-            return None
-        if in_features not in (None, _shape(up)[0]):
-            return None
-        in_features = _shape(up)[0]
-    return FeedForwardSite(path, type(module), units, in_features, out_features)
+    (down,) = downs
+    units, out_features = _shape(kernels[down])
+    in_features = {_shape(k)[0] for n, k in kernels.items() if n != down}
+    if len(in_features) != 1 or any(_shape(k)[1] != units for n, k in kernels.items() if n != down):
+        return None
+    return FeedForwardSite(path, type(module), units, in_features.pop(), out_features, down)
 
 
 def _roles(
@@ -497,7 +504,7 @@ def _roles(
             return ("embed", heads, None) if leaf == "kernel" else (heads, None)
     if kind == "ffn":
         projection = path[len(site.path)] if len(path) > len(site.path) else None
-        if projection == _FFN_DOWN:
+        if projection == site.down:
             return ("mlp", "embed") if leaf == "kernel" else ("embed",)
         if projection is not None:
             return ("embed", "mlp") if leaf == "kernel" else ("mlp",)
@@ -696,7 +703,7 @@ def _plan(structure: CoFiStructure, masks: Any) -> _MaskPlan:
     for site in structure.feed_forward:
         k = _key(site.path)
         if "intermediate" in masks:
-            scale_input[site.path + (_FFN_DOWN,)] = (masks["intermediate"][k], -1)
+            scale_input[site.path + (site.down,)] = (masks["intermediate"][k], -1)
         if "mlp" in masks:
             scale_output[site.path] = masks["mlp"][k]
     hidden = masks.get("hidden")
@@ -1039,9 +1046,9 @@ def extract(
     """Folds the final masks into a smaller dense model with the same outputs.
 
     Soft gate values are multiplied into the weights (head and attention-layer gates into the
-    ``out`` projection, unit and FFN-layer gates into ``wo``, hidden gates into every norm's scale
-    and bias); heads, units and hidden features whose gate is 0 are deleted, and so are whole
-    attention layers / FFNs with a zero layer gate or no head / unit left.
+    ``out`` projection, unit and FFN-layer gates into the FFN's down projection, hidden gates into
+    every norm's scale and bias); heads, units and hidden features whose gate is 0 are deleted,
+    and so are whole attention layers / FFNs with a zero layer gate or no head / unit left.
 
     Args:
       model: the model ``structure`` was found on.
@@ -1115,12 +1122,14 @@ def extract(
     if hidden_keep is not None:
         dropped = [(path, int(hidden_keep.size)) for path, _ in dropped]
 
+    down_name = {s.path: _ATTENTION_OUT for s in structure.attention}
+    down_name.update({s.path: s.down for s in structure.feed_forward})
     new_leaves: dict[Path, np.ndarray] = {}
     for info in structure.params:
         if info.site in dropped_paths:
             continue
         value = np.asarray(_subtree(params, info.path))
-        down = info.site is not None and info.path[len(info.site)] in (_ATTENTION_OUT, _FFN_DOWN)
+        down = info.site is not None and info.path[len(info.site)] == down_name[info.site]
         if down:
             gates, layer_gate = scale_down[info.site]
             for axis, role in enumerate(info.roles):
