@@ -44,8 +44,6 @@ import numpy as np
 import optax
 
 from efflax import data
-from efflax.data.builders import stdlib_source_files
-from efflax.data.builders import stdlib_split_of
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
@@ -152,6 +150,10 @@ def package_task(config: Config) -> dict[str, dict[str, np.ndarray]]:
     'validation' and 'test' files (never seen in pretraining), at most ``test_per_class`` evenly
     spaced ones per package.
     """
+    # Imported here: efflax.data.builders imports TFDS, too slow for `efflax list`.
+    from efflax.data.builders import stdlib_source_files
+    from efflax.data.builders import stdlib_split_of
+
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     texts: dict[tuple[str, str], list[bytes]] = {}
     for path in stdlib_source_files():
