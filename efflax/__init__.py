@@ -6,17 +6,36 @@ Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.optim`` (optimizers and probes), ``efflax.pruning`` (structured pruning: CoFi),
 ``efflax.models`` (small reference models); the Pallas kernels are in the sibling package
 ``pallas_kernels``.
+
+The subpackages are imported on first use (``efflax.nn`` imports ``efflax/nn`` when first
+touched), so ``import efflax`` is cheap. No import starts a JAX backend (tests/test_import.py),
+so ``efflax.distributed.initialize()`` can still join a multi-process run after any efflax
+import: JAX allows that only before its backend starts.
 """
 
-from efflax import data
-from efflax import distributed
-from efflax import losses
-from efflax import models
-from efflax import nn
-from efflax import optim
-from efflax import pruning
-from efflax import sharding
-from efflax import stats
-from efflax import training
+import importlib
+
+SUBPACKAGES = (
+    "data",
+    "distributed",
+    "losses",
+    "models",
+    "nn",
+    "optim",
+    "pruning",
+    "sharding",
+    "stats",
+    "training",
+)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in SUBPACKAGES:
+        return importlib.import_module(f"efflax.{name}")
+    raise AttributeError(f"module 'efflax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *SUBPACKAGES])

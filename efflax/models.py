@@ -2,8 +2,12 @@
 
 from efflax._src.models.mnist1d import CNN1D
 from efflax._src.models.mnist1d import MLP
+from efflax._src.models.vit import ViT
+from efflax._src.models.vit import patchify
 
 __all__ = [
     "CNN1D",
     "MLP",
+    "ViT",
+    "patchify",
 ]

@@ -55,13 +55,20 @@ def default_interpret() -> bool:
     return not is_gpu()
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-    """`None` -> interpret on CPU/TPU, compiled on GPU; a bool is returned unchanged."""
-    if interpret is None:
-        return default_interpret()
-    if not isinstance(interpret, bool):
+def check_interpret(interpret: bool | None) -> None:
+    """Raises unless ``interpret`` is None, True or False (without touching the backend)."""
+    if interpret is not None and not isinstance(interpret, bool):
         raise ValueError(f"{interpret=} must be None, True or False")
-    return interpret
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """`None` -> interpret on CPU/TPU, compiled on GPU; a bool is returned unchanged.
+
+    Resolving ``None`` initialises JAX's backends: call it when a kernel runs, never at import
+    time or in a constructor (users configure JAX after importing efflax).
+    """
+    check_interpret(interpret)
+    return default_interpret() if interpret is None else interpret
 
 
 @functools.cache

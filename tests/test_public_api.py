@@ -62,7 +62,7 @@ PUBLIC = {
         "read_metrics",
         "restore_latest",
     ],
-    "efflax.models": ["CNN1D", "MLP"],
+    "efflax.models": ["CNN1D", "MLP", "ViT", "patchify"],
     "efflax.pruning": [
         "GROUPS",
         "AttentionSite",
@@ -81,7 +81,14 @@ PUBLIC = {
         "mask_axis",
     ],
     "efflax.losses": [
+        "batch_entropy",
+        "capture_activations",
         "cutmix",
+        "cyclical_focal_loss",
+        "cyclical_focal_schedule",
+        "focal_loss",
+        "lbe_loss",
+        "lbe_penalty",
         "distillation_loss",
         "mix_batch",
         "mixup",
@@ -147,6 +154,9 @@ PUBLIC = {
         "monarch_shapes",
         "monarchify",
         "project_dense_params",
+        "LearnedTokenMerger",
+        "TokenLearner",
+        "merge_tokens",
     ],
     "efflax.optim": [
         "cycle_end_steps",

@@ -19,6 +19,7 @@ On CPU the collectives between processes use gloo (JAX's default since 0.4.3x).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hashlib
 import os
@@ -35,13 +36,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from pallas_kernels import _checks
-
 ENV_COORDINATOR = "EFFLAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "EFFLAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "EFFLAX_PROCESS_ID"
 ENV_CPU_DEVICES = "EFFLAX_CPU_DEVICES"
 ENV_PROCESS_TIMEOUT = "EFFLAX_PROCESS_TIMEOUT"
+
+
+def _int_at_least(name: str, value: Any, minimum: int = 1) -> int:
+    # The wording of pallas_kernels._checks.int_at_least. This module must not import
+    # pallas_kernels: importing the kernels starts JAX's backend, after which
+    # jax.distributed.initialize refuses to run.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+    return value
+
 
 __all__ = [
     "addressable_values",
@@ -125,10 +134,12 @@ def initialize(
         # peer died and a collective waits forever.
         faulthandler.dump_traceback_later(timeout, exit=True)
     if cpu_devices is not None:
-        jax.config.update("jax_num_cpu_devices", _checks.int_at_least("cpu_devices", cpu_devices))
+        cpu_devices = _int_at_least("cpu_devices", cpu_devices)
+        with _started_too_late():
+            jax.config.update("jax_num_cpu_devices", cpu_devices)
     if num_processes is None and coordinator_address is None and process_id is None:
         return False
-    num_processes = _checks.int_at_least("num_processes", num_processes)
+    num_processes = _int_at_least("num_processes", num_processes)
     if num_processes == 1:
         return False
     if coordinator_address is None:
@@ -136,7 +147,7 @@ def initialize(
     _check_address("coordinator_address", coordinator_address)
     if process_id is None:
         raise ValueError(f"{num_processes=} needs process_id in [0, {num_processes})")
-    process_id = _checks.int_at_least("process_id", process_id, 0)
+    process_id = _int_at_least("process_id", process_id, 0)
     if process_id >= num_processes:
         raise ValueError(f"{process_id=} must be in [0, {num_processes=})")
     bind = coordinator_bind_address or coordinator_address
@@ -146,7 +157,7 @@ def initialize(
         ("heartbeat_timeout", heartbeat_timeout),
         ("shutdown_timeout", shutdown_timeout),
     ):
-        _checks.int_at_least(name, value)
+        _int_at_least(name, value)
     if jax.distributed.is_initialized():
         if jax.process_count() != num_processes or jax.process_index() != process_id:
             raise ValueError(
@@ -154,17 +165,35 @@ def initialize(
                 f"{jax.process_count()}, not {process_id} of {num_processes}"
             )
         return True
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        local_device_ids=local_device_ids,
-        coordinator_bind_address=bind,
-        initialization_timeout=initialization_timeout,
-        heartbeat_timeout_seconds=heartbeat_timeout,
-        shutdown_timeout_seconds=shutdown_timeout,
-    )
+    with _started_too_late():
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_device_ids,
+            coordinator_bind_address=bind,
+            initialization_timeout=initialization_timeout,
+            heartbeat_timeout_seconds=heartbeat_timeout,
+            shutdown_timeout_seconds=shutdown_timeout,
+        )
     return True
+
+
+@contextlib.contextmanager
+def _started_too_late():
+    """JAX refuses to join a run (or resize the CPU platform) once its backend has started;
+    say what to move."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "initiali" not in str(e).lower():
+            raise
+        raise RuntimeError(
+            "efflax.distributed.initialize() must run before JAX starts its backend: call it "
+            "right after `import efflax`, before importing efflax.nn/optim/models/training or "
+            "pallas_kernels (importing the kernels starts the backend) and before any JAX "
+            f"computation or jax.devices(). JAX said: {e}"
+        ) from e
 
 
 def is_primary() -> bool:
@@ -347,11 +376,13 @@ def launch(
     Returns:
       The exit code of every process (-signal when stopped, 124 on timeout).
     """
-    _checks.int_at_least("num_processes", num_processes)
+    _int_at_least("num_processes", num_processes)
     if cpu_devices is not None:
-        _checks.int_at_least("cpu_devices", cpu_devices)
-    if timeout is not None:
-        _checks.positive_float("timeout", timeout)
+        _int_at_least("cpu_devices", cpu_devices)
+    if timeout is not None and not (
+        isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0
+    ):
+        raise ValueError(f"timeout={timeout!r} must be > 0")
     if isinstance(command, str) or not command:
         raise ValueError(f"command={command!r} must be a non-empty list of strings")
     address = f"127.0.0.1:{free_port()}"

@@ -1,4 +1,5 @@
-"""Flax linen modules: attention on the Pallas kernels, Monarch layers, mixture of experts."""
+"""Flax linen modules: attention on the Pallas kernels, Monarch layers, mixture of experts,
+learned token merging."""
 
 from efflax._src.nn.attention import MultiHeadAttention
 from efflax._src.nn.attention import apply_rotary_embedding
@@ -30,3 +31,6 @@ from efflax._src.nn.routing import multiplicative_jitter
 from efflax._src.nn.routing import router_z_loss
 from efflax._src.nn.routing import token_choice
 from efflax._src.nn.routing import token_choice_from_probs
+from efflax._src.nn.token_merging import LearnedTokenMerger
+from efflax._src.nn.token_merging import TokenLearner
+from efflax._src.nn.token_merging import merge_tokens

@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
 from pallas_kernels._compat import cdiv
+from pallas_kernels._compat import check_interpret
 from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import has_triton_backend
 from pallas_kernels._compat import multiple_of
@@ -197,9 +198,10 @@ def default_block_sizes(
             num_stages=3,
             staged=False,
         )
-    # 'outer': accumulator [block_rank, wg_block_out], intermediate [block_rows, block_rank]
+    # 'outer': accumulator [wg_block_out, block_rank], intermediate [block_rows, block_rank];
+    # 64-row tiles so that both dots have an M of >= 64 (wgmma) where the rows allow
     block_rank = _pow2_at_most(rank, 32)
-    rows_tile = 32 if use_dot else 16
+    rows_tile = rows_tile if use_dot else 16
     per_out = block_rank * (1 if use_dot else 1 + rows_tile)
     wg_out = _pow2_at_most(width_out, max(16, _ACC_REGISTERS * threads // per_out))
     return BlockSizes(
@@ -332,13 +334,15 @@ def _chain(x2d, f, g, block_sizes: BlockSizes | None, interpret: bool):
 
 
 def _outer_kernel(a_ref, m_ref, b_ref, o_ref, *, block_rows, block_in, use_dot, precision):
-    """``o = sum_rows (a @ M).T @ b`` over this program's rows: one factor-gradient tile.
+    """``o = sum_rows b.T @ (a @ M)`` over this program's rows: one factor-gradient tile.
 
     a_ref ``[rows, width_a]``, m_ref ``[width_a, block_rank]``, b_ref ``[rows, block_out]``,
-    o_ref ``[block_rank, block_out]`` (float32).
+    o_ref ``[block_out, block_rank]`` (float32). The output is the transposed gradient tile, so
+    the dot's M dimension is ``block_out`` (>= 64 lets Triton use Hopper ``wgmma``) instead of
+    the rank (<= 32).
     """
     rows, width_a = a_ref.shape
-    block_rank, block_out = o_ref.shape
+    block_out, block_rank = o_ref.shape
     compute_dtype = a_ref.dtype
 
     def over_row_tiles(rb, acc):
@@ -354,10 +358,10 @@ def _outer_kernel(a_ref, m_ref, b_ref, o_ref, *, block_rows, block_in, use_dot, 
             0, width_a // block_in, over_chunks, jnp.zeros((block_rows, block_rank), jnp.float32)
         )
         b_tile = b_ref[pl.ds(r0, block_rows), :]
-        return acc + _mm_tn(h.astype(compute_dtype), b_tile, use_dot=use_dot, precision=precision)
+        return acc + _mm_tn(b_tile, h.astype(compute_dtype), use_dot=use_dot, precision=precision)
 
     acc = lax.fori_loop(
-        0, rows // block_rows, over_row_tiles, jnp.zeros((block_rank, block_out), jnp.float32)
+        0, rows // block_rows, over_row_tiles, jnp.zeros((block_out, block_rank), jnp.float32)
     )
     o_ref[...] = acc
 
@@ -415,14 +419,14 @@ def _outer(a2d, m, b2d, *, a_by_out: bool, block_sizes: BlockSizes | None, inter
             pl.BlockSpec((rows_per_split, block_out), b_index),
         ],
         out_specs=pl.BlockSpec(
-            (None, None, None, block_rank, block_out), lambda o, i, c, n, sp: (sp, o, i, c, n)
+            (None, None, None, block_out, block_rank), lambda o, i, c, n, sp: (sp, o, i, n, c)
         ),
-        out_shape=jax.ShapeDtypeStruct((splits, num_out, num_in, t, width_b), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((splits, num_out, num_in, width_b, t), jnp.float32),
         interpret=interpret,
         name="monarch_weight_grad",
         **_params(block_sizes, interpret),
     )(a2d, m, b2d)
-    return partial_sums.sum(axis=0)
+    return partial_sums.sum(axis=0).transpose(0, 1, 3, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -636,7 +640,7 @@ class PallasTritonMonarch(Implementation):
     def __post_init__(self):
         if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
             raise ValueError(f"block_sizes={self.block_sizes!r} must be a MonarchBlockSizes")
-        resolve_interpret(self.interpret)
+        check_interpret(self.interpret)
 
     def __call__(self, x2d: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
         k, q, p = w1.shape

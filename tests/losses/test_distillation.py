@@ -41,11 +41,11 @@ def _reference(student, teacher, targets, alpha, temperature):
     [("int", 5.0, 1.0), ("soft", 5.0, 1.0), ("soft", 0.7, 3.0), ("none", 5.0, 1.0)],
 )
 def test_distillation_loss_matches_float64_reference(label_kind, alpha, temperature):
-    ks = jax.random.split(jax.random.key(0), 4)
-    student = 2.0 * jax.random.normal(ks[0], (7, 5))
-    teacher = 2.0 * jax.random.normal(ks[1], (7, 5))
-    int_labels = jax.random.randint(ks[2], (7,), 0, 5)
-    soft = jax.nn.softmax(jax.random.normal(ks[3], (7, 5)))
+    rng = np.random.default_rng(0)
+    student = 2.0 * rng.standard_normal((7, 5), np.float32)
+    teacher = 2.0 * rng.standard_normal((7, 5), np.float32)
+    int_labels = rng.integers(0, 5, 7).astype(np.int32)
+    soft = _softmax(rng.standard_normal((7, 5))).astype(np.float32)
     labels = {"int": int_labels, "soft": soft, "none": None}[label_kind]
     targets = {
         "int": np.eye(5)[np.asarray(int_labels)],
@@ -56,7 +56,7 @@ def test_distillation_loss_matches_float64_reference(label_kind, alpha, temperat
     def loss_fn(s, t):
         return distillation_loss(s, t, labels, alpha_kd=alpha, temperature=temperature)
 
-    loss, (grad_s, grad_t) = jax.value_and_grad(loss_fn, argnums=(0, 1))(student, teacher)
+    loss, (grad_s, grad_t) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(student, teacher)
     want_loss, want_grad = _reference(student, teacher, targets, alpha, temperature)
     chex.assert_trees_all_close(float(loss), want_loss, rtol=1e-5)
     chex.assert_trees_all_close(np.asarray(grad_s), want_grad, atol=1e-6)
@@ -65,9 +65,9 @@ def test_distillation_loss_matches_float64_reference(label_kind, alpha, temperat
 
 
 def test_kd_only_is_the_kl_term_alone():
-    ks = jax.random.split(jax.random.key(1), 3)
-    student, teacher = jax.random.normal(ks[0], (6, 4)), jax.random.normal(ks[1], (6, 4))
-    labels = jax.random.randint(ks[2], (6,), 0, 4)
+    rng = np.random.default_rng(1)
+    student, teacher = rng.standard_normal((2, 6, 4), np.float32)
+    labels = rng.integers(0, 4, 6).astype(np.int32)
     full = distillation_loss(student, teacher, labels, alpha_kd=5.0)
     kd_only = distillation_loss(student, teacher, alpha_kd=5.0)
     p, q = _softmax(teacher), _softmax(student)
@@ -84,11 +84,14 @@ def test_kd_only_is_the_kl_term_alone():
 
 
 def test_low_precision_logits_and_masked_teacher_classes():
-    student = jax.random.normal(jax.random.key(2), (4, 6)).astype(jnp.bfloat16)
-    teacher = jax.random.normal(jax.random.key(3), (4, 6)).at[:, 0].set(-jnp.inf)
-    loss = distillation_loss(student, teacher, jnp.arange(4) + 1)
+    rng = np.random.default_rng(2)
+    student = jnp.asarray(rng.standard_normal((4, 6)), jnp.bfloat16)
+    teacher = rng.standard_normal((4, 6)).astype(np.float32)
+    teacher[:, 0] = -np.inf
+    labels = np.arange(4, dtype=np.int32) + 1
+    loss = jax.jit(distillation_loss)(student, teacher, labels)
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
-    grad = jax.grad(lambda s: distillation_loss(s, teacher, jnp.arange(4) + 1))(
+    grad = jax.jit(jax.grad(lambda s: distillation_loss(s, teacher, labels)))(
         student.astype(jnp.float32)
     )
     assert np.all(np.isfinite(np.asarray(grad)))
@@ -108,41 +111,54 @@ def test_distillation_rejects_bad_input():
         distillation_loss(jnp.zeros(4), jnp.zeros(4))
 
 
-def test_mixup_mixes_inputs_and_targets_with_one_coefficient():
-    x = jax.random.normal(jax.random.key(4), (6, 3, 2))
-    labels = jnp.array([0, 1, 2, 3, 4, 5])  # distinct from their mirrored partners
-    mixed, targets = jax.jit(lambda k: mixup(k, x, labels, num_classes=7))(jax.random.key(5))
-    np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, rtol=1e-6)
-    lam = float(targets[0, 0])
-    assert 0.0 < lam < 1.0
-    want = lam * np.asarray(x) + (1 - lam) * np.asarray(x)[::-1]
-    np.testing.assert_allclose(np.asarray(mixed), want, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(targets[0, 5]), 1 - lam, rtol=1e-6)
+def _pasted_fraction(mixed, x):
+    """Per example, the fraction of elements taken from the mirrored partner."""
+    pasted = np.asarray(mixed == x[::-1]).reshape(len(x), -1).mean(-1)
+    pasted[len(x) // 2] = pasted[0]  # the middle example of an odd batch is its own partner
+    return pasted
 
 
-@pytest.mark.parametrize("shape", [(5, 8, 6, 2), (5, 40)])
-def test_cutmix_targets_match_the_pasted_area(shape):
+def test_cutmix_targets_match_the_pasted_area():
     # Distinct values everywhere, so a pasted element is recognisable.
-    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
-    labels = jnp.array([0, 1, 2, 3, 4])
-    for seed in range(4):
-        mixed, targets = cutmix(jax.random.key(seed), x, labels, num_classes=5)
-        pasted = np.asarray(mixed == x[::-1]).reshape(5, -1).mean(-1)
-        pasted[2] = pasted[0]  # the middle example is its own partner
-        np.testing.assert_allclose(np.asarray(targets[0, 0]), 1.0 - pasted[0], atol=1e-6)
+    x = np.arange(5 * 8 * 6 * 2, dtype=np.float32).reshape(5, 8, 6, 2)
+    labels = np.arange(5, dtype=np.int32)
+    keys = jax.random.split(jax.random.key(0), 4)
+    mixed, targets = jax.jit(jax.vmap(lambda k: cutmix(k, x, labels, num_classes=5)))(keys)
+    for m, t in zip(np.asarray(mixed), np.asarray(targets), strict=True):
+        pasted = _pasted_fraction(m, x)
         np.testing.assert_allclose(pasted, pasted[0])
-        np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(t[0, 0], 1.0 - pasted[0], atol=1e-6)
+        np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
+        # The box spans both spatial axes and all channels.
+        box = np.asarray(m != x)[0]
+        np.testing.assert_array_equal(box[..., 0], box[..., 1])
 
 
-def test_mix_batch_smoothing_and_bad_arguments():
-    x = jax.random.normal(jax.random.key(6), (4, 8, 8, 1))
-    labels = jnp.array([0, 1, 2, 3])
-    _, targets = mix_batch(jax.random.key(7), x, labels, num_classes=4, label_smoothing=0.1)
-    np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, rtol=1e-6)
-    assert float(targets.min()) >= 0.1 / 4 - 1e-7
+def test_mix_batch_on_sequences_is_mixup_or_cutmix():
+    # Each draw is either mixup (lam x + (1 - lam) x[::-1], targets mixed by lam) or a cutmix
+    # segment whose length matches the targets' coefficient.
+    x = np.arange(5 * 40, dtype=np.float32).reshape(5, 40) + 1.0
+    labels = np.arange(5, dtype=np.int32)
+    keys = jax.random.split(jax.random.key(7), 6)
+    mixed, targets = jax.jit(
+        jax.vmap(lambda k: mix_batch(k, x, labels, num_classes=5, label_smoothing=0.1))
+    )(keys)
+    kinds = set()
+    for m, t in zip(np.asarray(mixed), np.asarray(targets), strict=True):
+        np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
+        assert t.min() >= 0.1 / 5 - 1e-7
+        lam = (t[0, 0] - 0.1 / 5) / (1 - 0.1)  # undo the smoothing
+        pasted = _pasted_fraction(m, x)
+        if np.allclose(pasted, pasted[0]) and abs(lam - (1 - pasted[0])) < 1e-5:
+            kinds.add("cutmix")
+        else:
+            np.testing.assert_allclose(m, lam * x + (1 - lam) * x[::-1], rtol=1e-5)
+            kinds.add("mixup")
+    assert kinds == {"cutmix", "mixup"}
+    key = jax.random.key(0)
     with pytest.raises(ValueError, match="alpha=0"):
-        mixup(jax.random.key(0), x, labels, num_classes=4, alpha=0)
+        mixup(key, x, labels, num_classes=5, alpha=0)
     with pytest.raises(ValueError, match="switch_prob=1.5"):
-        mix_batch(jax.random.key(0), x, labels, num_classes=4, switch_prob=1.5)
+        mix_batch(key, x, labels, num_classes=5, switch_prob=1.5)
     with pytest.raises(ValueError, match="spatial_axes"):
-        cutmix(jax.random.key(0), x, labels, num_classes=4, spatial_axes=(0,))
+        cutmix(key, x, labels, num_classes=5, spatial_axes=(0,))

@@ -1,0 +1,271 @@
+"""Learned token merging (Renggli et al., "Learning to Merge Tokens in Vision Transformers",
+arXiv 2202.12015) in a small ViT on scikit-learn's 8x8 digits.
+
+A ViT (2x2 patches -> 16 tokens, 4 pre-norm blocks, mean-pool head) is trained with and without
+a ``LearnedTokenMerger`` (their PatchMerger) of M = 4 tokens after block 2, so blocks 3-4 run on
+4 tokens instead of 16. Both models of a seed share data order; the accuracy drop is paired over
+seeds. Encoder cost is counted two ways: multiply-accumulates of the encoder's matmuls
+(analytic, as in the paper's FLOP counts) and XLA's own FLOP count of the whole compiled forward
+pass (``cost_analysis``).
+
+Claim (paper: about 2x fewer FLOPs for ViT at matching upstream/few-shot accuracy; PAPERS.md
+pass criteria at CPU size): mean accuracy drop <= 1.0 point and encoder MAC ratio <= 0.65.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from efflax import data
+from efflax.experiment import Verdict
+from efflax.experiment import register
+from efflax.experiment import write_metrics
+from efflax.losses import soft_target_cross_entropy
+from efflax.models import ViT
+from efflax.nn import LearnedTokenMerger
+from efflax.stats import Estimate
+from efflax.stats import combine_statuses
+from efflax.stats import decide
+from efflax.stats import paired_difference
+from efflax.stats import seeds_to_decide
+from efflax.training import LossOutput
+from efflax.training import TrainState
+from efflax.training import fit
+from efflax.training import make_train_step
+from experiments._multiseed import SeedBatches
+from experiments._multiseed import final_per_seed
+from experiments._multiseed import init_stacked
+from experiments._multiseed import per_seed_accuracy
+from experiments._multiseed import plot_arms
+
+ARMS = ("plain", "merger")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seeds: tuple[int, ...]
+    steps: int
+    d_model: int
+    mlp_hidden: int
+    batch_size: int  # per seed
+    num_layers: int = 4
+    num_heads: int = 4
+    patch_size: int = 2
+    merged_tokens: int = 4
+    merge_after: int = 2
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.05
+    test_fraction: float = 0.2
+    max_drop: float = 1.0  # points
+    max_mac_ratio: float = 0.65
+
+
+# Quick: a narrower ViT (same depth, tokens and merger placement; the MAC ratio is the same to
+# within 0.01) trained for fewer steps, so that several seeds fit in a CPU minute.
+QUICK = Config(
+    seeds=tuple(range(8)), steps=600, d_model=32, mlp_hidden=64, batch_size=16, learning_rate=3e-3
+)
+FULL = Config(seeds=tuple(range(10)), steps=3000, d_model=64, mlp_hidden=128, batch_size=64)
+
+
+def load_digits_split(test_fraction: float) -> tuple[dict, dict]:
+    """scikit-learn's 1,797 8x8 digits in [0, 1], split by a fixed permutation."""
+    from sklearn.datasets import load_digits  # the data ships inside the package
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    labels = digits.target.astype(np.int32)
+    order = np.random.default_rng(0).permutation(len(labels))
+    cut = int(round(len(labels) * (1 - test_fraction)))
+    train, test = order[:cut], order[cut:]
+    return ({"x": images[train], "y": labels[train]}, {"x": images[test], "y": labels[test]})
+
+
+def encoder_macs(cfg: Config, *, merged: bool, image_side: int = 8) -> int:
+    """Multiply-accumulates of the encoder's matmuls per image (blocks + merger)."""
+    tokens = (image_side // cfg.patch_size) ** 2
+    d, h = cfg.d_model, cfg.mlp_hidden
+
+    def block(n: int) -> int:
+        # q, k, v and output projections; scores and weighted values; the two FFN matmuls.
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * h
+
+    if not merged:
+        return cfg.num_layers * block(tokens)
+    m = cfg.merged_tokens
+    merger = 2 * m * tokens * d  # the M x N scores and the M x N weighted sums
+    before, after = cfg.merge_after, cfg.num_layers - cfg.merge_after
+    return before * block(tokens) + merger + after * block(m)
+
+
+def _model(cfg: Config, merged: bool) -> ViT:
+    return ViT(
+        patch_size=cfg.patch_size,
+        num_layers=cfg.num_layers,
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        mlp_hidden=cfg.mlp_hidden,
+        num_classes=10,
+        merger=functools.partial(LearnedTokenMerger, num_tokens=cfg.merged_tokens)
+        if merged
+        else None,
+        merge_after=cfg.merge_after,
+    )
+
+
+def xla_forward_flops(model: ViT, params, batch: int = 64) -> float:
+    """XLA's FLOP count of one compiled forward pass, per image."""
+    x = jnp.zeros((batch, 8, 8), jnp.float32)
+    compiled = jax.jit(lambda p, v: model.apply({"params": p}, v)).lower(params, x).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis["flops"]) / batch
+
+
+def train(cfg: Config, out_dir: pathlib.Path):
+    train_arrays, test_arrays = load_digits_split(cfg.test_fraction)
+    models = {arm: _model(cfg, arm == "merger") for arm in ARMS}
+    num_seeds = len(cfg.seeds)
+    params = {
+        arm: init_stacked(
+            lambda k, model=model: model.init(k, jnp.zeros((1, 8, 8)))["params"], cfg.seeds
+        )
+        for arm, model in models.items()
+    }
+
+    def loss_fn(params, state, batch, rng):
+        del rng
+        x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
+        total, metrics = 0.0, {}
+        for arm, model in models.items():
+
+            def one(p, xx, yy, model=model):
+                return soft_target_cross_entropy(model.apply({"params": p}, xx), yy)
+
+            losses = jax.vmap(one)(params[arm], x, y)
+            total = total + jnp.sum(losses)  # independent runs: each gets its own gradient
+            metrics[f"loss_{arm}"] = jnp.mean(losses)
+        return total, LossOutput(metrics=metrics)
+
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup_steps=cfg.steps // 20, decay_steps=cfg.steps
+    )
+    state = TrainState.create(
+        apply_fn=models["plain"].apply,
+        params=params,
+        tx=optax.adamw(schedule, weight_decay=cfg.weight_decay),
+        rng=jax.random.key(0),
+    )
+    loader = data.Loader(train_arrays, cfg.batch_size * num_seeds, seed=5, epochs=None)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def apply(arm, p, x):
+        return models[arm].apply({"params": p}, x)
+
+    evals = {
+        arm: per_seed_accuracy(functools.partial(apply, arm), test_arrays, [arm]) for arm in ARMS
+    }
+
+    def eval_fn(state):
+        return {k: v for fn in evals.values() for k, v in fn(state).items()}
+
+    metrics_path = out_dir / "train.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    state, history = fit(
+        state,
+        make_train_step(loss_fn),
+        SeedBatches(loader, num_seeds),
+        num_steps=cfg.steps,
+        eval_fn=eval_fn,
+        eval_every=max(cfg.steps // 6, 1),
+        log_every=max(cfg.steps // 20, 1),
+        metrics_path=metrics_path,
+        progress=False,
+    )
+    one_seed = {arm: jax.tree.map(lambda v: v[0], state.params[arm]) for arm in ARMS}
+    flops = {arm: xla_forward_flops(models[arm], one_seed[arm]) for arm in ARMS}
+    return history, flops
+
+
+@register("token_merging", description="ViT on digits with vs without a learned token merger")
+def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
+    cfg = QUICK if quick else FULL
+    out_dir = pathlib.Path(out_dir)
+    history, flops = train(cfg, out_dir)
+    finals = {arm: final_per_seed(history, "test", arm) for arm in ARMS}
+    points = {arm: 100 * np.asarray(v) for arm, v in finals.items()}
+    for arm, v in points.items():
+        print(f"{arm}: {v.mean():.2f}% (per seed {np.round(v, 1).tolist()})", flush=True)
+    drop = paired_difference(points["plain"], points["merger"])
+    macs = {arm: encoder_macs(cfg, merged=arm == "merger") for arm in ARMS}
+    ratio = macs["merger"] / macs["plain"]
+    mac_ratio = Estimate(ratio, ratio, ratio, 1)  # exact: a count, not a sample
+    flop_ratio = flops["merger"] / flops["plain"]
+    statuses = {
+        "accuracy_drop": decide(drop, cfg.max_drop, direction="<="),
+        "encoder_mac_ratio": decide(mac_ratio, cfg.max_mac_ratio, direction="<="),
+    }
+    undecided = (
+        {"accuracy_drop": seeds_to_decide(drop, cfg.max_drop, direction="<=")}
+        if statuses["accuracy_drop"] == "INCONCLUSIVE"
+        else {}
+    )
+    write_metrics(
+        out_dir,
+        {
+            "config": dataclasses.asdict(cfg),
+            "test_accuracy": finals,
+            "encoder_macs_per_image": macs,
+            "encoder_mac_ratio": ratio,
+            "xla_forward_flops_per_image": flops,
+            "xla_forward_flop_ratio": flop_ratio,
+            "statuses": statuses,
+            "seeds_to_decide": undecided,
+            "estimates": {"accuracy_drop": dataclasses.asdict(drop)},
+        },
+    )
+    plot_arms(
+        out_dir / "token_merging.png",
+        history,
+        finals,
+        title=(
+            f"ViT d={cfg.d_model} on 8x8 digits: 16 tokens vs merged to {cfg.merged_tokens} "
+            f"after block {cfg.merge_after} (encoder MACs x{ratio:.2f})"
+        ),
+    )
+    measured = (
+        f"{len(cfg.seeds)} seeds, {cfg.steps} steps, d={cfg.d_model}: plain "
+        f"{points['plain'].mean():.1f}%, merger {points['merger'].mean():.1f}%, drop "
+        f"{drop.format('.2f')} pt; encoder MACs {macs['plain'] / 1e6:.2f}M -> "
+        f"{macs['merger'] / 1e6:.2f}M per image (ratio {ratio:.2f}); XLA forward FLOPs ratio "
+        f"{flop_ratio:.2f}"
+    )
+    if undecided:
+        measured += f"; seeds to decide: {undecided}"
+    return Verdict(
+        claim=(
+            f"merging 16 -> {cfg.merged_tokens} tokens mid-encoder costs <= {cfg.max_drop:g} point "
+            f"of accuracy at encoder MAC ratio <= {cfg.max_mac_ratio}"
+        ),
+        measured=measured,
+        status=combine_statuses(list(statuses.values())),
+        estimates={"accuracy_drop": drop, "encoder_mac_ratio": mac_ratio},
+    )
+
+
+def main() -> None:
+    from efflax.experiment import cli_main
+
+    cli_main("token_merging")
+
+
+if __name__ == "__main__":
+    main()
