@@ -106,6 +106,12 @@ DEFAULT_ATTRIBUTES: dict[type, dict[str, str]] = {
     DenseFeedForward: {"units": "hidden"},
     Encoder: {"hidden": "d_model"},
 }
+# Named rather than imported: efflax.models' language model lands on main separately (other
+# classes go through ``extract(..., attributes=...)``).
+_NAMED_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "efflax._src.models.lm.TransformerLM": {"hidden": "d_model"},
+    "efflax._src.models.lm.GluFeedForward": {"units": "hidden"},
+}
 
 
 def _key(path: Path) -> str:
@@ -990,6 +996,9 @@ def _attribute_names(attributes: Mapping[type, Mapping[str, str]], module: nn.Mo
     for cls in type(module).__mro__:
         if cls in attributes:
             return attributes[cls]
+        named = _NAMED_ATTRIBUTES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return {}
 
 
