@@ -119,7 +119,7 @@ QUICK = Config(
     train_per_class=32,
     test_per_class=40,
     seeds=(0,),
-    scratch_steps=300,  # the quick run decides no accuracy claim
+    scratch_steps=100,  # the quick run decides no accuracy claim
     reg_lr=0.2,
     timing_rounds=10,
 )
