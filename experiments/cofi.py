@@ -51,10 +51,10 @@ from efflax.losses import distillation_loss
 from efflax.nn import Encoder
 from efflax.optim import LagrangianSparsity
 from efflax.pruning import apply_with_layers
+from efflax.pruning import cofi_distillation_loss
 from efflax.pruning import cofi_optimizer
 from efflax.pruning import cofi_structure
 from efflax.pruning import extract
-from efflax.pruning import layer_distillation_loss
 from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import mean_interval
@@ -349,23 +349,25 @@ def prune_step(model, structure, teacher_apply, warmup_steps: int):
         logits, layers = apply_with_layers(
             structure, model, {"params": params["model"]}, batch["x"], masks=masks
         )
-        kd = distillation_loss(
-            logits, teacher_logits, alpha_kd=KD_WEIGHT, temperature=KD_TEMPERATURE
-        )
         layer_map = params["layer_map"]
-        layer_loss, _ = layer_distillation_loss(
+        distill, parts = cofi_distillation_loss(
+            logits,
+            teacher_logits,
             layers,
             teacher_layers,
             lambda h: h @ layer_map["kernel"] + layer_map["bias"],
+            temperature=KD_TEMPERATURE,
+            logit_weight=KD_WEIGHT,
+            layer_weight=LAYER_WEIGHT,
             student_exists=structure.layer_exists(masks),
         )
         controller = LagrangianSparsity(state.extra["target"], warmup_steps=warmup_steps)
         expected = structure.expected_sparsity(params["log_alpha"])
         penalty, target = controller(expected, params["lagrangian"], state.step)
-        loss = kd + LAYER_WEIGHT * layer_loss + penalty
+        loss = distill + penalty
         metrics = {
-            "kd": kd,
-            "layer": layer_loss,
+            "kd": parts["logit"],
+            "layer": parts["layer"],
             "expected_sparsity": expected,
             "target": target,
             "lambda_1": params["lagrangian"]["lambda_1"],

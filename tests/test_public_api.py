@@ -72,6 +72,7 @@ PUBLIC = {
         "NormSite",
         "apply_masks",
         "apply_with_layers",
+        "cofi_distillation_loss",
         "cofi_optimizer",
         "cofi_structure",
         "default_teacher_layers",

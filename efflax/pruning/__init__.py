@@ -8,6 +8,7 @@ from efflax._src.pruning.cofi import FeedForwardSite
 from efflax._src.pruning.cofi import NormSite
 from efflax._src.pruning.cofi import apply_masks
 from efflax._src.pruning.cofi import apply_with_layers
+from efflax._src.pruning.cofi import cofi_distillation_loss
 from efflax._src.pruning.cofi import cofi_optimizer
 from efflax._src.pruning.cofi import cofi_structure
 from efflax._src.pruning.cofi import default_teacher_layers

@@ -8,12 +8,14 @@ import numpy as np
 import optax
 import pytest
 
+from efflax.losses import distillation_loss
 from efflax.nn import DenseFeedForward
 from efflax.nn import Encoder
 from efflax.nn import MultiHeadAttention
 from efflax.optim import LagrangianSparsity
 from efflax.pruning import apply_masks
 from efflax.pruning import apply_with_layers
+from efflax.pruning import cofi_distillation_loss
 from efflax.pruning import cofi_optimizer
 from efflax.pruning import cofi_structure
 from efflax.pruning import default_teacher_layers
@@ -322,6 +324,15 @@ def test_layer_distillation_trains_the_map():
     assert float(value_and_grad((2.0 * jnp.eye(4), jnp.ones(4)))[0]) == pytest.approx(
         0.0, abs=1e-10
     )
+
+    # The CoFi objective = 0.1 T^2 KL (efflax.losses, KD-only) + 0.9 layer loss, T = 2.
+    logits_s, logits_t = jax.random.normal(keys[0], (2, 4, 6))
+    transform = lambda h: h @ kernel + bias  # noqa: E731
+    total, parts = cofi_distillation_loss(logits_s, logits_t, student, teacher, transform)
+    layer, matched = layer_distillation_loss(student, teacher, transform)
+    want = distillation_loss(logits_s, logits_t, alpha_kd=0.1, temperature=2.0) + 0.9 * layer
+    assert float(total) == pytest.approx(float(want), rel=1e-6)
+    np.testing.assert_array_equal(parts["matched"], matched)
 
 
 def test_cofi_optimizer_descends_masks_ascends_multipliers_and_clamps():

@@ -81,6 +81,7 @@ __all__ = [
     "ExtractedModel",
     "apply_masks",
     "apply_with_layers",
+    "cofi_distillation_loss",
     "cofi_optimizer",
     "cofi_structure",
     "default_teacher_layers",
@@ -895,6 +896,46 @@ def layer_distillation_loss(
     ]
     loss = jnp.sum(jnp.where(matched < num_student, picked, 0.0))
     return loss, matched
+
+
+def cofi_distillation_loss(
+    student_logits: Array,
+    teacher_logits: Array,
+    student_layers: Sequence[Array],
+    teacher_layers: Sequence[Array],
+    transform: Callable[[Array], Array],
+    *,
+    temperature: float = 2.0,
+    logit_weight: float = 0.1,
+    layer_weight: float = 0.9,
+    teacher_indices: Sequence[int] | None = None,
+    student_exists: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """CoFi's distillation objective: ``logit_weight * T^2 KL(teacher_T || student_T) +
+    layer_weight * layer_distillation_loss``.
+
+    The logit term is ``efflax.losses.distillation_loss`` in its KD-only form (batch-mean KL, the
+    teacher without gradient); defaults are the official ``distill_temp=2``,
+    ``distill_ce_loss_alpha=0.1``, ``distill_loss_alpha=0.9``. Add the Lagrangian penalty
+    (``efflax.optim.LagrangianSparsity``) for the pruning loss.
+
+    Returns:
+      ``(loss, {'logit': ..., 'layer': ..., 'matched': matched student layers})``.
+    """
+    from efflax._src.losses.distillation import distillation_loss
+
+    logit = distillation_loss(
+        student_logits, teacher_logits, alpha_kd=logit_weight, temperature=temperature
+    )
+    teacher_layers = [jax.lax.stop_gradient(h) for h in teacher_layers]
+    layer, matched = layer_distillation_loss(
+        student_layers,
+        teacher_layers,
+        transform,
+        teacher_indices=teacher_indices,
+        student_exists=student_exists,
+    )
+    return logit + layer_weight * layer, {"logit": logit, "layer": layer, "matched": matched}
 
 
 # --- optimizer -----------------------------------------------------------------------------------
