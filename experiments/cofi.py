@@ -32,6 +32,7 @@ decides the accuracy claims and the paper's >10x.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import sysconfig
 import time
@@ -315,6 +316,22 @@ def classification_step(model):
     return make_train_step(loss_fn)
 
 
+# One optax object per setting: the transform is a static part of the TrainState, so a new
+# (equal but not identical) one per run would recompile the train step every time.
+@functools.cache
+def _finetune_tx(lr: float, steps: int) -> optax.GradientTransformation:
+    return optax.adamw(optax.cosine_decay_schedule(lr, steps))
+
+
+@functools.cache
+def _prune_tx(lr: float, reg_lr: float, lagrangian_lr: float | None):
+    return cofi_optimizer(
+        optax.adamw(lr, weight_decay=0.0),
+        reg_learning_rate=reg_lr,
+        lagrangian_learning_rate=lagrangian_lr,
+    )
+
+
 def train_classifier(model, params, step, arrays, teacher_logits, alpha_kd, steps, seed, lr):
     loader = data.Loader(
         {
@@ -330,7 +347,7 @@ def train_classifier(model, params, step, arrays, teacher_logits, alpha_kd, step
     state = TrainState.create(
         apply_fn=model.apply,
         params=params,
-        tx=optax.adamw(optax.cosine_decay_schedule(lr, steps)),
+        tx=_finetune_tx(lr, steps),
         rng=jax.random.key(seed),
     )
     state, _ = fit(state, step, loader, num_steps=steps, log_every=steps, progress=False)
@@ -390,11 +407,7 @@ def cofi_prune(config, model, structure, step, teacher_params, arrays, target, s
             "bias": jnp.zeros(d),
         },
     }
-    tx = cofi_optimizer(
-        optax.adamw(config.prune_lr, weight_decay=0.0),
-        reg_learning_rate=config.reg_lr,
-        lagrangian_learning_rate=config.lagrangian_lr,
-    )
+    tx = _prune_tx(config.prune_lr, config.reg_lr, config.lagrangian_lr)
     loader = data.Loader(
         {"x": arrays["x"]}, min(config.batch, len(arrays["x"])), seed=seed, epochs=None
     )
