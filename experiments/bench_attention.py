@@ -1,5 +1,8 @@
 """Benchmark: efflax's Pallas FlashAttention vs XLA, cuDNN and JAX's own Pallas `mha`.
 
+Implementations: `efflax_pallas` and `efflax_xla` (efflax's attention op, explicit
+implementation), `xla` and `cudnn` (`jax.nn.dot_product_attention`), `jax_pallas_mha`.
+
 FlashAttention (Dao et al., arXiv:2205.14135, 2022; FlashAttention-2, arXiv:2307.08691, 2023).
 Every implementation is first checked against `flash_attention_reference` (output and
 gradients); then forward and forward+backward are timed in one process (warm-up, median of many
@@ -28,12 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels import PallasTritonAttention
+from pallas_kernels import _compat
+from pallas_kernels import dot_product_attention
+from pallas_kernels import flash_attention_reference
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-IMPLEMENTATIONS = ("efflax_pallas", "xla", "cudnn", "jax_pallas_mha")
+IMPLEMENTATIONS = ("efflax_pallas", "efflax_xla", "xla", "cudnn", "jax_pallas_mha")
 BASELINES = IMPLEMENTATIONS[1:]
 TOKENS_PER_BATCH = 16 * 1024
 HIDDEN = 2048
@@ -41,7 +46,7 @@ CHECK_TOL = {"out": 2e-2, "grad": 3e-2}  # bfloat16, relative to the largest ref
 
 
 def _has_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    return _compat.is_gpu()
 
 
 def _jax_pallas_mha() -> Callable:
@@ -56,9 +61,12 @@ def _jax_pallas_mha() -> Callable:
 def make_attention(name: str, *, causal: bool, head_dim: int, interpret: bool) -> AttentionFn:
     """The attention function `(q, k, v) -> out` of one implementation, for one setting."""
     sm_scale = 1.0 / math.sqrt(head_dim)
-    if name == "efflax_pallas":
+    if name in ("efflax_pallas", "efflax_xla"):
+        implementation = (
+            PallasTritonAttention(interpret=interpret) if name == "efflax_pallas" else "xla"
+        )
         return functools.partial(
-            flash_attention, causal=causal, sm_scale=sm_scale, interpret=interpret
+            dot_product_attention, causal=causal, sm_scale=sm_scale, implementation=implementation
         )
     if name in ("xla", "cudnn"):
         return functools.partial(

@@ -8,7 +8,8 @@ softmax attention (forward and gradients) while memory grows linearly with seque
    shapes (lengths not a multiple of the block, q_len != kv_len, GQA, causal, segment ids): max
    absolute and relative errors of the output and of dq, dk, dv.
 2. Memory: temporary bytes of the compiled, jitted forward+backward (XLA's `memory_analysis`)
-   of `dot_product_attention(implementation='pallas')` vs `'xla'` at growing lengths, with the
+   of `efflax.nn.dot_product_attention(implementation='pallas')` vs `'xla'` (efflax's XLA path,
+   which holds the S x S scores as `jax.nn.dot_product_attention` does) at growing lengths, with the
    log-log slope of each. On CPU the Pallas program is the interpret-mode lowering of the same
    kernels (a loop over tiles): it shows what the algorithm keeps alive, not GPU bytes.
 
@@ -29,8 +30,8 @@ from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
 from efflax.nn import dot_product_attention
-from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels import flash_attention
+from pallas_kernels import flash_attention_reference
 
 # (name, batch, q_len, kv_len, heads, kv_heads, head_dim, causal, segments, dtype)
 QUICK_CASES = (

@@ -72,6 +72,8 @@ def build_model(variant: str, mesh, *, d_model: int, expert_hidden: int, num_exp
         max_len=40,
         moe=moe,
         moe_every=1,
+        # The batch is sharded over the mesh; XLA partitions its own attention, not a Pallas call.
+        attention_implementation="xla",
     )
 
 

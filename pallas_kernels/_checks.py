@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 __all__ = [
+    "boolean",
     "concrete",
     "finite_float",
     "int_at_least",
@@ -74,6 +75,13 @@ def probability(name: str, value: Any, *, allow_zero: bool = True, allow_one: bo
         interval = f"{'[' if allow_zero else '('}0, 1{']' if allow_one else ')'}"
         raise ValueError(f"{name}={value!r} must be in {interval}")
     return number
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value``, if it is a Python (or numpy) bool; an int or an array is refused."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name}={value!r} must be True or False")
+    return bool(value)
 
 
 def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:

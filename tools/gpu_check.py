@@ -6,10 +6,10 @@ built from a ``GpuTargetConfig`` (``shared/gpu_specs/`` or ``tools/gpu_specs/``)
 Triton -> LLVM -> PTX -> ptxas pipeline on a CPU host. Over a fixed matrix (FlashAttention
 head_dim 64/128/256, causal and not, GQA, segment ids, a block-sparse mask, bf16 and f16 at the
 default GPU block sizes; Monarch n 1024/4096/8192 with nblocks 4, 16, ~sqrt(n), square and
-rectangular, bf16), forward and backward, it asserts that every kernel compiles, fits in the
-target's shared memory and spills zero bytes, and writes registers, shared memory, warps /
-stages and the tensor-core instruction mix (``wgmma`` / ``mma.sync`` in the PTX) into the
-``gpu-check`` section of BENCHMARKS.md.
+rectangular, bf16; FLASH's mixed-chunk attention causal and not, bf16), forward and backward,
+it asserts that every kernel compiles, fits in the target's shared memory and spills zero
+bytes, and writes registers, shared memory, warps / stages and the tensor-core instruction mix
+(``wgmma`` / ``mma.sync`` in the PTX) into the ``gpu-check`` section of BENCHMARKS.md.
 
 How the figures are read: ptxas is wrapped by a shim (first on PATH) that keeps each PTX input
 and runs the real ptxas with ``-v`` (registers, spill bytes); ``--xla_dump_to`` gives shared
@@ -77,18 +77,7 @@ exec "$real" "$@"
 # Violations measured in kernels this check does not own, kept visible in the table and the
 # output but not failing CI until their owner fixes them: (cell, kernel, target) -> owner/why.
 # An entry that no longer occurs is reported so it can be removed.
-KNOWN_VIOLATIONS = {
-    (cell, "flash_attention_dkv", "A100"): "attention (pallas_kernels/flash_attention.py)"
-    for cell in (
-        "flash d64 f16 causal GQA 8/2",
-        "flash d128 f16 full block-sparse",
-        "flash d256 f16 causal block-sparse",
-    )
-} | {
-    ("flash d128 f16 full block-sparse", "flash_attention_dq", "A100"): (
-        "attention (pallas_kernels/flash_attention.py)"
-    ),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {}
 
 
 def monarch_cells() -> list[dict]:
@@ -115,7 +104,16 @@ def attention_cells() -> list[dict]:
     ]
 
 
+def mixed_chunk_cells() -> list[dict]:
+    # pallas_kernels.mixed_chunk.gpu_check_cases: FLASH's sizes (s 128, e 512, C 256, T 2048,
+    # batch 2, relative-position bias), bf16, forward + backward.
+    return [dict(kind="mixed_chunk", causal=causal, dtype="bfloat16") for causal in (True, False)]
+
+
 def describe(cell: dict) -> str:
+    if cell["kind"] == "mixed_chunk":
+        mode = "causal" if cell["causal"] else "full"
+        return f"mixed-chunk s128 e512 C256 {cell['dtype'][:4]} {mode} bias"
     if cell["kind"] == "monarch":
         shape = "square" if cell["n_in"] == cell["n_out"] else "rect"
         return f"monarch {cell['n_in']}->{cell['n_out']} nb={cell['nblocks']} ({shape})"
@@ -194,6 +192,16 @@ def _flash_fn(cell, jnp):
     return fwd_bwd, inputs
 
 
+def _mixed_chunk_fn(cell, jnp):
+    from pallas_kernels.mixed_chunk import gpu_check_cases
+
+    name = f"mixed_chunk_fwd_bwd_{'causal' if cell['causal'] else 'full'}"
+    case = next(c for c in gpu_check_cases() if c["name"] == name)
+    if any(jnp.dtype(a.dtype) not in (jnp.dtype(cell["dtype"]), jnp.float32) for a in case["args"]):
+        raise ValueError(f"{name} does not run in {cell['dtype']}")
+    return case["fn"], [(a.shape, a.dtype) for a in case["args"]]
+
+
 def _parse_ptx_dumps(dump: pathlib.Path) -> dict[str, dict]:
     kernels = {}
     for ptx in sorted(dump.glob("kernel.*.ptx")):
@@ -257,7 +265,7 @@ def _parse_xla_dumps(dump: pathlib.Path) -> tuple[dict, dict]:
 
 
 def _is_pallas_kernel(name: str) -> bool:
-    return name.startswith(("monarch_", "flash_", "mha_", "attention_"))
+    return name.startswith(("monarch_", "flash_", "mha_", "attention_", "mixed_chunk_"))
 
 
 def run_cell(cell: dict, target: str, work: pathlib.Path) -> dict:
@@ -276,7 +284,8 @@ def run_cell(cell: dict, target: str, work: pathlib.Path) -> dict:
     topology = topologies.get_topology_desc("aot", "cuda", target_config=spec, topology="1x1x1")
     mesh = Mesh(topology.devices[:1], ("x",))
     replicated = NamedSharding(mesh, PartitionSpec())
-    fn, inputs = (_monarch_fn if cell["kind"] == "monarch" else _flash_fn)(cell, jnp)
+    make = {"monarch": _monarch_fn, "flash": _flash_fn, "mixed_chunk": _mixed_chunk_fn}
+    fn, inputs = make[cell["kind"]](cell, jnp)
     args = [jax.ShapeDtypeStruct(s, d, sharding=replicated) for s, d in inputs]
     start = time.perf_counter()
     with use_mesh(mesh):
@@ -464,7 +473,8 @@ def table(results: list[dict], *, jax_version: str, seconds: float, jobs: int) -
         " instructions in the PTX (0 / 0: the CUDA-core path, inner rank < 4).",
         f"Monarch: {TOKENS} rows, bf16, MonarchDense factor shapes, 'rect' = n -> 4n;"
         f" FlashAttention: batch {ATTENTION['batch']}, seq {ATTENTION['seq']},"
-        f" {ATTENTION['heads']} heads, default GPU block sizes.",
+        f" {ATTENTION['heads']} heads, default GPU block sizes; mixed-chunk (FLASH): batch 2,"
+        " seq 2048, s 128, e 512, chunk 256, a relative-position bias, default GPU blocks.",
         "Known violations, listed with their owner and not failing the check: "
         + (
             "; ".join(f"{c} `{k}` [{t}] ({o})" for (c, k, t), o in KNOWN_VIOLATIONS.items())
@@ -480,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    parser.add_argument("--only", choices=("monarch", "flash"), default=None)
+    parser.add_argument("--only", choices=("monarch", "flash", "mixed_chunk"), default=None)
     parser.add_argument("--targets", default="H100,A100")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--json", help="also write the raw figures to this file")
@@ -501,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         cells += attention_cells()
     if args.only in (None, "monarch"):
         cells += monarch_cells()
+    if args.only in (None, "mixed_chunk"):
+        cells += mixed_chunk_cells()
     cells = [c for c in cells if args.match in describe(c)]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     jobs = [(cell, target) for cell in cells for target in targets]

@@ -1,5 +1,5 @@
 """Flax linen modules: attention on the Pallas kernels, Monarch layers, mixture of experts,
-learned token merging."""
+learned token merging, GAU/FLASH."""
 
 from efflax._src.nn.attention import MultiHeadAttention
 from efflax._src.nn.attention import apply_rotary_embedding
@@ -8,6 +8,10 @@ from efflax._src.nn.attention import segment_ids_with_padding
 from efflax._src.nn.encoder import DenseFeedForward
 from efflax._src.nn.encoder import Encoder
 from efflax._src.nn.encoder import EncoderBlock
+from efflax._src.nn.gau import FLASH
+from efflax._src.nn.gau import FLASHQuad
+from efflax._src.nn.gau import GatedAttentionUnit
+from efflax._src.nn.gau import relative_position_buckets
 from efflax._src.nn.moe import MoEFeedForward
 from efflax._src.nn.moe import moe_aux_loss
 from efflax._src.nn.moe import prune_experts

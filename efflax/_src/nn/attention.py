@@ -1,11 +1,17 @@
-"""Multi-head attention whose kernel is a choice: FlashAttention (Pallas), XLA or cuDNN.
+"""Multi-head attention on the attention op: FlashAttention (Pallas), cuDNN or XLA, one resolver.
 
 Dao, Fu, Ermon, Rudra, Re, "FlashAttention: Fast and Memory-Efficient Exact Attention with
 IO-Awareness", arXiv:2205.14135, 2022 (FlashAttention-2: Dao, arXiv:2307.08691, 2023).
 Rotary embeddings: Su et al., "RoFormer", arXiv:2104.09864, 2021.
-The module projects inputs to query/key/value heads (GQA: fewer key/value heads), optionally
-rotates queries and keys, and computes exact softmax attention with the chosen kernel; the
-'pallas' kernel never materialises the S x S score matrix.
+
+- ``dot_product_attention``: a drop-in ``attention_fn`` for Flax's
+  ``nn.MultiHeadDotProductAttention`` (its signature, every argument honoured), plus
+  ``causal``/``segment_ids``, which the Pallas kernel can tile; a dense boolean mask, a bias or
+  dropout runs on XLA. The kernel is chosen by ``pallas_kernels.attention``'s op
+  (``implementation='auto'``: Pallas, then cuDNN, then XLA on a GPU; XLA elsewhere).
+- ``MultiHeadAttention``: GQA/MQA projections, rotary embeddings, masks (causal, padding,
+  segments, general), attention dropout, and autoregressive decoding with a key/value cache in
+  Flax's ``'cache'`` collection.
 
 Example:
   >>> layer = MultiHeadAttention(num_heads=8, num_kv_heads=2, causal=True, rope=True)
@@ -16,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,13 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax import lax
+
+from pallas_kernels import _checks
+from pallas_kernels.attention import base as attention_op
+from pallas_kernels.attention.xla import attention_weights
+from pallas_kernels.op import Implementation
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-IMPLEMENTATIONS = ("pallas", "xla", "cudnn", "auto")
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Key/value positions excluded by a padding mask get this segment id, which no query carries.
 PADDING_SEGMENT_ID = np.iinfo(np.int32).min
 
@@ -38,171 +48,158 @@ KV_KERNEL_AXES = ("embed", "kv_heads", "kv")
 OUT_KERNEL_AXES = ("heads", "kv", "embed")
 
 
-def resolve_implementation(implementation: str, backend: str | None = None) -> str:
-    """Turns ``'auto'`` into a concrete kernel and checks that it can run on ``backend``.
-
-    Args:
-      implementation: one of ``'pallas'``, ``'xla'``, ``'cudnn'``, ``'auto'``.
-      backend: the JAX platform (``'cpu'``, ``'gpu'``, ``'tpu'``); default
-        ``jax.default_backend()``.
-
-    Returns:
-      ``'pallas'``, ``'xla'`` or ``'cudnn'``. ``'auto'`` is Pallas on GPU and XLA elsewhere.
-
-    Raises:
-      ValueError: for an unknown implementation, or ``'cudnn'`` without a GPU.
-    """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
-    backend = jax.default_backend() if backend is None else backend
-    if implementation == "auto":
-        return "pallas" if backend == "gpu" else "xla"
-    if implementation == "cudnn" and backend != "gpu":
-        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, backend is {backend!r}")
-    return implementation
-
-
-def _check_inputs(query: Array, key: Array, value: Array, segment_ids: Any) -> None:
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim != 4:
-            raise ValueError(f"{name}.shape={x.shape} must be [batch, seq, heads, head_dim]")
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}.dtype={x.dtype} must be float32, bfloat16 or float16")
-    if key.shape != value.shape:
-        raise ValueError(f"key.shape={key.shape} and value.shape={value.shape} must match")
-    if not query.dtype == key.dtype == value.dtype:
-        raise ValueError(f"dtypes must match: {query.dtype=}, {key.dtype=}, {value.dtype=}")
-    batch, q_len, num_heads, head_dim = query.shape
-    if key.shape[0] != batch:
-        raise ValueError(f"key batch {key.shape[0]} != query batch {batch}")
-    if key.shape[3] != head_dim:
-        raise ValueError(f"key head_dim {key.shape[3]} != query head_dim {head_dim}")
-    if num_heads % key.shape[2]:
-        raise ValueError(f"kv heads {key.shape[2]} must divide query heads {num_heads}")
-    if segment_ids is not None:
-        if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:
-            raise ValueError(
-                f"segment_ids={segment_ids!r} must be a (q_segment_ids, kv_segment_ids) pair"
-            )
-        q_ids, kv_ids = segment_ids
-        expected = ((batch, q_len), (batch, key.shape[1]))
-        for name, ids, shape in zip(("q", "kv"), (q_ids, kv_ids), expected, strict=True):
-            if ids.shape != shape:
-                raise ValueError(f"{name}_segment_ids.shape={ids.shape} must be {shape}")
-            if not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise ValueError(f"{name}_segment_ids.dtype={ids.dtype} must be an integer type")
-
-
-def _element_mask(
-    q_len: int, kv_len: int, *, causal: bool, segment_ids: tuple[Array, Array] | None
-) -> Array | None:
-    """The [batch or 1, 1, q_len, kv_len] boolean mask (True = attend) of causal + segments."""
-    mask = None
-    if causal:
-        # Query i sees keys 0..i (top-left aligned), as in jax.nn.dot_product_attention.
-        mask = (jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
-    if segment_ids is not None:
-        q_ids, kv_ids = segment_ids
-        same = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
-        mask = same if mask is None else mask & same
-    return mask
-
-
-def _xla_or_cudnn_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    *,
-    causal: bool,
-    segment_ids: tuple[Array, Array] | None,
-    sm_scale: float | None,
-    implementation: str,
-) -> Array:
-    if segment_ids is None:
-        # No row can be fully masked, so the library's own causal mask is exact.
-        return jax.nn.dot_product_attention(
-            query, key, value, scale=sm_scale, is_causal=causal, implementation=implementation
+def _flatten_batch(name: str, x: Array | None, batch_shape: tuple[int, ...]) -> Array | None:
+    """A mask/bias over ``[*batch_shape, heads, q, kv]`` as ``[prod(batch) or 1, heads, q, kv]``."""
+    if x is None:
+        return None
+    if not hasattr(x, "shape"):
+        raise ValueError(f"{name} of type {type(x).__name__} must be an array")
+    rank = len(batch_shape) + 3
+    if x.ndim > rank:
+        raise ValueError(f"{name}.shape={x.shape} has more dims than [*batch, heads, q, kv]")
+    x = jnp.reshape(x, (1,) * (rank - x.ndim) + tuple(x.shape))
+    leading = x.shape[: len(batch_shape)]
+    if any(d not in (1, b) for d, b in zip(leading, batch_shape, strict=True)):
+        raise ValueError(
+            f"{name}.shape={x.shape} does not broadcast over the batch dims {batch_shape}"
         )
-    mask = _element_mask(query.shape[1], key.shape[1], causal=causal, segment_ids=segment_ids)
-    # cuDNN takes its mask as a full [batch, 1, q_len, kv_len] bias.
-    mask = jnp.broadcast_to(mask, (query.shape[0], 1, query.shape[1], key.shape[1]))
-    out = jax.nn.dot_product_attention(
-        query, key, value, mask=mask, scale=sm_scale, implementation=implementation
-    )
-    # A query that sees no key gets zeros (as the Pallas kernel gives), not a uniform average.
-    row_has_key = jnp.any(mask, axis=-1)  # [batch, 1, q_len]
-    return jnp.where(jnp.swapaxes(row_has_key, 1, 2)[..., None], out, jnp.zeros((), out.dtype))
+    if all(d == 1 for d in leading):
+        return x.reshape(1, *x.shape[-3:])
+    x = jnp.broadcast_to(x, batch_shape + x.shape[-3:])
+    return x.reshape(math.prod(batch_shape), *x.shape[-3:])
 
 
 def dot_product_attention(
     query: Array,
     key: Array,
     value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype: Any = None,
+    precision: Any = None,
+    module: nn.Module | None = None,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., Array] | None = None,
+    qk_attn_weights_einsum: Callable[..., Array] | None = None,
+    attn_weights_value_einsum: Callable[..., Array] | None = None,
     *,
     causal: bool = False,
-    segment_ids: tuple[Array, Array] | None = None,
+    segment_ids: Array | tuple[Array, Array] | None = None,
     sm_scale: float | None = None,
-    implementation: str = "auto",
-    block_sizes: Any = None,
-    interpret: bool | None = None,
+    implementation: str | Implementation = "auto",
 ) -> Array:
-    """Exact softmax attention with a choice of kernel; all give the same numbers.
+    """Flax's ``dot_product_attention`` on efflax's attention op: a drop-in ``attention_fn``.
+
+    ``nn.MultiHeadDotProductAttention(..., attention_fn=efflax.nn.dot_product_attention)``
+    passes its mask, dropout and precision here and they are all honoured (Flax silently drops
+    the arguments an ``attention_fn`` does not accept, so an incomplete signature would ignore a
+    causal mask). The numbers equal ``flax.linen.dot_product_attention``'s, except that a query
+    that sees no key gets zeros (Flax: the mean of all values) and a masked-out key holding NaN
+    or inf has no influence (Flax, like ``jax.nn``, returns NaN there).
 
     Args:
-      query: ``[batch, q_len, heads, head_dim]``.
-      key: ``[batch, kv_len, kv_heads, head_dim]``; ``kv_heads`` divides ``heads`` (GQA/MQA).
-      value: same shape as ``key``.
-      causal: query ``i`` attends to keys ``0..i``.
-      segment_ids: optional ``(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])``
-        int arrays; a query attends only to keys of its own segment. A query that attends to no
-        key at all gets zeros.
-      sm_scale: logit scale, default ``1/sqrt(head_dim)``.
-      implementation: ``'pallas'`` (FlashAttention kernel, interpret mode on CPU), ``'xla'``,
-        ``'cudnn'`` (``jax.nn.dot_product_attention``) or ``'auto'`` (Pallas on GPU, else XLA).
-      block_sizes: Pallas tile sizes (a ``pallas_kernels.flash_attention.BlockSizes``); Pallas only.
-      interpret: Pallas interpret mode (default: on CPU only); Pallas only.
+      query: ``[*batch, q_len, num_heads, head_dim]``.
+      key, value: ``[*batch, kv_len, num_kv_heads, head_dim]``; ``num_kv_heads`` divides
+        ``num_heads`` (GQA, which Flax's own function does not take).
+      bias: float, broadcastable to ``[*batch, num_heads, q_len, kv_len]``, added to the scores.
+      mask: broadcastable to ``[*batch, num_heads, q_len, kv_len]``; False (or 0, as in Flax's
+        float masks from ``nn.make_causal_mask``) = not seen.
+      broadcast_dropout: one dropout mask shared over batch and heads.
+      dropout_rng: PRNG key for dropout (needed when it is active).
+      dropout_rate: attention-weight dropout probability in [0, 1).
+      deterministic: no dropout (Flax's default is False: dropout when ``dropout_rate > 0``).
+      dtype: computation dtype (inputs are promoted as in Flax); default the inputs' dtype.
+      precision: matmul precision of the XLA path (the kernels are at least as precise).
+      module: a Flax module to sow the (pre-dropout) weights into ``'intermediates'``, as
+        Flax does with ``sow_weights=True`` (the weights are computed on the XLA path).
+      force_fp32_for_softmax: accepted; the softmax always runs in float32.
+      einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum: Flax's hooks for
+        custom (e.g. quantised) einsums; efflax computes its own, so anything but None raises.
+      causal: query ``i`` sees keys ``j <= i`` (the Pallas kernel skips the masked tiles).
+      segment_ids: ``[batch, seq]`` or a ``(q_ids, kv_ids)`` pair: packed sequences / padding
+        the Pallas kernel can tile (needs exactly one batch dim).
+      sm_scale: score scale, default ``1 / sqrt(head_dim)``.
+      implementation: ``'auto'`` or a name/instance of ``pallas_kernels.ATTENTION_OP``.
 
     Returns:
-      ``[batch, q_len, heads, head_dim]`` in the dtype of ``query``; softmax runs in float32.
+      ``[*batch, q_len, num_heads, head_dim]`` in the computation dtype.
 
     Raises:
-      ValueError: on inconsistent shapes or dtypes, an unknown implementation, or an argument the
-        chosen implementation cannot honour (cuDNN without a GPU or in float32, block sizes or
-        interpret mode for a non-Pallas kernel).
+      ValueError: naming the argument, for anything malformed or that no implementation can
+        honour (dropout without an rng, custom einsums, a mask that does not broadcast, ...).
     """
-    implementation = resolve_implementation(implementation)
-    if segment_ids is not None:
-        segment_ids = tuple(segment_ids)
-    _check_inputs(query, key, value, segment_ids)
-    if implementation == "pallas":
-        # Imported here so that efflax.nn imports even where Pallas cannot be (an old jaxlib).
-        from pallas_kernels.flash_attention import flash_attention
-
-        return flash_attention(
-            query,
-            key,
-            value,
-            causal=causal,
-            segment_ids=segment_ids,
-            sm_scale=sm_scale,
-            block_sizes=block_sizes,
-            interpret=interpret,
+    for name, hook in (
+        ("einsum_dot_general", einsum_dot_general),
+        ("qk_attn_weights_einsum", qk_attn_weights_einsum),
+        ("attn_weights_value_einsum", attn_weights_value_einsum),
+    ):
+        if hook is not None:
+            raise ValueError(
+                f"{name}={hook!r} is not supported: efflax's attention kernels compute their own "
+                "matmuls (use flax.linen.dot_product_attention for custom einsums)"
+            )
+    _checks.boolean("force_fp32_for_softmax", force_fp32_for_softmax)
+    _checks.boolean("deterministic", deterministic)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if getattr(x, "ndim", 0) < 3:
+            raise ValueError(
+                f"{name}.shape={getattr(x, 'shape', None)} must be [..., seq, heads, dim]"
+            )
+    if not query.ndim == key.ndim == value.ndim or query.shape[:-3] != key.shape[:-3]:
+        raise ValueError(
+            f"query.shape={query.shape}, key.shape={key.shape}: batch dims must be equal"
         )
-    if block_sizes is not None:
-        raise ValueError(f"block_sizes={block_sizes!r} is only for implementation='pallas'")
-    if interpret is not None:
-        raise ValueError(f"interpret={interpret!r} is only for implementation='pallas'")
-    if implementation == "cudnn" and jnp.dtype(query.dtype) not in _CUDNN_DTYPES:
-        raise ValueError(f"implementation='cudnn' needs bfloat16 or float16, got {query.dtype}")
-    return _xla_or_cudnn_attention(
+    query, key, value = nn.dtypes.promote_dtype(query, key, value, dtype=dtype)
+    if hasattr(mask, "dtype") and mask.dtype != jnp.bool_:
+        # Flax's masks (nn.make_causal_mask, nn.make_attention_mask) are float 0/1 arrays, used
+        # with jnp.where: nonzero = attend.
+        mask = mask != 0
+    batch_shape = query.shape[:-3]
+    if len(batch_shape) != 1:
+        if segment_ids is not None:
+            raise ValueError(
+                f"segment_ids need exactly one batch dim; query.shape={query.shape} has "
+                f"{len(batch_shape)}"
+            )
+        flat = lambda x: x.reshape(math.prod(batch_shape), *x.shape[-3:])
+        query, key, value = flat(query), flat(key), flat(value)
+        mask = _flatten_batch("mask", mask, batch_shape)
+        bias = _flatten_batch("bias", bias, batch_shape)
+    rate = 0.0 if deterministic else dropout_rate
+    if rate and dropout_rng is None:
+        raise ValueError(
+            f"dropout_rate={dropout_rate!r} with deterministic=False needs a dropout_rng "
+            "(or pass deterministic=True)"
+        )
+    kwargs = attention_op.check_arguments(
         query,
         key,
         value,
+        bias=bias,
+        mask=mask,
         causal=causal,
         segment_ids=segment_ids,
         sm_scale=sm_scale,
-        implementation=implementation,
+        dropout_rate=rate,
+        dropout_rng=dropout_rng,
+        broadcast_dropout=broadcast_dropout,
+        precision=precision,
     )
+    if module is not None:
+        weights = attention_weights(
+            query,
+            key,
+            value,
+            **{k: v for k, v in kwargs.items() if not k.startswith(("dropout", "broadcast"))},
+        )
+        weights = weights.reshape(*batch_shape, *weights.shape[1:]).astype(query.dtype)
+        module.sow("intermediates", "attention_weights", weights)
+    out = attention_op.ATTENTION_OP.dispatch(implementation, query, key, value, **kwargs)
+    return out.reshape(*batch_shape, *out.shape[1:])
 
 
 def segment_ids_with_padding(
@@ -226,10 +223,10 @@ def segment_ids_with_padding(
         segment_ids = (segment_ids, segment_ids)
     if padding_mask is None:
         return None if segment_ids is None else tuple(segment_ids)
-    if padding_mask.ndim != 2 or padding_mask.dtype != jnp.bool_:
+    if getattr(padding_mask, "ndim", None) != 2 or padding_mask.dtype != jnp.bool_:
         raise ValueError(
-            f"padding_mask (shape {padding_mask.shape}, dtype {padding_mask.dtype}) must be "
-            "a [batch, kv_len] bool array"
+            f"padding_mask (shape {getattr(padding_mask, 'shape', None)}, dtype "
+            f"{getattr(padding_mask, 'dtype', None)}) must be a [batch, kv_len] bool array"
         )
     batch, kv_len = padding_mask.shape
     if segment_ids is None:
@@ -253,18 +250,31 @@ def apply_rotary_embedding(x: Array, positions: Array, *, base: float = 10_000.0
 
     Args:
       x: ``[batch, seq, heads, head_dim]`` with an even ``head_dim``.
-      positions: ``[batch, seq]`` or ``[seq]`` integer positions.
-      base: wavelength base.
+      positions: ``[batch, seq]``, ``[1, seq]`` or ``[seq]`` positions (ints or floats).
+      base: wavelength base, finite and > 0.
 
     Returns:
       The rotated ``x``, same shape and dtype (computed in float32).
     """
-    head_dim = x.shape[-1]
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"x.shape={getattr(x, 'shape', None)} must be [batch, seq, heads, dim]")
+    batch, seq, _, head_dim = x.shape
     if head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
-    if base <= 0:
-        raise ValueError(f"{base=} must be > 0")
-    positions = jnp.broadcast_to(positions, x.shape[:2]).astype(jnp.float32)
+        raise ValueError(f"head_dim={head_dim} (x.shape[-1]) must be even for rotary embeddings")
+    _checks.positive_float("base", base)
+    shape = tuple(getattr(positions, "shape", ()))
+    if not (
+        (len(shape) == 1 and shape[0] == seq)
+        or (len(shape) == 2 and shape[1] == seq and shape[0] in (1, batch))
+    ):
+        raise ValueError(
+            f"positions.shape={shape} must be [{seq}] or [{batch} or 1, {seq}] for "
+            f"x.shape={x.shape}"
+        )
+    dtype = getattr(positions, "dtype", None)
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"positions.dtype={positions.dtype} must be integer or floating")
+    positions = jnp.broadcast_to(positions, (batch, seq)).astype(jnp.float32)
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions[:, :, None, None] * inv_freq  # [batch, seq, 1, head_dim/2]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
@@ -274,7 +284,7 @@ def apply_rotary_embedding(x: Array, positions: Array, *, base: float = 10_000.0
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head (GQA/MQA) attention with rotary embeddings and a pluggable kernel.
+    """Multi-head (GQA/MQA) attention with rotary embeddings, masks, dropout and a KV cache.
 
     Attributes:
       num_heads: query heads.
@@ -284,10 +294,18 @@ class MultiHeadAttention(nn.Module):
       causal: causal (autoregressive) masking.
       rope: rotate queries and keys with rotary position embeddings.
       rope_base: the rotary wavelength base.
-      implementation: ``'pallas'``, ``'xla'``, ``'cudnn'`` or ``'auto'`` (Pallas on GPU).
+      implementation: ``'auto'`` (one resolver: the attention op's), a name (``'xla'``,
+        ``'pallas_triton'``/``'pallas'``, ``'cudnn'``, ``'reference'``) or a configured
+        implementation, e.g. ``PallasTritonAttention(block_sizes=..., interpret=True)``.
       sm_scale: logit scale, default ``1/sqrt(head_dim)``.
-      block_sizes: Pallas tile sizes (Pallas only).
-      interpret: Pallas interpret mode, default on CPU only (Pallas only).
+      dropout_rate: attention-weight dropout (needs a ``'dropout'`` rng when active).
+      broadcast_dropout: one dropout mask shared over batch and heads (Flax's default).
+      deterministic: no dropout; may instead be passed to ``__call__`` (Flax's ``merge_param``).
+      decode: autoregressive decoding with a key/value cache in the ``'cache'`` collection. The
+        cache length is fixed by the input of the ``init`` call (as in Flax); each later call
+        writes its tokens at the cache index (a prompt, then one token per call) and attends
+        causally to everything cached. Needs ``causal=True`` and self-attention.
+      precision: matmul precision (projections and the XLA attention path).
       use_bias: biases on the projections.
       dtype: computation dtype (default: inferred from inputs and params).
       param_dtype: parameter dtype.
@@ -301,10 +319,13 @@ class MultiHeadAttention(nn.Module):
     causal: bool = False
     rope: bool = False
     rope_base: float = 10_000.0
-    implementation: str = "auto"
+    implementation: str | Implementation = "auto"
     sm_scale: float | None = None
-    block_sizes: Any = None
-    interpret: bool | None = None
+    dropout_rate: float = 0.0
+    broadcast_dropout: bool = True
+    deterministic: bool | None = None
+    decode: bool = False
+    precision: Any = None
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -312,12 +333,11 @@ class MultiHeadAttention(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
 
     def _check_config(self, in_features: int) -> tuple[int, int]:
-        if self.num_heads < 1:
-            raise ValueError(f"num_heads={self.num_heads} must be >= 1")
+        _checks.int_at_least("num_heads", self.num_heads)
         num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-        if num_kv_heads < 1 or self.num_heads % num_kv_heads:
+        if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or self.num_heads % num_kv_heads:
             raise ValueError(
-                f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide "
+                f"num_kv_heads={self.num_kv_heads!r} must be an int >= 1 that divides "
                 f"num_heads={self.num_heads}"
             )
         head_dim = self.head_dim
@@ -328,16 +348,16 @@ class MultiHeadAttention(nn.Module):
                     "(or set head_dim)"
                 )
             head_dim = in_features // self.num_heads
-        if head_dim < 1:
-            raise ValueError(f"head_dim={head_dim} must be >= 1")
+        _checks.int_at_least("head_dim", head_dim)
         if self.rope and head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even when rope=True")
-        if self.rope and self.rope_base <= 0:
-            raise ValueError(f"rope_base={self.rope_base} must be > 0")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation={self.implementation!r} must be one of {IMPLEMENTATIONS}"
-            )
+        if self.rope:
+            _checks.positive_float("rope_base", self.rope_base)
+        _checks.boolean("causal", self.causal)
+        _checks.boolean("decode", self.decode)
+        _checks.probability("dropout_rate", self.dropout_rate, allow_one=False)
+        if not (isinstance(self.implementation, str) and self.implementation == "auto"):
+            attention_op.ATTENTION_OP.get(self.implementation)  # an unknown name raises here
         return num_kv_heads, head_dim
 
     @nn.compact
@@ -346,44 +366,71 @@ class MultiHeadAttention(nn.Module):
         inputs_q: Array,
         inputs_kv: Array | None = None,
         *,
+        mask: Array | None = None,
         padding_mask: Array | None = None,
         segment_ids: Array | tuple[Array, Array] | None = None,
         positions: Array | None = None,
         kv_positions: Array | None = None,
+        deterministic: bool | None = None,
     ) -> Array:
         """Attends from ``inputs_q`` to ``inputs_kv`` (default: self-attention).
 
         Args:
           inputs_q: ``[batch, q_len, features]``.
           inputs_kv: ``[batch, kv_len, kv_features]``; default ``inputs_q``.
+          mask: bool, broadcastable to ``[batch, num_heads, q_len, kv_len]`` (with ``decode``:
+            ``kv_len`` is the cache length); False = not seen. Runs on XLA (the kernel tiles only
+            structural masks: ``causal``, ``padding_mask``, ``segment_ids``).
           padding_mask: ``[batch, kv_len]`` bool, True for real tokens; padded keys are ignored.
           segment_ids: packed sequences: ``[batch, seq]`` int (self-attention) or a
             ``(q_ids [batch, q_len], kv_ids [batch, kv_len])`` pair.
           positions: ``[batch, q_len]`` (or ``[q_len]``) rotary positions of the queries;
-            default ``0..q_len-1``. Restart them per segment for packed sequences.
+            default ``0..q_len-1`` (with ``decode``: the cache index onwards).
           kv_positions: rotary positions of the keys; default ``positions`` for
             self-attention, ``0..kv_len-1`` otherwise.
+          deterministic: no dropout (merged with the attribute; needed when dropout is on).
 
         Returns:
           ``[batch, q_len, out_features]``.
         """
         self_attention = inputs_kv is None
         inputs_kv = inputs_q if self_attention else inputs_kv
-        if inputs_q.ndim != 3 or inputs_kv.ndim != 3:
+        if getattr(inputs_q, "ndim", None) != 3 or getattr(inputs_kv, "ndim", None) != 3:
             raise ValueError(
-                f"inputs_q.shape={inputs_q.shape} and inputs_kv.shape={inputs_kv.shape} must be "
-                "[batch, seq, features]"
+                f"inputs_q.shape={getattr(inputs_q, 'shape', None)} and inputs_kv.shape="
+                f"{getattr(inputs_kv, 'shape', None)} must be [batch, seq, features]"
             )
         num_kv_heads, head_dim = self._check_config(inputs_q.shape[-1])
         batch, q_len = inputs_q.shape[:2]
         kv_len = inputs_kv.shape[1]
-        if padding_mask is not None and padding_mask.shape != (batch, kv_len):
-            raise ValueError(f"padding_mask.shape={padding_mask.shape} must be {(batch, kv_len)}")
+        if inputs_kv.shape[0] != batch:
+            raise ValueError(
+                f"inputs_kv.shape={inputs_kv.shape} and inputs_q.shape={inputs_q.shape}: "
+                "batch differs"
+            )
+        if padding_mask is not None and getattr(padding_mask, "shape", None) != (batch, kv_len):
+            raise ValueError(
+                f"padding_mask.shape={getattr(padding_mask, 'shape', None)} must be "
+                f"{(batch, kv_len)}"
+            )
         if segment_ids is not None and not isinstance(segment_ids, tuple | list):
             if not self_attention:
                 raise ValueError("cross-attention needs segment_ids as a (q_ids, kv_ids) pair")
-            if segment_ids.shape != (batch, q_len):
-                raise ValueError(f"segment_ids.shape={segment_ids.shape} must be {(batch, q_len)}")
+            if getattr(segment_ids, "shape", None) != (batch, q_len):
+                raise ValueError(
+                    f"segment_ids.shape={getattr(segment_ids, 'shape', None)} must be "
+                    f"{(batch, q_len)}"
+                )
+        if not self.rope and (positions is not None or kv_positions is not None):
+            raise ValueError("positions/kv_positions are only used with rope=True")
+
+        dropout_rng = None
+        if self.dropout_rate > 0.0:
+            deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+            _checks.boolean("deterministic", deterministic)
+            if not deterministic:
+                dropout_rng = self.make_rng("dropout")
+        rate = self.dropout_rate if dropout_rng is not None else 0.0
 
         def projection(num: int, name: str, axes: tuple[str, ...]) -> nn.DenseGeneral:
             return nn.DenseGeneral(
@@ -392,6 +439,7 @@ class MultiHeadAttention(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                precision=self.precision,
                 kernel_init=nn.with_logical_partitioning(self.kernel_init, axes),
                 bias_init=nn.with_logical_partitioning(self.bias_init, axes[1:]),
                 name=name,
@@ -401,28 +449,50 @@ class MultiHeadAttention(nn.Module):
         key = projection(num_kv_heads, "key", KV_KERNEL_AXES)(inputs_kv)
         value = projection(num_kv_heads, "value", KV_KERNEL_AXES)(inputs_kv)
 
-        if self.rope:
+        q_offset = None
+        if self.decode:
+            for name, arg in (
+                ("inputs_kv", None if self_attention else inputs_kv),
+                ("padding_mask", padding_mask),
+                ("segment_ids", segment_ids),
+                ("positions", positions),
+                ("kv_positions", kv_positions),
+            ):
+                if arg is not None:
+                    raise ValueError(
+                        f"decode=True does not take {name} (self-attention over the cache; "
+                        "positions follow the cache index; use mask= for other masking)"
+                    )
+            if not self.causal:
+                raise ValueError("decode=True needs causal=True")
+            query, key, value, q_offset = self._update_cache(query, key, value)
+        elif self.rope:
             if positions is None:
                 positions = jnp.arange(q_len)
             if kv_positions is None:
                 kv_positions = positions if self_attention else jnp.arange(kv_len)
             rotate = functools.partial(apply_rotary_embedding, base=self.rope_base)
             query, key = rotate(query, positions), rotate(key, kv_positions)
-        elif positions is not None or kv_positions is not None:
-            raise ValueError("positions/kv_positions are only used with rope=True")
 
-        segment_ids = segment_ids_with_padding(padding_mask, q_len, segment_ids)
-        encoded = dot_product_attention(
+        encoded = attention_op.dot_product_attention(
             query,
             key,
             value,
+            mask=mask,
             causal=self.causal,
-            segment_ids=segment_ids,
+            q_offset=q_offset,
+            segment_ids=segment_ids_with_padding(padding_mask, q_len, segment_ids),
             sm_scale=self.sm_scale,
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+            broadcast_dropout=self.broadcast_dropout,
+            precision=self.precision,
             implementation=self.implementation,
-            block_sizes=self.block_sizes,
-            interpret=self.interpret,
         )
+        if q_offset is not None:
+            # Writing past the cache end clamps the write; make such a call loud, not wrong.
+            overflow = q_offset + q_len > key.shape[1]
+            encoded = jnp.where(overflow, jnp.full((), jnp.nan, encoded.dtype), encoded)
         out_features = inputs_q.shape[-1] if self.out_features is None else self.out_features
         return nn.DenseGeneral(
             features=out_features,
@@ -430,7 +500,61 @@ class MultiHeadAttention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            precision=self.precision,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, OUT_KERNEL_AXES),
             bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
             name="out",
         )(encoded)
+
+    def _update_cache(
+        self, query: Array, key: Array, value: Array
+    ) -> tuple[Array, Array, Array, Array | None]:
+        """Writes this call's keys/values into the cache; returns what to attend with.
+
+        The ``init`` call creates the cache (its length is the input's) and attends as without
+        ``decode``; later calls append at the cache index and attend over the whole cache with
+        ``q_offset`` = the index (unwritten slots lie in every query's future).
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        batch, q_len = query.shape[:2]
+        if not initialized:
+            if self.rope:
+                positions = jnp.arange(q_len)
+                query = apply_rotary_embedding(query, positions, base=self.rope_base)
+                key = apply_rotary_embedding(key, positions, base=self.rope_base)
+            return query, key, value, None
+        cache_batch, max_length = cached_key.value.shape[:2]
+        if key.shape[0] != cache_batch or key.shape[2:] != cached_key.value.shape[2:]:
+            raise ValueError(
+                f"inputs of batch {batch} give keys of shape {key.shape}, but the cache holds "
+                f"{cached_key.value.shape} (re-initialise the cache for another batch size)"
+            )
+        if q_len > max_length:
+            raise ValueError(
+                f"a sequence of length {q_len} is longer than the cache ({max_length} positions, "
+                "set by the input of the init call)"
+            )
+        index = cache_index.value
+        known = _checks.concrete(index)
+        if known is not None and int(known) + q_len > max_length:
+            raise ValueError(
+                f"cache index {int(known)} + {q_len} new positions exceeds the cache length "
+                f"{max_length}"
+            )
+        if self.rope:
+            positions = index + jnp.arange(q_len)
+            query = apply_rotary_embedding(query, positions, base=self.rope_base)
+            key = apply_rotary_embedding(key, positions, base=self.rope_base)
+        start = (
+            jnp.zeros((), jnp.int32),
+            index,
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
+        cached_key.value = lax.dynamic_update_slice(cached_key.value, key, start)
+        cached_value.value = lax.dynamic_update_slice(cached_value.value, value, start)
+        cache_index.value = index + q_len
+        return query, cached_key.value, cached_value.value, index

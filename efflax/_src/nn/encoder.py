@@ -4,7 +4,8 @@ Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (2017), with pre-l
 (Xiong et al., arXiv:2002.04745). Used by the expert-choice experiment (Zhou et al.,
 arXiv:2202.09368, which interleaves MoE and dense FFN layers) and as a ready classifier: tokens
 `[batch, tokens, features]` -> linear embedding + learned positions -> blocks -> mean pool ->
-logits. Attention is `efflax._src.nn.attention.MultiHeadAttention` (non-causal).
+logits. Attention is `efflax._src.nn.attention.MultiHeadAttention` (non-causal), on the kernel
+the attention op picks (`attention_implementation='auto'`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from efflax._src.nn.attention import MultiHeadAttention
+from pallas_kernels.op import Implementation
 
 __all__ = ["DenseFeedForward", "EncoderBlock", "Encoder"]
 
@@ -69,7 +71,7 @@ class EncoderBlock(nn.Module):
 
     num_heads: int
     ffn: Callable[..., nn.Module]
-    attention_implementation: str = "xla"
+    attention_implementation: str | Implementation = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -102,7 +104,9 @@ class Encoder(nn.Module):
         hidden=64)`; `None` makes every FFN dense.
       moe_every: with `moe`, block `i` uses it when `i % moe_every == moe_every - 1` (2: every
         other block, as in the paper; 1: every block).
-      attention_implementation: passed to `MultiHeadAttention` (`'xla'` runs everywhere).
+      attention_implementation: passed to `MultiHeadAttention`: `'auto'` (the attention op's
+        resolver: the Pallas kernel on a GPU, XLA elsewhere), a name or a configured
+        implementation such as `PallasTritonAttention(block_sizes=...)`.
 
     Example:
       >>> model = Encoder(num_layers=2, d_model=32, num_heads=4, mlp_hidden=64, num_classes=10)
@@ -117,7 +121,7 @@ class Encoder(nn.Module):
     max_len: int = 512
     moe: Callable[..., nn.Module] | None = None
     moe_every: int = 2
-    attention_implementation: str = "xla"
+    attention_implementation: str | Implementation = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

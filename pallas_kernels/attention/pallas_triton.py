@@ -1,4 +1,4 @@
-"""FlashAttention as Pallas kernels: exact attention in O(N) memory, forward and backward.
+"""FlashAttention as Pallas (Triton) kernels: exact attention in O(N) memory, forward and backward.
 
 Tri Dao, Daniel Y. Fu, Stefano Ermon, Atri Rudra, Christopher Re, "FlashAttention: Fast and
 Memory-Efficient Exact Attention with IO-Awareness", arXiv:2205.14135 (2022); Tri Dao,
@@ -11,9 +11,15 @@ backward pass recomputes the scores tile by tile from Q, K, V, O, lse and dO
 (delta = rowsum(dO * O)): one kernel accumulates dQ per Q block, one dK/dV per K/V block.
 
 Layout is `[batch, seq, heads, head_dim]`, as in `jax.nn.dot_product_attention`. Causal masking
-is aligned at the top left (query i sees keys j <= i), also as there. Tiles that cannot contribute
-(above the causal diagonal, or off in a `block_mask`) are skipped through the loop bounds, not
-computed and zeroed. Rows that see no key at all give zeros and zero gradients.
+is aligned at the top left (query i sees keys j <= i), also as there, optionally shifted by a
+traced `q_offset` (decoding with a cache). Tiles that cannot contribute (above the causal
+diagonal, or off in a `block_mask`) are skipped through the loop bounds, not computed and zeroed.
+In tiles that are partly masked, non-finite inputs are zeroed before they meet a masked (zero)
+weight, and the rows that do see them are made NaN, so a masked key never influences an output
+or a gradient. Rows that see no key at all give zeros and zero gradients.
+
+`PallasTritonAttention` is the kernel's implementation of the attention op
+(`pallas_kernels.attention.base`); `flash_attention` calls it directly.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +35,20 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._compat import check_interpret
 from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import default_interpret
+from pallas_kernels._compat import has_triton_backend
 from pallas_kernels._compat import multiple_of
 from pallas_kernels._compat import resolve_interpret
+from pallas_kernels.attention.base import ATTENTION_OP
+from pallas_kernels.attention.base import AttentionImplementation
+from pallas_kernels.attention.base import dot_product_attention
+from pallas_kernels.op import Unsupported
 
 # A finite "minus infinity": masked scores must not turn max/exp arithmetic into inf - inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MAX_HEAD_DIM = 256
 _MIN_BLOCK = 16  # Triton's dot needs tiles of at least 16 x 16.
 _MAX_BLOCK = 1024
@@ -65,7 +77,8 @@ class BlockSizes:
 
     Attributes:
       block_q, block_k: query / key rows per tile in the forward kernel. With a `block_mask`
-        they are the mask's granularity, and the backward kernels use them too.
+        they are the mask's granularity; the backward tiles must then divide them (unset ones
+        take the backend defaults, capped at the mask tile).
       block_q_dkv, block_k_dkv: tile of the dK/dV kernel (None: block_q, block_k).
       block_q_dq, block_k_dq: tile of the dQ kernel (None: block_q, block_k).
       num_warps: Triton warps per program (None: 4 for head_dim <= 64, else 8). GPU only.
@@ -119,11 +132,15 @@ class BlockSizes:
 
         `backend=None` picks 'cpu' when Pallas would run in interpret mode here, else 'gpu'.
         The GPU sizes follow FlashAttention-2's Triton kernels (128 x 64 forward tiles, narrower
-        backward tiles); they are starting points, not tuned on this project's hardware yet.
+        backward tiles), chosen so that no kernel spills registers on sm_80 or sm_90a in the
+        deviceless compile check (`make gpu-check`); not yet timed on a GPU. head_dim <= 64 uses
+        a 64 x 32 dK/dV tile: 32 x 64 spilled on sm_80 with GQA.
         """
         if backend is None:
             backend = "cpu" if default_interpret() else "gpu"
         if backend == "gpu":
+            if head_dim <= 64:
+                return cls(128, 64, 64, 32, 64, 32, num_stages=2)
             if head_dim <= 128:
                 return cls(128, 64, 32, 64, 64, 32, num_stages=2)
             return cls(64, 32, 16, 32, 32, 16, num_stages=2)
@@ -245,97 +262,6 @@ def block_mask_from_mask(
     return jnp.any(mask, axis=(2, 4))
 
 
-def _expand_block_mask(block_mask: jax.Array, block_q: int, block_k: int, q_len: int, kv_len: int):
-    expanded = jnp.repeat(jnp.repeat(block_mask, block_q, axis=1), block_k, axis=2)
-    return expanded[:, :q_len, :kv_len]
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------
-
-
-def _check_inputs(q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes):
-    """Validates the arguments; returns (segment_ids as int32 pair or None, sm_scale)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(
-                f"{name}.shape={getattr(x, 'shape', None)} must be [batch, seq, heads, head_dim]"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes must match, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{q.dtype=} is not supported; use float32, bfloat16 or float16")
-    batch, q_len, num_heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{k.shape=} and {v.shape=} must be equal")
-    if k.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: {q.shape=}, {k.shape=}")
-    if k.shape[3] != head_dim:
-        raise ValueError(f"head_dim differs: {q.shape=}, {k.shape=}")
-    if not 1 <= head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"{head_dim=} must be in [1, {_MAX_HEAD_DIM}]")
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    if q_len == 0 or kv_len == 0 or batch == 0 or num_kv_heads == 0:
-        raise ValueError(f"empty dimension in {q.shape=} or {k.shape=}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_kv_heads=} (k.shape[2]) must divide {num_heads=} (q.shape[2])")
-    if not isinstance(causal, bool):
-        raise ValueError(f"{causal=} must be a bool")
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(sm_scale, int | float | np.floating) and not isinstance(sm_scale, bool):
-        sm_scale = float(sm_scale)
-    else:
-        raise ValueError(f"{sm_scale=} must be a Python float or None")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"{block_sizes=} must be a BlockSizes or None")
-
-    if segment_ids is not None:
-        if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:
-            raise ValueError(
-                f"segment_ids of type {type(segment_ids).__name__} must be a "
-                "(q_segment_ids, kv_segment_ids) pair"
-            )
-        q_seg, kv_seg = (jnp.asarray(s) for s in segment_ids)
-        if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
-            raise ValueError(
-                f"segment_ids shapes {q_seg.shape}, {kv_seg.shape} must be "
-                f"{(batch, q_len)}, {(batch, kv_len)}"
-            )
-        if not (
-            jnp.issubdtype(q_seg.dtype, jnp.integer) and jnp.issubdtype(kv_seg.dtype, jnp.integer)
-        ):
-            raise ValueError(f"segment_ids dtypes {q_seg.dtype}, {kv_seg.dtype} must be integer")
-        segment_ids = (q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
-
-    if block_mask is not None:
-        if block_sizes is None:
-            raise ValueError(
-                "block_mask needs the block_sizes it was built with (block_sizes=None)"
-            )
-        mask = jnp.asarray(block_mask)
-        expected = (-(-q_len // block_sizes.block_q), -(-kv_len // block_sizes.block_k))
-        if mask.dtype != jnp.bool_ or mask.ndim != 3 or mask.shape[0] not in (1, num_heads):
-            raise ValueError(
-                f"block_mask of shape {mask.shape} and dtype {mask.dtype} must be bool "
-                f"[1 or {num_heads}, {expected[0]}, {expected[1]}]"
-            )
-        if mask.shape[1:] != expected:
-            raise ValueError(
-                f"block_mask.shape={mask.shape} does not match {q_len=}, {kv_len=} with "
-                f"block_q={block_sizes.block_q}, block_k={block_sizes.block_k}: expected "
-                f"[{mask.shape[0]}, {expected[0]}, {expected[1]}]"
-            )
-        tile = (block_sizes.block_q, block_sizes.block_k)
-        if block_sizes.dkv != tile or block_sizes.dq != tile:
-            raise ValueError(
-                f"with a block_mask the backward tiles must equal the forward tile {tile}, got "
-                f"dkv={block_sizes.dkv}, dq={block_sizes.dq}"
-            )
-    return segment_ids, sm_scale
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -354,8 +280,12 @@ class _Config:
     block_q_dq: int
     block_k_dq: int
     causal: bool
+    has_offset: bool  # causal rows start at a traced position (decoding with a cache)
     sm_scale: float
     has_segments: bool
+    # Element masking with non-finite inputs zeroed outside the kernels; the forward adds each
+    # key's flag (0, or NaN for a key/value that had a non-finite entry) to its scores.
+    has_flags: bool
     mask_heads: int  # 0: no block mask; else its leading dimension (1 or num_heads)
     interpret: bool
     num_warps: int | None
@@ -370,13 +300,16 @@ def _dot(a, b, *, transpose_a=False, transpose_b=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _tile_mask(cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tail):
-    """Element mask of one tile (True = attend), or None when nothing needs masking."""
+def _tile_mask(cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, *, mask_tail):
+    """Element mask of one tile (True = attend), or None when nothing needs masking.
+
+    `q_pos` is the causal position of the tile's first query row.
+    """
     mask = None
     if cfg.causal or mask_tail:
         cols = k_start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
     if cfg.causal:
-        rows = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+        rows = q_pos + jnp.arange(block_q, dtype=jnp.int32)[:, None]
         mask = rows >= cols
     if mask_tail:
         in_range = cols < cfg.kv_len
@@ -393,20 +326,34 @@ def _fori(lower, upper, body, carry):
     return lax.fori_loop(lower, upper, body, carry)
 
 
-def _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list):
+def _listed(read_list, tile, carry, needs_mask, sub):
+    """Runs `tile` over the blocks of a block-mask row/column list; a listed mask tile spans
+    `sub` kernel tiles (backward tiles may divide the mask's)."""
+
+    def one(t, c):
+        first = read_list(t + 1) * sub
+        if sub == 1:
+            return tile(first, c, needs_mask)
+        return lax.fori_loop(0, sub, lambda u, c: tile(first + u, c, needs_mask), c)
+
+    return _fori(0, read_list(0), one, carry)
+
+
+def _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list, sub=1):
     """Runs `tile(kv_block, carry, masked)` over the K/V blocks a query block can see.
 
-    Tiles above the causal diagonal or off in the block mask are never visited; tiles that are
-    entirely visible run without the element-mask arithmetic.
+    `q_pos` is the causal position of the block's first row. Tiles above the causal diagonal or
+    off in the block mask are never visited; tiles that are entirely visible run without the
+    element-mask arithmetic.
     """
     num_kv_blocks = -(-cfg.kv_len // block_k)  # padding-only blocks are never visited
     full_kv_blocks = cfg.kv_len // block_k
     needs_mask = cfg.causal or cfg.has_segments or full_kv_blocks != num_kv_blocks
     if read_list is not None:
-        return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
+        return _listed(read_list, tile, carry, needs_mask, sub)
     if cfg.causal:
-        upper = jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), num_kv_blocks)
-        split = jnp.minimum(lax.div(q_start + 1, block_k), full_kv_blocks)
+        upper = jnp.minimum(lax.div(q_pos + block_q + block_k - 1, block_k), num_kv_blocks)
+        split = jnp.minimum(lax.div(q_pos + 1, block_k), full_kv_blocks)
     else:
         upper, split = num_kv_blocks, full_kv_blocks
     if cfg.has_segments:
@@ -415,17 +362,21 @@ def _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list):
     return _fori(split, upper, lambda j, c: tile(j, c, True), carry)
 
 
-def _loop_over_q(cfg, tile, carry, k_start, block_q, block_k, read_list):
-    """Runs `tile(q_block, carry, masked)` over the query blocks that can see a K/V block."""
+def _loop_over_q(cfg, tile, carry, k_start, offset, block_q, block_k, read_list, sub=1):
+    """Runs `tile(q_block, carry, masked)` over the query blocks that can see a K/V block.
+
+    Query row `i` has causal position `offset + i`.
+    """
     num_q_blocks = -(-cfg.q_len // block_q)
     needs_mask = cfg.causal or cfg.has_segments
     if read_list is not None:
-        return _fori(0, read_list(0), lambda t, c: tile(read_list(t + 1), c, needs_mask), carry)
+        return _listed(read_list, tile, carry, needs_mask, sub)
     if cfg.causal:
-        lower = lax.div(k_start, block_q)
-        # From this block on every query row is at or below the tile's last key.
-        split = jnp.minimum(lax.div(k_start + block_k + block_q - 2, block_q), num_q_blocks)
-        split = jnp.maximum(split, lower)
+        # The first row that sees the tile's first key, and the first block from which every
+        # row sees the tile's last key.
+        lower = lax.div(jnp.maximum(k_start - offset, 0), block_q)
+        split = lax.div(jnp.maximum(k_start + block_k - 1 - offset, 0) + block_q - 1, block_q)
+        split = jnp.maximum(jnp.minimum(split, num_q_blocks), lower)
     else:
         lower, split = 0, 0
     if cfg.has_segments:
@@ -434,9 +385,27 @@ def _loop_over_q(cfg, tile, carry, k_start, block_q, block_k, read_list):
     return _fori(split, num_q_blocks, lambda i, c: tile(i, c, False), carry)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse_ref, *, cfg):
+def _read_offset(cfg, offset_ref):
+    return offset_ref[0] if cfg.has_offset else 0
+
+
+def _fwd_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    offset_ref,
+    flag_ref,
+    list_ref,
+    o_ref,
+    lse_ref,
+    *,
+    cfg,
+):
     block_q, block_k = cfg.block_q, cfg.block_k
     q_start = pl.program_id(0) * block_q
+    q_pos = q_start + _read_offset(cfg, offset_ref)
     q = q_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
     scale = cfg.sm_scale * _LOG2E  # scores in base 2: exp2 is the native instruction
@@ -446,13 +415,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse
         acc, m_prev, l_prev = carry
         k_start = multiple_of(kv_block * block_k, block_k)
         keys = pl.ds(k_start, block_k)
-        k = k_ref[keys, :]
-        s = _dot(q, k, transpose_b=True) * scale
+        s = _dot(q, k_ref[keys, :], transpose_b=True) * scale
+        if flag_ref is not None:
+            # K/V arrive with non-finite entries zeroed (so a masked one cannot leak 0 * NaN
+            # into p @ v); the rows that see such a key become NaN through its flag instead.
+            s = s + flag_ref[keys][None, :]
         mask = None
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
             mask = _tile_mask(
-                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
+                cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
             )
         if mask is not None:
             s = jnp.where(mask, s, _MASK_VALUE)
@@ -473,7 +445,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse
         jnp.zeros((block_q,), jnp.float32),
     )
     read_list = None if list_ref is None else (lambda t: list_ref[t])
-    acc, m, l = _loop_over_kv(cfg, tile, carry, q_start, block_q, block_k, read_list)
+    acc, m, l = _loop_over_kv(cfg, tile, carry, q_pos, block_q, block_k, read_list)
     empty = l == 0.0  # a row that saw no key: output 0, lse +inf (so p = 0 in the backward)
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -481,10 +453,23 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, list_ref, o_ref, lse
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, list_ref, dq_ref, *, cfg
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    offset_ref,
+    list_ref,
+    dq_ref,
+    *,
+    cfg,
 ):
     block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
     q_start = pl.program_id(0) * block_q
+    q_pos = q_start + _read_offset(cfg, offset_ref)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
@@ -495,21 +480,24 @@ def _dq_kernel(
         k_start = multiple_of(kv_block * block_k, block_k)
         keys = pl.ds(k_start, block_k)
         k, v = k_ref[keys, :], v_ref[keys, :]
-        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        mask = None
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
             mask = _tile_mask(
-                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
+                cfg, q_pos, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=mask_tail
             )
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
+        # Rows that saw a non-finite key/value have lse = NaN (from the forward's flags).
+        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
         dp = _dot(do, v, transpose_b=True)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
     read_list = None if list_ref is None else (lambda t: list_ref[t])
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = _loop_over_kv(cfg, tile, dq, q_start, block_q, block_k, read_list)
+    sub = cfg.block_k // block_k  # dQ tiles per block-mask column
+    dq = _loop_over_kv(cfg, tile, dq, q_pos, block_q, block_k, read_list, sub)
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
@@ -522,6 +510,7 @@ def _dkv_kernel(
     delta_ref,
     q_seg_ref,
     kv_seg_ref,
+    offset_ref,
     list_ref,
     dk_ref,
     dv_ref,
@@ -531,6 +520,7 @@ def _dkv_kernel(
 ):
     block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
     k_start = pl.program_id(0) * block_k
+    offset = _read_offset(cfg, offset_ref)
     k, v = k_ref[...], v_ref[...]
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
     scale = cfg.sm_scale * _LOG2E
@@ -541,15 +531,17 @@ def _dkv_kernel(
         rows = pl.ds(q_start, block_q)
         q, do = q_ref[rows, head, :], do_ref[rows, head, :]
         lse, delta = lse_ref[head, rows], delta_ref[head, rows]
-        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        mask = None
         if masked:
-            # Padded keys need no mask here: their dK/dV rows are cut off by the caller.
+            # Padded keys need no mask here: their dK/dV rows are cut off by the caller. Padded
+            # queries add nothing: zero q and dO, lse = inf and delta = 0 (see _backward).
             q_seg = None if q_seg_ref is None else q_seg_ref[rows]
             mask = _tile_mask(
-                cfg, q_start, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=False
+                cfg, q_start + offset, k_start, block_q, block_k, q_seg, kv_seg, mask_tail=False
             )
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
+        p = jnp.exp2(_dot(q, k, transpose_b=True) * scale - lse[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
         dp = _dot(do, v, transpose_b=True)
         ds = p * (dp - delta[:, None])
@@ -565,7 +557,8 @@ def _dkv_kernel(
         else:
             read_list = lambda t: list_ref[head, t]
         body = lambda i, c, masked: tile(i, c, masked, head)
-        return _loop_over_q(cfg, body, carry, k_start, block_q, block_k, read_list)
+        sub = cfg.block_q // block_q  # dK/dV tiles per block-mask row
+        return _loop_over_q(cfg, body, carry, k_start, offset, block_q, block_k, read_list, sub)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = _fori(0, group, one_head, (zeros, zeros))
@@ -598,24 +591,36 @@ def _call(kernel, cfg, head_dim, name, **kwargs):
     )
 
 
-def _row_list_spec(cfg, lists, heads_per_program):
+def _row_list_spec(cfg, lists, heads_per_program, per_mask_tile=1):
     """BlockSpec of one row of a `[mask_heads, rows, 1 + cols]` tile list, grid (row, b, h).
 
     `heads_per_program=None`: one query head per program (forward, dQ), a 1-D ref. Otherwise
     (dK/dV) the program's `heads_per_program` query heads, a `[heads, 1 + cols]` ref, unless the
-    mask is shared by all heads.
+    mask is shared by all heads. `per_mask_tile` programs share one mask row (backward tiles
+    smaller than the mask's).
     """
     if lists is None:
         return None
     width = lists.shape[-1]
+    row = lambda r: lax.div(r, per_mask_tile)
     if cfg.mask_heads == 1:
-        return pl.BlockSpec((None, None, width), lambda r, b, h: (0, r, 0))
+        return pl.BlockSpec((None, None, width), lambda r, b, h: (0, row(r), 0))
     if heads_per_program is None:
-        return pl.BlockSpec((None, None, width), lambda r, b, h: (h, r, 0))
-    return pl.BlockSpec((heads_per_program, None, width), lambda r, b, h: (h, r, 0))
+        return pl.BlockSpec((None, None, width), lambda r, b, h: (h, row(r), 0))
+    return pl.BlockSpec((heads_per_program, None, width), lambda r, b, h: (h, row(r), 0))
 
 
-def _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg):
+def _offset_spec(offset):
+    return None if offset is None else pl.BlockSpec((1,), lambda r, b, h: (0,))
+
+
+def _flag_spec(flags, group, kv_len):
+    if flags is None:
+        return None
+    return pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, lax.div(h, group), 0))
+
+
+def _forward(q, k, v, q_seg, kv_seg, offset, flags, kv_lists, cfg):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -637,18 +642,26 @@ def _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg):
         head_dim,
         "flash_attention_fwd",
         grid=(q_len // block_q, batch, num_heads),
-        in_specs=[q_spec, kv_spec, kv_spec, *segment_specs, _row_list_spec(cfg, kv_lists, None)],
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            *segment_specs,
+            _offset_spec(offset),
+            _flag_spec(flags, group, kv_len),
+            _row_list_spec(cfg, kv_lists, None),
+        ],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32),
         ],
-    )(q, k, v, q_seg, kv_seg, kv_lists)
+    )(q, k, v, q_seg, kv_seg, offset, flags, kv_lists)
     return out, lse
 
 
 def _backward(cfg, residuals, do):
-    q, k, v, q_seg, kv_seg, lists, out, lse = residuals
+    q, k, v, q_seg, kv_seg, offset, lists, out, lse = residuals
     kv_lists, q_lists = (None, None) if lists is None else lists
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -660,7 +673,19 @@ def _backward(cfg, residuals, do):
         do.astype(jnp.float32),
         precision=lax.Precision.HIGHEST,
     )
+    if q_len != cfg.q_len:
+        # Padding rows (zero q and dO) add nothing to dK/dV: p = 0 (keys are finite or flagged).
+        real = jnp.arange(q_len) < cfg.q_len
+        lse = jnp.where(real, lse, jnp.inf)
+        delta = jnp.where(real, delta, 0.0)
     do = do.astype(q.dtype)
+    if cfg.has_flags:
+        # A masked query's non-finite q, dO or delta must not reach a key through 0 * NaN in
+        # ds^T q, p^T dO or p * (dp - delta): zero them. A row that saw a non-finite key or value
+        # keeps lse = NaN, so p and its own gradients stay NaN where it sees.
+        q = jnp.where(jnp.isfinite(q), q, jnp.zeros((), q.dtype))
+        do = jnp.where(jnp.isfinite(do), do, jnp.zeros((), do.dtype))
+        delta = jnp.where(jnp.isfinite(delta), delta, 0.0)
 
     block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
     q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
@@ -688,11 +713,12 @@ def _backward(cfg, residuals, do):
             row_spec,
             row_spec,
             *segment_specs,
-            _row_list_spec(cfg, kv_lists, None),
+            _offset_spec(offset),
+            _row_list_spec(cfg, kv_lists, None, cfg.block_q // block_q),
         ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    )(q, k, v, do, lse, delta, q_seg, kv_seg, kv_lists)
+    )(q, k, v, do, lse, delta, q_seg, kv_seg, offset, kv_lists)
 
     block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
     # One program per (K/V block, batch, K/V head); it loops over the `group` query heads.
@@ -719,24 +745,25 @@ def _backward(cfg, residuals, do):
             row_spec,
             row_spec,
             *segment_specs,
-            _row_list_spec(cfg, q_lists, group),
+            _offset_spec(offset),
+            _row_list_spec(cfg, q_lists, group, cfg.block_k // block_k),
         ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    )(q, k, v, do, lse, delta, q_seg, kv_seg, q_lists)
-    return dq, dk, dv, None, None, None
+    )(q, k, v, do, lse, delta, q_seg, kv_seg, offset, q_lists)
+    return dq, dk, dv, None, None, None, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash_attention_padded(q, k, v, q_seg, kv_seg, lists, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash_attention_padded(q, k, v, q_seg, kv_seg, offset, flags, lists, cfg):
     kv_lists = None if lists is None else lists[0]
-    return _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg)[0]
+    return _forward(q, k, v, q_seg, kv_seg, offset, flags, kv_lists, cfg)[0]
 
 
-def _flash_attention_padded_fwd(q, k, v, q_seg, kv_seg, lists, cfg):
+def _flash_attention_padded_fwd(q, k, v, q_seg, kv_seg, offset, flags, lists, cfg):
     kv_lists = None if lists is None else lists[0]
-    out, lse = _forward(q, k, v, q_seg, kv_seg, kv_lists, cfg)
-    return out, (q, k, v, q_seg, kv_seg, lists, out, lse)
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offset, flags, kv_lists, cfg)
+    return out, (q, k, v, q_seg, kv_seg, offset, lists, out, lse)
 
 
 _flash_attention_padded.defvjp(_flash_attention_padded_fwd, _backward)
@@ -769,7 +796,7 @@ def _resolve_block_sizes(block_sizes, q_len, kv_len, has_block_mask):
     static_argnames=("causal", "sm_scale", "block_sizes", "interpret"),
 )
 def _flash_attention_impl(
-    q, k, v, segment_ids, block_mask, *, causal, sm_scale, block_sizes, interpret
+    q, k, v, segment_ids, q_offset, block_mask, *, causal, sm_scale, block_sizes, interpret
 ):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len = k.shape[1]
@@ -784,11 +811,22 @@ def _flash_attention_impl(
         widths = ((0, 0), (0, length - x.shape[1]), (0, 0), (0, head_dim_padded - head_dim))
         return jnp.pad(x, widths) if any(w[1] for w in widths) else x
 
+    has_flags = causal or segment_ids is not None
+    flags = None
+    if has_flags:
+        # Element masking: a masked key's non-finite entry must meet no zero weight (0 * NaN).
+        k_finite, v_finite = jnp.isfinite(k), jnp.isfinite(v)
+        bad = ~(jnp.all(k_finite, axis=-1) & jnp.all(v_finite, axis=-1))  # [b, kv, kv_heads]
+        flags = jnp.where(bad, jnp.nan, 0.0).astype(jnp.float32).transpose(0, 2, 1)
+        flags = jnp.pad(flags, ((0, 0), (0, 0), (0, kv_len_padded - kv_len)))
+        k = jnp.where(k_finite, k, jnp.zeros((), k.dtype))
+        v = jnp.where(v_finite, v, jnp.zeros((), v.dtype))
     q_p, k_p, v_p = pad(q, q_len_padded), pad(k, kv_len_padded), pad(v, kv_len_padded)
     q_seg = kv_seg = None
     if segment_ids is not None:
         q_seg = jnp.pad(segment_ids[0], ((0, 0), (0, q_len_padded - q_len)))
         kv_seg = jnp.pad(segment_ids[1], ((0, 0), (0, kv_len_padded - kv_len)))
+    offset = None if q_offset is None else jnp.reshape(q_offset.astype(jnp.int32), (1,))
     lists = None
     if block_mask is not None:
         if causal:
@@ -804,15 +842,146 @@ def _flash_attention_impl(
         block_q_dq=bq_dq,
         block_k_dq=bk_dq,
         causal=causal,
+        has_offset=offset is not None,
         sm_scale=sm_scale,
         has_segments=segment_ids is not None,
+        has_flags=has_flags,
         mask_heads=0 if block_mask is None else block_mask.shape[0],
         interpret=interpret,
         num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages,
     )
-    out = _flash_attention_padded(q_p, k_p, v_p, q_seg, kv_seg, lists, cfg)
+    out = _flash_attention_padded(q_p, k_p, v_p, q_seg, kv_seg, offset, flags, lists, cfg)
     return out[:, :q_len, :, :head_dim]
+
+
+# --------------------------------------------------------------------------------------------
+# The implementation of the attention op, and the kernel's own entry points
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTritonAttention(AttentionImplementation):
+    """FlashAttention Pallas kernels (``implementation='pallas_triton'``, alias ``'pallas'``).
+
+    Expresses causal masks (with ``q_offset``), segment ids (so padding) and block-sparse masks,
+    with GQA; refuses a dense boolean ``mask``, a ``bias`` and dropout, so ``'auto'`` falls
+    through. Differentiable by ``jax.grad`` (backward kernels), not by ``jax.jvp``.
+
+    Attributes:
+      block_sizes: tiles and GPU launch parameters; default ``BlockSizes.get_default()`` (with
+        a block mask: its ``block_shape``). With a block mask, the forward tile must equal the
+        mask's ``block_shape`` and the backward tiles must divide it.
+      interpret: Pallas interpret mode; ``None``: interpret unless on a GPU.
+    """
+
+    name = "pallas_triton"
+    supports_forward_mode = False
+    block_sizes: BlockSizes | None = None
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
+            raise ValueError(f"block_sizes={self.block_sizes!r} must be a BlockSizes or None")
+        check_interpret(self.interpret)  # validates without asking JAX for a backend
+
+    def __call__(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        *,
+        bias: jax.Array | None,
+        mask: jax.Array | None,
+        causal: bool,
+        q_offset: jax.Array | None,
+        segment_ids: tuple[jax.Array, jax.Array] | None,
+        block_mask: jax.Array | None,
+        block_shape: tuple[int, int] | None,
+        sm_scale: float,
+        dropout_rate: float,
+        dropout_rng: jax.Array | None,
+        broadcast_dropout: bool,
+        precision: Any,
+    ) -> jax.Array:
+        del dropout_rng, broadcast_dropout, precision  # float32 dots run at HIGHEST precision
+        if mask is not None:
+            raise Unsupported(
+                "a dense boolean mask cannot be tiled; pass causal=, segment_ids= or a block_mask"
+            )
+        if bias is not None:
+            raise Unsupported("an additive bias is not supported by the kernel")
+        if dropout_rate > 0.0:
+            raise Unsupported("dropout is not supported by the kernel")
+        head_dim = query.shape[-1]
+        if head_dim > _MAX_HEAD_DIM:
+            raise Unsupported(f"head_dim={head_dim} > {_MAX_HEAD_DIM}")
+        interpret = resolve_interpret(self.interpret)
+        if not interpret and not has_triton_backend():
+            raise Unsupported("this JAX has no Pallas Triton backend (removed after 0.12?)")
+        block_sizes = self.block_sizes
+        if block_mask is not None:
+            if q_offset is not None:
+                raise Unsupported("a block_mask with q_offset is not supported by the kernel")
+            block_sizes = _block_mask_tiles(block_sizes, tuple(block_shape), interpret, head_dim)
+        if block_sizes is None:
+            block_sizes = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=head_dim)
+        return _flash_attention_impl(
+            query,
+            key,
+            value,
+            segment_ids,
+            q_offset,
+            block_mask,
+            causal=causal,
+            sm_scale=sm_scale,
+            block_sizes=block_sizes,
+            interpret=interpret,
+        )
+
+
+ATTENTION_OP.register(PallasTritonAttention())
+
+
+def _block_mask_tiles(block_sizes, block_shape, interpret, head_dim):
+    """The tiles of a block-sparse call: the forward tile is the mask's; backward tiles divide
+    it (unset ones: the backend's defaults, capped at the mask tile), so the backward kernels
+    keep their register-friendly tiles under a coarse mask."""
+    if block_sizes is None:
+        block_sizes = BlockSizes(*block_shape)
+    tile = (block_sizes.block_q, block_sizes.block_k)
+    if tile != block_shape:
+        raise Unsupported(
+            f"block_shape={block_shape} differs from the kernel's forward tile {tile} (block_sizes)"
+        )
+    default = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=head_dim)
+    filled = {}
+    for name, fallback, mask_side in (
+        ("block_q_dkv", default.dkv[0], tile[0]),
+        ("block_k_dkv", default.dkv[1], tile[1]),
+        ("block_q_dq", default.dq[0], tile[0]),
+        ("block_k_dq", default.dq[1], tile[1]),
+    ):
+        value = getattr(block_sizes, name)
+        if value is None:
+            value = min(fallback, mask_side)
+        if mask_side % value:
+            raise Unsupported(
+                f"with a block_mask the backward tiles must divide the mask tile {tile}, got "
+                f"{name}={value}"
+            )
+        filled[name] = value
+    return dataclasses.replace(block_sizes, **filled)
+
+
+def _kernel_block_mask(block_mask, block_sizes):
+    if block_mask is None:
+        return None
+    if block_sizes is None:
+        raise ValueError("block_mask needs the block_sizes it was built with (block_sizes=None)")
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes={block_sizes!r} must be a BlockSizes or None")
+    return (block_sizes.block_q, block_sizes.block_k)
 
 
 def flash_attention(
@@ -828,6 +997,8 @@ def flash_attention(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Exact softmax attention in O(seq) memory, differentiable through Pallas kernels.
+
+    The kernel itself; :func:`pallas_kernels.dot_product_attention` is the op that chooses it.
 
     Args:
       q: `[batch, q_len, num_heads, head_dim]`, float32, bfloat16 or float16.
@@ -846,31 +1017,25 @@ def flash_attention(
 
     Returns:
       `[batch, q_len, num_heads, head_dim]` in q's dtype (float32 accumulation). A query that
-      sees no key gets zeros, and zero gradients.
+      sees no key gets zeros, and zero gradients; a key a query does not see never influences
+      it, even when it holds NaN.
 
     Example:
       >>> q = k = v = jnp.ones((2, 100, 4, 64), jnp.bfloat16)
       >>> flash_attention(q, k, v, causal=True).shape
       (2, 100, 4, 64)
     """
-    segment_ids, sm_scale = _check_inputs(
-        q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes
-    )
-    interpret = resolve_interpret(interpret)
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default("cpu" if interpret else "gpu", head_dim=q.shape[-1])
-    if block_mask is not None:
-        block_mask = jnp.asarray(block_mask)
-    return _flash_attention_impl(
+    implementation = PallasTritonAttention(block_sizes=block_sizes, interpret=interpret)
+    return dot_product_attention(
         q,
         k,
         v,
-        segment_ids,
-        block_mask,
         causal=causal,
+        segment_ids=segment_ids,
         sm_scale=sm_scale,
-        block_sizes=block_sizes,
-        interpret=interpret,
+        block_mask=block_mask,
+        block_shape=_kernel_block_mask(block_mask, block_sizes),
+        implementation=implementation,
     )
 
 
@@ -887,47 +1052,29 @@ def flash_attention_reference(
 ) -> jax.Array:
     """Plain-jnp attention with the same arguments and semantics as `flash_attention`.
 
-    Computes in float32 from upcast inputs and materialises the `[q_len, kv_len]` scores: the
-    test oracle, not a fast path. `block_mask` is expanded to elements with `block_sizes`.
-    Fully masked rows give zeros (and zero gradients), as in the kernel.
+    The op's float32 oracle (`implementation='reference'`): it materialises the scores (and the
+    keys/values each query sees), so it is for tests, not a fast path. `block_mask` is expanded
+    to elements with `block_sizes`. Fully masked rows give zeros (and zero gradients).
     """
-    segment_ids, sm_scale = _check_inputs(
-        q, k, v, causal, segment_ids, sm_scale, block_mask, block_sizes
-    )
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
-
-    mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)  # [batch, heads, q, kv]
-    if causal:
-        mask = mask & jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
-    if segment_ids is not None:
-        q_seg, kv_seg = segment_ids
-        mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
-    if block_mask is not None:
-        expanded = _expand_block_mask(
-            jnp.asarray(block_mask), block_sizes.block_q, block_sizes.block_k, q_len, kv_len
-        )
-        mask = mask & expanded[None]
-    # Split heads into (kv head, group member) so K/V broadcast over the group.
-    mask = mask.reshape(
-        mask.shape[0], *((num_kv_heads, group) if mask.shape[1] > 1 else (1, 1)), q_len, kv_len
+    return dot_product_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        sm_scale=sm_scale,
+        block_mask=block_mask,
+        block_shape=_kernel_block_mask(block_mask, block_sizes),
+        implementation="reference",
     )
 
-    hp = lax.Precision.HIGHEST
-    q32 = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q32, k.astype(jnp.float32), precision=hp)
-    logits = jnp.where(mask, logits * sm_scale, _MASK_VALUE)
-    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32), precision=hp)
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
-
-__all__ = (
+__all__ = [
     "BlockSizes",
+    "PallasTritonAttention",
     "block_mask_from_mask",
     "causal_block_mask",
     "flash_attention",
     "flash_attention_reference",
     "local_block_mask",
-)
+]

@@ -1,0 +1,211 @@
+"""Mixed-chunk attention (FLASH): the one signature, the one set of checks, the op.
+
+Weiguo Hua, Zihang Dai, Hanxiao Liu, Quoc V. Le, "Transformer Quality in Linear Time",
+ICML 2022, arXiv:2202.10447. The sequence is cut into chunks of ``chunk_size`` tokens: inside a
+chunk, tokens attend quadratically with ``relu^2`` weights; across chunks, a linear-attention
+term carries ``sum_j k_lin_j^T v_j`` (over earlier chunks when causal, over all chunks otherwise).
+
+Written as one ``[T, T]`` weight matrix (what :func:`mixed_chunk_attention_reference` builds),
+with ``c(i) = i // chunk_size``, ``m_j`` the key mask and ``[.]`` an indicator:
+
+    W_ij = m_j [c(i) = c(j)] [j <= i or not causal] relu(quad_scale q_i.k_j + bias[i % C, j % C])^2
+         + m_j [c(j) < c(i) or not causal] lin_scale ql_i.kl_j
+    out_i = sum_j W_ij v_j
+
+so the non-causal linear term includes the query's own chunk (the paper's ``sum_{h=1..G}``).
+Without ``lin_q``/``lin_k`` only the quadratic term is computed: with ``chunk_size >= T`` that is
+the Gated Attention Unit's full ``relu^2`` attention. A length that is not a multiple of
+``chunk_size`` leaves a shorter last chunk; implementations pad it, and padded keys carry no
+weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _checks
+from pallas_kernels.op import Implementation
+from pallas_kernels.op import Op
+
+__all__ = ["MIXED_CHUNK_ATTENTION", "mixed_chunk_attention"]
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+MIXED_CHUNK_ATTENTION = Op(
+    "mixed_chunk_attention",
+    auto_order={"gpu": ("pallas_triton", "xla"), "*": ("xla",)},
+    aliases={"pallas": "pallas_triton"},
+)
+
+
+def check_arguments(
+    quad_q: Any,
+    quad_k: Any,
+    value: Any,
+    lin_q: Any,
+    lin_k: Any,
+    *,
+    chunk_size: Any,
+    causal: Any,
+    quad_scale: Any,
+    lin_scale: Any,
+    bias: Any,
+    key_mask: Any,
+) -> dict[str, Any]:
+    """Validates a call; returns the normalised keyword arguments every implementation takes.
+
+    A ``chunk_size`` longer than the sequence is cut to the sequence length (one chunk; a
+    ``bias`` is cut to match), which changes nothing in the result.
+    """
+    arrays = {"quad_q": quad_q, "quad_k": quad_k, "value": value}
+    if (lin_q is None) != (lin_k is None):
+        raise ValueError(
+            f"lin_q and lin_k must both be given or both be None, got lin_q "
+            f"{'None' if lin_q is None else 'an array'} and lin_k "
+            f"{'None' if lin_k is None else 'an array'}"
+        )
+    if lin_q is not None:
+        arrays.update(lin_q=lin_q, lin_k=lin_k)
+    for name, x in arrays.items():
+        if getattr(x, "ndim", None) != 3:
+            raise ValueError(
+                f"{name}.shape={getattr(x, 'shape', None)} must be [batch, seq, features]"
+            )
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype={x.dtype} must be float32, bfloat16 or float16")
+    dtypes = {name: jnp.dtype(x.dtype) for name, x in arrays.items()}
+    if len(set(dtypes.values())) != 1:
+        raise ValueError(f"dtypes must match, got {dtypes}")
+    batch, seq_len, _ = value.shape
+    for name, x in arrays.items():
+        if x.shape[:2] != (batch, seq_len):
+            raise ValueError(
+                f"{name}.shape={x.shape} and value.shape={value.shape} must agree in [batch, seq]"
+            )
+    if batch == 0 or seq_len == 0 or value.shape[2] == 0 or quad_q.shape[2] == 0:
+        raise ValueError(f"empty dimension in quad_q.shape={quad_q.shape}, {value.shape=}")
+    if quad_k.shape != quad_q.shape:
+        raise ValueError(f"quad_k.shape={quad_k.shape} must equal quad_q.shape={quad_q.shape}")
+    if lin_q is not None and lin_k.shape != lin_q.shape:
+        raise ValueError(f"lin_k.shape={lin_k.shape} must equal lin_q.shape={lin_q.shape}")
+    if lin_q is not None and lin_q.shape[2] == 0:
+        raise ValueError(f"empty dimension in lin_q.shape={lin_q.shape}")
+
+    chunk_size = _checks.int_at_least("chunk_size", chunk_size, 1)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal={causal!r} must be a bool")
+    quad_scale = _checks.finite_float("quad_scale", quad_scale)
+    lin_scale = _checks.finite_float("lin_scale", lin_scale)
+
+    if bias is not None:
+        if getattr(bias, "shape", None) != (chunk_size, chunk_size):
+            raise ValueError(
+                f"bias.shape={getattr(bias, 'shape', None)} must be [chunk_size, chunk_size] = "
+                f"{(chunk_size, chunk_size)}"
+            )
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"bias.dtype={bias.dtype} must be a float type")
+    if key_mask is not None:
+        if getattr(key_mask, "shape", None) != (batch, seq_len):
+            raise ValueError(
+                f"key_mask.shape={getattr(key_mask, 'shape', None)} must be [batch, seq] = "
+                f"{(batch, seq_len)}"
+            )
+        if key_mask.dtype != jnp.bool_:
+            raise ValueError(f"key_mask.dtype={key_mask.dtype} must be bool (True = real token)")
+
+    if chunk_size > seq_len:
+        chunk_size = seq_len
+        if bias is not None:
+            bias = bias[:seq_len, :seq_len]
+    return dict(
+        quad_q=quad_q,
+        quad_k=quad_k,
+        value=value,
+        lin_q=lin_q,
+        lin_k=lin_k,
+        bias=bias,
+        key_mask=key_mask,
+        chunk_size=chunk_size,
+        causal=causal,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+    )
+
+
+def mixed_chunk_attention(
+    quad_q: jax.Array,
+    quad_k: jax.Array,
+    value: jax.Array,
+    lin_q: jax.Array | None = None,
+    lin_k: jax.Array | None = None,
+    *,
+    chunk_size: int,
+    causal: bool,
+    quad_scale: float = 1.0,
+    lin_scale: float = 1.0,
+    bias: jax.Array | None = None,
+    key_mask: jax.Array | None = None,
+    implementation: str | Implementation = "auto",
+) -> jax.Array:
+    """FLASH's mixed-chunk attention: ``relu^2`` inside chunks, linear attention across them.
+
+    Args:
+      quad_q, quad_k: ``[batch, seq, s]`` queries and keys of the quadratic (in-chunk) term.
+      value: ``[batch, seq, e]``.
+      lin_q, lin_k: ``[batch, seq, s_lin]`` queries and keys of the linear (cross-chunk) term;
+        both None: no linear term (with ``chunk_size >= seq``, plain GAU attention).
+      chunk_size: tokens per chunk (``>= 1``); longer than ``seq`` means one chunk.
+      causal: token ``i`` sees only keys ``j <= i`` (in-chunk mask; earlier chunks only in the
+        linear term, an exclusive prefix sum over chunks).
+      quad_scale: multiplies ``q.k`` inside ``relu^2`` (e.g. ``1 / chunk_size``).
+      lin_scale: multiplies the linear term (e.g. ``1 / chunk_size`` or ``1 / seq``).
+      bias: ``[chunk_size, chunk_size]`` float, added to the scaled scores inside ``relu^2``
+        (a relative-position bias, the same for every chunk); differentiable.
+      key_mask: ``[batch, seq]`` bool, True for real tokens; masked keys get zero weight in both
+        terms. Outputs at masked query positions are computed like any other.
+      implementation: ``'auto'`` (the Pallas kernel on GPU, else XLA), ``'pallas_triton'``
+        (alias ``'pallas'``), ``'xla'``, ``'reference'``, or a configured instance such as
+        ``PallasTritonMixedChunk(interpret=True)``.
+
+    Returns:
+      ``[batch, seq, e]`` in the inputs' dtype; products accumulate in float32.
+
+    Raises:
+      ValueError: inconsistent shapes or dtypes, ``chunk_size < 1``, a bias or mask of the wrong
+        shape, or an implementation that cannot honour the call.
+
+    Example:
+      >>> z = jax.random.normal(jax.random.key(0), (2, 1000, 64))
+      >>> v = jax.random.normal(jax.random.key(1), (2, 1000, 128))
+      >>> out = mixed_chunk_attention(z, z, v, z, z, chunk_size=256, causal=True,
+      ...                             quad_scale=1 / 256, lin_scale=1 / 256)
+    """
+    kwargs = check_arguments(
+        quad_q,
+        quad_k,
+        value,
+        lin_q,
+        lin_k,
+        chunk_size=chunk_size,
+        causal=causal,
+        quad_scale=quad_scale,
+        lin_scale=lin_scale,
+        bias=bias,
+        key_mask=key_mask,
+    )
+    return MIXED_CHUNK_ATTENTION.dispatch(implementation, **kwargs)
+
+
+def mask_values(value: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    """``value`` with the rows of masked keys zeroed.
+
+    Every weight ``W_ij`` multiplies ``v_j``, so a zero row removes key ``j`` from both terms
+    exactly, and its gradient (``dv_j`` times the mask) is zero as well.
+    """
+    if key_mask is None:
+        return value
+    return jnp.where(key_mask[..., None], value, jnp.zeros((), value.dtype))
