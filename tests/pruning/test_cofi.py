@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from efflax.losses import distillation_loss
+from efflax.models import TransformerLM
 from efflax.nn import DenseFeedForward
 from efflax.nn import Encoder
 from efflax.nn import MultiHeadAttention
@@ -84,7 +85,15 @@ def _user_case(num_blocks=2):
     return model, x, {_UserLM: {"hidden": "width"}, _Glu: {"units": "hidden"}}
 
 
-CASES = {"encoder": _encoder_case, "user_gqa": _user_case}
+def _lm_case():
+    model = TransformerLM(
+        num_layers=2, d_model=16, num_heads=4, num_kv_heads=2, mlp_hidden=24, implementation="xla"
+    )
+    x = jax.random.randint(jax.random.key(1), (2, 7), 0, 256)
+    return model, x, {}
+
+
+CASES = {"encoder": _encoder_case, "user_gqa": _user_case, "transformer_lm": _lm_case}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -166,6 +175,7 @@ def test_extraction_is_exact_and_smaller(case):
     assert _count(params, _prunable_prefixes(structure)) == structure.prunable_size
     # The layers' outputs agree too (the masked model's pruned features are zero).
     assert len(masked_layers) == len(structure.layers) == (3 if isinstance(model, Encoder) else 2)
+    assert len(structure.attention) == len(structure.feed_forward) == len(structure.layers)
     kept = np.flatnonzero(np.asarray(masks["hidden"]) != 0)
     for a, b in zip(masked_layers, small_layers, strict=True):
         a = np.asarray(a)
@@ -327,12 +337,18 @@ def test_layer_distillation_trains_the_map():
 
     # The CoFi objective = 0.1 T^2 KL (efflax.losses, KD-only) + 0.9 layer loss, T = 2.
     logits_s, logits_t = jax.random.normal(keys[0], (2, 4, 6))
-    transform = lambda h: h @ kernel + bias  # noqa: E731
-    total, parts = cofi_distillation_loss(logits_s, logits_t, student, teacher, transform)
-    layer, matched = layer_distillation_loss(student, teacher, transform)
-    want = distillation_loss(logits_s, logits_t, alpha_kd=0.1, temperature=2.0) + 0.9 * layer
+
+    @jax.jit
+    def both(logits_s, logits_t, student, teacher):
+        transform = lambda h: h @ kernel + bias  # noqa: E731
+        total, parts = cofi_distillation_loss(logits_s, logits_t, student, teacher, transform)
+        layer, matched = layer_distillation_loss(student, teacher, transform)
+        kd = distillation_loss(logits_s, logits_t, alpha_kd=0.1, temperature=2.0)
+        return total, kd + 0.9 * layer, parts["matched"], matched
+
+    total, want, matched_a, matched_b = both(logits_s, logits_t, student, teacher)
     assert float(total) == pytest.approx(float(want), rel=1e-6)
-    np.testing.assert_array_equal(parts["matched"], matched)
+    np.testing.assert_array_equal(matched_a, matched_b)
 
 
 def test_cofi_optimizer_descends_masks_ascends_multipliers_and_clamps():

@@ -66,6 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from efflax._src.models.lm import GluFeedForward
+from efflax._src.models.lm import TransformerLM
 from efflax._src.nn.attention import MultiHeadAttention
 from efflax._src.nn.encoder import DenseFeedForward
 from efflax._src.nn.encoder import Encoder
@@ -106,12 +108,8 @@ DEFAULT_ATTRIBUTES: dict[type, dict[str, str]] = {
     },
     DenseFeedForward: {"units": "hidden"},
     Encoder: {"hidden": "d_model"},
-}
-# Named rather than imported: efflax.models' language model lands on main separately (other
-# classes go through ``extract(..., attributes=...)``).
-_NAMED_ATTRIBUTES: dict[str, dict[str, str]] = {
-    "efflax._src.models.lm.TransformerLM": {"hidden": "d_model"},
-    "efflax._src.models.lm.GluFeedForward": {"units": "hidden"},
+    GluFeedForward: {"units": "hidden"},
+    TransformerLM: {"hidden": "d_model"},
 }
 
 
@@ -1037,9 +1035,6 @@ def _attribute_names(attributes: Mapping[type, Mapping[str, str]], module: nn.Mo
     for cls in type(module).__mro__:
         if cls in attributes:
             return attributes[cls]
-        named = _NAMED_ATTRIBUTES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if named is not None:
-            return named
     return {}
 
 
