@@ -1,5 +1,9 @@
 """optax transforms and training tools: SAF/MESA, sharpness probes, ProxSkip, cyclic LRs."""
 
+from efflax._src.optim.lagrangian import LagrangianSparsity
+from efflax._src.optim.lagrangian import ProjectToBoxState
+from efflax._src.optim.lagrangian import gradient_ascent
+from efflax._src.optim.lagrangian import project_to_box
 from efflax._src.optim.proxskip import LocalGDState
 from efflax._src.optim.proxskip import ProxSkipState
 from efflax._src.optim.proxskip import communication_period
