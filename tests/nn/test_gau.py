@@ -162,6 +162,17 @@ def test_flash_blocks_work_as_the_encoder_ffn_and_in_bfloat16():
     variables, apply = _init_apply(model, x)
     assert "ffn" in variables["params"]["block_0"]
     assert apply(variables, x).shape == (2, 5)
+    # FLASH as the Encoder's whole block, with padding: padded tokens change nothing.
+    flash = functools.partial(FLASH, chunk_size=4, **_SMALL)
+    model = Encoder(
+        num_layers=2, d_model=16, num_heads=2, mlp_hidden=32, num_classes=5, block=flash
+    )
+    mask = jnp.arange(12)[None, :] < jnp.array([[12], [7]])
+    variables = model.init(jax.random.key(0), x, padding_mask=mask)
+    assert "gau_0" in variables["params"]["block_1"]
+    apply = jax.jit(lambda v, x: model.apply(v, x, padding_mask=mask))
+    changed = x.at[1, 7:].set(100.0)
+    np.testing.assert_array_equal(apply(variables, x)[1], apply(variables, changed)[1])
     block = FLASH(chunk_size=4, dtype=jnp.bfloat16, **_SMALL)
     h = _x(8, (2, 12, 16)).astype(jnp.bfloat16)
     variables, apply = _init_apply(block, h)
