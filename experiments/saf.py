@@ -26,14 +26,11 @@ from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
 from efflax.models import CNN1D
-from efflax.optim import ema_update
-from efflax.optim import init_ema
-from efflax.optim import init_logits_buffer
+from efflax.optim import MESA
+from efflax.optim import SAF
 from efflax.optim import logits_buffer_bytes
-from efflax.optim import mesa_loss
-from efflax.optim import saf_loss
+from efflax.optim import sam
 from efflax.optim import sharpness
-from efflax.optim import with_index_check
 from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
@@ -57,7 +54,7 @@ class Config:
     lag: int = 3
     saf_lam: float = 0.3
     mesa_lam: float = 0.8
-    start_fraction: float = 0.3  # SAF/MESA switch on after ~30% of the epochs (PAPERS.md)
+    start_fraction: float = 0.3  # SAF/MESA on for epochs > ~30% of the epochs (PAPERS.md)
     ema_epochs: float = 2.0  # EMA time constant in epochs (0.9998 on ImageNet is ~4 epochs)
     sharpness_examples: int = 1000
     timing_batch_size: int = 1000
@@ -75,63 +72,52 @@ def _task_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     ).mean()
 
 
-def _loss_fn(method: str, cfg: Config, steps_per_epoch: int):
-    start_epoch = max(cfg.lag, round(cfg.start_fraction * cfg.epochs))
-    decay = 1.0 - 1.0 / (cfg.ema_epochs * steps_per_epoch)
+def _saf(cfg: Config, num_examples: int, steps_per_epoch: int) -> SAF:
+    return SAF(
+        num_examples,
+        10,
+        steps_per_epoch=steps_per_epoch,
+        lag=cfg.lag,
+        lam=cfg.saf_lam,
+        temperature=cfg.temperature,
+        start_epoch=round(cfg.start_fraction * cfg.epochs),
+    )
+
+
+def _mesa(cfg: Config, steps_per_epoch: int) -> MESA:
+    return MESA(
+        steps_per_epoch=steps_per_epoch,
+        decay=1.0 - 1.0 / (cfg.ema_epochs * steps_per_epoch),
+        lam=cfg.mesa_lam,
+        temperature=cfg.temperature,
+        start_epoch=round(cfg.start_fraction * cfg.epochs),
+    )
+
+
+def _loss_fn(method: str, cfg: Config, num_examples: int, steps_per_epoch: int):
+    saf = _saf(cfg, num_examples, steps_per_epoch)
+    mesa = _mesa(cfg, steps_per_epoch)
 
     def loss_fn(params, state, batch, rng):
         del rng
+        extra = state.extra
+        if method == "mesa":
+            extra = {"mesa": mesa.update_ema(state.extra["mesa"], {"params": params})}
         logits = state.apply_fn({"params": params}, batch["x"])
         loss = _task_loss(logits, batch["y"])
         metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"])}
-        epoch = state.step // steps_per_epoch
-        extra = state.extra
         if method == "saf":
-            loss, buffer, saf_metrics = saf_loss(
-                loss,
-                logits,
-                state.extra["saf"],
-                batch["index"],
-                epoch,
-                lam=cfg.saf_lam,
-                temperature=cfg.temperature,
-                start_epoch=start_epoch,
+            loss, buffer, saf_metrics = saf.loss(
+                loss, logits, state.extra["saf"], batch["index"], state.step
             )
             extra, metrics = {"saf": buffer}, {**metrics, **saf_metrics}
         elif method == "mesa":
-            ema_logits = state.apply_fn({"params": state.extra["ema"]}, batch["x"])
-            loss, mesa_metrics = mesa_loss(
-                loss,
-                logits,
-                ema_logits,
-                epoch,
-                lam=cfg.mesa_lam,
-                temperature=cfg.temperature,
-                start_epoch=start_epoch,
-            )
-            # EMA of the weights entering this step (one step behind "after the update").
-            extra = {"ema": ema_update(state.extra["ema"], params, decay)}
+            teacher = state.apply_fn(extra["mesa"].ema, batch["x"])
+            loss, mesa_metrics = mesa.loss(loss, logits, teacher, state.step)
             metrics = {**metrics, **mesa_metrics}
         return loss, LossOutput(metrics=metrics, extra=extra)
 
     return loss_fn
-
-
-def _sam_step(cfg: Config):
-    """A SAM train step: optax.contrib.sam in opaque mode (2 gradients per update)."""
-
-    def step(state: TrainState, batch: dict[str, Any]):
-        def loss_of(params):
-            logits = state.apply_fn({"params": params}, batch["x"])
-            return _task_loss(logits, batch["y"]), logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        grad_fn = lambda params, _: jax.grad(lambda p: loss_of(p)[0])(params)
-        state = state.apply_gradients(grads, grad_fn=grad_fn)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-        return state, {"loss": loss, "accuracy": accuracy}
-
-    return jax.jit(step, donate_argnums=(0,))
 
 
 def _optimizer(method: str, cfg: Config, total_steps: int) -> optax.GradientTransformation:
@@ -140,10 +126,7 @@ def _optimizer(method: str, cfg: Config, total_steps: int) -> optax.GradientTran
         optax.add_decayed_weights(cfg.weight_decay),
         optax.sgd(schedule, momentum=cfg.momentum),
     )
-    if method != "sam":
-        return sgd
-    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(cfg.sam_rho))
-    return optax.contrib.sam(sgd, adversary, opaque_mode=True)
+    return sam(sgd, rho=cfg.sam_rho) if method == "sam" else sgd
 
 
 def _make(method: str, cfg: Config, seed: int, loader) -> tuple[TrainState, Callable]:
@@ -152,9 +135,9 @@ def _make(method: str, cfg: Config, seed: int, loader) -> tuple[TrainState, Call
     total_steps = cfg.epochs * loader.steps_per_epoch
     extra: dict[str, Any] = {}
     if method == "saf":
-        extra["saf"] = init_logits_buffer(loader.num_examples, 10, lag=cfg.lag)
+        extra["saf"] = _saf(cfg, loader.num_examples, loader.steps_per_epoch).init()
     elif method == "mesa":
-        extra["ema"] = init_ema(params)
+        extra["mesa"] = _mesa(cfg, loader.steps_per_epoch).init({"params": params})
     state = TrainState.create(
         apply_fn=model.apply,
         params=params,
@@ -162,10 +145,11 @@ def _make(method: str, cfg: Config, seed: int, loader) -> tuple[TrainState, Call
         rng=jax.random.key(seed + 1000),
         extra=extra,
     )
-    if method == "sam":
-        step = _sam_step(cfg)
-    else:
-        step = make_train_step(_loss_fn(method, cfg, loader.steps_per_epoch))
+    # SAM's second gradient comes from grad_fn, which the step passes to tx.update.
+    loss_fn = _loss_fn(method, cfg, loader.num_examples, loader.steps_per_epoch)
+    step = make_train_step(loss_fn, pass_grad_fn=method == "sam")
+    if method == "saf":  # the data-path guard: no out-of-range index reaches the buffer
+        step = _saf(cfg, loader.num_examples, loader.steps_per_epoch).with_index_check(step)
     return state, step
 
 
@@ -185,8 +169,6 @@ def _top_eigenvalue(state: TrainState, arrays: dict[str, np.ndarray], count: int
 def _train(method: str, cfg: Config, seed: int, train, test) -> dict[str, Any]:
     loader = data.Loader(train, cfg.batch_size, seed=seed, epochs=cfg.epochs)
     state, step = _make(method, cfg, seed, loader)
-    if method == "saf":  # the data-path guard: no out-of-range index reaches the buffer
-        step = with_index_check(step, loader.num_examples)
     start = time.perf_counter()
     state, history = fit(
         state,
@@ -257,14 +239,16 @@ def _time_saf_ops(cfg: Config, train, batch_size: int, rounds: int = 20) -> floa
     A short, isolated kernel sequence, so it is far less exposed to machine noise than the
     difference of two whole train steps.
     """
-    buffer = init_logits_buffer(len(train["y"]), 10, lag=cfg.lag)
-    indices = jnp.asarray(np.random.default_rng(0).permutation(len(train["y"]))[:batch_size])
+    num_examples = len(train["y"])
+    saf = dataclasses.replace(_saf(cfg, num_examples, 1), start_epoch=cfg.lag - 1)
+    buffer = saf.init()
+    indices = jnp.asarray(np.random.default_rng(0).permutation(num_examples)[:batch_size])
     logits = jax.random.normal(jax.random.key(0), (batch_size, 10))
-    epoch = jnp.asarray(cfg.lag + 1)
+    step = jnp.asarray(cfg.lag + 1)  # one step per epoch here: the term is on
 
     def extra_work(buffer, logits):
         def loss(z):
-            total, new_buffer, _ = saf_loss(0.0, z, buffer, indices, epoch, start_epoch=0)
+            total, new_buffer, _ = saf.loss(0.0, z, buffer, indices, step)
             return total, new_buffer
 
         (_, new_buffer), grad = jax.value_and_grad(loss, has_aux=True)(logits)

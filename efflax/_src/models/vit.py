@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from efflax._src.nn.encoder import DenseFeedForward
 from efflax._src.nn.encoder import EncoderBlock
 from pallas_kernels import _checks
+from pallas_kernels.op import Implementation
 
 __all__ = ["ViT", "patchify"]
 
@@ -76,7 +77,7 @@ class ViT(nn.Module):
     num_classes: int
     merger: Callable[..., nn.Module] | None = None
     merge_after: int | None = None
-    attention_implementation: str = "xla"
+    attention_implementation: str | Implementation = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
