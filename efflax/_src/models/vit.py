@@ -32,6 +32,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     Patches are in row-major order; within a patch the features are ``(row, column, channel)``.
     """
     _checks.int_at_least("patch_size", patch_size, 1)
+    _checks.array("images", images, nonempty=True, layout="[batch, height, width(, channels)]")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
@@ -92,6 +93,8 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
         _checks.int_at_least("num_layers", self.num_layers, 1)
+        for name in ("d_model", "num_heads", "mlp_hidden", "num_classes"):
+            _checks.int_at_least(name, getattr(self, name))
         merge_at = self.merge_position()
         args = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from efflax._src.nn.attention import MultiHeadAttention
+from pallas_kernels import _checks
 from pallas_kernels.op import Implementation
 
 __all__ = ["DenseFeedForward", "EncoderBlock", "Encoder"]
@@ -56,6 +57,7 @@ class DenseFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
+        _checks.int_at_least("hidden", self.hidden)
         if self.activation not in ("gelu", "geglu"):
             raise ValueError(f"activation={self.activation!r} must be 'gelu' or 'geglu'")
         d = x.shape[-1]
@@ -84,6 +86,7 @@ class EncoderBlock(nn.Module):
         padding_mask: jax.Array | None = None,
     ) -> jax.Array:
         """``padding_mask``: ``[batch, tokens]`` bool, True for real tokens (keys only)."""
+        _checks.function("ffn", self.ffn)
         args = (self.dtype, self.param_dtype)
         h = _layer_norm(*args, "attention_norm")(x)
         x = x + MultiHeadAttention(
@@ -150,8 +153,14 @@ class Encoder(nn.Module):
         ``padding_mask`` (``[batch, tokens]`` bool, True for real tokens): padded tokens are
         attended by no query and left out of the mean pooling of the classifier head.
         """
-        if x.ndim != 3:
-            raise ValueError(f"x must be [batch, tokens, features], got {x.shape=}")
+        if getattr(x, "ndim", None) != 3:
+            raise ValueError(f"x must be [batch, tokens, features], got x.shape={jnp.shape(x)}")
+        _checks.array("x", x, nonempty=True, layout="[batch, tokens, features]")
+        _checks.int_at_least("num_layers", self.num_layers, 0)
+        for name in ("d_model", "num_heads", "mlp_hidden", "max_len"):
+            _checks.int_at_least(name, getattr(self, name))
+        if self.num_classes is not None:
+            _checks.int_at_least("num_classes", self.num_classes)
         if x.shape[1] > self.max_len:
             raise ValueError(f"{x.shape[1]} tokens exceed max_len={self.max_len}")
         if self.moe is not None and self.moe_every < 1:
