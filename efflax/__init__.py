@@ -3,9 +3,10 @@
 Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.sharding`` (meshes and logical axes), ``efflax.distributed`` (multi-host runs),
 ``efflax.nn`` (modules), ``efflax.losses`` (distillation, batch entropy, focal losses),
-``efflax.optim`` (optimizers and probes), ``efflax.models`` (small reference models),
-``efflax.stats`` (estimates with intervals, verdicts), ``efflax.curves`` (accuracy-vs-time
-curves); the Pallas kernels are in the sibling package ``pallas_kernels``.
+``efflax.optim`` (optimizers and probes), ``efflax.pruning`` (structured pruning: CoFi),
+``efflax.models`` (small reference models), ``efflax.stats`` (estimates with intervals, verdicts),
+``efflax.curves`` (accuracy-vs-time curves); the Pallas kernels are in the sibling package
+``pallas_kernels``.
 
 The subpackages are imported on first use (``efflax.nn`` imports ``efflax/nn`` when first
 touched), so ``import efflax`` is cheap. No import starts a JAX backend (tests/test_import.py),
@@ -23,6 +24,7 @@ SUBPACKAGES = (
     "models",
     "nn",
     "optim",
+    "pruning",
     "sharding",
     "stats",
     "training",

@@ -13,8 +13,8 @@ the paired speed-up at T=4096 decide: FLASH slope <= 1.2, quadratic slope >= 1.5
 faster at 4096 (PAPERS.md; the pilot measured 0.75, 1.67 and 4.7x).
 
 Quality (full size only; ``quick`` skips it and says so): byte-level LM on ``stdlib_text``,
-a Transformer (efflax ``MultiHeadAttention`` with RoPE, SwiGLU MLP, L blocks) vs FLASH-Quad and
-FLASH (L blocks of 2 GAUs each, ``scale_init='one'`` since the paper's N(0, 0.02) scales leave
+``efflax.models.TransformerLM`` (efflax attention with RoPE, SwiGLU MLP, L blocks) vs the same
+LM with FLASH-Quad and FLASH blocks (L blocks of 2 GAUs each, ``scale_init='one'`` since the paper's N(0, 0.02) scales leave
 the attention dead at initialisation), the MLP width chosen so the parameter counts match; the
 same steps, data order and seeds. The paper's parity is a large-scale claim; the criterion here
 is the loose one-sided one of PAPERS.md: validation loss <= 1.05x the Transformer's, paired over
@@ -39,10 +39,10 @@ from efflax import stats
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
+from efflax.models import TransformerLM
 from efflax.nn import FLASH
 from efflax.nn import FLASHQuad
 from efflax.nn import GatedAttentionUnit
-from efflax.nn import MultiHeadAttention
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
@@ -56,6 +56,18 @@ SLOPE_QUAD_MIN = 1.5
 SPEEDUP_MIN = 2.5
 SPEEDUP_LENGTH = 4096
 QUALITY_RATIO_MAX = 1.05
+# The full-size quality run: ~1M-parameter byte LMs, 8k tokens per step. About 2.6 CPU-seconds
+# per step on these 2-core machines (9 runs x 20k steps: days), minutes on a GPU.
+QUALITY = dict(
+    seeds=(0, 1, 2),
+    steps=20_000,
+    d=128,
+    num_blocks=4,
+    num_heads=4,
+    seq_len=256,
+    batch_size=32,
+    learning_rate=1e-3,
+)
 
 # --------------------------------------------------------------------------------------------
 # Scaling
@@ -147,75 +159,25 @@ def _plot_scaling(result: dict, path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _SwiGLU(nn.Module):
-    hidden: int
-
-    @nn.compact
-    def __call__(self, x):
-        def dense(width, axes, name):
-            return nn.Dense(
-                width,
-                use_bias=False,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-                name=name,
-            )
-
-        h = nn.silu(dense(self.hidden, ("embed", "mlp"), "gate")(x))
-        h = h * dense(self.hidden, ("embed", "mlp"), "up")(x)
-        return dense(x.shape[-1], ("mlp", "embed"), "down")(h)
-
-
-class _TransformerBlock(nn.Module):
-    """Pre-norm Transformer++ block: RoPE attention (efflax) and a SwiGLU MLP."""
-
-    num_heads: int
-    mlp_hidden: int
-
-    @nn.compact
-    def __call__(self, x, *, deterministic: bool = True, decode: bool = False):
-        del deterministic
-        if decode:
-            raise ValueError("this experiment's baseline block does not decode")
-        h = nn.LayerNorm(name="attention_norm")(x)
-        x = x + MultiHeadAttention(self.num_heads, causal=True, rope=True, name="attention")(h)
-        return x + _SwiGLU(self.mlp_hidden, name="mlp")(nn.LayerNorm(name="mlp_norm")(x))
-
-
-class _ByteLM(nn.Module):
-    """Embedding -> ``num_blocks`` blocks from ``block(name=...)`` -> norm -> byte logits."""
-
-    block: functools.partial
-    num_blocks: int
-    d_model: int
-
-    @nn.compact
-    def __call__(self, tokens):
-        x = nn.Embed(256, self.d_model, name="embed")(tokens.astype(jnp.int32))
-        for i in range(self.num_blocks):
-            x = self.block(name=f"block_{i}")(x, deterministic=True, decode=False)
-        return nn.Dense(256, name="head")(nn.LayerNorm(name="final_norm")(x))
-
-
 def _count(params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
 def _models(d, num_blocks, num_heads, seq_len, chunk):
-    """The three models; the Transformer's MLP width is chosen to match FLASH's parameters."""
+    """The three LMs; the Transformer's MLP width is chosen to match FLASH's parameters."""
     gau = dict(qk_dim=128, expansion=2.0, causal=True, scale_init="one")
-    flash = _ByteLM(functools.partial(FLASH, chunk_size=chunk, **gau), num_blocks, d)
-    quad = _ByteLM(functools.partial(FLASHQuad, **gau), num_blocks, d)
+    lm = functools.partial(TransformerLM, num_layers=num_blocks, d_model=d, num_heads=num_heads)
+    flash = lm(block=functools.partial(FLASH, chunk_size=chunk, **gau))
+    quad = lm(block=functools.partial(FLASHQuad, **gau))
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    target = _count(jax.eval_shape(flash.init, jax.random.key(0), tokens)["params"])
 
-    def transformer(hidden):
-        block = functools.partial(_TransformerBlock, num_heads=num_heads, mlp_hidden=hidden)
-        return _ByteLM(block, num_blocks, d)
+    def count(model):
+        return _count(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
 
-    base = _count(jax.eval_shape(transformer(1).init, jax.random.key(0), tokens)["params"])
-    per_unit = num_blocks * 3 * d  # each hidden unit adds three d-vectors per block
+    target, base = count(flash), count(lm(mlp_hidden=1))
+    per_unit = num_blocks * 3 * d  # each GLU hidden unit adds three d-vectors per block
     hidden = max(1, round((target - base) / per_unit) + 1)
-    return {"transformer": transformer(hidden), "flash_quad": quad, "flash": flash}, hidden
+    return {"transformer": lm(mlp_hidden=hidden), "flash_quad": quad, "flash": flash}, hidden
 
 
 def _lm_loss(params, state, batch, rng):
@@ -223,7 +185,7 @@ def _lm_loss(params, state, batch, rng):
     tokens = batch["tokens"]
     logits = state.apply_fn({"params": params}, tokens[:, :-1]).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:].astype(jnp.int32))
-    return loss.mean(), {"metrics": {}}
+    return loss.mean()
 
 
 def _eval_fn(apply_fn, batches):
@@ -308,6 +270,7 @@ def measure_quality(
             )
     return {
         "config": dict(
+            seeds=list(seeds),
             d=d,
             num_blocks=num_blocks,
             gau_units=2 * num_blocks,
@@ -349,6 +312,12 @@ def _plot_quality(quality: dict, path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _to_decide(n: int | None, unit: str) -> str:
+    if n is None:
+        return f"no number of {unit} decides it at the measured mean"
+    return f"~{n} {unit} would decide it"
+
+
 @register("flash_gau", description="FLASH vs quadratic GAU: linear-time training, byte-LM quality")
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
@@ -375,8 +344,9 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         f"fwd+bwd log-log slope FLASH {slope_flash.format('.2f')} (<= {SLOPE_FLASH_MAX}: "
         f"{statuses['slope_flash']}), quadratic GAU {slope_quad.format('.2f')} (>= "
         f"{SLOPE_QUAD_MIN}: {statuses['slope_quad']}); speed-up of FLASH at T={t} "
-        f"{speedup.format('.2f')} (>= {SPEEDUP_MIN}: {statuses['speedup']}); T in {list(flash_lengths)}, "
-        f"{rounds} interleaved rounds, {jax.default_backend().upper()} wall time"
+        f"{speedup.format('.2f')} (>= {SPEEDUP_MIN}: {statuses['speedup']}); T in "
+        f"{scaling['lengths']['flash']} (quadratic {scaling['lengths']['quad']}), "
+        f"{scaling['rounds']} interleaved rounds, {jax.default_backend().upper()} wall time"
     )
     for name, status in statuses.items():
         if status == "INCONCLUSIVE":
@@ -388,14 +358,14 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             }[name]
             direction = "<=" if name == "slope_flash" else ">="
             n = stats.seeds_to_decide(estimate, threshold, direction=direction)
-            measured += f"; {name} needs ~{n} rounds to decide"
+            measured += f"; {name}: {_to_decide(n, 'rounds')}"
     print(measured, flush=True)
     metrics = {"scaling": scaling, "statuses": dict(statuses)}
 
     if quick:
         measured += "; quality (byte LM vs Transformer) SKIPPED in quick mode (full size only)"
     else:
-        quality = measure_quality(out_dir, seeds=[0, 1, 2], steps=20_000)
+        quality = measure_quality(out_dir, **QUALITY)
         _plot_quality(quality, out_dir / "quality.png")
         base = [r["val_loss"] for r in quality["runs"]["transformer"]]
         parts = []
@@ -405,9 +375,13 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             status = stats.decide(ratio, QUALITY_RATIO_MAX, direction="<=")
             estimates[f"val_loss_ratio_{name}"] = ratio
             statuses[f"quality_{name}"] = status
-            part = f"{name} val loss {ratio.format('.3f')}x the Transformer's (<= {QUALITY_RATIO_MAX}: {status}"
+            part = (
+                f"{name} / Transformer val loss {ratio.format('.3f')} "
+                f"(<= {QUALITY_RATIO_MAX}: {status}"
+            )
             if status == "INCONCLUSIVE":
-                part += f", ~{stats.seeds_to_decide(ratio, QUALITY_RATIO_MAX, direction='<=')} seeds to decide"
+                n = stats.seeds_to_decide(ratio, QUALITY_RATIO_MAX, direction="<=")
+                part += f", {_to_decide(n, 'seeds')}"
             parts.append(part + ")")
         losses = {
             n: stats.mean_interval([r["val_loss"] for r in rs]).format(".3f")

@@ -42,12 +42,10 @@ from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
 from efflax.models import CNN1D
-from efflax.optim import ema_update
-from efflax.optim import init_ema
-from efflax.optim import init_logits_buffer
+from efflax.optim import MESA
+from efflax.optim import SAF
 from efflax.optim import logits_buffer_bytes
-from efflax.optim import mesa_loss
-from efflax.optim import saf_loss
+from efflax.optim import sam
 from efflax.optim import sharpness
 from efflax.stats import Estimate
 from efflax.stats import combine_statuses
@@ -102,51 +100,52 @@ def _task_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     ).mean()
 
 
-def _decay(cfg: Config, steps_per_epoch: int) -> float:
-    return 1.0 - 1.0 / (cfg.ema_epochs * steps_per_epoch)
+def _saf(cfg: Config, num_examples: int, steps_per_epoch: int) -> SAF:
+    return SAF(
+        num_examples,
+        10,
+        steps_per_epoch=steps_per_epoch,
+        lag=cfg.lag,
+        lam=cfg.saf_lam,
+        temperature=cfg.temperature,
+        start_epoch=cfg.start_epoch,
+    )
 
 
-def _loss_fn(method: str, cfg: Config, steps_per_epoch: int):
+def _ema(cfg: Config, steps_per_epoch: int) -> MESA:
+    """MESA: its EMA is also every method's evaluation model."""
+    return MESA(
+        steps_per_epoch=steps_per_epoch,
+        decay=1.0 - 1.0 / (cfg.ema_epochs * steps_per_epoch),
+        lam=cfg.mesa_lam,
+        temperature=cfg.temperature,
+        start_epoch=cfg.start_epoch,
+    )
+
+
+def _loss_fn(method: str, cfg: Config, num_examples: int, steps_per_epoch: int):
     """The loss of SGD (and SAM), SAF or MESA; every method keeps the evaluation EMA in
-    ``extra``."""
-    decay = _decay(cfg, steps_per_epoch)
-    # The library's saf_loss/mesa_loss switch the term on for epoch >= start: the official
-    # strict start < epoch is start + 1.
-    first_epoch_on = cfg.start_epoch + 1
+    ``extra['ema']`` (an ``optax.EmaState``)."""
+    saf = _saf(cfg, num_examples, steps_per_epoch)
+    mesa = _ema(cfg, steps_per_epoch)
 
     def loss_fn(params, state, batch, rng):
         del rng
         # The EMA after the previous step (timm ModelEmaV2 timing): the teacher of this step.
-        ema = ema_update(state.extra["ema"], params, decay)
+        ema = mesa.update_ema(state.extra["ema"], {"params": params})
         logits = state.apply_fn({"params": params}, batch["x"])
         loss = _task_loss(logits, batch["y"])
         metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"])}
         extra = {"ema": ema}
-        epoch = state.step // steps_per_epoch
         if method == "saf":
-            loss, buffer, saf_metrics = saf_loss(
-                loss,
-                logits,
-                state.extra["saf"],
-                batch["index"],
-                epoch,
-                lam=cfg.saf_lam,
-                temperature=cfg.temperature,
-                start_epoch=first_epoch_on,
+            loss, buffer, saf_metrics = saf.loss(
+                loss, logits, state.extra["saf"], batch["index"], state.step
             )
             extra["saf"] = buffer
             metrics = {**metrics, **saf_metrics}
         elif method == "mesa":
-            teacher = state.apply_fn({"params": ema}, batch["x"])
-            loss, mesa_metrics = mesa_loss(
-                loss,
-                logits,
-                teacher,
-                epoch,
-                lam=cfg.mesa_lam,
-                temperature=cfg.temperature,
-                start_epoch=first_epoch_on,
-            )
+            teacher = state.apply_fn(ema.ema, batch["x"])
+            loss, mesa_metrics = mesa.loss(loss, logits, teacher, state.step)
             metrics = {**metrics, **mesa_metrics}
         return loss, LossOutput(metrics=metrics, extra=extra)
 
@@ -158,10 +157,7 @@ def _optimizer(method: str, cfg: Config, schedule: optax.Schedule) -> optax.Grad
         optax.add_decayed_weights(cfg.weight_decay),
         optax.sgd(schedule, momentum=cfg.momentum),
     )
-    if method != "sam":
-        return sgd
-    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(cfg.sam_rho))
-    return optax.contrib.sam(sgd, adversary, opaque_mode=True)
+    return sam(sgd, rho=cfg.sam_rho) if method == "sam" else sgd
 
 
 def make_method(
@@ -175,16 +171,16 @@ def make_method(
         tx = txs.setdefault(id(schedule), _optimizer(method, cfg, schedule))
 
         def extra(params):
-            out = {"ema": init_ema(params)}
+            out = {"ema": _ema(cfg, steps_per_epoch).init({"params": params})}
             if method == "saf":
-                out["saf"] = init_logits_buffer(num_examples, 10, lag=cfg.lag)
+                out["saf"] = _saf(cfg, num_examples, steps_per_epoch).init()
             return out
 
         return _setups.make_state(model, tx, seed=seed, extra=extra)
 
     def make_step():
         # SAM: the SGD loss; the optimizer takes the gradient at the perturbed point itself.
-        loss_fn = _loss_fn("sgd" if method == "sam" else method, cfg, steps_per_epoch)
+        loss_fn = _loss_fn("sgd" if method == "sam" else method, cfg, num_examples, steps_per_epoch)
         return make_train_step(loss_fn, pass_grad_fn=method == "sam", jit=False)
 
     return make_state, make_step
@@ -213,8 +209,8 @@ def measure_sharpness(state, train: dict, cfg: Config) -> dict[str, np.ndarray]:
             sharpness(loss, params, num_steps=20, key=jax.random.key(0)),
         )
 
-    sam, eig = jax.jit(jax.vmap(one))(state.extra["ema"])
-    return {"sam_sharpness": np.asarray(sam), "top_eigenvalue": np.asarray(eig)}
+    sam_, eig = jax.jit(jax.vmap(one))(state.extra["ema"].ema["params"])
+    return {"sam_sharpness": np.asarray(sam_), "top_eigenvalue": np.asarray(eig)}
 
 
 def train_method(method: str, cfg: Config, train: dict, test: dict) -> dict[str, Any]:
@@ -225,7 +221,7 @@ def train_method(method: str, cfg: Config, train: dict, test: dict) -> dict[str,
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, total)
     state = _setups.stack_states([make_state(s, schedule) for s in cfg.seeds])
     step = _setups.vmap_seeds(make_step(), state)
-    ema_eval = _setups.seed_eval_fn(test, params_of=lambda s: s.extra["ema"])
+    ema_eval = _setups.seed_eval_fn(test, params_of=lambda s: s.extra["ema"].ema["params"])
     raw_eval = _setups.seed_eval_fn(test, prefix="raw")
 
     def eval_fn(state):
@@ -274,12 +270,15 @@ def step_times(cfg: Config, train: dict) -> dict[str, Any]:
         fns[method] = (call, ())
 
     # SAF's own work: buffer read, KL term and its gradient w.r.t. the logits, buffer write.
-    buffer = {"b": init_logits_buffer(loader.num_examples, 10, lag=cfg.lag)}
+    # One step per epoch, from epoch lag on: the term is on.
+    saf = dataclasses.replace(_saf(cfg, loader.num_examples, 1), start_epoch=cfg.lag - 1)
+    buffer = {"b": saf.init()}
+    saf_step = jnp.asarray(cfg.lag + 1)
     logits = jax.random.normal(jax.random.key(0), (batch_size, 10))
 
     def saf_work(buffer, logits):
         def loss(z):
-            total, new_buffer, _ = saf_loss(0.0, z, buffer, batch["index"], 10, start_epoch=0)
+            total, new_buffer, _ = saf.loss(0.0, z, buffer, batch["index"], saf_step)
             return total, new_buffer
 
         (_, new_buffer), grad = jax.value_and_grad(loss, has_aux=True)(logits)

@@ -14,15 +14,20 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "array",
     "boolean",
     "concrete",
     "finite_float",
+    "function",
+    "indices_in_range",
     "int_at_least",
     "one_of",
     "positive_float",
+    "prng_key",
     "probability",
     "same_structure",
 ]
@@ -108,3 +113,101 @@ def same_structure(name_a: str, a: Any, name_b: str, b: Any, *, shapes: bool = T
                     f"{name_a}{jax.tree_util.keystr(path)} has shape {shape_a} but "
                     f"{name_b}{jax.tree_util.keystr(path)} has shape {shape_b}"
                 )
+
+
+_KINDS = {
+    "floating": ("a floating-point", lambda d: jnp.issubdtype(d, jnp.floating)),
+    "integer": ("an integer", lambda d: jnp.issubdtype(d, jnp.integer)),
+    "real": (
+        "a real (integer or floating-point)",
+        lambda d: jnp.issubdtype(d, jnp.integer) or jnp.issubdtype(d, jnp.floating),
+    ),
+}
+
+
+def _dtype_of(value: Any) -> Any:
+    # jnp.issubdtype knows the ml_dtypes extension types (bfloat16, float8) np.issubdtype lacks.
+    return value.dtype
+
+
+def array(
+    name: str,
+    value: Any,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    kind: str | None = None,
+    nonempty: bool = False,
+    layout: str = "",
+) -> Any:
+    """``value``, if it is an array (it has ``shape`` and ``dtype``; numpy, JAX or a tracer)
+    with ``ndim`` dimensions (or at least ``min_ndim``), a dtype of ``kind`` (``'floating'``,
+    ``'integer'``: not bool, ``'real'``: either) and, with ``nonempty``, no zero-length axis.
+
+    ``layout`` names the axes for the message, e.g. ``'[batch, tokens, d]'``.
+    """
+    where = f" {layout}" if layout else ""
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise ValueError(f"{name} must be an array{where}, got {type(value).__name__}")
+    shape = tuple(value.shape)
+    if (ndim is not None and len(shape) != ndim) or (
+        min_ndim is not None and len(shape) < min_ndim
+    ):
+        rank = f"{ndim}" if ndim is not None else f"at least {min_ndim}"
+        raise ValueError(f"{name}.shape={shape} must have {rank} dimensions{where}")
+    if kind is not None:
+        description, accepts = _KINDS[kind]
+        if not accepts(_dtype_of(value)):
+            raise ValueError(f"{name}.dtype={value.dtype} must be {description} type")
+    if nonempty and 0 in shape:
+        raise ValueError(f"{name}.shape={shape} has a zero-length axis{where}")
+    return value
+
+
+def indices_in_range(name: str, value: Any, size: int) -> None:
+    """Raises if integer ``value`` known at trace time has an entry outside ``[0, size)``.
+
+    A traced value passes (it cannot be inspected; inside ``jit`` an out-of-range gather is
+    clamped or filled, so check on the host where it matters).
+    """
+    values = concrete(value)
+    if values is None or values.size == 0:
+        return
+    bad = values[(values < 0) | (values >= size)]
+    if bad.size:
+        raise ValueError(
+            f"{name} must lie in [0, {size}); got {bad.size} entries outside, such as "
+            f"{bad.reshape(-1)[:4].tolist()}"
+        )
+
+
+def function(name: str, value: Any, *, optional: bool = False) -> Any:
+    """``value``, if it is callable (or ``None`` with ``optional``)."""
+    if (value is None and optional) or callable(value):
+        return value
+    raise ValueError(f"{name}={value!r} must be callable{' or None' if optional else ''}")
+
+
+def prng_key(name: str, value: Any) -> Any:
+    """``value``, if it is one PRNG key: ``jax.random.key(seed)`` or a raw ``uint32[2]`` key
+    from ``jax.random.PRNGKey(seed)`` (a tracer of either passes too)."""
+    dtype = getattr(value, "dtype", None)
+    shape = tuple(getattr(value, "shape", (None,)))
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return value
+    elif dtype is not None and np.dtype(dtype) == np.uint32 and shape == _raw_key_shape():
+        return value
+    got = f"{type(value).__name__}" + (f" of shape {shape}" if dtype is not None else "")
+    raise ValueError(
+        f"{name}={_short(value)} must be one PRNG key, e.g. jax.random.key(0); got {got}"
+    )
+
+
+def _raw_key_shape() -> tuple[int, ...]:
+    return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+
+
+def _short(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."

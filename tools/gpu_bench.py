@@ -42,7 +42,9 @@ def gpu_present() -> tuple[bool, str]:
         if is_gpu():
             return True, f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
         return False, f"JAX's default backend is {jax.default_backend()!r}"
-    except Exception as e:  # a broken CUDA install is also 'no GPU'
+    # A broken CUDA install (JAX raises RuntimeError when the backend cannot start) or no JAX
+    # is also 'no GPU'; any other error is a bug and propagates.
+    except (ImportError, RuntimeError) as e:
         return False, f"JAX could not start ({type(e).__name__}: {e})"
 
 

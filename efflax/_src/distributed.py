@@ -203,6 +203,8 @@ def is_primary() -> bool:
 
 def barrier(name: str) -> None:
     """Waits until every process reached ``barrier(name)`` (nothing to wait for in one process)."""
+    if not isinstance(name, str):
+        raise ValueError(f"name={name!r} must be a string")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -225,6 +227,8 @@ def agree(what: str, values: Mapping[str, Any]) -> None:
     Raises:
       ValueError: naming the first entry some process disagrees on, and which processes.
     """
+    if not isinstance(values, Mapping):
+        raise ValueError(f"values must be a dict of named values, got {type(values).__name__}")
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
@@ -260,12 +264,22 @@ def process_local_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[i
       >>> rows = process_local_rows(data_sharding(mesh), (batch_size,))
       >>> local = read_examples(order[rows])  # only this host's examples
     """
-    global_shape = tuple(global_shape)
+    if not isinstance(sharding, jax.sharding.Sharding):
+        raise ValueError(f"sharding={sharding!r} must be a jax.sharding.Sharding")
+    if not isinstance(global_shape, Sequence) or not all(
+        isinstance(n, int | np.integer) and not isinstance(n, bool) and n >= 0 for n in global_shape
+    ):
+        raise ValueError(f"global_shape={global_shape!r} must be a tuple of sizes >= 0")
+    global_shape = tuple(int(n) for n in global_shape)
     if not global_shape:
         raise ValueError("global_shape=() has no rows")
     n = global_shape[0]
     taken = np.zeros(n, bool)
-    for index in sharding.addressable_devices_indices_map(global_shape).values():
+    try:
+        indices = sharding.addressable_devices_indices_map(global_shape)
+    except ValueError as e:  # JAX: a dimension that does not divide over its mesh axes
+        raise ValueError(f"global_shape={global_shape} cannot be split by {sharding}: {e}") from e
+    for index in indices.values():
         taken[np.arange(n)[index[0] if index else slice(None)]] = True
     return np.flatnonzero(taken)
 
@@ -286,7 +300,17 @@ def put_global(tree: Any, shardings: Any) -> Any:
       ValueError: the processes passed different values (naming the first such leaf).
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    sharding_leaves = treedef.flatten_up_to(shardings)
+    try:
+        sharding_leaves = treedef.flatten_up_to(shardings)
+    except ValueError as e:  # a pytree structure mismatch
+        raise ValueError(
+            f"shardings must have the structure of tree (one sharding per leaf, or a prefix): {e}"
+        ) from None
+    for (path, _), sharding in zip(leaves, sharding_leaves, strict=True):
+        if not isinstance(sharding, jax.sharding.Sharding):
+            raise ValueError(
+                f"shardings{jax.tree_util.keystr(path)}={sharding!r} must be a jax.sharding.Sharding"
+            )
     out, copied = [], {}
     for (path, leaf), sharding in zip(leaves, sharding_leaves, strict=True):
         if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
@@ -335,6 +359,8 @@ def to_host(value: Any) -> np.ndarray:
     processes is all-gathered (a collective: every process must call this together).
     """
     if not isinstance(value, jax.Array) or value.is_fully_addressable or value.is_fully_replicated:
+        if isinstance(value, Mapping):
+            raise ValueError(f"value={value!r} must be an array (use jax.tree.map for a pytree)")
         return np.asarray(value)
     from jax.experimental import multihost_utils
 
@@ -344,7 +370,10 @@ def to_host(value: Any) -> np.ndarray:
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` now (for a local coordinator)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        try:
+            sock.bind((host, 0))
+        except (OSError, TypeError) as e:  # unknown host name, an address of another machine
+            raise ValueError(f"host={host!r} is not an address of this machine: {e}") from None
         return sock.getsockname()[1]
 
 

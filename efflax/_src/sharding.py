@@ -53,6 +53,33 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 Rules = Sequence[tuple[str, Any]]
 
 
+def _check_rules(rules: Rules) -> None:
+    """``rules`` must be a sequence of ``(logical name, mesh axis or axes or None)`` pairs."""
+    ok = not isinstance(rules, str | bytes) and isinstance(rules, Sequence)
+    for rule in rules if ok else ():
+        if not (isinstance(rule, Sequence) and len(rule) == 2 and isinstance(rule[0], str)):
+            ok = False
+            break
+        target = rule[1]
+        if not (
+            target is None
+            or isinstance(target, str)
+            or (isinstance(target, Sequence) and all(isinstance(a, str) for a in target))
+        ):
+            ok = False
+            break
+    if not ok:
+        raise ValueError(
+            f"rules={rules!r} must be a sequence of (logical_name, mesh_axis) pairs, like "
+            "efflax.sharding.LOGICAL_AXIS_RULES"
+        )
+
+
+def _check_mesh_type(mesh: Any) -> None:
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh")
+
+
 def _rule_targets(rules: Rules) -> set[str]:
     targets: set[str] = set()
     for _, target in rules:
@@ -70,8 +97,7 @@ def auto_axes(mesh: Mesh) -> Mesh:
     contracts a sharded axis needs a hand-written output sharding; efflax leaves that to XLA's
     partitioner, so it places arrays on this equivalent mesh.
     """
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh")
+    _check_mesh_type(mesh)
     return _compat.auto_axes(mesh)
 
 
@@ -83,6 +109,7 @@ def check_mesh(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Mesh:
         copies), or a mesh with none of the batch axes.
     """
     mesh = auto_axes(mesh)
+    _check_rules(rules)
     used = _rule_targets(rules)
     unused = [a for a in mesh.axis_names if a not in used and mesh.shape[a] > 1]
     if unused:
@@ -125,6 +152,8 @@ def make_mesh(
       >>> mesh = make_mesh(expert=4)  # 8 devices: data 2 x expert 4
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices=[] must hold at least one device")
     _checks.int_at_least("expert", expert)
     _checks.int_at_least("model", model)
     if data is None:
@@ -182,6 +211,12 @@ def _default_dcn(shape: tuple[int, int, int], processes: int) -> tuple[int, int,
 
 
 def _check_logical(logical: Sequence[str | None], rules: Rules) -> None:
+    named = [name for name in logical if name is not None]
+    if len(set(named)) != len(named):
+        raise ValueError(
+            f"logical={tuple(logical)!r} names an axis twice; each logical name may shard one "
+            "dimension (use None for the others)"
+        )
     known = {name for name, _ in rules}
     for name in logical:
         if name is not None and name not in known:
@@ -229,6 +264,9 @@ def logical_to_mesh_spec(
         return PartitionSpec()
     if isinstance(logical, str):
         raise ValueError(f"logical={logical!r} must be a tuple of names, e.g. ({logical!r},)")
+    if mesh is not None:
+        _check_mesh_type(mesh)
+    _check_rules(rules)
     _check_logical(logical, rules)
     return _drop_missing_axes(nn.logical_to_mesh_axes(tuple(logical), tuple(rules)), mesh)
 
@@ -244,6 +282,7 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     Raises:
       ValueError: the mesh has none of them.
     """
+    _check_mesh_type(mesh)
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     if not axes:
         raise ValueError(

@@ -26,6 +26,8 @@ from typing import Literal
 import numpy as np
 from scipy import stats as _scipy_stats
 
+from pallas_kernels import _checks
+
 Status = Literal["PASS", "FAIL", "INCONCLUSIVE"]
 Direction = Literal[">=", "<=", "within"]
 STATUSES: tuple[Status, ...] = ("PASS", "FAIL", "INCONCLUSIVE")
@@ -63,6 +65,18 @@ class Estimate:
     samples: tuple[float, ...] = ()
 
     def __post_init__(self):
+        for name in ("value", "low", "high"):
+            number = getattr(self, name)
+            try:
+                if isinstance(number, bool | str | bytes):
+                    raise TypeError
+                number = float(number)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number") from None
+            if math.isnan(number):
+                raise ValueError(f"{name}={number!r}: an estimate cannot be NaN")
+        _checks.int_at_least("n", self.n)
+        _check_confidence(self.confidence)
         if not self.low <= self.value <= self.high:
             raise ValueError(f"interval [{self.low}, {self.high}] must contain {self.value}")
 
@@ -77,7 +91,12 @@ class Estimate:
 
 
 def _samples(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if isinstance(values, str | bytes):
+        raise ValueError(f"{name}={values!r} must be a sequence of numbers")
+    try:
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={values!r} must be a sequence of numbers") from None
     if array.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.all(np.isfinite(array)):
@@ -86,7 +105,7 @@ def _samples(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_confidence(confidence: float) -> None:
-    if not 0.0 < confidence < 1.0:
+    if not 0.0 < _checks.finite_float("confidence", confidence) < 1.0:
         raise ValueError(f"confidence={confidence!r} must be in (0, 1)")
 
 
@@ -115,7 +134,7 @@ def paired_difference(
     """Mean of ``a_i - b_i`` over paired runs (same seed, data order) with a t interval."""
     a, b = _samples(a, "a"), _samples(b, "b")
     if a.shape != b.shape:
-        raise ValueError(f"paired samples need equal lengths, got {a.size} and {b.size}")
+        raise ValueError(f"paired samples a and b need equal lengths, got {a.size} and {b.size}")
     return mean_interval(a - b, confidence=confidence)
 
 
@@ -134,8 +153,14 @@ def ratio_interval(
     """
     _check_confidence(confidence)
     num, den = _samples(numerator, "numerator"), _samples(denominator, "denominator")
-    if np.any(num <= 0) or np.any(den <= 0):
-        raise ValueError("ratio_interval needs positive values")
+    for name, values in (("numerator", num), ("denominator", den)):
+        if np.any(values <= 0):
+            raise ValueError(f"{name}={values.tolist()} must be positive (a ratio of log values)")
+    if paired and num.shape != den.shape:
+        raise ValueError(
+            f"paired numerator and denominator need equal lengths, got {num.size} and {den.size} "
+            "(pass paired=False for independent runs)"
+        )
     if paired:
         log_ratio = mean_interval(np.log(num) - np.log(den), confidence=confidence)
         samples = tuple((num / den).tolist())
@@ -177,14 +202,21 @@ def bootstrap_interval(
 ) -> Estimate:
     """Percentile-bootstrap interval of ``statistic`` (deterministic for a given seed)."""
     _check_confidence(confidence)
+    _checks.function("statistic", statistic)
+    num_resamples = _checks.int_at_least("num_resamples", num_resamples)
+    seed = _checks.int_at_least("seed", seed, 0)
     x = _samples(samples, "samples")
     value = float(statistic(x))
+    if math.isnan(value):
+        raise ValueError(f"statistic={statistic!r} returned NaN on the samples")
     if x.size == 1:
         return Estimate(value, value, value, 1, confidence, tuple(x.tolist()))
     rng = np.random.default_rng(seed)
     draws = np.array(
         [statistic(x[rng.integers(0, x.size, x.size)]) for _ in range(int(num_resamples))]
     )
+    if np.any(np.isnan(draws)):
+        raise ValueError(f"statistic={statistic!r} returned NaN on a resample of the samples")
     alpha = (1 - confidence) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha])
     return Estimate(
@@ -205,6 +237,9 @@ def decide(estimate: Estimate, threshold: float, *, direction: Direction = ">=")
       threshold: the claim's bound; for ``'within'`` the tolerance ``t`` of ``|quantity| <= t``.
       direction: ``'>='``, ``'<='`` or ``'within'``.
     """
+    _check_estimate(estimate)
+    threshold = _checks.finite_float("threshold", threshold)
+    _check_direction(direction)
     if direction == ">=":
         if estimate.low >= threshold:
             return "PASS"
@@ -221,7 +256,18 @@ def decide(estimate: Estimate, threshold: float, *, direction: Direction = ">=")
         if estimate.low > threshold or estimate.high < -threshold:
             return "FAIL"
         return "INCONCLUSIVE"
-    raise ValueError(f"direction={direction!r} must be '>=', '<=' or 'within'")
+    raise AssertionError(direction)  # unreachable: checked above
+
+
+def _check_estimate(estimate: Estimate) -> None:
+    if not isinstance(estimate, Estimate):
+        raise ValueError(
+            f"estimate={estimate!r} must be an efflax.stats.Estimate (e.g. from mean_interval)"
+        )
+
+
+def _check_direction(direction: str) -> None:
+    _checks.one_of("direction", direction, (">=", "<=", "within"))
 
 
 def seeds_to_decide(
@@ -236,6 +282,10 @@ def seeds_to_decide(
     Returns ``None`` when the estimate sits on the threshold (no finite number decides it) or
     there are too few samples to estimate the spread.
     """
+    _check_estimate(estimate)
+    threshold = _checks.finite_float("threshold", threshold)
+    _check_direction(direction)
+    max_seeds = _checks.int_at_least("max_seeds", max_seeds, 2)
     x = np.asarray(estimate.samples, dtype=np.float64)
     if x.size < 2:
         return None
@@ -255,6 +305,8 @@ def seeds_to_decide(
 
 def combine_statuses(statuses: Sequence[Status]) -> Status:
     """All of several claims: FAIL if any fails, PASS if all pass, else INCONCLUSIVE."""
+    if isinstance(statuses, str):
+        raise ValueError(f"statuses={statuses!r} must be a list of statuses, e.g. [{statuses!r}]")
     statuses = list(statuses)
     for status in statuses:
         if status not in STATUSES:

@@ -1,5 +1,9 @@
 """optax transforms and training tools: SAF/MESA, sharpness probes, ProxSkip, cyclic LRs."""
 
+from efflax._src.optim.lagrangian import LagrangianSparsity
+from efflax._src.optim.lagrangian import ProjectToBoxState
+from efflax._src.optim.lagrangian import gradient_ascent
+from efflax._src.optim.lagrangian import project_to_box
 from efflax._src.optim.proxskip import LocalGDState
 from efflax._src.optim.proxskip import ProxSkipState
 from efflax._src.optim.proxskip import communication_period
@@ -8,18 +12,15 @@ from efflax._src.optim.proxskip import distributed_gd
 from efflax._src.optim.proxskip import local_gd
 from efflax._src.optim.proxskip import make_client_step
 from efflax._src.optim.proxskip import proxskip
+from efflax._src.optim.saf import MESA
+from efflax._src.optim.saf import SAF
 from efflax._src.optim.saf import LogitsBuffer
-from efflax._src.optim.saf import check_indices
-from efflax._src.optim.saf import ema_update
-from efflax._src.optim.saf import init_ema
 from efflax._src.optim.saf import init_logits_buffer
 from efflax._src.optim.saf import logits_buffer_bytes
-from efflax._src.optim.saf import mesa_loss
 from efflax._src.optim.saf import read_logits
-from efflax._src.optim.saf import saf_loss
 from efflax._src.optim.saf import trajectory_loss
-from efflax._src.optim.saf import with_index_check
 from efflax._src.optim.saf import write_logits
+from efflax._src.optim.sam import sam
 from efflax._src.optim.schedules import cycle_end_steps
 from efflax._src.optim.schedules import cycle_lengths
 from efflax._src.optim.schedules import exponential_cyclic_cosine_schedule

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._compat import cdiv
+from pallas_kernels._compat import check_interpret
 from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import multiple_of
 from pallas_kernels._compat import resolve_interpret
@@ -599,9 +600,13 @@ class PallasTritonMixedChunk(Implementation):
     block_sizes: BlockSizes | None = None
     interpret: bool | None = None
 
-    def __call__(self, **kwargs) -> jax.Array:
+    def __post_init__(self):
+        # Refused when configured, not at the first call (as PallasTritonAttention does).
         if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
             raise ValueError(f"block_sizes={self.block_sizes!r} must be a BlockSizes or None")
+        check_interpret(self.interpret)  # validates without asking JAX for a backend
+
+    def __call__(self, **kwargs) -> jax.Array:
         interpret = resolve_interpret(self.interpret)
         if not interpret:
             widths = {"quad_q": kwargs["quad_q"].shape[-1]}

@@ -109,6 +109,8 @@ class BlockSizes:
                 _checks.int_at_least(name, value)
         if self.staged is not None and not isinstance(self.staged, bool):
             raise ValueError(f"staged={self.staged!r} must be None, True or False")
+        if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps={self.num_warps!r} must be a power of two (Triton)")
 
 
 def _tile(block: int | None, dim: int, name: str) -> int:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels import _checks
 from pallas_kernels._compat import widen_for_cpu_dot
 from pallas_kernels.monarch.base import MONARCH_OP
 from pallas_kernels.monarch.base import check_shapes
@@ -138,10 +139,10 @@ def dense_to_monarch(matrix: jax.Array, nblocks: int) -> tuple[jax.Array, jax.Ar
     Returns:
       ``(w1, w2)`` in float32 (or the matrix's wider float dtype).
     """
-    if matrix.ndim != 2:
-        raise ValueError(f"matrix must be 2-D [in, out]; got matrix.shape={tuple(matrix.shape)}")
+    _checks.array("matrix", matrix, ndim=2, kind="real", layout="[in, out]")
     n_in, n_out = matrix.shape
-    if nblocks < 1 or n_in % nblocks or n_out % nblocks:
+    _checks.int_at_least("nblocks", nblocks)
+    if n_in % nblocks or n_out % nblocks:
         raise ValueError(f"{nblocks=} must divide both sizes of matrix.shape={(n_in, n_out)}")
     k = l = nblocks
     p, s = n_in // nblocks, n_out // nblocks

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from efflax.models import TransformerLM
+from efflax.models import generate
 from efflax.nn import FLASH
 from efflax.nn import Encoder
 from efflax.nn import FLASHQuad
@@ -160,6 +162,17 @@ def test_flash_blocks_work_as_the_encoder_ffn_and_in_bfloat16():
     variables, apply = _init_apply(model, x)
     assert "ffn" in variables["params"]["block_0"]
     assert apply(variables, x).shape == (2, 5)
+    # FLASH as the Encoder's whole block, with padding: padded tokens change nothing.
+    flash = functools.partial(FLASH, chunk_size=4, **_SMALL)
+    model = Encoder(
+        num_layers=2, d_model=16, num_heads=2, mlp_hidden=32, num_classes=5, block=flash
+    )
+    mask = jnp.arange(12)[None, :] < jnp.array([[12], [7]])
+    variables = model.init(jax.random.key(0), x, padding_mask=mask)
+    assert "gau_0" in variables["params"]["block_1"]
+    apply = jax.jit(lambda v, x: model.apply(v, x, padding_mask=mask))
+    changed = x.at[1, 7:].set(100.0)
+    np.testing.assert_array_equal(apply(variables, x)[1], apply(variables, changed)[1])
     block = FLASH(chunk_size=4, dtype=jnp.bfloat16, **_SMALL)
     h = _x(8, (2, 12, 16)).astype(jnp.bfloat16)
     variables, apply = _init_apply(block, h)
@@ -206,3 +219,25 @@ def test_bad_input_is_a_value_error_naming_the_value():
         init(FLASH(), x, decode=True)
     with pytest.raises(ValueError, match=r"x.shape=\(8, 16\) must be \[batch, seq, features\]"):
         init(GatedAttentionUnit(), x[0])
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        functools.partial(FLASH, chunk_size=4, causal=True, **_SMALL),
+        # A fixed normalisation length: the weights do not depend on the prefix length, so a
+        # cached decode equals re-running the growing prefix.
+        functools.partial(FLASHQuad, causal=True, normalization_length=16, **_SMALL),
+    ],
+    ids=["flash", "flash_quad"],
+)
+def test_blocks_in_the_transformer_lm_generate_like_the_full_forward(block):
+    lm = TransformerLM(num_layers=2, d_model=16, block=block)
+    tokens = jnp.asarray(np.random.default_rng(10).integers(0, 256, (2, 5)), jnp.int32)
+    params = _jit(lm.init)(jax.random.key(0), tokens)["params"]
+    new = np.asarray(generate(lm, params, tokens, max_new_tokens=6, temperature=0.0))
+    # Greedy decoding without a cache: the blocks are causal, so one forward pass over the
+    # whole sequence gives at each position the logits of its prefix.
+    sequence = jnp.asarray(np.concatenate([np.asarray(tokens), new], axis=1))
+    logits = np.asarray(_jit(lambda p, t: lm.apply({"params": p}, t))(params, sequence))
+    np.testing.assert_array_equal(new, np.argmax(logits[:, 4:-1], axis=-1))

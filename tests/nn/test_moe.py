@@ -282,3 +282,16 @@ def test_moe_refuses_bad_jitter_and_pruning_scores():
         prune_experts(params, np.ones(3), target_num_experts=2)
     with pytest.raises(ValueError, match="target_num_experts=0"):
         prune_experts(params, np.ones(4), target_num_experts=0)
+
+
+def test_encoder_padding_mask_hides_padded_tokens():
+    x = jax.random.normal(jax.random.key(1), (2, 10, 3))
+    mask = jnp.arange(10)[None, :] < jnp.array([[10], [6]])
+    model = Encoder(num_layers=1, d_model=16, num_heads=2, mlp_hidden=32, num_classes=4)
+    variables = model.init(jax.random.key(0), x)
+    apply = jax.jit(lambda v, x: model.apply(v, x, padding_mask=mask))
+    out = apply(variables, x)
+    np.testing.assert_array_equal(out[1], apply(variables, x.at[1, 6:].set(-50.0))[1])
+    np.testing.assert_allclose(out[1], model.apply(variables, x[1:, :6])[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="padding_mask"):
+        model.apply(variables, x, padding_mask=mask[:, :5])

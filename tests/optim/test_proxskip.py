@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh
 
@@ -276,28 +277,93 @@ def test_contracts_at_least_as_fast_as_theorem():
     assert psi[-1] < 0.05 * bound[-1]
 
 
-def test_bad_arguments_raise():
-    for probability in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="probability"):
-            proxskip(0.1, probability)
-    for learning_rate in (0.0, -1.0):
-        with pytest.raises(ValueError, match="learning_rate"):
-            proxskip(learning_rate, 0.5)
-        with pytest.raises(ValueError, match="learning_rate"):
-            local_gd(learning_rate, 2)
-    with pytest.raises(ValueError, match="local_steps"):
-        local_gd(0.1, 0)
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: proxskip(0.1, 0.0), "probability=0.0"),
+        (lambda: proxskip(0.1, -0.1), "probability=-0.1"),
+        (lambda: proxskip(0.1, 1.5), "probability=1.5"),
+        (lambda: proxskip(0.1, float("nan")), "probability=nan"),
+        (lambda: proxskip(0.0, 0.5), "learning_rate=0.0"),
+        (lambda: proxskip(float("inf"), 0.5), "learning_rate=inf"),
+        (lambda: proxskip(0.1, 0.5, key="seed"), "key='seed'"),
+        (lambda: local_gd(-1.0, 2), "learning_rate=-1.0"),
+        (lambda: local_gd(0.1, 0), "local_steps=0"),
+        (lambda: local_gd(0.1, 2.5), "local_steps=2.5"),
+        (lambda: local_gd(0.1, float("nan")), "local_steps=nan"),
+        (lambda: distributed_gd(float("nan")), "learning_rate=nan"),
+        (lambda: communication_period(0.0), "probability=0.0"),
+        (lambda: communication_period(float("nan")), "probability=nan"),
+        (lambda: make_client_step(local_gd(0.1, 2), lambda w, d: w, axis_name="c"), "needs a mesh"),
+        (lambda: make_client_step(local_gd(0.1, 2), None), "client_grad_fn=None"),
+        (lambda: proxskip(0.1, 0.5, communicate="mean"), "communicate='mean'"),
+        (
+            lambda: consensus_average({"w": jnp.ones(3), "count": jnp.int32(0)}),
+            r"stacked\['count'\]",
+        ),
+    ],
+)
+def test_bad_arguments_raise_naming_the_value(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_bad_use_raises():
     tx = proxskip(0.1, 0.5)
     with pytest.raises(ValueError, match="params"):
         tx.update(jnp.ones((2, 3)), tx.init(jnp.ones((2, 3))))
     mesh = Mesh(np.array(jax.devices()[:1]), ("clients",))
-    with pytest.raises(ValueError, match="axis_name"):
+    with pytest.raises(ValueError, match="axis_name='data' must name an axis"):
         make_client_step(tx, lambda w, d: w, mesh=mesh, axis_name="data")
-    # A transform without the mesh axis would average only each device's own clients.
-    with pytest.raises(ValueError, match="built with axis_name=None"):
-        make_client_step(tx, lambda w, d: w, mesh=mesh, axis_name="clients")
-    with pytest.raises(ValueError, match="built with axis_name=None"):
-        make_client_step(local_gd(0.1, 2), lambda w, d: w, mesh=mesh, axis_name="clients")
+    x0, data = jnp.ones((2, 3)), jnp.ones((2, 3))
+    # An explicit axis that differs from the step's would average only each device's clients.
+    other = optax.chain(local_gd(0.1, 2, axis_name="other"))
+    step = make_client_step(other, lambda w, d: w, mesh=mesh, axis_name="clients")
+    with pytest.raises(ValueError, match="built with axis_name='other' but the step runs"):
+        step(x0, other.init(x0), data)
+    # ... and so would one used without a mesh (an unbound axis name deep inside JAX).
+    named = proxskip(0.1, 0.5, axis_name="clients")
+    with pytest.raises(ValueError, match="without a mesh"):
+        make_client_step(named, lambda w, d: w)(x0, named.init(x0), data)
+    # A transform whose update takes extra arguments but not client_axis_name.
+    strict = optax.GradientTransformationExtraArgs(
+        lambda p: optax.EmptyState(), lambda u, s, p=None, *, value=None: (u, s)
+    )
+    with pytest.raises(ValueError, match="client_axis_name"):
+        make_client_step(strict, lambda w, d: w)(x0, strict.init(x0), data)
+
+
+def _mask_all(label):
+    return lambda params: jax.tree.map(lambda _: label, params)
+
+
+@needs_8_devices
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: optax.chain(optax.identity(), local_gd(0.3, 1)),
+        lambda: optax.inject_hyperparams(local_gd, static_args=("local_steps",))(
+            learning_rate=0.3, local_steps=1
+        ),
+        lambda: optax.multi_transform({"clients": proxskip(0.3, 1.0)}, _mask_all("clients")),
+    ],
+    ids=["chain", "inject_hyperparams", "multi_transform"],
+)
+def test_wrapped_transforms_average_over_all_clients(make_tx):
+    """The step's axis reaches the transform through optax's wrappers: one averaging step on
+    8 devices (two clients each) leaves every client at the average over all 16."""
+    client_loss, data, x0 = logistic_problem(9, num_clients=16)
+    x0 = x0 + jnp.arange(16.0)[:, None]  # clients start apart
+    mesh = Mesh(np.array(jax.devices()[:NUM_DEVICES]), ("clients",))
+    tx = make_tx()
+    sharded = make_client_step(tx, jax.grad(client_loss), mesh=mesh, axis_name="clients")
+    params, _ = sharded(x0, tx.init(x0), data)
+    stepped = x0 - 0.3 * jax.vmap(jax.grad(client_loss))(x0, data)
+    want = jnp.broadcast_to(stepped.mean(0), x0.shape)
+    chex.assert_trees_all_close(params, want, atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(params - params[0]).max()) < 1e-5
+    vmapped = make_client_step(tx, jax.grad(client_loss))(x0, tx.init(x0), data)[0]
+    chex.assert_trees_all_close(params, vmapped, atol=1e-5, rtol=1e-5)
 
 
 @needs_8_devices

@@ -247,6 +247,8 @@ def test_tradeoff_points_picks_the_cycle_end_records():
     ]
     with pytest.raises(ValueError, match="step=20"):
         tradeoff_points(history, [16, 20])
+    with pytest.raises(ValueError, match="steps holds 16.5"):
+        tradeoff_points(history, [16.5])  # not silently truncated to step 16
 
 
 @pytest.mark.parametrize(
@@ -254,7 +256,8 @@ def test_tradeoff_points_picks_the_cycle_end_records():
     [
         ({"first_cycle_steps": 0}, "first_cycle_steps"),
         ({"first_cycle_steps": -3}, "first_cycle_steps"),
-        ({"first_cycle_steps": 2.5}, "first_cycle_steps"),
+        ({"first_cycle_steps": 2.5}, "first_cycle_steps=2.5"),
+        ({"first_cycle_steps": True}, "first_cycle_steps=True"),
         ({"num_cycles": 0}, "num_cycles"),
         ({"num_cycles": 2.0}, "num_cycles"),
         ({"cycle_multiplier": 0.9}, "cycle_multiplier"),
@@ -263,7 +266,8 @@ def test_tradeoff_points_picks_the_cycle_end_records():
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"warmup_steps": 8 + 16 + 1}, "warmup_steps"),  # longer than the 2 cycles
         ({"peak_value": 0.0}, "peak_value"),
-        ({"peak_value": float("nan")}, "peak_value"),
+        ({"peak_value": float("nan")}, "peak_value=nan"),
+        ({"peak_value": float("inf")}, "peak_value=inf"),
         ({"end_value": -0.1}, "end_value"),
         ({"end_value": 2.0}, "end_value"),
     ],
@@ -275,7 +279,7 @@ def test_bad_arguments_raise_naming_the_value(kwargs, name):
         exponential_cyclic_cosine_schedule(
             args.pop("peak_value"), args.pop("first_cycle_steps"), **args
         )
-    if name not in ("peak_value", "end_value"):
+    if not name.startswith(("peak_value", "end_value")):
         args = {"first_cycle_steps": 8, "num_cycles": 2, "warmup_steps": 0}
         args.update({k: v for k, v in kwargs.items()})
         with pytest.raises(ValueError, match=name):

@@ -11,8 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 
+from efflax.nn import MoEFeedForward
+from efflax.nn import MonarchDense
+from efflax.nn import MultiHeadAttention
 from efflax.optim import SharpnessProbe
 from efflax.optim import adam_preconditioner
 from efflax.optim import adam_stability_threshold
@@ -22,6 +26,13 @@ from efflax.optim import lanczos
 from efflax.optim import power_iteration
 from efflax.optim import preconditioned_sharpness
 from efflax.optim import sharpness
+from efflax.training import TrainState
+from efflax.training import fit
+from efflax.training import make_train_step
+from pallas_kernels.attention import ATTENTION_OP
+from pallas_kernels.attention import PallasTritonAttention
+from pallas_kernels.monarch import MONARCH_OP
+from pallas_kernels.monarch import XlaMonarch
 
 RTOL = 1e-4
 
@@ -358,32 +369,170 @@ def test_sharpness_probe_as_hook_and_standalone(mlp_problem):
     assert alone["adam_threshold"] == pytest.approx(38 / 1e-2, rel=1e-5)
 
 
-def test_sharpness_probe_in_the_training_harness(mlp_problem):
-    from efflax.training import TrainState
-    from efflax.training import fit
-    from efflax.training import make_train_step
+def test_bad_inputs_raise_naming_the_value():
+    loss = lambda p: jnp.sum(p["w"] ** 2) * p["n"]
+    with_int = {"w": jnp.ones(3), "n": jnp.int32(2)}  # an integer leaf has a float0 tangent
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"params\['n'\] has dtype int32"):
+        sharpness(loss, with_int, key=key)
+    with pytest.raises(ValueError, match=r"params\['n'\] has dtype int32"):
+        hvp(loss, with_int, with_int)
+    state = optax.adam(1e-3).init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"params\['n'\] has dtype int32"):
+        preconditioned_sharpness(loss, with_int, state, eps=1e-8, key=key)
+    square = lambda p: jnp.sum(p["w"] ** 2)
+    with pytest.raises(ValueError, match="params and vector have different structures"):
+        hvp(square, {"w": jnp.ones(3)}, {"v": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"params\['w'\] has shape \(3,\) but vector\['w'\]"):
+        hvp(square, {"w": jnp.ones(3)}, {"w": jnp.ones(4)})
+    with pytest.raises(ValueError, match=r"loss_fn must return a float scalar; .* shape \(3,\)"):
+        hvp(lambda p: p["w"] ** 2, {"w": jnp.ones(3)}, {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="key=0 must be a single PRNG key"):
+        sharpness(square, {"w": jnp.ones(3)}, key=0)
+    with pytest.raises(ValueError, match="num_steps=True"):
+        sharpness(square, {"w": jnp.ones(3)}, key=key, num_steps=True)
+    with pytest.raises(ValueError, match=r"params and the Adam state's nu"):
+        preconditioned_sharpness(
+            square, {"w": jnp.ones(3), "b": jnp.ones(1)}, state, eps=1e-8, key=key
+        )
+    for kwargs, name in [({"eps": float("inf")}, "eps=inf"), ({"b1": float("nan")}, "b1=nan")]:
+        with pytest.raises(ValueError, match=name):
+            SharpnessProbe(square, 2, **{"learning_rate": 1e-3, "b1": 0.9, "eps": 1e-8, **kwargs})
+    with pytest.raises(ValueError, match="learning_rate=inf"):
+        adam_stability_threshold(float("inf"), 0.9)
+    # A float vector for bfloat16 params is cast to their dtype.
+    out = hvp(lambda p: jnp.sum(p["w"] ** 3), {"w": jnp.ones(3, jnp.bfloat16)}, {"w": jnp.ones(3)})
+    assert out["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out["w"], np.float32), 6.0)
 
-    params, _, _ = mlp_problem
-    key = jax.random.key(11)
-    batch = {"x": jax.random.normal(key, (16, 3)), "y": jax.nn.one_hot(jnp.arange(16) % 2, 2)}
-    loss_on_batch = lambda p, b: _mlp_loss(p, b["x"], b["y"])
 
-    def loss_fn(params, state, batch, rng):
-        return loss_on_batch(params, batch)
+# --- probes through efflax's own layers ------------------------------------------------------
 
+_VOCAB, _SEQ, _WIDTH = 11, 16, 16
+
+# The registered implementations of both ops other than the Pallas kernels (which the fit test
+# below trains with) and a chunked XLA Monarch path (8 < the 32 rows here), each in its own layer
+# of one model, so that one compilation covers them all. The reference is the all-XLA model
+# (unchunked Monarch).
+_XLA_MONARCH = XlaMonarch(row_chunk=None)
+_ATTENTION = (
+    "auto",
+    *(n for n in ATTENTION_OP.implementations if n not in ("xla", "pallas_triton")),
+)
+_MONARCH = ("auto", "reference", XlaMonarch(row_chunk=8))
+
+
+class _Stack(nn.Module):
+    """Residual attention layers, then residual Monarch layers, one per implementation."""
+
+    attention: tuple = ("xla",) * len(_ATTENTION)
+    monarch: tuple = (_XLA_MONARCH,) * len(_MONARCH)
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(_VOCAB, _WIDTH)(tokens)
+        for implementation in self.attention:
+            layer = MultiHeadAttention(num_heads=2, causal=True, implementation=implementation)
+            x = x + layer(x)
+        for implementation in self.monarch:
+            x = x + MonarchDense(_WIDTH, nblocks=2, implementation=implementation)(nn.gelu(x))
+        return nn.Dense(_VOCAB)(x)
+
+
+class _TinyLM(nn.Module):
+    """A pre-norm block of efflax layers: causal attention, a Monarch MLP, an MoE FFN."""
+
+    attention: Any = "xla"
+    monarch: Any = "xla"
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(_VOCAB, _WIDTH)(tokens)
+        attention = MultiHeadAttention(num_heads=2, causal=True, implementation=self.attention)
+        x = x + attention(nn.LayerNorm()(x))
+        h = nn.gelu(MonarchDense(2 * _WIDTH, nblocks=2, implementation=self.monarch)(x))
+        x = x + MonarchDense(_WIDTH, nblocks=2, implementation=self.monarch)(h)
+        x = x + MoEFeedForward(num_experts=2, hidden=_WIDTH)(nn.LayerNorm()(x))
+        return nn.Dense(_VOCAB)(x)
+
+
+def _lm_batch():
+    tokens = jax.random.randint(jax.random.key(3), (2, _SEQ + 1), 0, _VOCAB)
+    return {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+
+
+def _lm_loss(model):
+    def loss(params, batch):
+        logits = model.apply({"params": params}, batch["x"]).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    return loss
+
+
+def test_hvp_through_every_implementation_matches_the_xla_model():
+    """Inside the probes' forward_mode_autodiff() every op picks an implementation that jax.jvp
+    can cross (cuDNN attention is a custom_vjp; a chunked XLA Monarch call too, outside it), with
+    the same numbers as the XLA path."""
+    assert set(ATTENTION_OP.implementations) == {"xla", "pallas_triton", "cudnn", "reference"}
+    assert set(MONARCH_OP.implementations) == {"xla", "pallas_triton", "reference"}
+    batch = _lm_batch()
+    params = nn.unbox(jax.jit(_Stack().init)(jax.random.key(4), batch["x"])["params"])
+    vector = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+
+    @jax.jit
+    def products(params, vector):
+        every = _lm_loss(_Stack(attention=_ATTENTION, monarch=_MONARCH))
+        xla = _lm_loss(_Stack())
+        return [hvp(lambda q, f=f: f(q, batch), params, vector) for f in (every, xla)]
+
+    got, want = (ravel_pytree(tree)[0] for tree in products(params, vector))
+    assert float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_sharpness_probe_in_fit_on_pallas_attention_monarch_and_moe():
+    """The probe as a fit hook on a model whose train step runs the Pallas kernels (interpret
+    mode on CPU; jax.jvp through Pallas attention raises a bare AssertionError): the same
+    eigenvalue as the same model built on the XLA path."""
+    batch = _lm_batch()
+    kernels = _TinyLM(attention=PallasTritonAttention(interpret=True), monarch="pallas_triton")
+    params = nn.unbox(jax.jit(kernels.init)(jax.random.key(4), batch["x"])["params"])
+    # One jitted loss for the step and the probe: the step traces it with the Pallas kernels
+    # first, and the probe must not reuse that trace from the jit cache.
+    loss = jax.jit(_lm_loss(kernels))
+    settings = dict(learning_rate=1e-2, b1=0.9, eps=1e-7, num_steps=8, batch=batch, unroll=1)
+    probe = SharpnessProbe(loss, 2, raw=False, **settings)
     state = TrainState.create(
-        apply_fn=None, params=params, tx=optax.adamw(1e-2, eps=1e-7), rng=jax.random.key(0)
+        apply_fn=kernels.apply, params=params, tx=optax.adam(1e-2, eps=1e-7), rng=jax.random.key(0)
     )
-    probe = SharpnessProbe(
-        loss_on_batch, 2, learning_rate=1e-2, b1=0.9, eps=1e-7, num_steps=32, batch=batch
-    )
-    state, history = fit(
-        state, make_train_step(loss_fn), [batch] * 4, num_steps=4, hooks=[probe], progress=False
-    )
-    probed = [r for r in history if "preconditioned_sharpness" in r]
-    assert [r["step"] for r in probed] == [2, 4]
-    want = probe.measure(state.params, state.opt_state)
+    step = make_train_step(lambda params, state, batch, rng: loss(params, batch))
+    state, history = fit(state, step, [batch] * 2, num_steps=2, hooks=[probe], progress=False)
+    [record] = [r for r in history if "preconditioned_sharpness" in r]
+    assert record["step"] == 2 and np.isfinite(record["preconditioned_sharpness"])
+    assert record["adam_threshold"] == pytest.approx(3800.0)
+    xla = SharpnessProbe(_lm_loss(_TinyLM()), 2, raw=False, **settings)(state)
     np.testing.assert_allclose(
-        probed[-1]["preconditioned_sharpness"], want["preconditioned_sharpness"], rtol=1e-3
+        record["preconditioned_sharpness"], xla["preconditioned_sharpness"], rtol=1e-4
     )
-    assert probed[-1]["adam_threshold"] == pytest.approx(3800.0)
+
+
+def test_a_pallas_kernel_that_cannot_be_differentiated_gets_a_value_error():
+    """Not a bare AssertionError from inside Pallas' JVP rule (here: program_id in a kernel)."""
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...] ** 2 * (pl.program_id(0) + 1)
+
+    block = pl.BlockSpec((4,), lambda i: (i,))
+    square = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+        grid=(2,),
+        in_specs=[block],
+        out_specs=block,
+        interpret=True,
+    )
+    x = jnp.arange(8.0)
+    with pytest.raises(ValueError, match="cannot differentiate in forward mode") as raised:
+        hvp(lambda x: jnp.sum(square(x)), x, x)
+    assert isinstance(raised.value.__cause__, AssertionError)

@@ -17,6 +17,8 @@ import sysconfig
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pallas_kernels import _checks
+
 MNIST1D_SPLITS = ("train", "test")
 STDLIB_TEXT_SPLITS = ("train", "validation", "test")
 
@@ -43,8 +45,7 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
     def config_for(cls, num_samples: int | None) -> Mnist1dConfig:
         if num_samples is None or num_samples == 5000:
             return cls.BUILDER_CONFIGS[0]
-        if num_samples < 10:
-            raise ValueError(f"num_samples={num_samples} must be >= 10")
+        _checks.int_at_least("num_samples", num_samples, 10)
         return Mnist1dConfig(name=f"n{num_samples}", num_samples=num_samples)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -96,6 +97,8 @@ def stdlib_source_files() -> list[pathlib.Path]:
 
 def stdlib_split_of(relative_path: str) -> str:
     """Deterministic split by file: 90% train, 5% validation, 5% test (md5 of the path)."""
+    if not isinstance(relative_path, str):
+        raise ValueError(f"relative_path={relative_path!r} must be a string")
     bucket = int(hashlib.md5(relative_path.encode()).hexdigest(), 16) % 100
     return "train" if bucket < 90 else ("validation" if bucket < 95 else "test")
 
@@ -116,8 +119,7 @@ class StdlibText(tfds.core.GeneratorBasedBuilder):
     def config_for(cls, seq_len: int | None) -> StdlibTextConfig:
         if seq_len is None or seq_len == 256:
             return cls.BUILDER_CONFIGS[0]
-        if seq_len < 1:
-            raise ValueError(f"seq_len={seq_len} must be >= 1")
+        _checks.int_at_least("seq_len", seq_len)
         return StdlibTextConfig(name=f"seq{seq_len}", seq_len=seq_len)
 
     def _info(self) -> tfds.core.DatasetInfo:

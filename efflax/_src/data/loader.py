@@ -108,9 +108,9 @@ def data_source(name: str, split: str, **builder_kwargs):
       ValueError: unknown dataset, split or option; or a standard TFDS dataset that is not
         prepared in the user's TFDS data dir (it cannot be downloaded here).
     """
+    _check_name(name)  # before importing TFDS, which takes seconds
     import tensorflow_datasets as tfds
 
-    _check_name(name)
     if name in LOCAL_DATASETS:
         builder = _local_builder(name, builder_kwargs)
         sources = builder.as_data_source()
@@ -120,12 +120,16 @@ def data_source(name: str, split: str, **builder_kwargs):
         tfds_dir = os.environ.get("TFDS_DATA_DIR") or str(
             pathlib.Path("~/tensorflow_datasets").expanduser()
         )
+        from google.protobuf import json_format
+
         try:
             builder = tfds.builder(name, data_dir=tfds_dir, file_format="array_record")
-            prepared = builder.is_prepared()
-        except Exception as e:  # noqa: BLE001 - TFDS raises several types here
-            prepared, builder = False, e
-        if not prepared:
+        except (json_format.Error, OSError) as e:  # a corrupt or unreadable dataset_info.json
+            raise ValueError(
+                f"dataset {name!r} in the TFDS data dir {tfds_dir!r} cannot be read "
+                f"({type(e).__name__}: {e}); prepare it again"
+            ) from e
+        if not builder.is_prepared():
             raise ValueError(
                 f"dataset {name!r} is not prepared in the TFDS data dir {tfds_dir!r} and cannot "
                 f"be downloaded here. Prepare it on a machine with network access with "
@@ -246,8 +250,10 @@ class Loader:
         if isinstance(source, Mapping):
             self._rows = _ArrayRows(source)
             self.arrays: dict[str, np.ndarray] | None = self._rows.arrays
-        elif hasattr(source, "__len__") and (
-            hasattr(source, "__getitems__") or hasattr(source, "__getitem__")
+        elif (
+            not isinstance(source, str | bytes | np.ndarray)
+            and hasattr(source, "__len__")
+            and (hasattr(source, "__getitems__") or hasattr(source, "__getitem__"))
         ):
             self._rows = _RecordRows(source)
             self.arrays = None
@@ -259,6 +265,13 @@ class Loader:
         self.num_examples = self._rows.size
         if self.num_examples == 0:
             raise ValueError("source has no examples")
+        if self.arrays is None:
+            first = source[0]
+            if not isinstance(first, Mapping):
+                raise ValueError(
+                    f"source must hold examples as dicts of arrays; source[0] is "
+                    f"{type(first).__name__} (pass a dict of arrays for in-memory data)"
+                )
         _checks.int_at_least("batch_size", batch_size)
         if drop_remainder and batch_size > self.num_examples:
             raise ValueError(
@@ -271,8 +284,8 @@ class Loader:
         self.batch_size = batch_size
         self.seed = seed
         self.epochs = epochs
-        self.drop_remainder = bool(drop_remainder)
-        self.shuffle = bool(shuffle)
+        self.drop_remainder = _checks.boolean("drop_remainder", drop_remainder)
+        self.shuffle = _checks.boolean("shuffle", shuffle)
         per_epoch = self.num_examples / batch_size
         self.steps_per_epoch = math.floor(per_epoch) if drop_remainder else math.ceil(per_epoch)
         self._order: tuple[int, np.ndarray] | None = None

@@ -6,51 +6,70 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _checks
 
 
-def nonnegative_if_concrete(name: str, value: Any) -> None:
-    """Raises for a negative or non-finite ``value`` known at trace time; a traced one passes."""
+def _scalar_if_concrete(name: str, value: Any) -> float | None:
+    """``value`` as a float when known at trace time (``None`` when traced); refuses anything
+    but a real scalar (a bool, a string, an array of several values)."""
     array = _checks.concrete(value)
     if array is None:
-        return
-    if array.ndim != 0:
-        raise ValueError(f"{name}={value!r} must be a scalar")
-    _checks.positive_float(name, float(array), allow_zero=True)
+        return None
+    if array.ndim != 0 or array.dtype.kind not in "iuf":
+        raise ValueError(f"{name}={value!r} must be a real scalar")
+    return float(array)
+
+
+def nonnegative_if_concrete(name: str, value: Any) -> None:
+    """Raises for a negative or non-finite ``value`` known at trace time; a traced one passes."""
+    number = _scalar_if_concrete(name, value)
+    if number is not None:
+        _checks.positive_float(name, number, allow_zero=True)
 
 
 def positive_if_concrete(name: str, value: Any) -> None:
     """Raises for a non-positive or non-finite ``value`` known at trace time."""
-    array = _checks.concrete(value)
-    if array is None:
-        return
-    if array.ndim != 0:
-        raise ValueError(f"{name}={value!r} must be a scalar")
-    _checks.positive_float(name, float(array))
+    number = _scalar_if_concrete(name, value)
+    if number is not None:
+        _checks.positive_float(name, number)
 
 
 def check_logits(name: str, logits: jax.Array) -> None:
-    """``logits`` must be a floating ``[batch, classes]`` array."""
-    if logits.ndim != 2:
-        raise ValueError(f"{name}.shape={logits.shape} must be [batch, classes]")
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise ValueError(f"{name}.dtype={logits.dtype} must be a floating type")
+    """``logits`` must be a floating ``[batch, classes]`` array with at least one row and class
+    (the mean over an empty batch is NaN)."""
+    _checks.array(name, logits, ndim=2, kind="floating", nonempty=True, layout="[batch, classes]")
 
 
 def targets_as_probabilities(labels: jax.Array, num_classes: int, batch: int) -> jax.Array:
     """Integer class ids ``[batch]`` or soft targets ``[batch, classes]`` as float32 ``[b, c]``.
 
-    Out-of-range class ids cannot be checked on traced values; they give an all-zero row.
+    Out-of-range class ids and negative soft targets are refused when the labels are known at
+    trace time; traced ones cannot be checked (an out-of-range id gives an all-zero row).
     """
-    labels = jnp.asarray(labels)
+    if not hasattr(labels, "dtype"):
+        try:
+            labels = jnp.asarray(labels)
+        except TypeError:
+            raise ValueError(
+                f"labels={labels!r} must be an array of class ids or targets"
+            ) from None
+    _checks.array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != (batch,):
             raise ValueError(f"integer labels.shape={labels.shape} must be {(batch,)}")
+        _checks.indices_in_range("labels", labels, num_classes)
         return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if labels.shape != (batch, num_classes):
         raise ValueError(
             f"soft labels.shape={labels.shape} must be {(batch, num_classes)} "
             "(or pass integer class ids of shape [batch])"
+        )
+    values = _checks.concrete(labels)
+    if values is not None and not np.all(values >= 0):
+        raise ValueError(
+            f"soft labels must be >= 0 (probabilities); got values such as "
+            f"{values[~(values >= 0)][:4].tolist()}"
         )
     return labels.astype(jnp.float32)

@@ -50,7 +50,8 @@ def batch_entropy(activations: jax.Array) -> jax.Array:
     Raises:
       ValueError: a batch of fewer than 2 examples (the variance is undefined).
     """
-    if activations.ndim < 1 or activations.shape[0] < 2:
+    _checks.array("activations", activations, min_ndim=1)
+    if activations.shape[0] < 2:
         raise ValueError(
             f"activations.shape={activations.shape} needs a batch of at least 2 examples "
             "(batch entropy is a variance over the batch)"
@@ -74,6 +75,8 @@ def lbe_penalty(
     Returns:
       A float32 scalar.
     """
+    if not hasattr(entropies, "shape") and len(entropies) == 0:
+        raise ValueError("entropies is empty: regularise at least one layer")
     entropies = jnp.stack([jnp.asarray(h) for h in entropies]).astype(jnp.float32)
     alphas = jnp.asarray(alphas)
     if entropies.ndim != 1 or alphas.shape != entropies.shape:
@@ -113,6 +116,8 @@ def lbe_loss(
       A float32 scalar.
     """
     nonnegative_if_concrete("beta", beta)
+    if jnp.ndim(task_loss) != 0:
+        raise ValueError(f"task_loss.shape={jnp.shape(task_loss)} must be a scalar (reduce it)")
     penalty = lbe_penalty(entropies, alphas, alpha_min=alpha_min)
     return jnp.asarray(task_loss, jnp.float32) * (1.0 + beta * penalty)
 
@@ -156,6 +161,7 @@ def capture_activations(
       ``(fn's result, {module path: activation})``; a module called more than once gets
       ``path#1``, ``path#2``, ... for the later calls.
     """
+    _checks.function("fn", fn)
     _checks.one_of("where", where, ("outputs", "inputs"))
     if isinstance(select, type | tuple):
         classes = select

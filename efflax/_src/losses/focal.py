@@ -40,6 +40,19 @@ def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
             f"labels (shape {labels.shape}, dtype {labels.dtype}) must be integer class ids "
             f"of shape {logits.shape[:1]}"
         )
+    # Known at trace time only outside jit: an out-of-range id would weigh an all-zero row.
+    _checks.indices_in_range("labels", labels, logits.shape[-1])
+
+
+def _check_epoch(epoch: Any) -> None:
+    """A known epoch must be a real scalar >= 0 (a traced one passes)."""
+    if isinstance(epoch, str | bytes):
+        raise ValueError(f"epoch={epoch!r} must be a number")
+    value = _checks.concrete(epoch)
+    if value is None:
+        return
+    if value.ndim or value.dtype.kind not in "iuf" or not value >= 0:
+        raise ValueError(f"epoch={epoch!r} must be a real scalar >= 0")
 
 
 def _weighted_nll(
@@ -126,6 +139,7 @@ def cyclical_focal_schedule(epoch: Any, *, num_epochs: int, factor: float = 4.0)
     factor = _checks.finite_float("factor", factor)
     if factor < 1:
         raise ValueError(f"factor={factor!r} must be >= 1")
+    _check_epoch(epoch)
     scaled = factor * jnp.asarray(epoch, jnp.float32) / (num_epochs - 1)
     if factor == 1.0:
         rising = jnp.zeros_like(scaled)

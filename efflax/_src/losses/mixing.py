@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -30,8 +31,7 @@ def _prepare(
 ) -> jax.Array:
     _checks.int_at_least("num_classes", num_classes, 1)
     _checks.probability("label_smoothing", label_smoothing, allow_one=False)
-    if x.ndim < 2:
-        raise ValueError(f"x.shape={x.shape} must be [batch, ...]")
+    _checks.array("x", x, min_ndim=2, layout="[batch, ...]")
     targets = targets_as_probabilities(labels, num_classes, x.shape[0])
     return targets * (1.0 - label_smoothing) + label_smoothing / num_classes
 
@@ -53,7 +53,7 @@ def mixup(
 
     Args:
       key: a PRNG key.
-      x: inputs ``[batch, ...]`` (float).
+      x: inputs ``[batch, ...]``, floating (cast integer images to float first).
       labels: integer class ids ``[batch]`` or soft targets ``[batch, num_classes]``.
       num_classes: number of classes.
       alpha: the Beta distribution's parameter, ``> 0``.
@@ -62,8 +62,11 @@ def mixup(
     Returns:
       ``(mixed inputs, float32 soft targets [batch, num_classes])``; target rows sum to 1.
     """
+    _checks.prng_key("key", key)
     _checks.positive_float("alpha", alpha)
     targets = _prepare(x, labels, num_classes, label_smoothing)
+    # An integer x would round the mixing weight to 0 or 1: mix in floating point.
+    _checks.array("x", x, kind="floating")
     lam = jax.random.beta(key, alpha, alpha)
     mixed = lam.astype(x.dtype) * x + (1 - lam).astype(x.dtype) * x[::-1]
     return mixed, _mix_targets(targets, lam)
@@ -126,10 +129,20 @@ def cutmix(
     Returns:
       ``(mixed inputs, float32 soft targets [batch, num_classes])``.
     """
+    _checks.prng_key("key", key)
     _checks.positive_float("alpha", alpha)
     targets = _prepare(x, labels, num_classes, label_smoothing)
+    if spatial_axes is not None and not isinstance(spatial_axes, Sequence):
+        raise ValueError(f"spatial_axes={spatial_axes!r} must be a sequence of axes, e.g. (1,)")
     axes = tuple(_default_spatial_axes(x) if spatial_axes is None else spatial_axes)
-    if not axes or any(not 1 <= a < x.ndim for a in axes) or len(set(axes)) != len(axes):
+    if (
+        not axes
+        or any(
+            isinstance(a, bool) or not isinstance(a, numbers.Integral) or not 1 <= a < x.ndim
+            for a in axes
+        )
+        or len(set(axes)) != len(axes)
+    ):
         raise ValueError(f"spatial_axes={spatial_axes!r} must be distinct axes in [1, {x.ndim})")
     lam_key, box_key = jax.random.split(key)
     lam = jax.random.beta(lam_key, alpha, alpha)
@@ -156,6 +169,7 @@ def mix_batch(
     Returns:
       ``(mixed inputs, float32 soft targets [batch, num_classes])``.
     """
+    _checks.prng_key("key", key)
     _checks.probability("switch_prob", switch_prob)
     switch_key, mixup_key, cutmix_key = jax.random.split(key, 3)
     common = dict(num_classes=num_classes, label_smoothing=label_smoothing)

@@ -59,6 +59,7 @@ class GluFeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        _checks.int_at_least("mlp_hidden", self.hidden)
         args = (self.dtype, self.param_dtype)
         gate = _dense(self.hidden, ("embed", "mlp"), *args, "gate")(x)
         up = _dense(self.hidden, ("embed", "mlp"), *args, "up")(x)
@@ -84,6 +85,8 @@ class TransformerBlock(nn.Module):
     def __call__(
         self, x: jax.Array, *, deterministic: bool = True, decode: bool = False
     ) -> jax.Array:
+        if getattr(x, "ndim", None) != 3:
+            raise ValueError(f"x.shape={getattr(x, 'shape', None)} must be [batch, seq, d_model]")
         args = (self.dtype, self.param_dtype)
         h = _rms_norm(*args, "attention_norm")(x)
         h = MultiHeadAttention(
@@ -187,6 +190,8 @@ class TransformerLM(nn.Module):
                 f"tokens (shape {getattr(tokens, 'shape', None)}, dtype "
                 f"{getattr(tokens, 'dtype', None)}) must be integer ids [batch, seq]"
             )
+        if tokens.shape[1] == 0:
+            raise ValueError(f"tokens.shape={tokens.shape} holds no token (an empty sequence)")
         known = _checks.concrete(tokens)
         if (
             known is not None
@@ -194,7 +199,7 @@ class TransformerLM(nn.Module):
             and not 0 <= known.min() <= known.max() < self.vocab_size
         ):
             raise ValueError(
-                f"token ids in [{known.min()}, {known.max()}] must lie in [0, {self.vocab_size})"
+                f"tokens: token ids in [{known.min()}, {known.max()}] must lie in [0, {self.vocab_size})"
             )
         args = (self.dtype, self.param_dtype)
         x = nn.Embed(

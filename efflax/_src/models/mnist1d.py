@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pallas_kernels import _checks
+
 Dtype = jnp.dtype | type
 
 
@@ -46,6 +48,13 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        # A 1-D x would be read as a batch of one-feature examples: refuse it.
+        _checks.array("x", x, min_ndim=2, nonempty=True, layout="[batch, features...]")
+        if isinstance(self.features, str) or not isinstance(self.features, Sequence):
+            raise ValueError(f"features={self.features!r} must be a sequence of widths")
+        for width in self.features:
+            _checks.int_at_least("features", width)
+        _checks.int_at_least("num_classes", self.num_classes)
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
         # Alternate the logical names so that no kernel maps both of its axes to one mesh axis.
         in_axis = "embed"
@@ -69,6 +78,20 @@ class CNN1D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        _checks.array("x", x, nonempty=True, layout="[batch, length] or [batch, length, 1]")
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"x.shape={tuple(x.shape)} must be [batch, length] or [batch, length, 1]"
+            )
+        _checks.int_at_least("channels", self.channels)
+        _checks.int_at_least("num_classes", self.num_classes)
+        length = x.shape[1]
+        for width in (5, 3, 3):  # the output length of each padded stride-2 convolution
+            length = (length + 2 - width) // 2 + 1
+        if length < 1:
+            raise ValueError(
+                f"x.shape={tuple(x.shape)}: length {x.shape[1]} < 3 is too short for the three stride-2 convolutions"
+            )
         if x.ndim == 2:
             x = x[..., None]
         x = x.astype(self.dtype)

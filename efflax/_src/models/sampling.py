@@ -114,14 +114,23 @@ def generate(
         )
     if min(prompt.shape) < 1:
         raise ValueError(f"prompt.shape={prompt.shape} must have batch and length >= 1")
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model={model!r} must be a Flax module (e.g. efflax.models.TransformerLM)"
+        )
+    vocab = getattr(model, "vocab_size", None)
+    if vocab is not None:
+        # Inside the jitted loop an out-of-range id would read a clamped embedding row.
+        _checks.indices_in_range("prompt", prompt, vocab)
     _checks.int_at_least("max_new_tokens", max_new_tokens)
     temperature = _checks.positive_float("temperature", temperature, allow_zero=True)
     if top_k is not None:
         _checks.int_at_least("top_k", top_k)
-        vocab = getattr(model, "vocab_size", None)
         if vocab is not None and top_k > vocab:
             raise ValueError(f"top_k={top_k} must be <= vocab_size={vocab}")
     greedy = temperature == 0.0
+    if rng is not None:
+        _checks.prng_key("rng", rng)
     if rng is None:
         if not greedy:
             raise ValueError(f"temperature={temperature} > 0 samples: pass rng=")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from efflax._src.nn.encoder import DenseFeedForward
 from efflax._src.nn.encoder import EncoderBlock
 from pallas_kernels import _checks
+from pallas_kernels.op import Implementation
 
 __all__ = ["ViT", "patchify"]
 
@@ -31,6 +32,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     Patches are in row-major order; within a patch the features are ``(row, column, channel)``.
     """
     _checks.int_at_least("patch_size", patch_size, 1)
+    _checks.array("images", images, nonempty=True, layout="[batch, height, width(, channels)]")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
@@ -75,7 +77,7 @@ class ViT(nn.Module):
     num_classes: int
     merger: Callable[..., nn.Module] | None = None
     merge_after: int | None = None
-    attention_implementation: str = "xla"
+    attention_implementation: str | Implementation = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -91,6 +93,8 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
         _checks.int_at_least("num_layers", self.num_layers, 1)
+        for name in ("d_model", "num_heads", "mlp_hidden", "num_classes"):
+            _checks.int_at_least(name, getattr(self, name))
         merge_at = self.merge_position()
         args = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 

@@ -153,6 +153,11 @@ def dot_product_attention(
         raise ValueError(
             f"query.shape={query.shape}, key.shape={key.shape}: batch dims must be equal"
         )
+    if dtype is not None:
+        try:
+            jnp.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"dtype={dtype!r} is not a dtype") from None
     query, key, value = nn.dtypes.promote_dtype(query, key, value, dtype=dtype)
     if hasattr(mask, "dtype") and mask.dtype != jnp.bool_:
         # Flax's masks (nn.make_causal_mask, nn.make_attention_mask) are float 0/1 arrays, used
@@ -219,6 +224,7 @@ def segment_ids_with_padding(
       A ``(q_ids, kv_ids)`` int32 pair, or None when both inputs are None. Padded keys get
       ``PADDING_SEGMENT_ID`` and are seen by no query.
     """
+    _checks.int_at_least("q_len", q_len)
     if segment_ids is not None and not isinstance(segment_ids, tuple | list):
         segment_ids = (segment_ids, segment_ids)
     if padding_mask is None:
@@ -258,6 +264,8 @@ def apply_rotary_embedding(x: Array, positions: Array, *, base: float = 10_000.0
     """
     if getattr(x, "ndim", None) != 4:
         raise ValueError(f"x.shape={getattr(x, 'shape', None)} must be [batch, seq, heads, dim]")
+    # An integer x would be rounded after the rotation, a complex one lose its imaginary part.
+    _checks.array("x", x, kind="floating")
     batch, seq, _, head_dim = x.shape
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} (x.shape[-1]) must be even for rotary embeddings")
@@ -494,6 +502,7 @@ class MultiHeadAttention(nn.Module):
             overflow = q_offset + q_len > key.shape[1]
             encoded = jnp.where(overflow, jnp.full((), jnp.nan, encoded.dtype), encoded)
         out_features = inputs_q.shape[-1] if self.out_features is None else self.out_features
+        _checks.int_at_least("out_features", out_features)
         return nn.DenseGeneral(
             features=out_features,
             axis=(-2, -1),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from efflax._src.nn.attention import MultiHeadAttention
+from pallas_kernels import _checks
 from pallas_kernels.op import Implementation
 
 __all__ = ["DenseFeedForward", "EncoderBlock", "Encoder"]
@@ -56,6 +57,7 @@ class DenseFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
+        _checks.int_at_least("hidden", self.hidden)
         if self.activation not in ("gelu", "geglu"):
             raise ValueError(f"activation={self.activation!r} must be 'gelu' or 'geglu'")
         d = x.shape[-1]
@@ -76,7 +78,15 @@ class EncoderBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool = True,
+        padding_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """``padding_mask``: ``[batch, tokens]`` bool, True for real tokens (keys only)."""
+        _checks.function("ffn", self.ffn)
         args = (self.dtype, self.param_dtype)
         h = _layer_norm(*args, "attention_norm")(x)
         x = x + MultiHeadAttention(
@@ -85,7 +95,7 @@ class EncoderBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attention",
-        )(h)
+        )(h, padding_mask=padding_mask)
         h = _layer_norm(*args, "ffn_norm")(x)
         return x + self.ffn(name="ffn")(h, deterministic=deterministic)
 
@@ -107,6 +117,10 @@ class Encoder(nn.Module):
       attention_implementation: passed to `MultiHeadAttention`: `'auto'` (the attention op's
         resolver: the Pallas kernel on a GPU, XLA elsewhere), a name or a configured
         implementation such as `PallasTritonAttention(block_sizes=...)`.
+      block: factory of the whole block, replacing attention + FFN (e.g.
+        `functools.partial(efflax.nn.FLASH, chunk_size=64, causal=False)`); called as
+        `block(name=f"block_{i}")(h, deterministic=..., padding_mask=...)` and must return the
+        block's output including its residual. `None`: `EncoderBlock` (with `moe` where set).
 
     Example:
       >>> model = Encoder(num_layers=2, d_model=32, num_heads=4, mlp_hidden=64, num_classes=10)
@@ -122,17 +136,44 @@ class Encoder(nn.Module):
     moe: Callable[..., nn.Module] | None = None
     moe_every: int = 2
     attention_implementation: str | Implementation = "auto"
+    block: Callable[..., nn.Module] | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        if x.ndim != 3:
-            raise ValueError(f"x must be [batch, tokens, features], got {x.shape=}")
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool = True,
+        padding_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Encodes ``x`` ``[batch, tokens, features]``.
+
+        ``padding_mask`` (``[batch, tokens]`` bool, True for real tokens): padded tokens are
+        attended by no query and left out of the mean pooling of the classifier head.
+        """
+        if getattr(x, "ndim", None) != 3:
+            raise ValueError(f"x must be [batch, tokens, features], got x.shape={jnp.shape(x)}")
+        _checks.array("x", x, nonempty=True, layout="[batch, tokens, features]")
+        _checks.int_at_least("num_layers", self.num_layers, 0)
+        for name in ("d_model", "num_heads", "mlp_hidden", "max_len"):
+            _checks.int_at_least(name, getattr(self, name))
+        if self.num_classes is not None:
+            _checks.int_at_least("num_classes", self.num_classes)
         if x.shape[1] > self.max_len:
             raise ValueError(f"{x.shape[1]} tokens exceed max_len={self.max_len}")
         if self.moe is not None and self.moe_every < 1:
             raise ValueError(f"{self.moe_every=} must be >= 1")
+        if self.moe is not None and self.block is not None:
+            raise ValueError("set either moe= (an FFN) or block= (a whole block), not both")
+        if padding_mask is not None and (
+            padding_mask.shape != x.shape[:2] or padding_mask.dtype != jnp.bool_
+        ):
+            raise ValueError(
+                f"padding_mask (shape {padding_mask.shape}, dtype {padding_mask.dtype}) must be "
+                f"a bool array of shape {x.shape[:2]}"
+            )
         args = (self.dtype, self.param_dtype)
         h = _dense(self.d_model, (None, "embed"), *args, "embedding")(x.astype(self.dtype))
         positions = self.param(
@@ -143,6 +184,11 @@ class Encoder(nn.Module):
         )
         h = h + positions[: x.shape[1]].astype(self.dtype)
         for i in range(self.num_layers):
+            if self.block is not None:
+                h = self.block(name=f"block_{i}")(
+                    h, deterministic=deterministic, padding_mask=padding_mask
+                )
+                continue
             if self.moe is not None and i % self.moe_every == self.moe_every - 1:
                 ffn = self.moe
             else:
@@ -154,11 +200,17 @@ class Encoder(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"block_{i}",
-            )(h, deterministic=deterministic)
+            )(h, deterministic=deterministic, padding_mask=padding_mask)
         h = _layer_norm(*args, "final_norm")(h)
         if self.num_classes is None:
             return h
-        pooled = jnp.mean(h.astype(jnp.float32), axis=1).astype(self.dtype)
+        h32 = h.astype(jnp.float32)
+        if padding_mask is None:
+            pooled = jnp.mean(h32, axis=1)
+        else:
+            weights = padding_mask.astype(jnp.float32)[..., None]
+            pooled = jnp.sum(h32 * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        pooled = pooled.astype(self.dtype)
         return _dense(self.num_classes, ("embed", "classes"), *args, "head")(pooled)
 
 

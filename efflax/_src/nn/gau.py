@@ -65,6 +65,13 @@ def relative_position_buckets(
     log-spaced buckets up to ``max_distance``. Causal (``bidirectional=False``): future keys
     fall into bucket 0 with the query itself (they are masked anyway).
     """
+    _checks.array("relative_position", relative_position, kind="integer")
+    bidirectional = _checks.boolean("bidirectional", bidirectional)
+    # Each direction needs an exact bucket (num_buckets // 2 per direction when bidirectional)
+    # and log-spaced ones beyond it up to max_distance.
+    _checks.int_at_least("num_buckets", num_buckets, 4 if bidirectional else 2)
+    exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    _checks.int_at_least("max_distance", max_distance, exact + 1)
     distance = -relative_position  # > 0: the key is in the past
     bucket = jnp.zeros_like(distance)
     if bidirectional:
@@ -193,6 +200,7 @@ class GatedAttentionUnit(_GAUSettings):
             _checks.int_at_least("chunk_size", self.chunk_size, 1)
         if getattr(x, "ndim", None) != 3:
             raise ValueError(f"x.shape={getattr(x, 'shape', None)} must be [batch, seq, features]")
+        _checks.array("x", x, kind="floating", nonempty=True, layout="[batch, seq, features]")
         batch, seq_len, features = x.shape
         if padding_mask is not None:
             if padding_mask.shape != (batch, seq_len) or padding_mask.dtype != jnp.bool_:

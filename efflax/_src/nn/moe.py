@@ -47,6 +47,16 @@ def moe_aux_loss(losses: Mapping[str, Any]) -> jax.Array:
       >>> loss = task_loss + moe_aux_loss(state["losses"])
     """
     leaves = jax.tree.leaves(losses)
+    for leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        is_number = isinstance(leaf, int | float) or (
+            dtype is not None and jnp.issubdtype(dtype, jnp.number)
+        )
+        if isinstance(leaf, bool) or not is_number:
+            raise ValueError(
+                f"losses holds {leaf!r}; pass the 'losses' collection of model.apply(..., "
+                "mutable=['losses']), whose leaves are numbers"
+            )
     return sum((jnp.sum(leaf) for leaf in leaves), jnp.zeros((), jnp.float32))
 
 
@@ -117,17 +127,21 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"activation={self.activation!r} must be one of {_ACTIVATIONS}")
         if self.dispatch not in ("gather", "einsum"):
             raise ValueError(f"dispatch={self.dispatch!r} must be 'gather' or 'einsum'")
-        if self.num_experts < 1 or self.hidden < 1:
-            raise ValueError(f"{self.num_experts=} and {self.hidden=} must be >= 1")
+        _checks.int_at_least("num_experts", self.num_experts)
+        _checks.int_at_least("hidden", self.hidden)
+        if self.group_size is not None:
+            _checks.int_at_least("group_size", self.group_size)
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) is not None:
+                _checks.positive_float(name, getattr(self, name))
         if self.router in _TOP_K and _TOP_K[self.router] > self.num_experts:
             raise ValueError(f"router={self.router!r} needs more than {self.num_experts=}")
-        if self.causal and self.router == "expert_choice":
+        if _checks.boolean("causal", self.causal) and self.router == "expert_choice":
             raise ValueError(
                 "router='expert_choice' with causal=True: expert choice ranks every token of a "
                 "group, including future ones, so it cannot be used in a causal (decoder) block"
             )
-        if not 0.0 <= self.gating_dropout <= 1.0:
-            raise ValueError(f"{self.gating_dropout=} must be in [0, 1]")
+        _checks.probability("gating_dropout", self.gating_dropout)
         # The same range multiplicative_jitter enforces: a negative eps must not mean "off".
         _checks.probability("jitter", self.jitter, allow_one=False)
         for name in ("load_balancing_coef", "z_loss_coef"):
@@ -385,6 +399,10 @@ def prune_experts(
       `(new_params, new_num_experts, kept)`: `kept` are the surviving experts' old indices,
       in their old order.
     """
+    if not isinstance(params, Mapping):
+        raise ValueError(
+            f"params must be the MoEFeedForward params dict, got {type(params).__name__}"
+        )
     scores = np.asarray(gate_weight, np.float64)
     expert_axes = {"wi": 0, "wi_0": 0, "wi_1": 0, "wo": 0}
     sizes = {

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pallas_kernels import _checks
 from pallas_kernels.monarch import MONARCH_OP
 from pallas_kernels.monarch import dense_to_monarch
 from pallas_kernels.monarch import monarch_matmul
@@ -42,7 +43,10 @@ def monarch_shapes(
     in_features: int, out_features: int, nblocks: int
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Factor shapes ``(w1 [nb, q, in/nb], w2 [nb, out/nb, q])`` with ``q = min(in, out) / nb``."""
-    if nblocks < 1 or in_features % nblocks or out_features % nblocks:
+    _checks.int_at_least("in_features", in_features)
+    _checks.int_at_least("out_features", out_features)
+    _checks.int_at_least("nblocks", nblocks)
+    if in_features % nblocks or out_features % nblocks:
         raise ValueError(
             f"{nblocks=} must divide in_features={in_features} and out_features={out_features}"
         )
@@ -71,6 +75,10 @@ def _monarch_forward(
     bias_init: Callable,
 ) -> jax.Array:
     """Creates ``w1``, ``w2`` (and ``bias``) in ``module``'s scope and applies them to ``x``."""
+    _checks.array("x", x, min_ndim=1, layout="[..., in_features]")
+    if x.shape[-1] < 1:
+        raise ValueError(f"x.shape={tuple(x.shape)} has no input features (last axis is 0)")
+    _checks.int_at_least("features", features)
     w1_shape, w2_shape = monarch_shapes(x.shape[-1], features, nblocks)
     init = nn.with_logical_partitioning(factor_init, MONARCH_AXES)
     w1 = module.param("w1", init, w1_shape, param_dtype)
@@ -151,6 +159,7 @@ class Monarchified(nn.Module):
         nn.share_scope(self, self.module)
 
     def __call__(self, *args, **kwargs):
+        _checks.int_at_least("nblocks", self.nblocks)
         # A plain function, not a method: module methods are themselves intercepted.
         intercept = functools.partial(
             _intercept_dense,
@@ -211,8 +220,10 @@ def monarchify(
       A module to ``init``/``apply`` like ``module``.
     """
     _check_implementation(implementation)
-    if nblocks < 1:
-        raise ValueError(f"{nblocks=} must be >= 1")
+    _checks.int_at_least("nblocks", nblocks)
+    _checks.function("include", include, optional=True)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module={module!r} must be a flax.linen Module")
     return Monarchified(
         module=module, nblocks=nblocks, implementation=implementation, include=include
     )
@@ -272,8 +283,8 @@ def project_dense_params(
     Returns:
       A params tree for the monarchified model (or ``MonarchDense`` layers of the same names).
     """
-    if nblocks < 1:
-        raise ValueError(f"{nblocks=} must be >= 1")
+    _checks.int_at_least("nblocks", nblocks)
+    _checks.function("include", include, optional=True)
 
     def convert(path, layer):
         kernel = layer.get("kernel")
@@ -309,10 +320,8 @@ class ReverseSparsification:
     dense_fraction: float = 0.1
 
     def __post_init__(self):
-        if self.total_steps < 1:
-            raise ValueError(f"{self.total_steps=} must be >= 1")
-        if not 0.0 <= self.dense_fraction <= 1.0:
-            raise ValueError(f"{self.dense_fraction=} must be in [0, 1]")
+        _checks.int_at_least("total_steps", self.total_steps)
+        _checks.probability("dense_fraction", self.dense_fraction)
 
     @property
     def switch_step(self) -> int:

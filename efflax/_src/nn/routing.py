@@ -89,7 +89,7 @@ def expert_capacity(
 
 
 def _check_logits(logits: jax.Array, name: str = "logits") -> None:
-    if getattr(logits, "ndim", None) != 3:
+    if not hasattr(logits, "dtype") or getattr(logits, "ndim", None) != 3:
         raise ValueError(
             f"router {name}.shape={getattr(logits, 'shape', None)} must be "
             "[groups, tokens, experts]"
@@ -101,11 +101,15 @@ def _check_logits(logits: jax.Array, name: str = "logits") -> None:
 
 
 def _check_probs(probs: jax.Array) -> None:
-    """Probabilities in [0, 1] (checked when known at trace time; a traced softmax always is)."""
+    """Probabilities in [0, 1] (checked when known at trace time; a traced softmax always is).
+
+    NaN passes: a NaN token (from a NaN input) stays NaN in its own outputs only.
+    """
     _check_logits(probs, "probs")
     values = _checks.concrete(probs)
-    if values is not None and not np.all((values >= 0) & (values <= 1)):
-        bad = values[~((values >= 0) & (values <= 1))]
+    outside = None if values is None else (values < 0) | (values > 1)
+    if outside is not None and np.any(outside):
+        bad = values[outside]
         raise ValueError(
             f"router probs must lie in [0, 1]; got values such as {bad[:4].tolist()} "
             "(pass softmax outputs, or use expert_choice/token_choice on logits)"
@@ -191,7 +195,7 @@ def token_choice(
     """
     _check_logits(logits)
     groups, num_tokens, num_experts = logits.shape
-    if k not in (1, 2):
+    if _checks.int_at_least("k", k) > 2:
         raise ValueError(f"{k=} must be 1 or 2")
     if k > num_experts:
         raise ValueError(f"{k=} exceeds {num_experts=}")
@@ -205,7 +209,7 @@ def token_choice_from_probs(probs: jax.Array, *, k: int, capacity: int) -> Routi
     """`token_choice` on given router probabilities `[groups, tokens, experts]` in [0, 1]."""
     _check_probs(probs)
     groups, num_tokens, num_experts = probs.shape
-    if k not in (1, 2) or k > num_experts:
+    if _checks.int_at_least("k", k) > 2 or k > num_experts:
         raise ValueError(f"{k=} must be 1 or 2 and at most num_experts={num_experts}")
     _check_capacity(capacity, num_tokens)
     top_gates, top_experts = lax.top_k(probs, k)  # [g, t, k]
@@ -249,11 +253,14 @@ def load_balancing_loss(probs: jax.Array, expert_indices: jax.Array | None = Non
     if expert_indices is None:
         expert_indices = jnp.argmax(probs, axis=-1)
     else:
+        _checks.array("expert_indices", expert_indices, kind="integer")
         if expert_indices.shape[:2] != probs.shape[:2] or expert_indices.ndim not in (2, 3):
             raise ValueError(
                 f"expert_indices.shape={expert_indices.shape} must be [groups, tokens] or "
                 f"[groups, tokens, k] matching probs.shape={probs.shape}"
             )
+        # An out-of-range expert would count for no expert (a one-hot row of zeros).
+        _checks.indices_in_range("expert_indices", expert_indices, num_experts)
         if expert_indices.ndim == probs.ndim:
             expert_indices = expert_indices[..., 0]
     fraction = jnp.mean(jax.nn.one_hot(expert_indices, num_experts, dtype=jnp.float32), axis=-2)
@@ -262,12 +269,19 @@ def load_balancing_loss(probs: jax.Array, expert_indices: jax.Array | None = Non
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
-    """ST-MoE router z-loss: mean over tokens of `logsumexp(logits)^2` (coefficient 1e-3)."""
+    """ST-MoE router z-loss: mean over tokens of `logsumexp(logits)^2` (coefficient 1e-3).
+
+    Args:
+      logits: router logits `[..., experts]` (floating; at least one token and one expert).
+    """
+    _checks.array("logits", logits, min_ndim=1, kind="floating", nonempty=True)
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
 
 
 def multiplicative_jitter(x: jax.Array, rng: jax.Array, eps: float = 1e-2) -> jax.Array:
     """Multiply `x` by noise drawn uniformly from `[1 - eps, 1 + eps]` (Switch router input)."""
+    _checks.array("x", x, kind="floating")
+    _checks.prng_key("rng", rng)
     _checks.probability("eps", eps, allow_one=False)
     noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
     return (x.astype(jnp.float32) * noise).astype(x.dtype)
@@ -276,6 +290,33 @@ def multiplicative_jitter(x: jax.Array, rng: jax.Array, eps: float = 1e-2) -> ja
 def _check_method(method: str) -> None:
     if method not in _DISPATCH_METHODS:
         raise ValueError(f"{method=} must be one of {_DISPATCH_METHODS}")
+
+
+def _check_slot_table(
+    name: str, value: jax.Array, token_indices: jax.Array, *, kind: str | None = None
+) -> None:
+    """``value`` (gates, slot_mask) must have the ``[groups, experts, capacity]`` shape of
+    ``token_indices``."""
+    _checks.array(name, value, kind=kind)
+    if tuple(value.shape) != tuple(token_indices.shape):
+        raise ValueError(
+            f"{name}.shape={tuple(value.shape)} must equal token_indices.shape="
+            f"{tuple(token_indices.shape)} [groups, experts, capacity]"
+        )
+
+
+def _check_token_indices(token_indices: jax.Array, groups: int | None, num_tokens: int) -> None:
+    _checks.array(
+        "token_indices", token_indices, ndim=3, kind="integer", layout="[groups, experts, capacity]"
+    )
+    if groups is not None and token_indices.shape[0] != groups:
+        raise ValueError(
+            f"token_indices.shape={tuple(token_indices.shape)} has {token_indices.shape[0]} "
+            f"groups but the tokens have {groups}"
+        )
+    # The gather/scatter promise in-bounds indices: an index out of range would read or write
+    # another group's token. Checked when the indices are known (the routers' always are).
+    _checks.indices_in_range("token_indices", token_indices, num_tokens)
 
 
 def _dispatch_mask(token_indices, slot_mask, num_tokens, dtype):
@@ -314,11 +355,28 @@ def dispatch(
         matmuls and the all-to-all want (no transpose of the activations).
     """
     _check_method(method)
+    _checks.array("x", x, ndim=3, layout="[groups, tokens, d]")
     groups, num_tokens, d = x.shape
+    _check_token_indices(token_indices, groups, num_tokens)
+    if slot_mask is not None:
+        _check_slot_table("slot_mask", slot_mask, token_indices)
     if method == "einsum":
         mask_bool = jnp.ones(token_indices.shape, bool) if slot_mask is None else slot_mask
         mask = _dispatch_mask(token_indices, mask_bool, num_tokens, x.dtype)
-        return jnp.einsum("gect,gtd->egcd" if expert_major else "gect,gtd->gecd", mask, x)
+        # 0 * NaN = NaN: a non-finite token would reach every slot of its group through the
+        # zeros of the one-hot. Contract the finite values and mark the slots that hold a
+        # non-finite token, as the gather path does.
+        finite = jnp.isfinite(x)
+        out = jnp.einsum(
+            "gect,gtd->egcd" if expert_major else "gect,gtd->gecd",
+            mask,
+            jnp.where(finite, x, jnp.zeros((), x.dtype)),
+        )
+        bad_token = (~jnp.all(finite, axis=-1)).astype(mask.dtype)
+        bad_slot = jnp.einsum("gect,gt->gec", mask, bad_token) > 0
+        if expert_major:
+            bad_slot = jnp.swapaxes(bad_slot, 0, 1)
+        return jnp.where(bad_slot[..., None], jnp.array(jnp.nan, x.dtype), out)
     flat = _flat_token_indices(token_indices, num_tokens, expert_major)
     # Routers only emit indices in [0, tokens): no bounds handling (fill/drop masks), which on
     # CPU costs a select over every gathered row, here and in the transposed scatter-add.
@@ -347,14 +405,38 @@ def combine(
     `[0, num_tokens)`.
     """
     _check_method(method)
+    num_tokens = _checks.int_at_least("num_tokens", num_tokens)
+    _checks.array("expert_out", expert_out, ndim=4)
+    _check_token_indices(token_indices, None, num_tokens)
+    _check_slot_table("gates", gates, token_indices)
+    g, e, c = token_indices.shape
+    expected = (e, g, c) if expert_major else (g, e, c)
+    if tuple(expert_out.shape[:3]) != expected:
+        layout = (
+            "[experts, groups, capacity, d]" if expert_major else "[groups, experts, capacity, d]"
+        )
+        raise ValueError(
+            f"expert_out.shape={tuple(expert_out.shape)} must be {layout} = {expected + ('d',)} "
+            f"for token_indices.shape={tuple(token_indices.shape)}"
+        )
     dtype = expert_out.dtype
     groups, d = token_indices.shape[0], expert_out.shape[-1]
     gates = gates.astype(jnp.float32)
     if method == "einsum":
         ones = jnp.ones(token_indices.shape, bool)
-        weights = _dispatch_mask(token_indices, ones, num_tokens, jnp.float32) * gates[..., None]
+        one_hot = _dispatch_mask(token_indices, ones, num_tokens, jnp.float32)
+        # As in dispatch: a non-finite slot (or gate) reaches only the token it belongs to.
+        finite = jnp.isfinite(expert_out)
+        bad_slot = ~jnp.all(finite, axis=-1)
+        if expert_major:
+            bad_slot = jnp.swapaxes(bad_slot, 0, 1)
+        bad_slot = bad_slot | ~jnp.isfinite(gates)
+        weights = one_hot * jnp.where(jnp.isfinite(gates), gates, 0.0)[..., None]
         spec = "gect,egcd->gtd" if expert_major else "gect,gecd->gtd"
-        return jnp.einsum(spec, weights.astype(dtype), expert_out).astype(dtype)
+        clean = jnp.where(finite, expert_out, jnp.zeros((), dtype))
+        out = jnp.einsum(spec, weights.astype(dtype), clean).astype(dtype)
+        bad_token = jnp.einsum("gect,gec->gt", one_hot, bad_slot.astype(jnp.float32)) > 0
+        return jnp.where(bad_token[..., None], jnp.array(jnp.nan, dtype), out)
     if expert_major:
         gates = jnp.swapaxes(gates, 0, 1)
     weighted = expert_out.astype(jnp.float32) * gates[..., None]
@@ -373,6 +455,7 @@ class LinearRouter(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        _checks.int_at_least("num_experts", self.num_experts)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, ("embed", None)),
@@ -399,8 +482,9 @@ class XMoERouter(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.temperature_init <= 0:
-            raise ValueError(f"{self.temperature_init=} must be > 0")
+        _checks.int_at_least("num_experts", self.num_experts)
+        _checks.int_at_least("dim", self.dim)
+        _checks.positive_float("temperature_init", self.temperature_init)
         projection = self.param(
             "projection",
             nn.with_logical_partitioning(self.kernel_init, ("embed", None)),

@@ -38,6 +38,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import _checks
 from pallas_kernels._compat import shard_map
 from pallas_kernels._compat import to_varying
 
@@ -82,6 +83,13 @@ def consensus_average(stacked: Any, axis_name: str | None = None) -> Any:
       A pytree like ``stacked`` with every client holding the average.
     """
 
+    for path, leaf in jax.tree_util.tree_leaves_with_path(stacked):
+        if jnp.ndim(leaf) == 0:
+            raise ValueError(
+                f"stacked{jax.tree_util.keystr(path)} is a scalar; every leaf needs a leading "
+                "client axis"
+            )
+
     def average(leaf):
         mean = jnp.mean(leaf, axis=0, keepdims=True)
         if axis_name is not None:
@@ -91,23 +99,92 @@ def consensus_average(stacked: Any, axis_name: str | None = None) -> Any:
     return jax.tree.map(average, stacked)
 
 
+def _check_scalar(name: str, value: Any, check: Callable[[str, float], float]) -> None:
+    """Checks a hyperparameter that is known now; a traced one (``optax.inject_hyperparams``
+    turns numbers into arrays) or a schedule is checked where it is used, if at all."""
+    if callable(value):
+        return
+    host = _checks.concrete(value)
+    if host is None:
+        return
+    if host.ndim != 0 or not np.issubdtype(host.dtype, np.number) or host.dtype == bool:
+        raise ValueError(f"{name}={value!r} must be a real scalar")
+    check(name, float(host))
+
+
 def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
-    if not callable(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"{learning_rate=} must be positive")
+    _check_scalar("learning_rate", learning_rate, _checks.positive_float)
+
+
+def _check_probability(probability: Any) -> None:
+    _check_scalar(
+        "probability",
+        probability,
+        lambda name, value: _checks.probability(name, value, allow_zero=False),
+    )
 
 
 def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
 
 
-def _default_communicate(communicate: Communicate | None, axis_name: str | None) -> Communicate:
+def _as_key(key: Any) -> jax.Array:
+    """A typed PRNG key from an int seed, an int scalar array, a typed key or raw key data."""
+    if isinstance(key, bool):
+        raise ValueError(f"key={key!r} must be a PRNG key or an int seed")
+    if isinstance(key, int | np.integer):
+        return jax.random.key(key)
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"key shape={key.shape} must be a single key (shape ())")
+        return key
+    if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(key) == 0:
+        return jax.random.key(key)
+    if dtype == jnp.uint32 and jnp.shape(key) == (2,):
+        return jax.random.wrap_key_data(key)
+    raise ValueError(f"key={key!r} must be a PRNG key or an int seed")
+
+
+# The step's client axis, passed by make_client_step as ``update(..., client_axis_name=...)``;
+# absent when a user calls ``update`` themselves.
+_ABSENT = object()
+
+
+def _client_axis(built: str | None, passed: Any, transform: str) -> str | None:
+    """The mesh axis to average over: the step's (passed) one, which a transform built with an
+    explicit ``axis_name`` must agree with."""
+    if passed is _ABSENT:
+        return built
+    if built is not None and built != passed:
+        where = f"over mesh axis {passed!r}" if passed is not None else "without a mesh (vmap)"
+        # Otherwise each device would average only its own clients: a silent wrong answer.
+        raise ValueError(
+            f"{transform} was built with axis_name={built!r} but the step runs its clients "
+            f"{where}; build it with axis_name={passed!r} or leave axis_name unset (the step "
+            "passes its axis)"
+        )
+    return passed
+
+
+def _check_communicate(communicate: Any) -> None:
+    if communicate is not None and not callable(communicate):
+        raise ValueError(f"communicate={communicate!r} must be callable or None")
+
+
+def _communicate_fn(communicate: Communicate | None, axis_name: str | None) -> Communicate:
     if communicate is not None:
         return communicate
     return lambda stacked: consensus_average(stacked, axis_name)
 
 
 def communication_period(probability: float) -> int:
-    """Steps between communications of the derandomised variant: ``max(1, round(1 / p))``."""
+    """Steps between communications of the derandomised variant: ``max(1, round(1 / p))``.
+
+    Raises:
+      ValueError: ``probability`` is not in (0, 1].
+    """
+    probability = _checks.probability("probability", probability, allow_zero=False)
     return max(1, round(1.0 / probability))
 
 
@@ -142,18 +219,26 @@ def proxskip(
       communicate: operator on the client-stacked tree ``x_hat - (gamma/p) h`` returning the new
         client-stacked iterates; default `consensus_average`.
       axis_name: mesh axis the clients are spread over when the update runs inside ``shard_map``
-        (used by the default communication operator; see `make_client_step`).
+        (used by the default communication operator). Leave it ``None`` with
+        `make_client_step`: the step passes its axis to ``update`` as the keyword argument
+        ``client_axis_name``, through any optax wrapper (``chain``, ``inject_hyperparams``,
+        ``multi_transform``); an explicit value must agree with the step's axis.
 
     Returns:
-      An optax transform; ``update(grads, state, params)`` takes client-stacked gradients
-      grad f_i(x_i) and parameters x_i (``params`` is required).
+      An optax transform; ``update(grads, state, params, *, client_axis_name=...)`` takes
+      client-stacked gradients grad f_i(x_i) and parameters x_i (``params`` is required).
     """
-    if not 0.0 < probability <= 1.0:
-        raise ValueError(f"{probability=} must be in (0, 1]")
+    _check_probability(probability)
     _check_learning_rate(learning_rate)
-    communicate_fn = _default_communicate(communicate, axis_name)
-    period = communication_period(probability)
-    base_key = jax.random.key(key) if isinstance(key, int | np.integer) else key
+    _check_communicate(communicate)
+    if derandomized:
+        if _checks.concrete(probability) is None:
+            raise ValueError(
+                "derandomized=True needs a concrete probability to fix the period (with "
+                "optax.inject_hyperparams, list 'probability' in static_args)"
+            )
+        period = communication_period(float(_checks.concrete(probability)))
+    base_key = _as_key(key)
 
     def init_fn(params):
         return ProxSkipState(
@@ -163,10 +248,13 @@ def proxskip(
             communications=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, client_axis_name=_ABSENT, **extra_args):
         del extra_args
         if params is None:
             raise ValueError("proxskip needs the client-stacked params in update(..., params)")
+        communicate_fn = _communicate_fn(
+            communicate, _client_axis(axis_name, client_axis_name, "proxskip")
+        )
         gamma = _learning_rate_at(learning_rate, state.count)
         h = state.control_variates
         x_hat = jax.tree.map(lambda x, g, h_i: x - gamma * (g - h_i), params, updates, h)
@@ -193,7 +281,6 @@ def proxskip(
         )
         return new_updates, new_state
 
-    update_fn.client_axis_name = axis_name  # checked by make_client_step
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -215,24 +302,28 @@ def local_gd(
       learning_rate: step size gamma or schedule.
       local_steps: K >= 1, steps between communications (K = 1 is `distributed_gd`).
       communicate: as in `proxskip`; default `consensus_average`.
-      axis_name: mesh axis of the clients inside ``shard_map``.
+      axis_name: mesh axis of the clients inside ``shard_map``; as in `proxskip`, leave it
+        ``None`` with `make_client_step`.
 
     Returns:
-      An optax transform; ``update(grads, state, params)`` as in `proxskip`.
+      An optax transform; ``update(grads, state, params, *, client_axis_name=...)`` as in
+      `proxskip`.
     """
     _check_learning_rate(learning_rate)
-    if int(local_steps) != local_steps or local_steps < 1:
-        raise ValueError(f"{local_steps=} must be a positive integer")
-    communicate_fn = _default_communicate(communicate, axis_name)
+    local_steps = _checks.int_at_least("local_steps", local_steps)
+    _check_communicate(communicate)
 
     def init_fn(params):
         del params
         return LocalGDState(count=jnp.zeros([], jnp.int32), communications=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, client_axis_name=_ABSENT, **extra_args):
         del extra_args
         if params is None:
             raise ValueError("local_gd needs the client-stacked params in update(..., params)")
+        communicate_fn = _communicate_fn(
+            communicate, _client_axis(axis_name, client_axis_name, "local_gd")
+        )
         gamma = _learning_rate_at(learning_rate, state.count)
         stepped = jax.tree.map(lambda x, g: x - gamma * g, params, updates)
         coin = (state.count + 1) % local_steps == 0
@@ -242,7 +333,6 @@ def local_gd(
             count=state.count + 1, communications=state.communications + coin.astype(jnp.int32)
         )
 
-    update_fn.client_axis_name = axis_name  # checked by make_client_step
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -259,10 +349,23 @@ def distributed_gd(
 
 # --- steps -------------------------------------------------------------------------------------
 def _state_specs(state: Any, axis_name: str) -> Any:
-    """Client-stacked fields of the state are split over ``axis_name``; the rest is replicated."""
-    if isinstance(state, ProxSkipState):
-        return ProxSkipState(P(), P(axis_name), P(), P())
-    return jax.tree.map(lambda _: P(), state)
+    """Client-stacked fields of the state are split over ``axis_name``; the rest is replicated.
+
+    The ProxSkip states are found anywhere in the tree (inside ``chain``, ``inject_hyperparams``,
+    ``multi_transform`` states).
+    """
+
+    def spec(node):
+        if isinstance(node, ProxSkipState):
+            return ProxSkipState(
+                count=P(),
+                control_variates=jax.tree.map(lambda _: P(axis_name), node.control_variates),
+                key=P(),
+                communications=P(),
+            )
+        return P()
+
+    return jax.tree.map(spec, state, is_leaf=lambda node: isinstance(node, ProxSkipState))
 
 
 def _num_clients(params: Any) -> int:
@@ -283,9 +386,16 @@ def make_client_step(
 ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
     """Builds ``step(params, state, client_data) -> (params, state)``, jitted.
 
+    The step passes its client axis to ``tx.update`` as the keyword argument
+    ``client_axis_name`` (the mesh axis, or ``None`` for the vmapped step). optax's wrappers
+    forward keyword arguments to the transforms that take them, so `proxskip` and `local_gd`
+    average over every client even inside ``optax.chain``, ``optax.inject_hyperparams`` or
+    ``optax.multi_transform``; one built with a different explicit ``axis_name`` raises. A custom
+    ``communicate`` operator receives this device's clients only and must do its own collective.
+
     Args:
-      tx: a transform from this module. For the sharded step build it with the same
-        ``axis_name`` (its default communication then averages across the mesh axis).
+      tx: a transform from this module, possibly wrapped (any optax transform works; those
+        that take no extra arguments never see the axis).
       client_grad_fn: ``client_grad_fn(client_params, client_data) -> grads`` for one client
         (unstacked); it is vmapped over the clients.
       mesh: if given, clients are split over ``mesh`` axis ``axis_name`` with ``shard_map``; the
@@ -297,22 +407,30 @@ def make_client_step(
       The jitted step (``step.lower(...)`` works, to inspect the compiled HLO).
     """
 
+    if not callable(client_grad_fn):
+        raise ValueError(f"client_grad_fn={client_grad_fn!r} must be callable")
+    if mesh is None and axis_name is not None:
+        raise ValueError(f"{axis_name=} needs a mesh (the clients are vmapped without one)")
+    if mesh is not None and (axis_name is None or axis_name not in mesh.axis_names):
+        raise ValueError(f"{axis_name=} must name an axis of the mesh {mesh.axis_names}")
+    tx = optax.with_extra_args_support(tx)
+
     def local_step(params, state, client_data):
         grads = jax.vmap(client_grad_fn)(params, client_data)
-        updates, state = tx.update(grads, state, params)
+        try:
+            updates, state = tx.update(grads, state, params, client_axis_name=axis_name)
+        except TypeError as e:
+            if "client_axis_name" not in str(e):
+                raise
+            raise ValueError(
+                "a transform in tx takes extra arguments but not client_axis_name (its update "
+                "lacks **extra_args); make_client_step passes the client axis that way: "
+                f"{e}"
+            ) from e
         return optax.apply_updates(params, updates), state
 
     if mesh is None:
         return jax.jit(local_step)
-    if axis_name is None or axis_name not in mesh.axis_names:
-        raise ValueError(f"{axis_name=} must name an axis of the mesh {mesh.axis_names}")
-    tx_axis = getattr(tx.update, "client_axis_name", axis_name)
-    if tx_axis != axis_name:
-        # Otherwise each device would average only its own clients: a silent wrong answer.
-        raise ValueError(
-            f"the transform was built with axis_name={tx_axis!r} but the step shards clients "
-            f"over {axis_name=}; build it with axis_name={axis_name!r}"
-        )
     axis_size = mesh.shape[axis_name]
 
     @jax.jit

@@ -26,20 +26,14 @@ from typing import Any
 
 import optax
 
+from pallas_kernels import _checks
+
 __all__ = [
     "cycle_end_steps",
     "cycle_lengths",
     "exponential_cyclic_cosine_schedule",
     "tradeoff_points",
 ]
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    if value < minimum:
-        raise ValueError(f"{name}={value!r} must be >= {minimum}")
-    return int(value)
 
 
 def cycle_lengths(
@@ -63,12 +57,10 @@ def cycle_lengths(
       >>> cycle_lengths(10, cycle_multiplier=1.5, num_cycles=4)
       [10, 15, 23, 34]
     """
-    first_cycle_steps = _check_int("first_cycle_steps", first_cycle_steps, minimum=1)
-    num_cycles = _check_int("num_cycles", num_cycles, minimum=1)
-    if isinstance(cycle_multiplier, bool) or not isinstance(cycle_multiplier, numbers.Real):
-        raise ValueError(f"{cycle_multiplier=} must be a real number >= 1")
-    if not (math.isfinite(cycle_multiplier) and cycle_multiplier >= 1):
-        raise ValueError(f"{cycle_multiplier=} must be a finite number >= 1")
+    first_cycle_steps = _checks.int_at_least("first_cycle_steps", first_cycle_steps, 1)
+    num_cycles = _checks.int_at_least("num_cycles", num_cycles, 1)
+    if _checks.finite_float("cycle_multiplier", cycle_multiplier) < 1:
+        raise ValueError(f"{cycle_multiplier=} must be >= 1")
     # Exact integer arithmetic when possible, so that 2**40 * T0 has no float error.
     if float(cycle_multiplier).is_integer():
         return [first_cycle_steps * int(cycle_multiplier) ** i for i in range(num_cycles)]
@@ -79,7 +71,7 @@ def cycle_lengths(
 
 
 def _check_warmup(warmup_steps: int, lengths: Sequence[int]) -> int:
-    warmup_steps = _check_int("warmup_steps", warmup_steps, minimum=0)
+    warmup_steps = _checks.int_at_least("warmup_steps", warmup_steps, 0)
     if warmup_steps > sum(lengths):
         raise ValueError(
             f"{warmup_steps=} is longer than the {sum(lengths)} annealing steps of the "
@@ -179,13 +171,8 @@ def exponential_cyclic_cosine_schedule(
         first_cycle_steps, cycle_multiplier=cycle_multiplier, num_cycles=num_cycles
     )
     warmup_steps = _check_warmup(warmup_steps, lengths)
-    for name, value in (("peak_value", peak_value), ("end_value", end_value)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"{name}={value!r} must be a real number")
-        if not math.isfinite(value):
-            raise ValueError(f"{name}={value!r} must be finite")
-    if not peak_value > 0:
-        raise ValueError(f"{peak_value=} must be > 0")
+    _checks.positive_float("peak_value", peak_value)
+    _checks.finite_float("end_value", end_value)
     if not 0 <= end_value <= peak_value:
         raise ValueError(f"{end_value=} must be in [0, peak_value={peak_value}]")
 
@@ -238,6 +225,8 @@ def tradeoff_points(
             by_step[int(record["step"])] = record
     points = []
     for step in steps:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ValueError(f"steps holds {step!r}; the budgets must be integer step counts")
         step = int(step)
         if step not in by_step:
             raise ValueError(f"{step=} has no record with {metric=} in the history")

@@ -5,7 +5,11 @@ Cohen, Ghorbani, Krishnan, Agarwal, Medapati, Badura, Suo, Cardoze, Nado, Dahl, 
 Full-batch Adam trains with the top eigenvalue of P^-1/2 H P^-1/2 (P = sqrt(v_hat) + eps, the
 frozen preconditioner) hovering at (2 + 2 b1) / ((1 - b1) lr), as GD's sharpness hovers at 2 / lr.
 
-Everything here is a pure function of a params pytree (and an optax state), so it can be jitted:
+Everything here is a pure function of a params pytree (and an optax state), so it can be jitted.
+Hessian-vector products are traced inside ``pallas_kernels.op.forward_mode_autodiff()``: every
+efflax op (attention, Monarch matmul, ...) then runs an implementation that ``jax.jvp`` can
+differentiate (the XLA path: the same numbers; Pallas kernels carry a ``custom_vjp``, which
+forward mode cannot cross), so the probes measure models built from efflax's own layers:
 
     loss = lambda p: mse(model.apply(p, x), y)
     top = sharpness(loss, params, key=jax.random.key(0))
@@ -23,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
+
+from pallas_kernels import _checks
+from pallas_kernels.op import forward_mode_autodiff
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -42,22 +49,90 @@ __all__ = [
 _OPTAX_DEFAULT_B2 = 0.999
 
 
+def _check_floating(name: str, tree: PyTree) -> None:
+    """The Hessian is taken in floating-point leaves only (an integer leaf has no tangent)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if not leaves:
+        raise ValueError(f"{name} has no leaves")
+    for path, leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}: the Hessian needs "
+                "floating-point parameters (close over integer or boolean leaves in loss_fn)"
+            )
+
+
+def _check_key(key: Any) -> None:
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ()
+    raw = dtype == jnp.uint32 and jnp.shape(key) == (2,)
+    if not (typed or raw):
+        raise ValueError(f"key={key!r} must be a single PRNG key, e.g. jax.random.key(0)")
+
+
+def _check_scalar_loss(loss_fn: Callable[[PyTree], jax.Array], params: PyTree) -> None:
+    out = jax.eval_shape(loss_fn, params)
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"loss_fn must return a float scalar; it returned shape {shape}, dtype {dtype}"
+        )
+
+
+_FORWARD_MODE_HINT = (
+    "loss_fn reaches a Pallas kernel that JAX cannot differentiate in forward mode (its JVP "
+    "rule failed on an AssertionError): use efflax layers or the pallas_kernels ops "
+    "(dot_product_attention, monarch_matmul), which switch to their XLA path inside the probes"
+)
+
+
+def _raised_in_pallas(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None:
+        if "pallas" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree) -> PyTree:
     """Hessian-vector product H(params) @ vector, forward-over-reverse.
 
+    Traced inside ``pallas_kernels.op.forward_mode_autodiff()``, so models built from efflax
+    layers use their forward-mode-capable (XLA) implementations here, whatever implementation
+    they were configured with; and with ``jax.disable_jit()``, so that a ``jax.jit``-compiled
+    function inside ``loss_fn`` (traced before, with the Pallas kernels, and cached) is traced
+    again here. Called outside ``jit`` this runs op by op: jit the caller (the probes do).
+
     Args:
       loss_fn: scalar function of ``params`` (close over the batch).
-      params: point at which the Hessian is taken.
-      vector: pytree with the structure of ``params``.
+      params: point at which the Hessian is taken (floating-point leaves).
+      vector: pytree with the structure and leaf shapes of ``params`` (cast to their dtypes).
 
     Returns:
       A pytree like ``params``: the directional derivative of ``grad(loss_fn)`` along ``vector``.
+
+    Raises:
+      ValueError: ``vector`` and ``params`` differ in structure or shapes, a leaf of ``params``
+        is not floating-point, or ``loss_fn`` does not return a scalar.
     """
-    return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+    _checks.same_structure("params", params, "vector", vector)
+    _check_floating("params", params)
+    vector = jax.tree.map(lambda v, p: jnp.asarray(v).astype(jnp.result_type(p)), vector, params)
+    with forward_mode_autodiff(), jax.disable_jit():
+        _check_scalar_loss(loss_fn, params)
+        try:
+            return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+        except AssertionError as e:  # what Pallas' JVP rule raises on a kernel it cannot push
+            if not _raised_in_pallas(e):
+                raise
+            raise ValueError(_FORWARD_MODE_HINT) from e
 
 
 def _flat_operator(matvec: MatVec, params_like: PyTree):
     """Returns (flat matvec in the compute dtype, unravel, size, compute dtype)."""
+    _check_floating("params_like", params_like)
     flat, unravel = ravel_pytree(params_like)
     if flat.size == 0:
         raise ValueError("params_like has no elements")
@@ -78,8 +153,7 @@ def _unroll(unroll: bool | int | None) -> bool | int:
 
 
 def _check_steps(num_steps: int, name: str = "num_steps") -> None:
-    if not isinstance(num_steps, int | np.integer) or num_steps < 1:
-        raise ValueError(f"{name}={num_steps!r} must be a positive int")
+    _checks.int_at_least(name, num_steps, 1)
 
 
 def lanczos(
@@ -121,6 +195,7 @@ def lanczos(
     """
     _check_steps(num_steps)
     _check_steps(num_eigenvalues, "num_eigenvalues")
+    _check_key(key)
     flat_matvec, unravel, size, dtype = _flat_operator(matvec, params_like)
     steps = min(int(num_steps), size)
     if num_eigenvalues > steps:
@@ -197,6 +272,7 @@ def power_iteration(
       (unit norm, a pytree like ``params_like``).
     """
     _check_steps(num_steps)
+    _check_key(key)
     flat_matvec, unravel, size, dtype = _flat_operator(matvec, params_like)
     v0 = jax.random.normal(key, (size,), dtype)
     v0 = v0 / jnp.linalg.norm(v0)
@@ -234,6 +310,7 @@ def sharpness(
     Returns:
       Scalar: the largest (algebraic) Hessian eigenvalue.
     """
+    _check_floating("params", params)
     matvec = lambda v: hvp(loss_fn, params, v)
     return lanczos(matvec, params, num_steps=num_steps, key=key, unroll=unroll)[0]
 
@@ -307,13 +384,15 @@ def adam_preconditioner(
     Raises:
       ValueError: no (or several) Adam states in ``opt_state``, or bad ``eps`` / ``b2``.
     """
-    if not eps >= 0:
-        raise ValueError(f"eps={eps!r} must be >= 0")
+    _checks.positive_float("eps", eps, allow_zero=True)
     adam_state, hyperparams = _find_adam_state(opt_state)
     if b2 is None:
         b2 = (hyperparams or {}).get("b2", _OPTAX_DEFAULT_B2)
-    if isinstance(b2, float | int) and not 0.0 <= b2 < 1.0:
-        raise ValueError(f"b2={b2!r} must be in [0, 1)")
+    host_b2 = _checks.concrete(b2)
+    if host_b2 is not None:
+        if host_b2.ndim != 0:
+            raise ValueError(f"b2={b2!r} must be a scalar")
+        _checks.probability("b2", float(host_b2), allow_one=False)
     count = jnp.asarray(adam_state.count)
     if bias_correction:
         # Before the first update nu is zero; treat v_hat as zero then (P = eps).
@@ -359,12 +438,9 @@ def preconditioned_sharpness(
       Scalar: the largest eigenvalue of the preconditioned Hessian. Compare with
       ``adam_stability_threshold(lr, b1)``.
     """
+    _check_floating("params", params)
     precond = adam_preconditioner(opt_state, eps=eps, bias_correction=bias_correction, b2=b2)
-    if jax.tree_util.tree_structure(precond) != jax.tree_util.tree_structure(params):
-        raise ValueError(
-            "the Adam state's nu does not have the structure of params: "
-            f"{jax.tree_util.tree_structure(precond)} vs {jax.tree_util.tree_structure(params)}"
-        )
+    _checks.same_structure("params", params, "the Adam state's nu", precond)
     inv_sqrt = jax.tree_util.tree_map(lambda p: jax.lax.rsqrt(p), precond)
 
     def scale(tree: PyTree) -> PyTree:
@@ -377,8 +453,7 @@ def preconditioned_sharpness(
 
 
 def _check_learning_rate(learning_rate: float) -> None:
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate={learning_rate!r} must be > 0")
+    _checks.positive_float("learning_rate", learning_rate)
 
 
 def adam_stability_threshold(learning_rate: float, b1: float) -> float:
@@ -389,16 +464,14 @@ def adam_stability_threshold(learning_rate: float, b1: float) -> float:
     P^-1 H is below this value.
     """
     _check_learning_rate(learning_rate)
-    if not 0.0 <= b1 < 1.0:
-        raise ValueError(f"b1={b1!r} must be in [0, 1)")
+    _checks.probability("b1", b1, allow_one=False)
     return (2.0 + 2.0 * b1) / ((1.0 - b1) * learning_rate)
 
 
 def gd_stability_threshold(learning_rate: float, momentum: float = 0.0) -> float:
     """(2 + 2 momentum) / lr: the sharpness limit of GD with heavy-ball momentum (2 / lr plain)."""
     _check_learning_rate(learning_rate)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum={momentum!r} must be in [0, 1)")
+    _checks.probability("momentum", momentum, allow_one=False)
     return (2.0 + 2.0 * momentum) / learning_rate
 
 
@@ -421,6 +494,8 @@ class SharpnessProbe:
       gd_momentum: heavy-ball momentum for ``gd_threshold``.
       raw: also measure the raw sharpness (doubles the cost).
       seed: key for ``measure`` when no key is given.
+      unroll: as in ``lanczos`` (``None``: fully unrolled on CPU, where it runs fastest; 1
+        compiles one Hessian-vector product per eigenvalue, the shortest compile).
 
     Example:
       >>> probe = SharpnessProbe(loss, every=50, learning_rate=1e-3, b1=0.9, eps=1e-7)
@@ -441,15 +516,18 @@ class SharpnessProbe:
         gd_momentum: float = 0.0,
         raw: bool = True,
         seed: int = 0,
+        unroll: bool | int | None = None,
     ) -> None:
         _check_steps(every, "every")
         _check_steps(num_steps)
         if not callable(learning_rate):
             _check_learning_rate(learning_rate)
-        adam_stability_threshold(1.0, b1)  # validates b1
-        gd_stability_threshold(1.0, gd_momentum)
-        if not eps >= 0:
-            raise ValueError(f"eps={eps!r} must be >= 0")
+        _checks.probability("b1", b1, allow_one=False)
+        _checks.probability("gd_momentum", gd_momentum, allow_one=False)
+        _checks.positive_float("eps", eps, allow_zero=True)
+        _checks.int_at_least("seed", seed, 0)
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn={loss_fn!r} must be callable")
         self.every = int(every)
         self.learning_rate = learning_rate
         self.b1 = b1
@@ -461,11 +539,20 @@ class SharpnessProbe:
             raw_key, pre_key = jax.random.split(key)
             out = {
                 "preconditioned_sharpness": preconditioned_sharpness(
-                    loss, params, opt_state, eps=eps, num_steps=num_steps, key=pre_key, b2=b2
+                    loss,
+                    params,
+                    opt_state,
+                    eps=eps,
+                    num_steps=num_steps,
+                    key=pre_key,
+                    b2=b2,
+                    unroll=unroll,
                 )
             }
             if raw:
-                out["sharpness"] = sharpness(loss, params, num_steps=num_steps, key=raw_key)
+                out["sharpness"] = sharpness(
+                    loss, params, num_steps=num_steps, key=raw_key, unroll=unroll
+                )
             return out
 
         self._batch = batch
@@ -481,14 +568,18 @@ class SharpnessProbe:
 
         Returns:
           Floats: ``sharpness`` (if ``raw``), ``preconditioned_sharpness``, ``adam_threshold``,
-          ``gd_threshold`` and the two ratios to their thresholds.
+          ``gd_threshold`` and the two ratios to their thresholds (thresholds are ``inf`` and
+          ratios 0 where a learning-rate schedule has reached 0).
         """
         if key is None:
             key = jax.random.fold_in(jax.random.key(self.seed), step)
         out = {k: float(v) for k, v in self._measure(params, opt_state, self._batch, key).items()}
         lr = self._learning_rate_at(step)
-        out["adam_threshold"] = adam_stability_threshold(lr, self.b1)
-        out["gd_threshold"] = gd_stability_threshold(lr, self.gd_momentum)
+        if lr == 0.0:  # a schedule that has decayed to zero: nothing is unstable
+            out["adam_threshold"] = out["gd_threshold"] = float("inf")
+        else:
+            out["adam_threshold"] = adam_stability_threshold(lr, self.b1)
+            out["gd_threshold"] = gd_stability_threshold(lr, self.gd_momentum)
         out["preconditioned_sharpness_ratio"] = (
             out["preconditioned_sharpness"] / out["adam_threshold"]
         )

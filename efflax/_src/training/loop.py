@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import Protocol
@@ -104,6 +106,8 @@ def open_checkpoints(
         _checks.int_at_least("save_every", save_every)
     if max_to_keep is not None:
         _checks.int_at_least("max_to_keep", max_to_keep)
+    if not isinstance(directory, str | os.PathLike):
+        raise ValueError(f"directory={directory!r} must be a path (str or pathlib.Path)")
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"checkpoint_dir={str(directory)!r} exists and is not a directory")
@@ -131,13 +135,20 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
     Raises:
       CheckpointError: the latest checkpoint cannot be read or does not match ``state``.
     """
+    if not isinstance(manager, ocp.CheckpointManager):
+        raise ValueError(
+            f"manager={manager!r} must be an orbax CheckpointManager (open_checkpoints)"
+        )
     step = manager.latest_step()
     if step is None:
         return state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # noqa: BLE001 - orbax raises many types for a bad checkpoint
+    # What orbax raises for a checkpoint that does not match or cannot be read (other structure,
+    # shape, corrupt or missing files: ValueError and its JSONDecodeError, KeyError, OSError);
+    # anything else is a bug and propagates as it is.
+    except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(
             f"cannot restore step {step} from {str(manager.directory)!r}: {type(e).__name__}: {e}"
         ) from e
@@ -194,8 +205,12 @@ def fit(
         out of batches.
       CheckpointError: ``checkpoint_dir`` cannot be read as a checkpoint directory.
     """
+    if not isinstance(state, TrainState):
+        raise ValueError(f"state must be an efflax.training.TrainState, got {type(state).__name__}")
     if not callable(train_step):
         raise ValueError(f"train_step={train_step!r} must be callable (see make_train_step)")
+    if not (hasattr(loader, "__iter__") or hasattr(loader, "iter_from")):
+        raise ValueError(f"loader={loader!r} must be an iterable of batches (efflax.data.Loader)")
     if num_steps is None:
         if not hasattr(loader, "__len__"):
             raise ValueError("num_steps is required for a loader without a length")
@@ -314,11 +329,11 @@ def fit(
                 bar.set_postfix({k[6:]: f"{v:.4g}" for k, v in values.items()})
             for hook in hooks:
                 if step % hook.every == 0:
-                    values.update(hook(state) or {})
+                    values.update(_metrics_of(f"hook {hook!r}", hook(state) or {}))
             if eval_fn is not None and (
                 step in eval_at or step == num_steps or (eval_every and step % eval_every == 0)
             ):
-                eval_values = eval_fn(state)
+                eval_values = _metrics_of("eval_fn", eval_fn(state))
                 values.update(eval_values)
                 say(
                     f"step {step}: "
@@ -338,6 +353,15 @@ def fit(
             manager.wait_until_finished()
             manager.close()
     return state, history
+
+
+def _metrics_of(source: str, metrics: Any) -> Mapping[str, Any]:
+    """``metrics`` if it is a dict of named values (what an eval_fn or a hook returns)."""
+    if not isinstance(metrics, Mapping):
+        raise ValueError(
+            f"{source} returned {type(metrics).__name__}; it must return a dict of named metrics"
+        )
+    return metrics
 
 
 def read_metrics(metrics_path: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -395,6 +419,13 @@ def plot_metrics(
             raise ValueError(
                 f"{name} names {wanted!r}, which no record of {str(metrics_path)!r} has "
                 f"(present: {present})"
+            )
+    for key in keys:
+        text = next((r[key] for r in records if isinstance(r.get(key), str)), None)
+        if text is not None:
+            raise ValueError(
+                f"keys names {key!r}, whose values in {str(metrics_path)!r} are text such as "
+                f"{text!r}, not numbers"
             )
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):

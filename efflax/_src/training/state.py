@@ -151,6 +151,14 @@ class TrainState(struct.PyTreeNode):
             raise ValueError(f"tx={tx!r} must be an optax GradientTransformation")
         if extra is not None and not isinstance(extra, Mapping):
             raise ValueError(f"extra must be a dict (or None), got {type(extra).__name__}")
+        _checks.function("apply_fn", apply_fn, optional=True)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            if not jnp.issubdtype(_dtype(leaf), jnp.inexact):
+                raise ValueError(
+                    f"params{jax.tree_util.keystr(path)} has dtype {_dtype(leaf)}; parameters "
+                    "must be floating (gradients are taken of them); keep integer state in "
+                    "extra="
+                )
         rng = _as_raw_key(rng)
         params = _own(params)
         extra = {k: jax.tree.map(jnp.asarray, _own(v)) for k, v in (extra or {}).items()}
@@ -267,6 +275,13 @@ def make_train_step(
     """
     if not callable(loss_fn):
         raise ValueError(f"loss_fn={loss_fn!r} must be callable")
+    for name, flag in (
+        ("pass_grad_fn", pass_grad_fn),
+        ("pass_value", pass_value),
+        ("donate", donate),
+        ("jit", jit),
+    ):
+        _checks.boolean(name, flag)
 
     def loss_and_aux(params, state, batch, rng):
         loss, output = _split_loss_output(loss_fn(params, state, batch, rng))
@@ -355,6 +370,8 @@ def cross_entropy_loss_fn(*, x_key: str = "x", y_key: str = "y") -> LossFn:
                 raise ValueError(f"{name}={key!r} is not a key of the batch ({sorted(batch)})")
         logits = state.apply_fn({"params": params}, batch[x_key])
         labels = batch[y_key]
+        # Known only outside jit; inside, an out-of-range label gives a NaN loss.
+        _checks.indices_in_range(f"batch[{y_key!r}]", labels, logits.shape[-1])
         loss = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), labels
         ).mean()
@@ -389,6 +406,8 @@ def classification_eval_fn(
         different lengths.
     """
     _checks.int_at_least("batch_size", batch_size)
+    if not isinstance(arrays, Mapping):
+        raise ValueError(f"arrays must be a dict of arrays, got {type(arrays).__name__}")
     for name, key in (("x_key", x_key), ("y_key", y_key)):
         if key not in arrays:
             raise ValueError(f"{name}={key!r} is not a key of arrays (keys: {sorted(arrays)})")
@@ -398,8 +417,18 @@ def classification_eval_fn(
             f"arrays[{x_key!r}] and arrays[{y_key!r}] must be non-empty and of one length, got "
             f"{len(x)} and {len(y)}"
         )
+    labels = np.asarray(y)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"arrays[{y_key!r}].dtype={labels.dtype} must be integer class ids")
+    checked = []
 
     def eval_fn(state: TrainState) -> dict[str, float]:
+        if not checked:  # the number of classes is known once there is a model
+            logits = jax.eval_shape(
+                lambda p: state.apply_fn({"params": p}, x[:batch_size]), state.params
+            )
+            _checks.indices_in_range(f"arrays[{y_key!r}]", labels, logits.shape[-1])
+            checked.append(True)
         total_loss, total_correct = 0.0, 0
         for start in range(0, len(x), batch_size):
             loss, correct = _eval_batch(

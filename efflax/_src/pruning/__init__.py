@@ -1,0 +1,1 @@
+"""Implementation modules; see the public package of the same name."""
