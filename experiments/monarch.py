@@ -13,7 +13,7 @@ GPT-2/ViT MLPs), or Monarch switched exactly to dense (``monarch_params_to_dense
 1. quality: Monarch and Monarch-then-dense test accuracy minus dense, paired by seed, >= -2
    points (95% interval);
 2. speed: dense step time / Monarch step time >= 1 (paper ~2x), from single-seed train steps
-   timed round-robin (``experiments/_timing.py``), in process CPU time on a CPU host (steadier
+   timed round-robin (``efflax.curves.interleaved_times``), in process CPU time on a CPU host (steadier
    than wall time on a shared machine), with an interval over rounds.
 """
 

@@ -18,7 +18,7 @@ started from the initial weights, updated after every step). Sharpness is measur
 evaluated (EMA) weights. Several seeds train at once (a vmapped step); differences are paired by
 seed (same initial weights and data order for every method).
 
-Step times: one process, single-seed steps timed round-robin (``experiments/_timing.py``) at a
+Step times: one process, single-seed steps timed round-robin (``efflax.curves.interleaved_times``) at a
 batch large enough that compute dominates (as in the paper's ImageNet setting); SAF's own work
 (buffer read, KL term and its gradient, buffer write) is also timed alone, because the difference
 of two whole steps is below the noise of a shared machine.
