@@ -4,7 +4,8 @@ Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.sharding`` (meshes and logical axes), ``efflax.distributed`` (multi-host runs),
 ``efflax.nn`` (modules), ``efflax.losses`` (distillation, batch entropy, focal losses),
 ``efflax.optim`` (optimizers and probes), ``efflax.pruning`` (structured pruning: CoFi),
-``efflax.models`` (small reference models); the Pallas kernels are in the sibling package
+``efflax.models`` (small reference models), ``efflax.stats`` (estimates with intervals, verdicts),
+``efflax.curves`` (accuracy-vs-time curves); the Pallas kernels are in the sibling package
 ``pallas_kernels``.
 
 The subpackages are imported on first use (``efflax.nn`` imports ``efflax/nn`` when first
@@ -16,6 +17,7 @@ import: JAX allows that only before its backend starts.
 import importlib
 
 SUBPACKAGES = (
+    "curves",
     "data",
     "distributed",
     "losses",

@@ -11,16 +11,20 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pathlib
 import pkgutil
+import platform
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
+from typing import NamedTuple
 from typing import Protocol
 
 import numpy as np
@@ -83,12 +87,19 @@ class Experiment:
     description: str
     module: str
     cpu_devices: int = 1
+    timing_sensitive: bool = True
 
 
 _REGISTRY: dict[str, Experiment] = {}
 
 
-def register(name: str, *, description: str = "", cpu_devices: int = 1) -> Callable[[RunFn], RunFn]:
+def register(
+    name: str,
+    *,
+    description: str = "",
+    cpu_devices: int = 1,
+    timing_sensitive: bool = True,
+) -> Callable[[RunFn], RunFn]:
     """Registers ``run`` as the experiment ``name`` (a decorator).
 
     Args:
@@ -98,6 +109,9 @@ def register(name: str, *, description: str = "", cpu_devices: int = 1) -> Calla
         experiment asks for 8). Each experiment runs in its own process, so the others keep
         one device: XLA splits a CPU's threads between simulated devices, which slows and
         distorts the timings of single-device experiments.
+      timing_sensitive: the verdict depends on measured time. ``efflax reproduce --jobs N``
+        runs such an experiment alone; experiments whose verdicts depend only on steps,
+        losses, accuracies or memory analysis (``False``) may share the machine with another.
     """
     if cpu_devices < 1:
         raise ValueError(f"{cpu_devices=} must be >= 1")
@@ -109,20 +123,30 @@ def register(name: str, *, description: str = "", cpu_devices: int = 1) -> Calla
         if existing is not None and len(modules) > 1 and "__main__" not in modules:
             raise ValueError(f"experiment {name!r} registered twice ({existing.module})")
         doc = description or (run.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Experiment(name, run, doc, run.__module__, cpu_devices)
+        _REGISTRY[name] = Experiment(
+            name, run, doc, run.__module__, cpu_devices, bool(timing_sensitive)
+        )
         return run
 
     return decorator
 
 
 def discover() -> dict[str, Experiment]:
-    """Imports every experiment module in the ``experiments`` package; returns the registry."""
+    """Imports every experiment module; returns the registry.
+
+    The modules are those of the ``experiments`` package and those named (comma-separated) in
+    ``$EFFLAX_EXPERIMENT_MODULES``: a user's own experiments, registered with :func:`register`,
+    run and reported by ``efflax reproduce`` like the built-in ones.
+    """
     import experiments
 
     for info in pkgutil.iter_modules(experiments.__path__):
         if info.name.startswith(("_", "bench_")):
             continue
         importlib.import_module(f"experiments.{info.name}")
+    for module in os.environ.get("EFFLAX_EXPERIMENT_MODULES", "").split(","):
+        if module.strip():
+            importlib.import_module(module.strip())
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -138,6 +162,8 @@ def _to_jsonable(value: Any) -> Any:
         return array.item() if array.ndim == 0 else array.tolist()
     if isinstance(value, np.generic):
         return value.item()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _to_jsonable(dataclasses.asdict(value))
     return value
 
 
@@ -159,25 +185,170 @@ def _env_with_host_devices(count: int) -> dict[str, str]:
     return env
 
 
-def _run_isolated(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool) -> Verdict:
-    """Runs one experiment in a fresh Python process and reads back its verdict."""
-    verdict_path = exp_dir / "verdict.json"
-    verdict_path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "efflax.experiment", experiment.name, "--out", str(exp_dir)]
-    if quick:
-        command.append("--quick")
-    env = _env_with_host_devices(experiment.cpu_devices)
-    env.setdefault("MPLBACKEND", "Agg")
-    code = subprocess.run(command, env=env, check=False).returncode
-    if code != 0 or not verdict_path.exists():
-        raise RuntimeError(f"experiment process exited with code {code} (its output is above)")
-    return Verdict.from_json(json.loads(verdict_path.read_text()))
+class Result(NamedTuple):
+    """One experiment's outcome in ``run_experiments``: ``verdict`` is None on an error."""
+
+    name: str
+    verdict: Verdict | None
+    seconds: float
+    error: str
+    cpu_seconds: float = math.nan  # user + system CPU time of the experiment's process
+
+
+class _Child:
+    """One experiment running in its own Python process; output prefixed and kept in a log."""
+
+    def __init__(self, experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool):
+        self.experiment = experiment
+        self.exp_dir = exp_dir
+        self.verdict_path = exp_dir / "verdict.json"
+        self.verdict_path.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "efflax.experiment", experiment.name]
+        command += ["--out", str(exp_dir)] + (["--quick"] if quick else [])
+        env = _env_with_host_devices(experiment.cpu_devices)
+        env.setdefault("MPLBACKEND", "Agg")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.start = time.perf_counter()
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        self._reader = threading.Thread(target=self._relay, daemon=True)
+        self._reader.start()
+
+    def _relay(self) -> None:
+        with open(self.exp_dir / "log.txt", "w") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                print(f"[{self.experiment.name}] {line}", end="", flush=True)
+
+    def poll(self) -> Result | None:
+        """The result once the process has ended, else None."""
+        # wait4 rather than Popen.poll: it also reports the CPU time the process used, a cost
+        # that other load on a shared machine barely changes (unlike wall time).
+        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        code = os.waitstatus_to_exitcode(status)
+        self.process.returncode = code
+        self._reader.join()
+        seconds = time.perf_counter() - self.start
+        cpu = usage.ru_utime + usage.ru_stime
+        if code != 0 or not self.verdict_path.exists():
+            error = f"RuntimeError: experiment process exited with code {code} (see log.txt)"
+            return Result(self.experiment.name, None, seconds, error, cpu)
+        verdict = Verdict.from_json(json.loads(self.verdict_path.read_text()))
+        return Result(self.experiment.name, verdict, seconds, "", cpu)
+
+
+def _run_in_process(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool) -> Result:
+    start, cpu = time.perf_counter(), time.process_time()
+    try:
+        verdict, error = experiment.run(exp_dir, quick=quick), ""
+    except Exception as e:  # noqa: BLE001 - one failing experiment must not hide the others
+        verdict, error = None, f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    seconds = time.perf_counter() - start
+    return Result(experiment.name, verdict, seconds, error, time.process_time() - cpu)
+
+
+def _clock(seconds: float) -> str:
+    """``'1:05'`` or ``'1:02:03'``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    text = f"{rest // 60}:{rest % 60:02d}"
+    return f"{hours}:{text:0>5}" if hours else text
+
+
+def _timings_path(out: pathlib.Path) -> pathlib.Path:
+    return out / "timings.json"
+
+
+def _previous_times(out: pathlib.Path, mode: str) -> dict[str, float]:
+    """Seconds per experiment of the last run of this mode in ``out`` (for the ETA)."""
+    try:
+        return {k: float(v) for k, v in json.loads(_timings_path(out).read_text())[mode].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _save_times(out: pathlib.Path, mode: str, results: list[Result]) -> None:
+    try:
+        data = json.loads(_timings_path(out).read_text())
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault(mode, {}).update({r.name: round(r.seconds, 1) for r in results})
+    _timings_path(out).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _eta(pending: list[str], running: dict[str, float], done: list[Result], previous, jobs):
+    """Seconds left: each experiment's last recorded time (else the mean so far), over jobs."""
+    known = [r.seconds for r in done] or list(previous.values())
+    if not known and (pending or running):
+        return None
+    default = float(np.mean(known)) if known else 0.0
+    left = sum(previous.get(n, default) for n in pending)
+    left += sum(max(previous.get(n, default) - elapsed, 0.0) for n, elapsed in running.items())
+    return left / max(jobs, 1)
+
+
+def machine_description() -> str:
+    """The machine in a few words: CPU model and count, accelerator, JAX version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+
+    backend = jax.default_backend()
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    accelerator = "no accelerator" if backend == "cpu" else f"{backend}: {', '.join(kinds)}"
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {accelerator}; {platform.system()} "
+        f"{platform.machine()}, Python {platform.python_version()}, JAX {jax.__version__}"
+    )
+
+
+def _load_average() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _may_start(candidate: Experiment, running: list[Experiment], jobs: int) -> bool:
+    """Whether ``candidate`` may start beside ``running``: timing-sensitive ones run alone."""
+    if not running:
+        return True
+    if len(running) >= jobs or candidate.timing_sensitive:
+        return False
+    return not any(e.timing_sensitive for e in running)
 
 
 def run_experiments(
-    names: list[str] | None, *, out: pathlib.Path | str, quick: bool, isolate: bool = True
-) -> list[tuple[str, Verdict | None, float, str]]:
+    names: list[str] | None,
+    *,
+    out: pathlib.Path | str,
+    quick: bool,
+    isolate: bool = True,
+    jobs: int = 1,
+) -> list[Result]:
     """Runs experiments by name (all when ``names`` is empty) and writes ``out/REPORT.md``.
+
+    Prints a progress line per experiment (index/total, elapsed time, estimated time left: from
+    the times of the last run in ``out`` when there was one, else from the mean so far) and the
+    total time at the end.
 
     Args:
       names: experiments to run; empty or None runs all.
@@ -185,10 +356,16 @@ def run_experiments(
       quick: the CPU-minute sizes.
       isolate: run each experiment in its own process (with its ``cpu_devices``); ``False``
         runs them in this process, on whatever devices it has.
+      jobs: with ``isolate``, how many experiments may run at once. Only experiments registered
+        with ``timing_sensitive=False`` share the machine; a timing-sensitive one always runs
+        alone.
 
     Returns:
-      ``(name, verdict or None on error, seconds, error message)`` per experiment.
+      A :class:`Result` ``(name, verdict or None on error, seconds, error message)`` per
+      experiment, in the order of ``names``.
     """
+    if jobs < 1:
+        raise ValueError(f"{jobs=} must be >= 1")
     registry = discover()
     names = list(names or registry)
     unknown = [n for n in names if n not in registry]
@@ -196,25 +373,81 @@ def run_experiments(
         raise ValueError(f"unknown experiment(s) {unknown}; available: {sorted(registry)}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in names:
-        exp_dir = out / name
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        print(f"=== {name} ({'quick' if quick else 'full'}) -> {exp_dir}", flush=True)
-        start = time.perf_counter()
-        try:
-            if isolate:
-                verdict = _run_isolated(registry[name], exp_dir, quick=quick)
-            else:
-                verdict = registry[name].run(exp_dir, quick=quick)
-            error = ""
-        except Exception as e:  # noqa: BLE001 - one failing experiment must not hide the others
-            verdict, error = None, f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-        seconds = time.perf_counter() - start
-        print(f"--- {name}: {verdict.line() if verdict else 'ERROR ' + error} ({seconds:.0f} s)")
-        results.append((name, verdict, seconds, error))
-    _write_report(out, results, quick=quick)
+    mode = "quick" if quick else "full"
+    previous = _previous_times(out, mode)
+    machine = machine_description()
+    load_before = _load_average()
+    total = len(names)
+    index = {name: i + 1 for i, name in enumerate(names)}
+    print(f"efflax reproduce ({mode}): {total} experiment(s) on {machine}", flush=True)
+    start = time.perf_counter()
+    done: list[Result] = []
+    running: dict[str, _Child] = {}
+    pending = list(names)
+    if isolate and jobs > 1:
+        # The experiments that may share the machine first (in pairs), the timing-sensitive ones
+        # after them, one at a time: no slot waits on a timing-sensitive one in between.
+        pending.sort(key=lambda n: registry[n].timing_sensitive)
+
+    def progress(text: str, starting: str | None = None) -> None:
+        now = time.perf_counter()
+        in_flight = {n: now - c.start for n, c in running.items()}
+        if starting is not None:
+            in_flight[starting] = 0.0
+        eta = _eta(
+            pending,
+            in_flight,
+            done,
+            previous,
+            jobs if isolate else 1,
+        )
+        left = "?" if eta is None else _clock(eta)
+        print(f"{text}; elapsed {_clock(now - start)}, ETA {left}", flush=True)
+
+    def finished(result: Result) -> None:
+        done.append(result)
+        status = result.verdict.status if result.verdict else "ERROR " + result.error
+        progress(
+            f"--- [{len(done)}/{total}] {result.name}: {status} ({result.seconds:.0f} s, "
+            f"CPU {result.cpu_seconds:.0f} s)"
+        )
+
+    while pending or running:
+        if isolate:
+            while pending and _may_start(
+                registry[pending[0]], [c.experiment for c in running.values()], jobs
+            ):
+                name = pending.pop(0)
+                exp_dir = out / name
+                exp_dir.mkdir(parents=True, exist_ok=True)
+                progress(f"=== [{index[name]}/{total}] {name} ({mode}) -> {exp_dir}", name)
+                running[name] = _Child(registry[name], exp_dir, quick=quick)
+            for name, child in list(running.items()):
+                result = child.poll()
+                if result is not None:
+                    del running[name]
+                    finished(result)
+            if running:
+                time.sleep(0.2)
+        else:
+            name = pending.pop(0)
+            exp_dir = out / name
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            progress(f"=== [{index[name]}/{total}] {name} ({mode}) -> {exp_dir}", name)
+            finished(_run_in_process(registry[name], exp_dir, quick=quick))
+    total_seconds = time.perf_counter() - start
+    results = sorted(done, key=lambda r: index[r.name])
+    print(f"efflax reproduce: {total} experiment(s) in {_clock(total_seconds)}", flush=True)
+    _save_times(out, mode, results)
+    _write_report(
+        out,
+        results,
+        quick=quick,
+        total_seconds=total_seconds,
+        machine=machine,
+        load=f"{load_before} before, {_load_average()} after",
+        jobs=jobs if isolate else 1,
+    )
     return results
 
 
@@ -223,30 +456,95 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _write_report(out: pathlib.Path, results, *, quick: bool) -> None:
+def _number(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _estimates_table(estimates: Mapping[str, Estimate]) -> list[str]:
+    lines = [
+        "| quantity | estimate | 95% interval | n | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for key, e in estimates.items():
+        per_seed = ", ".join(_number(s) for s in e.samples[:12])
+        per_seed += ", ..." if len(e.samples) > 12 else ""
+        coverage = "" if e.confidence == 0.95 else f" ({100 * e.confidence:g}%)"
+        lines.append(
+            f"| {_cell(key)} | {_number(e.value)} | [{_number(e.low)}, {_number(e.high)}]"
+            f"{coverage} | {e.n} | {per_seed} |"
+        )
+    return lines
+
+
+def _write_report(
+    out: pathlib.Path,
+    results: list[Result],
+    *,
+    quick: bool,
+    total_seconds: float | None = None,
+    machine: str | None = None,
+    load: str | None = None,
+    jobs: int = 1,
+) -> pathlib.Path:
+    """``out/REPORT.md``: a summary table, then per experiment its verdict, intervals and plots."""
+    counts = {
+        s: sum(r.verdict is not None and r.verdict.status == s for r in results) for s in STATUSES
+    }
+    errors = sum(r.verdict is None for r in results)
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    summary += f", {errors} ERROR" if errors else ""
     lines = [
         "# efflax reproduction report",
         "",
         f"Mode: {'quick' if quick else 'full'}; generated {time.strftime('%Y-%m-%d %H:%M')}"
-        f" by `efflax reproduce`.",
-        "",
-        "| experiment | claim | measured | verdict | time | plots |",
-        "|---|---|---|---|---|---|",
+        f" by `efflax reproduce{f' --jobs {jobs}' if jobs > 1 else ''}`.",
     ]
-    for name, verdict, seconds, error in results:
-        plots = ", ".join(
-            f"[{p.name}]({name}/{p.name})" for p in sorted((out / name).glob("*.png"))
+    if total_seconds is not None:
+        cpu = sum(r.cpu_seconds for r in results)
+        lines.append(
+            f"Total time: {_clock(total_seconds)} ({total_seconds:.0f} s) for "
+            f"{len(results)} experiment(s); CPU time of their processes {_clock(cpu)} "
+            f"({cpu:.0f} s)."
         )
-        if verdict is None:
-            row = f"| {name} | | {_cell(error)} | ERROR | {seconds:.0f} s | {plots} |"
+    if machine:
+        lines.append(f"Machine: {machine}.")
+    if load:
+        lines.append(f"Load average (1/5/15 min): {load}.")
+    lines += [
+        f"Verdicts: {summary or 'none'}. PASS: the 95% interval supports the claim; FAIL: it "
+        "contradicts it; INCONCLUSIVE: it straddles the threshold.",
+        "",
+        "| experiment | verdict | time | CPU time | plots |",
+        "|---|---|---|---|---|",
+    ]
+    plots = {r.name: sorted((out / r.name).glob("*.png")) for r in results}
+    for r in results:
+        status = r.verdict.status if r.verdict else "ERROR"
+        links = ", ".join(f"[{p.name}]({r.name}/{p.name})" for p in plots[r.name])
+        lines.append(
+            f"| [{r.name}](#{r.name}) | {status} | {r.seconds:.0f} s | {r.cpu_seconds:.0f} s "
+            f"| {links} |"
+        )
+    for r in results:
+        lines += ["", f'<a id="{r.name}"></a>', ""]
+        if r.verdict is None:
+            lines += [f"## {r.name}: ERROR ({r.seconds:.0f} s)", "", f"`{_cell(r.error)}`"]
         else:
-            status = verdict.status
-            row = (
-                f"| {name} | {_cell(verdict.claim)} | {_cell(verdict.measured)} | {status} | "
-                f"{seconds:.0f} s | {plots} |"
-            )
-        lines.append(row.replace("\n", " "))
-    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+            v = r.verdict
+            lines += [
+                f"## {r.name}: {v.status} ({r.seconds:.0f} s)",
+                "",
+                f"**Claim:** {v.claim}",
+                "",
+                f"**Measured:** {v.measured}",
+            ]
+            if v.estimates:
+                lines += [""] + _estimates_table(v.estimates)
+        for p in plots[r.name]:
+            lines += ["", f"![{r.name}: {p.stem}]({r.name}/{p.name})"]
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _run_one(name: str, exp_dir: pathlib.Path, *, quick: bool) -> Verdict:
@@ -265,7 +563,7 @@ def cli_main(name: str, argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     results = run_experiments([name], out=args.out, quick=args.quick)
-    if results[0][1] is None:
+    if results[0].verdict is None:
         raise SystemExit(1)
 
 
@@ -276,7 +574,8 @@ def _child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the experiment's own output directory")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    _run_one(args.name, pathlib.Path(args.out), quick=args.quick)
+    verdict = _run_one(args.name, pathlib.Path(args.out), quick=args.quick)
+    print(verdict.line(), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ no recompilation:
   model without a cache must do), reading the logits at the last written position.
 
 Greedy decoding is first checked to give the same bytes both ways. Then the two are timed
-interleaved (`experiments/_timing.py`), and the bytes/s and their ratio are reported: the ratio is
+interleaved (``efflax.curves.interleaved_times``), and the bytes/s and their ratio are reported: the ratio is
 meaningful on a loaded machine, the absolute rates less so.
 
 Run: `python -m experiments.bench_generate [--quick] [--json out.json]`
@@ -33,12 +33,12 @@ from flax import linen as nn
 from jax import lax
 
 import efflax
+from efflax.curves import interleaved_times
 from efflax.models import TransformerLM
 from efflax.models import generate
 from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import make_train_step
-from experiments._timing import interleaved_times
 
 
 def byte_lm_loss_fn(params, state, batch, rng):

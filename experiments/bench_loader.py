@@ -51,6 +51,7 @@ def _worker(out: pathlib.Path, rounds: int) -> None:
     from jax.sharding import PartitionSpec
 
     from efflax import data
+    from efflax.curves import interleaved_times
     from efflax.distributed import to_host
     from efflax.models import CNN1D
     from efflax.sharding import make_mesh
@@ -58,7 +59,6 @@ def _worker(out: pathlib.Path, rounds: int) -> None:
     from efflax.training import cross_entropy_loss_fn
     from efflax.training import make_train_step
     from efflax.training import place_on_mesh
-    from experiments._timing import interleaved_times
 
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = make_mesh(data=DEVICES)

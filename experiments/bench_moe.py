@@ -45,10 +45,10 @@ from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 
+from efflax.curves import interleaved_times  # noqa: E402
 from efflax.nn import DenseFeedForward  # noqa: E402
 from efflax.nn import MoEFeedForward  # noqa: E402
 from efflax.nn import moe_aux_loss  # noqa: E402
-from experiments._timing import interleaved_times  # noqa: E402
 
 _WITH_AUX = "+aux"  # name suffix: the step adds the z-loss and collects routing statistics
 

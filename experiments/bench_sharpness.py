@@ -23,16 +23,17 @@ from collections.abc import Callable
 import jax
 import optax
 
+from efflax.curves import interleaved_times
 from efflax.optim import hvp
 from efflax.optim import preconditioned_sharpness
 from efflax.optim import sharpness
-from experiments._timing import interleaved_times
+from experiments import _setups
 from experiments.adam_eos import B1
 from experiments.adam_eos import B2
 from experiments.adam_eos import EPS
-from experiments.adam_eos import init_mlp
 from experiments.adam_eos import load_data
-from experiments.adam_eos import make_loss
+from experiments.adam_eos import make_model
+from experiments.adam_eos import mse
 
 LANCZOS_STEPS = 20
 REFERENCE_STEPS = 80
@@ -48,9 +49,10 @@ def _interleaved_seconds(fns: dict[str, tuple[Callable, tuple]], *, runs: int) -
 
 
 def bench(*, runs: int = 30, train_steps: int = 200) -> dict:
-    x, y = load_data()
-    loss = make_loss(x, y)
-    params = init_mlp(jax.random.key(0))
+    batch = jax.tree.map(jax.numpy.asarray, load_data())
+    model = make_model()
+    loss = lambda params: mse(model.apply, params, batch)
+    params = _setups.init_params(model, 0)
     tx = optax.adam(1e-3, b1=B1, b2=B2, eps=EPS)
 
     @jax.jit

@@ -23,7 +23,7 @@ starts as the fine-tuned teacher); the final fine-tuning distils logits only.
 
 Measured per seed: accuracy; the real sparsity of the deterministic masks; extraction exactness;
 parameters and XLA-counted FLOPs; and the extracted models' forward time against the teacher's
-(``experiments/_timing.py``, interleaved, batch 128, ratio with an interval over rounds). The
+(``efflax.curves.interleaved_times``, interleaved, batch 128, ratio with an interval over rounds). The
 quick run (one seed, tiny model and pretraining) decides only what it can: the controller's
 real sparsity (+-0.02), exact extraction (1e-5) and a speed-up > 1; the full run (3 seeds)
 decides the accuracy claims and the paper's >10x.
@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.curves import interleaved_times
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
@@ -66,7 +67,6 @@ from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
-from experiments._timing import interleaved_times
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -10,36 +10,44 @@ about twice as much with doubling periods).
 
 Here: the MNIST-1D CNN (``efflax.models.CNN1D``) trained with Adam, once with
 ``exponential_cyclic_cosine_schedule`` (evaluated at every ``cycle_end_steps`` budget) and once per
-budget with a single warmup+cosine schedule of that length (same seed, so the same initial
-weights and data order: the first budget is the same run both ways). Training time excludes
-compilation (each run compiles before its clock starts) and evaluation.
+budget with a single warmup+cosine schedule of that length, for several seeds at once (a vmapped
+step; seed s has the same initial weights and data order in every run, so the first budget is the
+same run both ways and the gaps are paired by seed).
+
+Verdict: "nearly as good" is one-sided: at every budget the 95% interval of
+cyclic - dedicated must be above -1 point; the cost is the longest budget alone against the sum of
+all budgets (in steps: exact). Whether the two differ at all is reported beside it, and at the
+longest budget the experiment says what a difference is: noise (the interval holds 0), or real;
+and, with one more dedicated run of twice the longest budget, whether the dedicated runs are
+converged and whether undertraining explains the gap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 from efflax import data
+from efflax.curves import cyclic_points
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
 from efflax.models import CNN1D
 from efflax.optim import cycle_end_steps
 from efflax.optim import exponential_cyclic_cosine_schedule
-from efflax.optim import tradeoff_points
-from efflax.training import TrainState
-from efflax.training import classification_eval_fn
+from efflax.stats import Estimate
+from efflax.stats import combine_statuses
+from efflax.stats import decide
+from efflax.stats import mean_interval
+from efflax.stats import paired_difference
+from efflax.stats import seeds_to_decide
 from efflax.training import cross_entropy_loss_fn
-from efflax.training import fit
 from efflax.training import make_train_step
+from efflax.training import read_metrics
+from experiments import _setups
 
 METRIC = "test/accuracy"
 TOLERANCE_POINTS = 1.0  # the claim: within 1 accuracy point at every budget
@@ -68,127 +76,125 @@ class Config:
 
 # 4,000 training examples / 100 = 40 steps per epoch.
 QUICK = Config(
-    batch_size=100, learning_rate=1e-2, warmup_steps=20, first_cycle_steps=40, num_cycles=4,
-    seeds=(0, 1),
+    batch_size=100, learning_rate=1e-2, warmup_steps=20, first_cycle_steps=40, num_cycles=3,
+    seeds=tuple(range(8)),
 )  # fmt: skip
 FULL = Config(
     batch_size=100, learning_rate=1e-2, warmup_steps=40, first_cycle_steps=80, num_cycles=5,
-    seeds=(0, 1, 2, 3, 4, 5, 6, 7),
+    seeds=tuple(range(16)),
 )  # fmt: skip
-
-
-class _TimedEval:
-    """Wraps an eval_fn; remembers the evaluation time spent up to each evaluated step."""
-
-    def __init__(self, eval_fn):
-        self.eval_fn = eval_fn
-        self.seconds = 0.0
-        self.seconds_until: dict[int, float] = {}
-
-    def __call__(self, state: TrainState) -> dict[str, float]:
-        # Training steps still in flight (async dispatch) belong to training time, not eval.
-        jax.block_until_ready(state.params)
-        start = time.perf_counter()
-        metrics = self.eval_fn(state)
-        self.seconds += time.perf_counter() - start
-        self.seconds_until[int(state.step)] = self.seconds
-        return metrics
 
 
 def train(
     schedule: optax.Schedule,
     *,
-    num_steps: int,
     eval_steps: list[int],
-    seed: int,
     config: Config,
     metrics_path: pathlib.Path | None = None,
-) -> list[dict[str, float]]:
-    """One Adam run of the CNN with ``schedule``; the tradeoff points at ``eval_steps``.
+) -> dict[str, np.ndarray]:
+    """One Adam run of the CNN with ``schedule`` for every seed at once (a vmapped step).
 
-    Each point has ``step``, ``examples_seen``, ``wall_time``, ``train_time`` (wall time minus
-    evaluation) and ``test/accuracy``.
+    Returns:
+      ``accuracy`` [seeds, points] at ``eval_steps``, ``train_loss`` [points] (mean over seeds
+      of the last ``log_every`` steps) and ``train_time`` [points]: seconds of training up to
+      each point for all seeds together, compilation and evaluation excluded.
     """
-    model = CNN1D()
-    params = model.init(jax.random.key(seed), np.zeros((1, 40), np.float32))["params"]
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=nn.unbox(params),
-        tx=optax.adam(schedule),
-        rng=jax.random.key(seed + 1000),
-    )
-    loader = data.load("mnist1d", "train", config.batch_size, seed=seed, epochs=None)
-    eval_fn = _TimedEval(classification_eval_fn(data.load_arrays("mnist1d", "test")))
-    train_step = make_train_step(cross_entropy_loss_fn())
-    # Compile outside the clock: every run has its own schedule, hence its own executable.
-    jax.block_until_ready(train_step(jax.tree.map(jnp.copy, state), loader.batch_at(0)))
-    eval_fn.eval_fn(state)
+    model, tx = CNN1D(), optax.adam(schedule)
+    states = [_setups.make_state(model, tx, seed=s) for s in config.seeds]
+    state = _setups.stack_states(states)
+    step = _setups.vmap_seeds(make_train_step(cross_entropy_loss_fn(), jit=False), state)
+    loaders = [_setups.mnist1d_loader(config.batch_size, seed=s) for s in config.seeds]
+    eval_fn = _setups.seed_eval_fn(data.load_arrays("mnist1d", "test"))
     if metrics_path is not None:
         metrics_path.unlink(missing_ok=True)
-    _, history = fit(
+    points = cyclic_points(
         state,
-        train_step,
-        loader,
-        num_steps=num_steps,
-        eval_fn=eval_fn,
-        eval_steps=eval_steps,
-        log_every=num_steps,
+        step,
+        _setups.SeedLoader(loaders),
+        eval_fn,
+        budgets=eval_steps,
+        metric=METRIC,
         metrics_path=metrics_path,
-        progress=False,
+        log_every=min(eval_steps[0], 20),
     )
-    points = tradeoff_points(history, eval_steps, metric=METRIC)
-    for point in points:
-        point["train_time"] = point["wall_time"] - eval_fn.seconds_until[point["step"]]
-    return points
+    history = read_metrics(metrics_path) if metrics_path is not None else []
+    train_loss = []
+    for budget in eval_steps:
+        losses = [r["train/loss"] for r in history if "train/loss" in r and r["step"] <= budget]
+        train_loss.append(losses[-1] if losses else np.nan)
+    return {
+        "accuracy": np.stack([_setups.per_seed([p], METRIC) for p in points], axis=1),
+        "train_loss": np.array(train_loss),
+        "train_time": np.array([p["train_time"] for p in points]),
+    }
 
 
-def plot_tradeoff_curve(
-    curves: dict[str, dict[str, np.ndarray]],
+def _plot(
+    budgets: list[int],
+    acc_cyclic: np.ndarray,
+    acc_dedicated: np.ndarray,
+    gaps: list[Estimate],
+    schedules: dict[str, tuple[np.ndarray, np.ndarray]],
     png_path: pathlib.Path,
     *,
-    schedules: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-    title: str = "",
-) -> pathlib.Path:
-    """Accuracy vs training time, one line per curve, every seed's points shown faintly.
-
-    Args:
-      curves: name -> {'time': [seeds, points], 'accuracy': [seeds, points]}.
-      png_path: where to write the PNG.
-      schedules: optional name -> (steps, values) drawn in a second panel.
-      title: figure title.
-    """
+    title: str,
+) -> None:
+    """Accuracy per budget (both ways, every seed faint), the paired gap, the schedules."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if schedules else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
-    ax = axes[0, 0]
-    for (name, curve), color in zip(curves.items(), ("C0", "C1", "C2", "C3"), strict=False):
-        times, accuracy = np.asarray(curve["time"]), 100 * np.asarray(curve["accuracy"])
-        ax.scatter(times.ravel(), accuracy.ravel(), color=color, alpha=0.25, s=10)
-        ax.plot(times.mean(0), accuracy.mean(0), marker="o", color=color, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("training time (s, excluding compile and eval)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if schedules:
-        ax = axes[0, 1]
-        for name, (steps, values) in schedules.items():
-            ax.plot(steps, values, label=name, lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("learning rate")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    ax = axes[0]
+    for name, acc, color in (
+        ("cyclic (one run, cycle ends)", acc_cyclic, "C0"),
+        ("dedicated warmup+cosine runs", acc_dedicated, "C1"),
+    ):
+        for row in acc:
+            ax.plot(budgets, 100 * row, color=color, alpha=0.2, lw=0.8)
+        estimates = [mean_interval(100 * acc[:, i]) for i in range(len(budgets))]
+        ax.errorbar(
+            budgets,
+            [e.value for e in estimates],
+            yerr=np.array([[e.value - e.low, e.high - e.value] for e in estimates]).T,
+            marker="o",
+            capsize=3,
+            color=color,
+            label=name,
+        )
+    ax.set(xscale="log", xlabel="training budget (steps)", ylabel="test accuracy (%)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.errorbar(
+        budgets,
+        [g.value for g in gaps],
+        yerr=np.array([[g.value - g.low, g.high - g.value] for g in gaps]).T,
+        marker="o",
+        capsize=3,
+        color="k",
+    )
+    ax.axhspan(-TOLERANCE_POINTS, TOLERANCE_POINTS, color="g", alpha=0.1, label="claim: within 1")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(
+        xscale="log",
+        xlabel="training budget (steps)",
+        ylabel="cyclic - dedicated (points)",
+        title="paired by seed, 95% interval",
+    )
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for name, (steps, values) in schedules.items():
+        ax.plot(steps, values, label=name, lw=1)
+    ax.set(xlabel="step", ylabel="learning rate")
+    ax.legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
-    return png_path
 
 
 def _cyclic_schedule(config: Config) -> optax.Schedule:
@@ -211,66 +217,123 @@ def _dedicated_schedule(config: Config, budget: int) -> optax.Schedule:
     )
 
 
-@register("cyclic_lr", description="one cyclic-LR run vs one dedicated run per budget")
+@register(
+    "cyclic_lr",
+    description="one cyclic-LR run vs one dedicated run per budget",
+    timing_sensitive=False,
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     config = QUICK if quick else FULL
+    out_dir = pathlib.Path(out_dir)
     budgets = config.budgets
+    longest = budgets[-1]
     print(f"budgets (cycle ends, steps): {budgets}; seeds {list(config.seeds)}", flush=True)
-    cyclic: list[list[dict[str, float]]] = []
-    dedicated: list[list[dict[str, float]]] = []
-    for seed in config.seeds:
-        cyclic.append(
-            train(
-                _cyclic_schedule(config),
-                num_steps=budgets[-1],
-                eval_steps=budgets,
-                seed=seed,
-                config=config,
-                metrics_path=out_dir / f"cyclic_seed{seed}.jsonl",
-            )
-        )
-        dedicated.append(
-            [
-                train(
-                    _dedicated_schedule(config, budget),
-                    num_steps=budget,
-                    eval_steps=[budget],
-                    seed=seed,
-                    config=config,
-                )[0]
-                for budget in budgets
-            ]
-        )
-        print(
-            f"seed {seed}: cyclic "
-            + " ".join(f"{100 * p[METRIC]:.1f}" for p in cyclic[-1])
-            + f" ({cyclic[-1][-1]['train_time']:.1f} s) | dedicated "
-            + " ".join(f"{100 * p[METRIC]:.1f}" for p in dedicated[-1])
-            + f" ({sum(p['train_time'] for p in dedicated[-1]):.1f} s)",
-            flush=True,
-        )
+    cyclic = train(
+        _cyclic_schedule(config),
+        eval_steps=budgets,
+        config=config,
+        metrics_path=out_dir / "cyclic.jsonl",
+    )
+    dedicated = [
+        train(_dedicated_schedule(config, b), eval_steps=[b], config=config) for b in budgets
+    ]
+    # Are the dedicated runs converged at the longest budget? A dedicated run twice as long.
+    longer = train(
+        _dedicated_schedule(config, 2 * longest), eval_steps=[2 * longest], config=config
+    )
+    acc_cyclic = cyclic["accuracy"]  # [seeds, budgets]
+    acc_dedicated = np.concatenate([d["accuracy"] for d in dedicated], axis=1)
+    for name, acc in (("cyclic", acc_cyclic), ("dedicated", acc_dedicated)):
+        print(f"{name:9s} mean test accuracy: {np.round(100 * acc.mean(0), 2).tolist()}")
 
-    def table(runs, key):
-        return np.array([[p[key] for p in points] for points in runs])
+    gaps = [
+        paired_difference(100 * acc_cyclic[:, i], 100 * acc_dedicated[:, i])
+        for i in range(len(budgets))
+    ]
+    # The claim is one-sided ("nearly as good"): not worse by more than 1 point. Whether the
+    # two differ at all (either way) is reported beside it.
+    statuses = [decide(g, -TOLERANCE_POINTS, direction=">=") for g in gaps]
+    within = [decide(g, TOLERANCE_POINTS, direction="within") for g in gaps]
+    status = combine_statuses(statuses)
+    gap = gaps[-1]
+    longer_gain = paired_difference(100 * longer["accuracy"][:, 0], 100 * acc_dedicated[:, -1])
+    cyclic_vs_longer = paired_difference(100 * acc_cyclic[:, -1], 100 * longer["accuracy"][:, 0])
+    step_ratio = longest / sum(budgets)
+    time_ratio = cyclic["train_time"][-1] / sum(d["train_time"][0] for d in dedicated)
+    estimates = {
+        **{f"gap_points_at_{b}_steps": g for b, g in zip(budgets, gaps, strict=True)},
+        f"dedicated_gain_points_{2 * longest}_vs_{longest}_steps": longer_gain,
+        f"cyclic_{longest}_minus_dedicated_{2 * longest}_points": cyclic_vs_longer,
+        f"cyclic_accuracy_at_{longest}_steps": mean_interval(100 * acc_cyclic[:, -1]),
+        f"dedicated_accuracy_at_{longest}_steps": mean_interval(100 * acc_dedicated[:, -1]),
+    }
 
-    acc_cyclic, acc_dedicated = table(cyclic, METRIC), table(dedicated, METRIC)
-    time_cyclic, time_dedicated = table(cyclic, "train_time"), table(dedicated, "train_time")
-    gap_points = 100 * (acc_cyclic.mean(0) - acc_dedicated.mean(0))
-    # Cost of the curve: the cyclic run's total time vs all dedicated runs together, per seed.
-    wall_ratio = time_cyclic[:, -1] / time_dedicated.sum(1)
-    step_ratio = budgets[-1] / sum(budgets)
-    passed_accuracy = bool(np.all(np.abs(gap_points) <= TOLERANCE_POINTS))
-    not_worse = bool(np.all(gap_points >= -TOLERANCE_POINTS))
-    passed_cost = bool(np.mean(wall_ratio) <= MAX_COST_RATIO)
-
-    schedule_steps = np.arange(budgets[-1] + 1)
-    plot_tradeoff_curve(
+    # What the gap at the longest budget is: noise, a real effect, or undertrained baselines.
+    if longer_gain.low > 0:
+        converged = (
+            f"dedicated runs are NOT converged at {longest} steps ({2 * longest} steps gain "
+            f"{longer_gain.format('+.2f')} points)"
+        )
+    elif longer_gain.high < 0:
+        converged = (
+            f"dedicated runs lose from {2 * longest} steps ({longer_gain.format('+.2f')} "
+            "points: the single long cosine overfits)"
+        )
+    else:
+        converged = (
+            f"dedicated runs are converged ({2 * longest} steps change accuracy by "
+            f"{longer_gain.format('+.2f')} points)"
+        )
+    if gap.low <= 0 <= gap.high:
+        nature = f"not distinguishable from 0 (noise); {converged}"
+    elif gap.value < 0:
+        nature = f"a real effect, cyclic worse (the interval excludes 0); {converged}"
+    elif cyclic_vs_longer.high < 0:
+        nature = (
+            f"a real effect, cyclic better (the interval excludes 0); {converged}, and a "
+            f"dedicated run of twice the budget beats the cyclic run "
+            f"({cyclic_vs_longer.format('+.2f')} points): consistent with undertrained "
+            "dedicated runs"
+        )
+    else:
+        nature = (
+            f"a real effect, cyclic better (the interval excludes 0); {converged}, but even a "
+            f"dedicated run of twice the budget does not beat the cyclic run "
+            f"({cyclic_vs_longer.format('+.2f')} points): not explained by undertrained "
+            "dedicated runs (the restarts help at this budget)"
+        )
+    undecided = [
+        f"{b}: ~{seeds_to_decide(g, -TOLERANCE_POINTS, direction='>=')} seeds"
+        for b, g, st in zip(budgets, gaps, statuses, strict=True)
+        if st == "INCONCLUSIVE"
+    ]
+    better = [b for b, g in zip(budgets, gaps, strict=True) if g.low > 0]
+    far_better = [
+        b for b, g, w in zip(budgets, gaps, within, strict=True) if w == "FAIL" and g.value > 0
+    ]
+    better_text = ""
+    if better:
+        better_text = (
+            f"Cyclic is significantly better at {better} steps"
+            + (f", by more than 1 point at {far_better}" if far_better else "")
+            + " (the claim is one-sided: this does not count against it). "
+        )
+    measured = (
+        "cyclic - dedicated test accuracy (points, paired by seed) at budgets "
+        + ", ".join(f"{b}: {g.format('+.2f')}" for b, g in zip(budgets, gaps, strict=True))
+        + f". At {longest} steps the gap is {nature}. "
+        + better_text
+        + (f"Undecided budgets would need {', '.join(undecided)}. " if undecided else "")
+        + f"Cost of the one run / all dedicated runs: {step_ratio:.2f} in steps "
+        f"(the claim's cost; {time_ratio:.2f} in measured time of these seed-batched runs)"
+    )
+    schedule_steps = np.arange(longest + 1)
+    _plot(
+        budgets,
+        acc_cyclic,
+        acc_dedicated,
+        gaps,
         {
-            "cyclic (one run, cycle ends)": {"time": time_cyclic, "accuracy": acc_cyclic},
-            "dedicated warmup+cosine runs": {"time": time_dedicated, "accuracy": acc_dedicated},
-        },
-        out_dir / "accuracy_vs_time.png",
-        schedules={
             "cyclic": (schedule_steps, np.asarray(_cyclic_schedule(config)(schedule_steps))),
             **{
                 f"dedicated {b}": (
@@ -280,7 +343,8 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
                 for b in budgets
             },
         },
-        title=f"MNIST-1D CNN, Adam, {len(config.seeds)} seed(s): Portes et al. 2022",
+        out_dir / "accuracy_vs_budget.png",
+        title=f"MNIST-1D CNN, Adam, {len(config.seeds)} seeds: Portes et al. 2022",
     )
     write_metrics(
         out_dir,
@@ -289,35 +353,27 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             "budgets_steps": budgets,
             "accuracy_cyclic": acc_cyclic,
             "accuracy_dedicated": acc_dedicated,
-            "mean_accuracy_cyclic": acc_cyclic.mean(0),
-            "mean_accuracy_dedicated": acc_dedicated.mean(0),
-            "gap_points_cyclic_minus_dedicated": gap_points,
-            "std_over_seeds_points_dedicated": 100 * acc_dedicated.std(0),
-            "train_time_cyclic_s": time_cyclic,
-            "train_time_dedicated_s": time_dedicated,
-            "cost_ratio_wall_per_seed": wall_ratio,
-            "cost_ratio_wall_mean": float(np.mean(wall_ratio)),
+            "accuracy_dedicated_2x_longest": longer["accuracy"][:, 0],
+            "train_loss_cyclic": cyclic["train_loss"],
+            "train_loss_dedicated": [d["train_loss"][0] for d in dedicated],
+            "train_loss_dedicated_2x_longest": longer["train_loss"][0],
+            "train_time_cyclic_s": cyclic["train_time"],
+            "train_time_dedicated_s": [d["train_time"][0] for d in dedicated],
             "cost_ratio_steps": step_ratio,
-            "passed_accuracy": passed_accuracy,
-            "cyclic_not_worse_by_more_than_1_point": not_worse,
-            "passed_cost": passed_cost,
+            "cost_ratio_time_seed_batched": time_ratio,
+            "estimates": estimates,
+            "statuses": dict(zip(map(str, budgets), statuses, strict=True)),
         },
-    )
-    measured = (
-        f"cyclic - dedicated accuracy at budgets {budgets} steps: "
-        + ", ".join(f"{g:+.2f}" for g in gap_points)
-        + f" points (mean of {len(config.seeds)} seeds; worst |gap| {np.abs(gap_points).max():.2f},"
-        f" cyclic {'never' if not_worse else 'sometimes'} worse by > 1 point);"
-        f" one run / all dedicated runs: {np.mean(wall_ratio):.2f} in time,"
-        f" {step_ratio:.2f} in steps"
     )
     return Verdict(
         claim=(
-            "end-of-cycle accuracy of one cyclic run within 1 point of a dedicated run at every "
-            "budget, at about half the cost of all dedicated runs"
+            "one cyclic run's end-of-cycle accuracy is nearly as good as a dedicated run's "
+            "(not worse by more than 1 point, 95% interval, paired by seed) at every budget, at "
+            "the cost of the longest budget alone (about half of all runs)"
         ),
         measured=measured,
-        status="PASS" if passed_accuracy and passed_cost else "FAIL",
+        status=status if step_ratio <= MAX_COST_RATIO else "FAIL",
+        estimates=estimates,
     )
 
 

@@ -7,7 +7,7 @@ quadratic GAU on long sequences; (2) FLASH and FLASH-Quad match a Transformer++ 
 
 Scaling (quick and full): one causal ``GatedAttentionUnit`` (d=128, e=256, s=64, batch 1),
 jitted forward + backward (gradients of the parameters and the input), quadratic vs mixed-chunk
-(C=128) at T from 1k to 8k, timed round-robin with ``experiments/_timing.py``. Each round gives
+(C=128) at T from 1k to 8k, timed round-robin with ``efflax.curves.interleaved_times``. Each round gives
 one log-log slope per method (least squares over T); the slopes' 95% intervals over rounds and
 the paired speed-up at T=4096 decide: FLASH slope <= 1.2, quadratic slope >= 1.5, FLASH >= 2.5x
 faster at 4096 (PAPERS.md; the pilot measured 0.75, 1.67 and 4.7x).
@@ -36,6 +36,7 @@ from flax import linen as nn
 
 from efflax import data
 from efflax import stats
+from efflax.curves import interleaved_times
 from efflax.experiment import Verdict
 from efflax.experiment import register
 from efflax.experiment import write_metrics
@@ -46,7 +47,6 @@ from efflax.nn import GatedAttentionUnit
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
-from experiments._timing import interleaved_times
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -6,6 +6,7 @@ import pytest
 
 from efflax import cli
 from efflax import experiment
+from efflax.stats import mean_interval
 
 
 def test_efflax_list_shows_registered_experiments():
@@ -16,14 +17,76 @@ def test_efflax_list_shows_registered_experiments():
     assert set(experiment.discover()) >= {"mnist1d_baselines"}
 
 
-def test_reproduce_quick_writes_report_metrics_and_plots(tmp_path, capsys):
-    code = cli.main(["reproduce", "mnist1d_baselines", "--quick", "--out", str(tmp_path)])
+FAKE_EXPERIMENTS = """
+import pathlib, sys
+from efflax.experiment import Verdict, register, write_metrics
+from efflax.stats import decide, mean_interval
+
+def _run(out_dir, *, quick, name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1])
+    fig.savefig(pathlib.Path(out_dir) / "plot.png", dpi=20)
+    plt.close(fig)
+    accuracy = mean_interval([0.95, 0.96, 0.955] if quick else [0.5])
+    write_metrics(out_dir, {"accuracy": accuracy})
+    return Verdict("accuracy >= 0.9", f"accuracy {accuracy}", decide(accuracy, 0.9),
+                   {"accuracy": accuracy})
+
+@register("fake_a", timing_sensitive=False)
+def run_a(out_dir, *, quick):
+    return _run(out_dir, quick=quick, name="a")
+
+@register("fake_b", timing_sensitive=False)
+def run_b(out_dir, *, quick):
+    return _run(out_dir, quick=quick, name="b")
+
+@register("fake_crash")
+def run_crash(out_dir, *, quick):
+    sys.exit(3)
+"""
+
+
+@pytest.fixture
+def fake_experiments(tmp_path, monkeypatch):
+    """Experiments of a user's own module, found through $EFFLAX_EXPERIMENT_MODULES."""
+    import os
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "efflax_fake_experiments.py").write_text(FAKE_EXPERIMENTS)
+    monkeypatch.syspath_prepend(str(modules))
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", f"{modules}{os.pathsep}{path}" if path else str(modules))
+    monkeypatch.setenv("EFFLAX_EXPERIMENT_MODULES", "efflax_fake_experiments")
+    monkeypatch.setattr(experiment, "_REGISTRY", dict(experiment._REGISTRY))
+    monkeypatch.delitem(sys.modules, "efflax_fake_experiments", raising=False)
+    return tmp_path / "out"
+
+
+def test_reproduce_runs_each_experiment_in_its_own_process_two_at_a_time(fake_experiments, capsys):
+    out = fake_experiments
+    code = cli.main(["reproduce", "fake_a", "fake_b", "--quick", "--jobs", "2", "--out", str(out)])
     assert code == 0
-    report = (tmp_path / "REPORT.md").read_text()
-    assert "| mnist1d_baselines |" in report and "PASS" in report
-    assert "(mnist1d_baselines/cnn_curves.png)" in report
-    assert (tmp_path / "mnist1d_baselines" / "metrics.json").exists()
-    assert "claim:" in capsys.readouterr().out
+    report = (out / "REPORT.md").read_text()
+    assert "## fake_a: PASS" in report and "## fake_b: PASS" in report
+    assert "![fake_a: plot](fake_a/plot.png)" in report
+    assert "| accuracy | 0.955 | [" in report
+    assert "accuracy >= 0.9" in (out / "fake_a" / "log.txt").read_text()
+    printed = capsys.readouterr().out
+    # Both started before either finished (neither measures time, so they share the machine).
+    assert printed.index("=== [2/2] fake_b") < printed.index("--- [1/2]")
+    assert "[fake_a] claim: accuracy >= 0.9" in printed
+    assert re.search(r"--- \[\d/2\] fake_b: PASS \(\d+ s, CPU \d+ s\)", printed)
+
+
+def test_a_crashing_experiment_process_is_reported(fake_experiments):
+    out = fake_experiments
+    assert cli.main(["reproduce", "fake_crash", "--out", str(out)]) == 1
+    report = (out / "REPORT.md").read_text()
+    assert "## fake_crash: ERROR" in report and "exited with code 3" in report
 
 
 def test_reproduce_unknown_name_is_an_error(tmp_path):
@@ -43,15 +106,10 @@ def test_a_failing_experiment_is_reported_not_hidden(tmp_path, monkeypatch):
     assert "RuntimeError: boom" in (tmp_path / "REPORT.md").read_text()
 
 
-def test_a_crashing_experiment_process_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFLAX_DATA_DIR", "/dev/null/not-a-dir")  # the child cannot load data
-    assert cli.main(["reproduce", "mnist1d_baselines", "--quick", "--out", str(tmp_path)]) == 1
-    assert "exited with code 1" in (tmp_path / "REPORT.md").read_text()
-
-
 def test_verdict_line():
     v = experiment.Verdict(claim="2x faster", measured="2.1x", status="PASS")
     assert v.line() == "claim: 2x faster | measured: 2.1x | PASS"
+    experiment.discover()
     with pytest.raises(ValueError, match="registered twice"):
         experiment.register("mnist1d_baselines")(lambda out_dir, *, quick: v)
 
@@ -63,16 +121,21 @@ def test_experiments_get_their_own_host_device_count(monkeypatch):
     assert "device_count" not in experiment._env_with_host_devices(1)["XLA_FLAGS"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert experiment._env_with_host_devices(8)["XLA_FLAGS"].endswith("count=2")
-    registry = experiment.discover()
-    assert registry["moe_routing"].cpu_devices == 8
-    assert registry["mnist1d_baselines"].cpu_devices == 1
+    assert experiment.discover()["mnist1d_baselines"].cpu_devices == 1
+    monkeypatch.setattr(experiment, "_REGISTRY", dict(experiment._REGISTRY))
+    experiment.register("sharded", cpu_devices=8)(lambda out_dir, *, quick: None)
+    assert experiment._REGISTRY["sharded"].cpu_devices == 8
     with pytest.raises(ValueError, match="cpu_devices=0"):
         experiment.register("x", cpu_devices=0)
 
 
 def test_report_cells_escape_pipes(tmp_path):
-    verdict = experiment.Verdict(claim="a | b", measured="worst |gap| 0.4\nok", status="PASS")
-    experiment._write_report(tmp_path, [("x", verdict, 1.0, "")], quick=True)
-    row = (tmp_path / "REPORT.md").read_text().splitlines()[-1]
+    estimate = mean_interval([0.1, 0.2])
+    verdict = experiment.Verdict(
+        claim="a | b", measured="worst |gap| 0.4", status="PASS", estimates={"|gap|": estimate}
+    )
+    experiment._write_report(tmp_path, [experiment.Result("x", verdict, 1.0, "")], quick=True)
+    rows = [r for r in (tmp_path / "REPORT.md").read_text().splitlines() if "gap" in r]
+    row = next(r for r in rows if r.startswith("|"))
     cells = re.split(r"(?<!\\)\|", row)[1:-1]
-    assert len(cells) == 6 and cells[2].strip() == "worst \\|gap\\| 0.4 ok"
+    assert len(cells) == 5 and cells[0].strip() == "\\|gap\\|"

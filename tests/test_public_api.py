@@ -6,6 +6,7 @@ import pytest
 
 PUBLIC = {
     "efflax": [
+        "curves",
         "data",
         "distributed",
         "losses",
@@ -70,6 +71,20 @@ PUBLIC = {
         "ViT",
         "generate",
         "patchify",
+    ],
+    "efflax.curves": [
+        "Curve",
+        "Segment",
+        "TimedEval",
+        "Times",
+        "cyclic_points",
+        "interleaved_cyclic_points",
+        "interleaved_times",
+        "pareto_front",
+        "plot",
+        "summary",
+        "timed_call",
+        "winners",
     ],
     "efflax.pruning": [
         "GROUPS",

@@ -6,6 +6,7 @@ accuracy with 4,000 training examples).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence
 
 import jax
@@ -29,10 +30,19 @@ def _dense(features: int, axes: tuple[str | None, str | None], dtype, param_dtyp
 
 
 class MLP(nn.Module):
-    """ReLU MLP: ``[batch, in] -> [batch, num_classes]`` logits."""
+    """MLP: ``[batch, in] -> [batch, num_classes]`` logits.
+
+    Attributes:
+      features: hidden widths.
+      num_classes: output width.
+      activation: the hidden nonlinearity (``nn.relu``; ``jnp.tanh`` for the edge-of-stability
+        MLP of Cohen et al.).
+      dtype / param_dtype: computation / parameter dtypes.
+    """
 
     features: Sequence[int] = (100, 100)
     num_classes: int = 10
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -50,7 +60,7 @@ class MLP(nn.Module):
         in_axis = "embed"
         for width in self.features:
             out_axis = "mlp" if in_axis == "embed" else "embed"
-            x = nn.relu(_dense(width, (in_axis, out_axis), self.dtype, self.param_dtype)(x))
+            x = self.activation(_dense(width, (in_axis, out_axis), self.dtype, self.param_dtype)(x))
             in_axis = out_axis
         return _dense(self.num_classes, (in_axis, "classes"), self.dtype, self.param_dtype)(x)
 

@@ -1,0 +1,30 @@
+"""Accuracy-vs-training-time curves from one cyclic run per method (Portes et al. 2022), and
+the one timer (round-robin wall and CPU times) they and the benchmarks use."""
+
+from efflax._src.curves import Curve
+from efflax._src.curves import Segment
+from efflax._src.curves import TimedEval
+from efflax._src.curves import cyclic_points
+from efflax._src.curves import interleaved_cyclic_points
+from efflax._src.curves import pareto_front
+from efflax._src.curves import plot
+from efflax._src.curves import summary
+from efflax._src.curves import winners
+from efflax._src.timing import Times
+from efflax._src.timing import interleaved_times
+from efflax._src.timing import timed_call
+
+__all__ = [
+    "Curve",
+    "Segment",
+    "TimedEval",
+    "Times",
+    "cyclic_points",
+    "interleaved_cyclic_points",
+    "interleaved_times",
+    "pareto_front",
+    "plot",
+    "summary",
+    "timed_call",
+    "winners",
+]

@@ -1,0 +1,162 @@
+"""efflax.curves: points at cycle ends, aggregation over seeds, Pareto front, winners by budget."""
+
+import math
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efflax import curves
+from efflax.curves import Curve
+from efflax.stats import Estimate
+from efflax.stats import mean_interval
+
+
+def _curve(name, times, accuracies, spread=0.0):
+    """A curve whose points have the given means; ``spread`` sets the interval half-width."""
+    return Curve(
+        name,
+        tuple(range(1, len(times) + 1)),
+        tuple(Estimate(t, t, t, 3) for t in times),
+        tuple(Estimate(a, a - spread, a + spread, 3) for a in accuracies),
+    )
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    fast = _curve("fast", [1.0, 2.0, 4.0], [0.70, 0.80, 0.85])
+    slow = _curve("slow", [2.0, 4.0, 8.0], [0.75, 0.88, 0.90])
+    assert curves.pareto_front([fast, slow]) == [
+        ("fast", 0),
+        ("fast", 1),
+        ("slow", 1),
+        ("slow", 2),
+    ]
+
+
+def test_winners_by_budget_and_clear_only_when_intervals_separate():
+    fast = _curve("fast", [1.0, 2.0, 4.0], [0.70, 0.80, 0.85], spread=0.01)
+    slow = _curve("slow", [2.0, 4.0, 8.0], [0.75, 0.88, 0.90], spread=0.01)
+    segments = curves.winners([fast, slow])
+    assert [(s.start, s.end, s.winner, s.clear) for s in segments] == [
+        (1.0, 4.0, "fast", True),
+        (4.0, math.inf, "slow", True),
+    ]
+    text = curves.summary([fast, slow])
+    assert text == "1-4 s: fast (clear); from 4 s: slow (clear)"
+    # Overlapping intervals: the better mean still leads, but the win is not clear.
+    wide = _curve("slow", [2.0, 4.0, 8.0], [0.75, 0.88, 0.90], spread=0.1)
+    last = curves.winners([fast, wide])[-1]
+    assert last.winner == "slow" and not last.clear and last.tied_with == ("fast",)
+    assert "slow ~ fast (tied)" in curves.summary([fast, wide])
+
+
+def test_a_loss_curve_prefers_lower_values():
+    a = Curve(
+        "a", (1,), (Estimate(1.0, 1.0, 1.0, 1),), (Estimate(0.5, 0.5, 0.5, 1),), "loss", False
+    )
+    b = Curve(
+        "b", (1,), (Estimate(1.0, 1.0, 1.0, 1),), (Estimate(0.4, 0.4, 0.4, 1),), "loss", False
+    )
+    assert curves.winners([a, b])[0].winner == "b"
+    with pytest.raises(ValueError, match="share one metric"):
+        curves.winners([a, _curve("c", [1.0], [0.9])])
+
+
+def test_curve_from_runs_aggregates_seeds_and_checks_its_input():
+    runs = [[{"step": 10, "train_time": 1.0 + s, "test/accuracy": 0.5 + 0.1 * s}] for s in range(3)]
+    curve = Curve.from_runs("m", runs)
+    assert curve.steps == (10,)
+    assert curve.metric[0] == mean_interval([0.5, 0.6, 0.7])
+    assert curve.seconds[0].value == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="different budgets"):
+        Curve.from_runs("m", [runs[0], [{**runs[1][0], "step": 11}]])
+    with pytest.raises(ValueError, match="one entry per point"):
+        Curve("m", (1, 2), curve.seconds, curve.metric)
+    with pytest.raises(ValueError, match="unique"):
+        curves.pareto_front([curve, curve])
+
+
+def test_the_module_docstring_example_runs_and_draws_the_family(tmp_path, monkeypatch):
+    """The example of efflax.curves, at a tiny size (budgets of a few steps), as written."""
+    from efflax._src import curves as module
+
+    code = module.__doc__.split("::\n", 1)[1]
+    code = "\n".join(line[4:] for line in code.splitlines())
+    small = code.replace(
+        "cycle_end_steps(40, num_cycles=4, warmup_steps=20)",
+        "cycle_end_steps(3, num_cycles=2, warmup_steps=2)",
+    ).replace(
+        "exponential_cyclic_cosine_schedule(1e-2, 40, num_cycles=4, warmup_steps=20)",
+        "exponential_cyclic_cosine_schedule(1e-2, 3, num_cycles=2, warmup_steps=2)",
+    )
+    assert small.count("num_cycles=2") == 2, "the docstring example changed; update this test"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(small, "curves_example", "exec"), namespace)  # noqa: S102 - our own docstring
+    family = namespace["family"]
+    assert [c.name for c in family] == ["adam", "sgd"]
+    assert all(c.steps == (5, 11) for c in family)
+    for c in family:
+        assert all(t.value > 0 and t.n == 3 for t in c.seconds)
+        assert all(0.0 <= m.low <= m.value <= m.high <= 1.0 for m in c.metric)
+        assert np.all(np.diff([t.value for t in c.seconds]) > 0)
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    assert re.match(r"[\d.]+-[\d.]+ s: |from [\d.]+ s: ", curves.summary(family))
+
+
+def test_interleaved_runs_advance_in_lockstep_and_time_only_their_steps():
+    import jax
+    import optax
+    from flax import linen as nn
+
+    from efflax.data import Loader
+    from efflax.training import TrainState
+    from efflax.training import make_train_step
+
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(64, 3)).astype(np.float32)}
+    arrays["y"] = arrays["x"] @ np.array([1.0, -2.0, 0.5], np.float32)
+    model = nn.Dense(1)
+
+    def loss_fn(params, state, batch, rng):
+        prediction = state.apply_fn({"params": params}, batch["x"])[:, 0]
+        return jnp.mean((prediction - batch["y"]) ** 2)
+
+    step = make_train_step(loss_fn)
+    calls = []
+
+    def make_run(lr, name):
+        params = model.init(jax.random.key(0), arrays["x"][:1])["params"]
+        state = TrainState.create(
+            apply_fn=model.apply, params=params, tx=optax.sgd(lr), rng=jax.random.key(1)
+        )
+
+        def eval_fn(state):
+            calls.append((name, int(state.step)))
+            prediction = state.apply_fn({"params": state.params}, arrays["x"])[:, 0]
+            return {"loss": float(jnp.mean((prediction - arrays["y"]) ** 2))}
+
+        return state, step, Loader(arrays, 16, seed=0, epochs=None), eval_fn
+
+    runs = {"slow": make_run(0.01, "slow"), "fast": make_run(0.1, "fast")}
+    points = curves.interleaved_cyclic_points(runs, budgets=[3, 8], metric="loss")
+    assert calls == [("slow", 3), ("fast", 3), ("slow", 8), ("fast", 8)]
+    for name in runs:
+        assert [p["step"] for p in points[name]] == [3, 8]
+        assert 0 < points[name][0]["train_time"] < points[name][1]["train_time"]
+    assert points["fast"][1]["loss"] < points["slow"][1]["loss"]
+    family = [
+        Curve.from_runs(n, [points[n]], metric="loss", higher_is_better=False) for n in points
+    ]
+    assert curves.winners(family)[-1].winner == "fast"
+
+
+def test_interleaved_times_warms_up_rotates_and_repeats():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or 0, ()) for name in ("a", "b")}
+    times = curves.interleaved_times(fns, rounds=3, warmup=1, repeat=2)
+    assert "".join(calls) == "aabb" + "bbaa" + "aabb" + "bbaa"
+    assert all(len(t) == 3 and len(t.cpu) == 3 and min(t) >= 0 for t in times.values())
+    with pytest.raises(ValueError, match="repeat=0"):
+        curves.interleaved_times(fns, rounds=1, repeat=0)

@@ -1,0 +1,128 @@
+"""The reproduction report, progress lines and scheduling of ``efflax reproduce`` (no training)."""
+
+import re
+
+import numpy as np
+import pytest
+
+from efflax import experiment
+from efflax.experiment import Experiment
+from efflax.experiment import Result
+from efflax.experiment import Verdict
+from efflax.stats import decide
+from efflax.stats import mean_interval
+from efflax.stats import ratio_interval
+
+
+def _fake_registry(monkeypatch, runs):
+    registry = {
+        name: Experiment(name, run, f"fake {name}", "tests", 1, sensitive)
+        for name, (run, sensitive) in runs.items()
+    }
+    monkeypatch.setattr(experiment, "discover", lambda: dict(registry))
+    return registry
+
+
+def _png(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1])
+    fig.savefig(path, dpi=20)
+    plt.close(fig)
+
+
+def _speedup_experiment(out_dir, *, quick):
+    speedup = ratio_interval([2.0, 2.2, 1.9, 2.1], [1.0, 1.0, 1.0, 1.0])
+    _png(out_dir / "curve.png")
+    return Verdict(
+        claim="2x faster",
+        measured=f"speed-up {speedup}",
+        status=decide(speedup, 1.5),
+        estimates={"speedup": speedup, "accuracy": mean_interval([0.91, 0.93, 0.92])},
+    )
+
+
+def _undecided_experiment(out_dir, *, quick):
+    gap = mean_interval([0.3, -0.2, 0.1])
+    return Verdict("a tie", f"gap {gap}", decide(gap, 0.0), {"gap": gap})
+
+
+def test_report_shows_intervals_and_embeds_plots_beside_each_verdict(tmp_path, monkeypatch, capsys):
+    _fake_registry(
+        monkeypatch,
+        {"fast": (_speedup_experiment, True), "tie": (_undecided_experiment, False)},
+    )
+    results = experiment.run_experiments(None, out=tmp_path, quick=True, isolate=False)
+    assert [r.name for r in results] == ["fast", "tie"]
+    assert [r.verdict.status for r in results] == ["PASS", "INCONCLUSIVE"]
+    report = (tmp_path / "REPORT.md").read_text()
+    assert re.search(r"Total time: 0:0\d \(\d+ s\) for 2 experiment", report)
+    assert "Machine: " in report and "CPU cores" in report
+    assert "Verdicts: 1 PASS, 1 INCONCLUSIVE." in report
+    # The image sits in the experiment's section, right after its intervals.
+    section = report.split("## fast: PASS")[1].split("## tie")[0]
+    speedup = results[0].verdict.estimates["speedup"]
+    row = f"| speedup | {speedup.value:.4g} | [{speedup.low:.4g}, {speedup.high:.4g}] | 4 |"
+    assert row in section
+    assert "| accuracy | 0.92 | [" in section
+    assert "![fast: curve](fast/curve.png)" in section
+    assert "## tie: INCONCLUSIVE" in report
+    out = capsys.readouterr().out
+    assert re.search(r"=== \[1/2\] fast \(quick\) .*; elapsed 0:00, ETA \?", out)
+    assert re.search(
+        r"--- \[2/2\] tie: INCONCLUSIVE \(\d+ s, CPU \d+ s\); elapsed 0:0\d, ETA 0:00", out
+    )
+    assert re.search(r"efflax reproduce: 2 experiment\(s\) in 0:0\d", out)
+
+
+def test_eta_uses_the_previous_run_times(tmp_path, monkeypatch, capsys):
+    _fake_registry(
+        monkeypatch,
+        {"fast": (_speedup_experiment, True), "tie": (_undecided_experiment, True)},
+    )
+    (tmp_path / "timings.json").write_text('{"quick": {"fast": 30, "tie": 95}}')
+    experiment.run_experiments(None, out=tmp_path, quick=True, isolate=False)
+    first = capsys.readouterr().out.splitlines()[1]
+    assert first.startswith("=== [1/2] fast") and first.endswith("ETA 2:05")
+    # The times of this run replace the old ones.
+    assert '"tie": 95' not in (tmp_path / "timings.json").read_text()
+
+
+def test_eta_falls_back_to_the_mean_so_far():
+    done = [Result("a", None, 10.0, ""), Result("b", None, 30.0, "")]
+    assert experiment._eta(["c", "d"], {}, done, {}, 1) == 40.0
+    assert experiment._eta(["c", "d"], {"e": 5.0}, done, {"c": 2.0}, 2) == (2 + 20 + 15) / 2
+    assert experiment._eta(["a"], {}, [], {}, 1) is None
+
+
+def test_only_experiments_that_do_not_time_share_the_machine():
+    def exp(name, sensitive):
+        return Experiment(name, _undecided_experiment, "", "t", 1, sensitive)
+
+    timed, free1, free2 = exp("timed", True), exp("free1", False), exp("free2", False)
+    assert experiment._may_start(timed, [], jobs=2)
+    assert experiment._may_start(free2, [free1], jobs=2)
+    assert not experiment._may_start(free2, [free1], jobs=1)
+    assert not experiment._may_start(timed, [free1], jobs=2)
+    assert not experiment._may_start(free1, [timed], jobs=2)
+    assert not experiment._may_start(free1, [free2, exp("free3", False)], jobs=2)
+    with pytest.raises(ValueError, match="jobs=0"):
+        experiment.run_experiments([], out="unused", quick=True, jobs=0)
+
+
+def test_verdict_estimates_survive_the_json_round_trip():
+    verdict = _undecided_experiment(None, quick=True)
+    again = Verdict.from_json(verdict.to_json())
+    assert again == verdict
+    assert again.estimates["gap"].samples == pytest.approx((0.3, -0.2, 0.1))
+    assert np.isclose(again.estimates["gap"].value, 0.2 / 3)
+
+
+def test_clock_format():
+    assert experiment._clock(5) == "0:05"
+    assert experiment._clock(125.4) == "2:05"
+    assert experiment._clock(3723) == "1:02:03"
