@@ -186,6 +186,11 @@ def make_method(
     return make_state, make_step
 
 
+def ema_params(state) -> Any:
+    """The evaluated parameters of a state from :func:`make_method`: its EMA's."""
+    return state.extra["ema"].ema["params"]
+
+
 def _sam_sharpness(apply_fn, params, x, y, rho: float) -> jax.Array:
     """``L(w + rho g / ||g||) - L(w)``: the SAM objective's sharpness, one-step approximation."""
     loss = lambda p: _task_loss(apply_fn({"params": p}, x), y)
@@ -209,7 +214,7 @@ def measure_sharpness(state, train: dict, cfg: Config) -> dict[str, np.ndarray]:
             sharpness(loss, params, num_steps=20, key=jax.random.key(0)),
         )
 
-    sam_, eig = jax.jit(jax.vmap(one))(state.extra["ema"].ema["params"])
+    sam_, eig = jax.jit(jax.vmap(one))(ema_params(state))
     return {"sam_sharpness": np.asarray(sam_), "top_eigenvalue": np.asarray(eig)}
 
 
@@ -221,7 +226,7 @@ def train_method(method: str, cfg: Config, train: dict, test: dict) -> dict[str,
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, total)
     state = _setups.stack_states([make_state(s, schedule) for s in cfg.seeds])
     step = _setups.vmap_seeds(make_step(), state)
-    ema_eval = _setups.seed_eval_fn(test, params_of=lambda s: s.extra["ema"].ema["params"])
+    ema_eval = _setups.seed_eval_fn(test, params_of=ema_params)
     raw_eval = _setups.seed_eval_fn(test, prefix="raw")
 
     def eval_fn(state):

@@ -268,7 +268,7 @@ def saf_family(quick: bool) -> Family:
         "MNIST-1D CNN: SGD vs SAM vs SAF vs MESA (EMA evaluation)",
         [method(m) for m in saf.METHODS],
         cycles,
-        _setups.seed_eval_fn(test, params_of=lambda state: state.extra["ema"]),
+        _setups.seed_eval_fn(test, params_of=saf.ema_params),
         "test/accuracy",
         True,
         "sgd",
