@@ -190,7 +190,12 @@ def mask_axis(x: Array, z: Array, axis: int | Sequence[int]) -> Array:
       ValueError: an axis that ``x`` does not have, a repeated axis, or ``z`` of the wrong shape.
     """
     x, z = jnp.asarray(x), jnp.asarray(z)
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if isinstance(axis, int):
+        axes = (axis,)
+    elif isinstance(axis, Sequence) and not isinstance(axis, str):
+        axes = tuple(axis)
+    else:
+        raise ValueError(f"axis={axis!r} must be an int or a sequence of ints")
     for a in axes:
         if not isinstance(a, int) or isinstance(a, bool) or not -x.ndim <= a < x.ndim:
             raise ValueError(f"axis={axis!r} does not exist in an array of shape {x.shape}")
