@@ -601,9 +601,12 @@ def _report(out_dir, config, quick, runs, times, seconds) -> Verdict:
     keys = [f"{int(round(100 * t))}" for t in config.targets]
     estimates, statuses, lines = {}, {}, []
     for key, target in zip(keys, config.targets, strict=True):
-        gap = mean_interval([r[key]["real_sparsity"] - target for r in runs])
+        gaps = [r[key]["real_sparsity"] - target for r in runs]
+        gap = mean_interval(gaps)
         estimates[f"sparsity_gap_{key}"] = gap
-        statuses[f"controller_{key}"] = decide(gap, 0.02, direction="within")
+        # The claim is about every run the controller drives (where it ends), not about a mean
+        # over seeds: PASS when each run ends within 0.02 of its target.
+        statuses[f"controller_{key}"] = "PASS" if max(map(abs, gaps)) <= 0.02 else "FAIL"
         speedup = ratio_interval(times["teacher"], times[key])
         estimates[f"speedup_{key}"] = speedup
         drop = paired_difference(
@@ -631,7 +634,7 @@ def _report(out_dir, config, quick, runs, times, seconds) -> Verdict:
         statuses["faster"] = decide(estimates[f"speedup_{top}"], 1.0)
         decided = ["controller_" + k for k in keys] + ["exact", "faster"]
         claim = (
-            f"(quick) CoFi's controller reaches {', '.join(keys)}% sparsity (+-0.02) and the "
+            f"(quick) CoFi's controller ends each run at {', '.join(keys)}% sparsity (+-0.02), the "
             f"extracted model is exact (1e-5) and faster than the teacher"
         )
     else:

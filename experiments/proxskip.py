@@ -38,6 +38,7 @@ from efflax.optim import communication_period
 from efflax.optim import distributed_gd
 from efflax.optim import local_gd
 from efflax.optim import proxskip
+from efflax.stats import Estimate
 from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import mean_interval
@@ -284,7 +285,8 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         )
     estimates = {
         "proxskip_slope": mean_interval(seed_slopes),
-        "gd_slope": mean_interval([slopes["gd"]]),
+        # GD is deterministic (no coin): its slope is exact, not an estimate over seeds.
+        "gd_slope": Estimate(slopes["gd"], slopes["gd"], slopes["gd"], 1, samples=(slopes["gd"],)),
         f"gd_over_proxskip_rounds_at_kappa_{kappas[-1]:.0e}": ratio_interval(
             [gd_rounds] * len(ps_rounds), ps_rounds
         ),

@@ -102,3 +102,21 @@ def test_combine_and_verdict_round_trip():
     assert not verdict.passed
     with pytest.raises(ValueError, match="status='OK'"):
         Verdict("c", "m", "OK")
+
+
+def test_one_run_decides_nothing_unless_the_quantity_is_exact():
+    # One seed carries no spread: every interval built from it is unbounded, so however far the
+    # value is from the threshold the verdict is INCONCLUSIVE.
+    for est in (
+        mean_interval([5.0]),
+        paired_difference([5.0], [0.0]),
+        bootstrap_interval([5.0]),
+        ratio_interval([10.0], [1.0]),
+        ratio_interval([10.0], [1.0, 2.0], paired=False),
+    ):
+        assert est.n == 1 and not np.isfinite(est.high), est
+        assert decide(est, 1.0) == "INCONCLUSIVE"
+        assert decide(est, 1.0, direction="<=") == "INCONCLUSIVE"
+    assert "inf" in mean_interval([5.0]).format()
+    # A deterministic quantity is exact and is decided.
+    assert decide(Estimate(5.0, 5.0, 5.0, 1), 1.0) == "PASS"

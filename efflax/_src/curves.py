@@ -434,6 +434,8 @@ def plot(
         y = metric_scale * np.array([m.value for m in c.metric])
         xerr = np.array([[t.value - t.low, t.high - t.value] for t in c.seconds]).T
         yerr = metric_scale * np.array([[m.value - m.low, m.high - m.value] for m in c.metric]).T
+        # One seed has no interval (unbounded): draw the points without bars.
+        xerr, yerr = (np.where(np.isfinite(e), e, 0.0) for e in (xerr, yerr))
         ax.errorbar(
             x, y, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, color=f"C{k}", label=c.name
         )

@@ -110,16 +110,18 @@ def _check_confidence(confidence: float) -> None:
 
 
 def mean_interval(samples: Sequence[float], *, confidence: float = 0.95) -> Estimate:
-    """Mean of independent runs with a Student-t interval (one run: a zero-width interval).
+    """Mean of independent runs with a Student-t interval (one run: an unbounded interval).
 
-    A single run carries no information about spread; its interval is the point itself, so a
-    verdict from one seed is only as good as that seed (use several).
+    A single run says nothing about the spread over seeds, so its interval is ``(-inf, inf)``
+    and no claim is decided from it (:func:`decide` says INCONCLUSIVE). A quantity that does not
+    depend on a seed at all (a deterministic algorithm) is exact: build
+    ``Estimate(v, v, v, n=1)`` for it.
     """
     _check_confidence(confidence)
     x = _samples(samples, "samples")
     mean = float(np.mean(x))
     if x.size == 1:
-        return Estimate(mean, mean, mean, 1, confidence, tuple(x.tolist()))
+        return Estimate(mean, -math.inf, math.inf, 1, confidence, tuple(x.tolist()))
     half = float(
         _scipy_stats.t.ppf(0.5 + confidence / 2, df=x.size - 1)
         * np.std(x, ddof=1)
@@ -174,8 +176,8 @@ def ratio_interval(
         )
     ln, ld = np.log(num), np.log(den)
     diff = float(ln.mean() - ld.mean())
-    if ln.size < 2 or ld.size < 2:
-        return Estimate(math.exp(diff), math.exp(diff), math.exp(diff), min(ln.size, ld.size))
+    if ln.size < 2 or ld.size < 2:  # one run on a side: no spread, no interval (see mean_interval)
+        return Estimate(math.exp(diff), 0.0, math.inf, min(ln.size, ld.size), confidence)
     vn, vd = ln.var(ddof=1) / ln.size, ld.var(ddof=1) / ld.size
     se = math.sqrt(vn + vd)
     if se == 0:
@@ -209,8 +211,8 @@ def bootstrap_interval(
     value = float(statistic(x))
     if math.isnan(value):
         raise ValueError(f"statistic={statistic!r} returned NaN on the samples")
-    if x.size == 1:
-        return Estimate(value, value, value, 1, confidence, tuple(x.tolist()))
+    if x.size == 1:  # no spread to resample (see mean_interval)
+        return Estimate(value, -math.inf, math.inf, 1, confidence, tuple(x.tolist()))
     rng = np.random.default_rng(seed)
     draws = np.array(
         [statistic(x[rng.integers(0, x.size, x.size)]) for _ in range(int(num_resamples))]
