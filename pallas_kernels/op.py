@@ -212,6 +212,17 @@ class Op:
                 return candidate(*args, **kwargs)
             except Unsupported as e:
                 reasons.append(f"{candidate.name}: {e}")
+            except TypeError as e:
+                if candidate.supports_forward_mode or "forward-mode autodiff" not in str(e):
+                    raise
+                raise TypeError(
+                    f"{self.name}: implementation {candidate.name!r} has a custom VJP and no "
+                    "forward-mode rule, so jax.jvp (and Hessian-vector products) cannot "
+                    "differentiate it. Run the forward-mode code inside "
+                    "pallas_kernels.op.forward_mode_autodiff() (efflax.optim.hvp/sharpness do), "
+                    "where every op runs an implementation that supports it, or pick one "
+                    "(e.g. implementation='xla')"
+                ) from e
         if not candidates:
             reasons.append("no implementation supports forward-mode autodiff")
         requested = implementation if isinstance(implementation, str) else implementation.name
