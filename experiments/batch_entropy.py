@@ -205,7 +205,11 @@ def _plot(path: pathlib.Path, histories: dict[int, list], cfg: Config) -> None:
     plt.close(fig)
 
 
-@register("batch_entropy", description="LBE makes deep vanilla ReLU MLPs trainable (MNIST-1D)")
+@register(
+    "batch_entropy",
+    description="LBE makes deep vanilla ReLU MLPs trainable (MNIST-1D)",
+    timing_sensitive=False,  # decides from accuracies and counts, times nothing
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)

@@ -146,7 +146,9 @@ def train(cfg: Config, out_dir: pathlib.Path):
 
 
 @register(
-    "cyclical_focal", description="Cyclical focal loss vs CE and focal on imbalanced MNIST-1D"
+    "cyclical_focal",
+    description="Cyclical focal loss vs CE and focal on imbalanced MNIST-1D",
+    timing_sensitive=False,  # decides from accuracies and counts, times nothing
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL

@@ -188,7 +188,11 @@ def train_students(cfg: Config, teacher, teacher_params, out_dir: pathlib.Path):
     return history
 
 
-@register("distillation", description="USI distillation: labels vs USI vs KD-only on MNIST-1D")
+@register(
+    "distillation",
+    description="USI distillation: labels vs USI vs KD-only on MNIST-1D",
+    timing_sensitive=False,  # decides from accuracies and counts, times nothing
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)

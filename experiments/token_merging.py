@@ -195,7 +195,11 @@ def train(cfg: Config, out_dir: pathlib.Path):
     return history, flops
 
 
-@register("token_merging", description="ViT on digits with vs without a learned token merger")
+@register(
+    "token_merging",
+    description="ViT on digits with vs without a learned token merger",
+    timing_sensitive=False,  # decides from accuracies and counts, times nothing
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)
