@@ -30,6 +30,7 @@ __all__ = [
     "prng_key",
     "probability",
     "same_structure",
+    "scalar_if_concrete",
 ]
 
 
@@ -39,6 +40,21 @@ def concrete(value: Any) -> np.ndarray | None:
         return np.asarray(value)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
+
+
+def scalar_if_concrete(name: str, value: Any) -> float | None:
+    """``value`` as a float when it is known at trace time, ``None`` when it is traced.
+
+    For hyperparameters that may arrive as arrays (``optax.inject_hyperparams``, ``vmap`` over a
+    sweep): anything known now must be one real number - a bool, a string or an array of several
+    values is refused. Range checks (``positive_float``, ...) then apply to the result.
+    """
+    array = concrete(value)
+    if array is None:
+        return None
+    if array.ndim != 0 or array.dtype.kind not in "iuf":
+        raise ValueError(f"{name}={value!r} must be a real scalar")
+    return float(array)
 
 
 def _is_int(value: Any) -> bool:

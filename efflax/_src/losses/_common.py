@@ -11,27 +11,16 @@ import numpy as np
 from pallas_kernels import _checks
 
 
-def _scalar_if_concrete(name: str, value: Any) -> float | None:
-    """``value`` as a float when known at trace time (``None`` when traced); refuses anything
-    but a real scalar (a bool, a string, an array of several values)."""
-    array = _checks.concrete(value)
-    if array is None:
-        return None
-    if array.ndim != 0 or array.dtype.kind not in "iuf":
-        raise ValueError(f"{name}={value!r} must be a real scalar")
-    return float(array)
-
-
 def nonnegative_if_concrete(name: str, value: Any) -> None:
     """Raises for a negative or non-finite ``value`` known at trace time; a traced one passes."""
-    number = _scalar_if_concrete(name, value)
+    number = _checks.scalar_if_concrete(name, value)
     if number is not None:
         _checks.positive_float(name, number, allow_zero=True)
 
 
 def positive_if_concrete(name: str, value: Any) -> None:
     """Raises for a non-positive or non-finite ``value`` known at trace time."""
-    number = _scalar_if_concrete(name, value)
+    number = _checks.scalar_if_concrete(name, value)
     if number is not None:
         _checks.positive_float(name, number)
 

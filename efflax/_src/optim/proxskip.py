@@ -104,12 +104,9 @@ def _check_scalar(name: str, value: Any, check: Callable[[str, float], float]) -
     turns numbers into arrays) or a schedule is checked where it is used, if at all."""
     if callable(value):
         return
-    host = _checks.concrete(value)
-    if host is None:
-        return
-    if host.ndim != 0 or not np.issubdtype(host.dtype, np.number) or host.dtype == bool:
-        raise ValueError(f"{name}={value!r} must be a real scalar")
-    check(name, float(host))
+    number = _checks.scalar_if_concrete(name, value)
+    if number is not None:
+        check(name, number)
 
 
 def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:

@@ -99,15 +99,9 @@ def _check_dtype(dtype: Any) -> jnp.dtype:
 
 def _check_temperature(temperature: Any) -> None:
     """A traced temperature is accepted as is; a concrete one must be finite and > 0."""
-    if not isinstance(temperature, jax.Array | np.ndarray):
-        _checks.positive_float("temperature", temperature)  # refuses bools and strings too
-        return
-    value = _checks.concrete(temperature)
-    if value is None:
-        return
-    if value.ndim != 0:
-        raise ValueError(f"temperature={temperature!r} must be a scalar")
-    _checks.positive_float("temperature", value.item())
+    number = _checks.scalar_if_concrete("temperature", temperature)
+    if number is not None:
+        _checks.positive_float("temperature", number)
 
 
 def _check_epochs(start_epoch: Any, end_epoch: Any, *, minimum: int) -> None:
