@@ -1,46 +1,54 @@
 # `make demo` and `make test` are the README's two commands; both set up .venv first.
-# CI (.ci/run) also runs `make test-latest` (the suite on the newest JAX, Python >= 3.12) and
-# `make gpu-check` (every Pallas kernel compiled for H100 and A100 without a GPU).
+# CI (.ci/run) also runs the pinned second-JAX suite and the compile-only accelerator checks.
+# Every venv installs from a constraints file in constraints/ (pinned: the same clone gives the
+# same answer next month); `make test-newest` is the one target that installs the newest
+# releases, and it reports what moved without failing (CONTRIBUTING.md, "Moving the pins").
 PYTHON ?= python3
+PYTHON_LATEST ?= $(shell tools/find_python.sh)
+PYTEST_WORKERS ?= 2
+GPU_CHECK_JOBS ?= 2
+PIP_QUIET := --quiet --disable-pip-version-check
+
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PYTEST_WORKERS ?= 2
-
-# The second JAX version: the newest jax/jaxlib/flax/optax/orbax the registry serves.
-PYTHON_LATEST ?= $(shell tools/find_python.sh)
+# Python 3.12: the newest JAX set known to pass (constraints/py312.txt).
 VENV_LATEST := .venv-latest
 STAMP_LATEST := $(VENV_LATEST)/.installed-stamp
-# Deviceless GPU compiles: jax plus the CUDA plugin of the same version, installed --no-deps.
+# Python 3.12: compile-only accelerators (libtpu for TPU slices, the CUDA plugin for GPUs).
+VENV_XLA := .venv-xla
+STAMP_XLA := $(VENV_XLA)/.installed-stamp
+# Python 3.12: the CUDA plugin at the newest pinned JAX (gpu-check on a second JAX version).
 VENV_GPUCHECK := .venv-gpucheck
 STAMP_GPUCHECK := $(VENV_GPUCHECK)/.installed-stamp
-GPU_CHECK_JOBS ?= 2
 
-.PHONY: demo test test-latest lint bench gpu-check gpu-bench clean
+.PHONY: demo test test-latest test-newest lint bench gpu-check gpu-bench clean pins
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/py311.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install $(PIP_QUIET) -c constraints/py311.txt -e '.[dev]'
 	touch $(STAMP)
 
-$(STAMP_LATEST): pyproject.toml
+$(STAMP_LATEST): pyproject.toml constraints/py312.txt
 	test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs Python >= 3.12"; exit 1; }
 	test -x $(VENV_LATEST)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
-	$(VENV_LATEST)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_LATEST)/bin/python -m pip install --quiet -e '.[dev]'
-	$(VENV_LATEST)/bin/python -m pip install --quiet --upgrade jax jaxlib flax optax orbax-checkpoint
+	$(VENV_LATEST)/bin/python -m pip install $(PIP_QUIET) -c constraints/py312.txt -e '.[dev]'
 	touch $(STAMP_LATEST)
 
-$(STAMP_GPUCHECK): pyproject.toml
+$(STAMP_XLA): pyproject.toml constraints/xla.txt
+	test -n "$(PYTHON_LATEST)" || { echo "the compile-only checks need Python >= 3.12"; exit 1; }
+	test -x $(VENV_XLA)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_XLA)
+	$(VENV_XLA)/bin/python -m pip install $(PIP_QUIET) -c constraints/xla.txt -e '.[dev,tpu]'
+	$(VENV_XLA)/bin/python -m pip install $(PIP_QUIET) --no-deps -c constraints/xla.txt \
+		jax-cuda13-plugin jax-cuda13-pjrt
+	touch $(STAMP_XLA)
+
+$(STAMP_GPUCHECK): constraints/gpucheck.txt constraints/py312.txt
 	test -n "$(PYTHON_LATEST)" || { echo "make gpu-check needs Python >= 3.12"; exit 1; }
 	test -x $(VENV_GPUCHECK)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_GPUCHECK)
-	$(VENV_GPUCHECK)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_GPUCHECK)/bin/python -m pip install --quiet --upgrade jax
-	version=$$($(VENV_GPUCHECK)/bin/python -c 'import jax; print(jax.__version__)'); \
-	$(VENV_GPUCHECK)/bin/python -m pip install --quiet --no-deps \
-		jax-cuda13-plugin==$$version jax-cuda13-pjrt==$$version \
-		|| echo "no jax-cuda13-plugin $$version on the registry: gpu-check will skip"
+	$(VENV_GPUCHECK)/bin/python -m pip install $(PIP_QUIET) -c constraints/gpucheck.txt jax
+	$(VENV_GPUCHECK)/bin/python -m pip install $(PIP_QUIET) --no-deps -c constraints/gpucheck.txt \
+		jax-cuda13-plugin jax-cuda13-pjrt
 	touch $(STAMP_GPUCHECK)
 
 demo: $(STAMP)
@@ -57,8 +65,19 @@ test-latest: $(STAMP_LATEST)
 	$(VENV_LATEST)/bin/python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'
 	MPLBACKEND=Agg $(VENV_LATEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --durations=15
 
-gpu-check: $(STAMP_GPUCHECK)
+# Every Pallas GPU kernel compiled for H100 and A100 on both pinned py3.12 JAX versions.
+gpu-check: $(STAMP_GPUCHECK) $(STAMP_XLA)
 	JAX_PLATFORMS=cpu $(VENV_GPUCHECK)/bin/python tools/gpu_check.py --jobs $(GPU_CHECK_JOBS)
+	JAX_PLATFORMS=cpu $(VENV_XLA)/bin/python tools/gpu_check.py --jobs $(GPU_CHECK_JOBS) --no-write
+
+# Not part of .ci/run: the newest releases of everything, and a report of what that changes
+# (versions vs the pins, failing tests, new spills). Never fails; read its report.
+test-newest:
+	PYTHON_LATEST="$(PYTHON_LATEST)" tools/newest_report.sh
+
+# Writes constraints/*.txt anew from venvs built with the newest releases (then run .ci/run).
+pins:
+	PYTHON_LATEST="$(PYTHON_LATEST)" tools/newest_report.sh --write-pins
 
 # On a machine with an NVIDIA GPU: the gpu tests and the attention and Monarch benchmarks,
 # their tables written into BENCHMARKS.md (says so and stops where no GPU is present).

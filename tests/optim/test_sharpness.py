@@ -535,4 +535,5 @@ def test_a_pallas_kernel_that_cannot_be_differentiated_gets_a_value_error():
     x = jnp.arange(8.0)
     with pytest.raises(ValueError, match="cannot differentiate in forward mode") as raised:
         hvp(lambda x: jnp.sum(square(x)), x, x)
-    assert isinstance(raised.value.__cause__, AssertionError)
+    # JAX < 0.12.1 fails inside Pallas' JVP rule, later versions in its linearization check.
+    assert isinstance(raised.value.__cause__, AssertionError | ValueError)

@@ -82,7 +82,7 @@ def _check_scalar_loss(loss_fn: Callable[[PyTree], jax.Array], params: PyTree) -
 
 _FORWARD_MODE_HINT = (
     "loss_fn reaches a Pallas kernel that JAX cannot differentiate in forward mode (its JVP "
-    "rule failed on an AssertionError): use efflax layers or the pallas_kernels ops "
+    "rule failed): use efflax layers or the pallas_kernels ops "
     "(dot_product_attention, monarch_matmul), which switch to their XLA path inside the probes"
 )
 
@@ -94,6 +94,23 @@ def _raised_in_pallas(error: BaseException) -> bool:
             return True
         traceback = traceback.tb_next
     return False
+
+
+def _reaches_pallas_call(loss_fn: Callable[[PyTree], jax.Array], params: PyTree) -> bool:
+    """Whether ``loss_fn`` traces to a ``pallas_call`` (searched through every sub-jaxpr)."""
+
+    def search(jaxpr: Any) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                return True
+            for value in eqn.params.values():
+                for item in value if isinstance(value, tuple | list) else (value,):
+                    inner = getattr(item, "jaxpr", item)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(inner, "eqns") and search(inner):
+                        return True
+        return False
+
+    return search(jax.make_jaxpr(loss_fn)(params).jaxpr)
 
 
 def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree) -> PyTree:
@@ -124,8 +141,12 @@ def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree) 
         _check_scalar_loss(loss_fn, params)
         try:
             return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
-        except AssertionError as e:  # what Pallas' JVP rule raises on a kernel it cannot push
+        except AssertionError as e:  # what Pallas' JVP rule raises (JAX < 0.12.1)
             if not _raised_in_pallas(e):
+                raise
+            raise ValueError(_FORWARD_MODE_HINT) from e
+        except ValueError as e:  # JAX >= 0.12.1: "Linearization failed to produce known values"
+            if "Linearization failed" not in str(e) or not _reaches_pallas_call(loss_fn, params):
                 raise
             raise ValueError(_FORWARD_MODE_HINT) from e
 
