@@ -13,7 +13,9 @@ activation into that layout and back around *every* product, and the permutation
 two stages is one more full copy. Here each chunk of rows is moved once into block-major layout
 (``[blocks, rows, width]``), both products and the permutation run there, and the result is moved
 back once; the chunk (``default_row_chunk``: about 1 MiB of activations) keeps all of it in
-cache. In reverse mode a hand-written VJP recomputes each chunk's intermediate instead of
+cache (blocks up to 256 wide; measured at 2,048 tokens, training step, CPU time vs a dense
+layer: n = 1024, nblocks = 4: 0.94x -> 1.21x; nblocks = 32: 3.2x -> 4.0x; n = 4096,
+nblocks = 64: 7.7x -> 8.4-9.4x under load ~18). In reverse mode a hand-written VJP recomputes each chunk's intermediate instead of
 writing ``[rows, k*q]`` to memory and accumulates the weight gradients chunk by chunk. Inside
 :func:`pallas_kernels.op.forward_mode_autodiff` the same chunks run through a plain ``lax.map``
 that ``jax.jvp`` differentiates (same numbers). Large blocks are compute-bound and run
@@ -43,16 +45,18 @@ __all__ = ["XlaMonarch", "default_row_chunk"]
 
 _CHUNK_BYTES = 1 << 20  # activations of one chunk of rows: about a core's L2 cache
 _MIN_ROW_CHUNK = 128  # fewer rows make the per-block GEMMs too small to run near peak
+_MAX_CHUNKED_WIDTH = 256  # wider blocks: unchunked
 
 
 def default_row_chunk(
     w1_shape: tuple[int, ...], w2_shape: tuple[int, ...], backend: str | None = None
 ) -> int | None:
     """Rows per chunk of the XLA path: ~1 MiB of float32 activations (at least 128 rows) on CPU
-    for blocks <= 128 wide, else unchunked."""
+    for blocks <= 256 wide, else unchunked (wider blocks are compute-bound: measured equal or
+    slower chunked at n = 4096, nblocks = 4)."""
     if backend_kind(backend) != "cpu":
         return None
-    if max(*w1_shape[1:], *w2_shape[1:]) > 128:
+    if max(*w1_shape[1:], *w2_shape[1:]) > _MAX_CHUNKED_WIDTH:
         return None
     k, _, p = w1_shape
     l, s, _ = w2_shape
@@ -140,7 +144,7 @@ class XlaMonarch(Implementation):
 
     Attributes:
       row_chunk: rows per chunk; ``'auto'`` (:func:`default_row_chunk`: ~1 MiB of activations,
-        at least 128 rows, on CPU for blocks <= 128 wide; unchunked otherwise), an int, or None
+        at least 128 rows, on CPU for blocks <= 256 wide; unchunked otherwise), an int, or None
         (never chunk).
 
     Differentiable in every mode inside :func:`pallas_kernels.op.forward_mode_autodiff`; outside
