@@ -10,6 +10,8 @@ import pytest
 
 from efflax.curves import program_stats
 from efflax.curves import training_step
+from experiments import bench_attention
+from experiments import bench_moe
 from experiments import bench_monarch
 
 
@@ -52,3 +54,22 @@ def test_bench_monarch_flops_count_the_recomputed_product():
     chunked = bench_monarch.step_flops(8, (4, 16, 16), (4, 16, 16), recompute=True)
     assert plain["step"] == 3 * plain["fwd"]
     assert chunked["step"] == plain["step"] + plain["fwd"] // 2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bench_attention_times_a_step_with_its_forward(causal):
+    q, k, v, do = bench_attention.random_qkv(jax.random.key(0), 1, 64, 2, 32, jnp.float32)
+    fn = bench_attention.make_attention("efflax_xla", causal=causal, head_dim=32, interpret=True)
+    step = bench_attention.forward_backward(fn)
+    # forward: q k^T and p v; backward: dv, dp, dq, dk
+    assert program_stats(step, q, k, v, do).dots >= 6
+    loss, grads = step(q, k, v, do)
+    assert jnp.isfinite(loss) and len(grads) == 3
+
+
+def test_bench_moe_steps_keep_their_products():
+    rows = bench_moe.bench(batch=2, tokens=16, d=16, hidden=16, num_experts=4, rounds=1)
+    names = {row[1] for row in rows}
+    assert {"dense", "expert_choice/gather", "top2/einsum"} <= names
+    dense = next(row for row in rows if row[1] == "dense")
+    assert dense[5] == 1.0  # FLOP ratio of the dense step to itself, from XLA's count
