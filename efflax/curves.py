@@ -10,12 +10,16 @@ from efflax._src.curves import pareto_front
 from efflax._src.curves import plot
 from efflax._src.curves import summary
 from efflax._src.curves import winners
+from efflax._src.timing import ProgramStats
 from efflax._src.timing import Times
 from efflax._src.timing import interleaved_times
+from efflax._src.timing import program_stats
 from efflax._src.timing import timed_call
+from efflax._src.timing import training_step
 
 __all__ = [
     "Curve",
+    "ProgramStats",
     "Segment",
     "TimedEval",
     "Times",
@@ -24,7 +28,9 @@ __all__ = [
     "interleaved_times",
     "pareto_front",
     "plot",
+    "program_stats",
     "summary",
     "timed_call",
+    "training_step",
     "winners",
 ]

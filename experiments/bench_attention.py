@@ -5,8 +5,9 @@ implementation), `xla` and `cudnn` (`jax.nn.dot_product_attention`), `jax_pallas
 
 FlashAttention (Dao et al., arXiv:2205.14135, 2022; FlashAttention-2, arXiv:2307.08691, 2023).
 Every implementation is first checked against `flash_attention_reference` (output and
-gradients); then forward and forward+backward are timed in one process (warm-up, median of many
-runs, `block_until_ready`) for bfloat16, head_dim 64/128, seq 1k..16k, causal and not, with
+gradients); then forward and a training step (forward + backward of `sum(out * do)`, loss value
+returned so the forward is kept: `efflax.curves.training_step`) are timed round-robin over the
+implementations in one process (`efflax.curves.interleaved_times`, warm-up, medians) for bfloat16, head_dim 64/128, seq 1k..16k, causal and not, with
 batch = 16k / seq and heads = 2048 / head_dim as in the FlashAttention-2 paper. FLOPs: forward
 4*B*H*S*S*D (halved for causal), backward 2.5x forward. On a machine without a GPU only the
 correctness check runs (interpret mode, small size).
@@ -23,7 +24,6 @@ import json
 import math
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflax.curves import interleaved_times
+from efflax.curves import training_step
 from pallas_kernels import PallasTritonAttention
 from pallas_kernels import _compat
 from pallas_kernels import dot_product_attention
@@ -87,13 +89,9 @@ def random_qkv(key: jax.Array, batch: int, seq: int, heads: int, head_dim: int, 
 
 
 def forward_backward(fn: AttentionFn) -> Callable:
-    """`(q, k, v, do) -> (dq, dk, dv)`: one forward and one backward pass."""
-
-    def run(q, k, v, do):
-        _, vjp = jax.vjp(fn, q, k, v)
-        return vjp(do)
-
-    return run
+    """`(q, k, v, do) -> (loss, (dq, dk, dv))`: the training step's forward and backward of
+    `sum(fn(q, k, v) * do)` (`efflax.curves.training_step`: the forward is kept)."""
+    return training_step(fn, argnums=(0, 1, 2))
 
 
 def _relative_error(x: jax.Array, reference: jax.Array) -> float:
@@ -109,9 +107,9 @@ def check_against_reference(
     fn = make_attention(name, causal=causal, head_dim=head_dim, interpret=interpret)
     reference = functools.partial(flash_attention_reference, causal=causal)
     out = jax.jit(fn)(q, k, v)
-    grads = jax.jit(forward_backward(fn))(q, k, v, do)
+    grads = forward_backward(fn)(q, k, v, do)[1]
     out_ref = jax.jit(reference)(q, k, v)
-    grads_ref = jax.jit(forward_backward(reference))(q, k, v, do)
+    grads_ref = forward_backward(reference)(q, k, v, do)[1]
     out_error = _relative_error(out, out_ref)
     grad_error = max(_relative_error(g, r) for g, r in zip(grads, grads_ref, strict=True))
     return {
@@ -121,19 +119,10 @@ def check_against_reference(
     }
 
 
-def time_fn(fn: Callable, *args, min_runs: int = 10, max_runs: int = 100, budget_s: float = 1.0):
-    """Median seconds per call, after compiling and two warm-up calls."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (
-        len(times) < max_runs and time.perf_counter() - start < budget_s
-    ):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_fns(fns: dict[str, tuple[Callable, tuple]], *, rounds: int = 20) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin in one process."""
+    times = interleaved_times(fns, rounds=rounds, warmup=2)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
@@ -169,24 +158,29 @@ def benchmark(seqs, head_dims, causals, implementations) -> list[Row]:
             q, k, v, do = random_qkv(jax.random.key(seq), batch, seq, heads, head_dim, jnp.bfloat16)
             for causal in causals:
                 row = Row(head_dim, seq, causal, batch, heads)
-                for name in implementations:
-                    fn = make_attention(name, causal=causal, head_dim=head_dim, interpret=False)
-                    for label, timed, args in (
-                        ("fwd", jax.jit(fn), (q, k, v)),
-                        ("fwd_bwd", jax.jit(forward_backward(fn)), (q, k, v, do)),
-                    ):
+                for label in ("fwd", "fwd_bwd"):
+                    runnable = {}
+                    for name in implementations:
+                        fn = make_attention(name, causal=causal, head_dim=head_dim, interpret=False)
+                        timed, args = (
+                            (jax.jit(fn), (q, k, v))
+                            if label == "fwd"
+                            else (forward_backward(fn), (q, k, v, do))
+                        )
                         try:
-                            seconds = time_fn(timed, *args)
+                            jax.block_until_ready(timed(*args))
+                            runnable[name] = (timed, args)
                         # A boundary: a baseline that cannot run this shape (or runs out of
                         # memory) is a result for the table. efflax's own implementations
                         # passed the reference check first; for them only OOM is a result,
                         # any other failure is a bug and propagates.
                         except Exception as e:  # noqa: BLE001
-                            seconds = _describe_error(e)
-                            if name.startswith("efflax_") and seconds != "OOM":
+                            result = _describe_error(e)
+                            if name.startswith("efflax_") and result != "OOM":
                                 raise
                             print(f"  {name} {label} D={head_dim} S={seq}: {e!s:.300}", flush=True)
-                        getattr(row, f"{label}_s")[name] = seconds
+                            getattr(row, f"{label}_s")[name] = result
+                    getattr(row, f"{label}_s").update(time_fns(runnable))
                 print(_progress_line(row), flush=True)
                 rows.append(row)
     return rows
@@ -300,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(rows, "fwd_bwd", timed))
     print(
         "\nTFLOP/s: forward 4*B*H*S*S*D (halved for causal), backward 2.5x forward; "
-        "median of >= 10 runs after warm-up. efflax / X > 1 means efflax is faster."
+        "medians of 20 interleaved rounds after warm-up; fwd+bwd = loss value and gradients (forward kept). efflax / X > 1 means efflax is faster."
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -1,16 +1,26 @@
-"""Benchmark: Monarch products (XLA einsums and the fused Pallas kernel) vs a dense matmul.
+"""Benchmark: a training step through a Monarch layer vs through a dense layer of the same size.
 
 Dao et al., "Monarch: Expressive Structured Matrices for Efficient and Accurate Training",
-arXiv 2204.00595 (2022). Square layers n -> n over a batch of tokens, forward and forward +
-backward (input and weight gradients), the median of repeated runs after a warm-up, ratios
-against the dense matmul measured in the same process. Each variant is checked against the
-reference (and the reference against the dense matrix it represents) before it is timed.
+arXiv 2204.00595 (2022). Square layers n -> n over a batch of tokens. Both sides time the same
+kind of work, the forward and backward of a scalar loss of the layer's output
+(``efflax.curves.training_step``: loss value and gradients for the input and the weights), and
+each compiled program is checked to keep its forward (``program_stats``: the dense step has its 3
+products; timed as ``vjp(f)(dy)`` XLA would drop the dense forward and not Monarch's). Each
+Monarch path is checked against the reference (and the reference against the dense matrix it
+stands for) before it is timed; timing is round-robin over dense and Monarch
+(``efflax.curves.interleaved_times``: wall and process-CPU medians of the same rounds).
+
+FLOPs: ``FLOP ratio`` is dense / Monarch for the layer's forward (nblocks / 2 for square layers,
+the number the paper's speed-ups are measured against); ``timed FLOP ratio`` is the ratio of the
+work actually timed (dense: forward, dx, dW = 3 products; Monarch: 2 forward products, 4 backward
+products, plus the first product again where the XLA path recomputes it per row chunk).
+``efficiency`` = speed-up / FLOP ratio.
 
 On CPU the Pallas kernel would run in interpret mode, which is not a timing: only the XLA path
 is timed there. On GPU the inputs are bfloat16 and both paths are timed.
 
-    python -m experiments.bench_monarch            # n in {1024, 4096, 8192}, 8192 tokens
-    python -m experiments.bench_monarch --quick    # n in {1024, 4096}, 2048 tokens
+    python -m experiments.bench_monarch            # n in {1024, 4096, 8192}, 2048 tokens
+    python -m experiments.bench_monarch --quick    # n in {1024, 4096}, 2048 tokens, fewer rounds
 """
 
 from __future__ import annotations
@@ -19,15 +29,16 @@ import argparse
 import math
 import platform
 import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflax.curves import interleaved_times
+from efflax.curves import program_stats
+from efflax.curves import training_step
 from efflax.nn import monarch_shapes
-from experiments._flops import monarch_flops
+from experiments._flops import monarch_step_flops
 from pallas_kernels import PallasTritonMonarch
 from pallas_kernels import XlaMonarch
 from pallas_kernels import monarch_matmul
@@ -36,26 +47,7 @@ from pallas_kernels import monarch_to_dense
 from pallas_kernels._compat import is_gpu
 
 
-def _median_seconds(fn: Callable, args: tuple, *, min_runs: int, max_runs: int, budget_s: float):
-    """Median wall and process-CPU seconds of ``fn(*args)`` after one warm-up call.
-
-    The CPU time (all threads of this process) is what a shared, oversubscribed CPU host can
-    still measure reliably: wall time there includes waiting for other processes.
-    """
-    jax.block_until_ready(fn(*args))
-    walls, cpus = [], []
-    start = time.perf_counter()
-    while len(walls) < max_runs and (
-        len(walls) < min_runs or time.perf_counter() - start < budget_s
-    ):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), len(walls)
-
-
-def _nblocks_for(n: int, nblocks: str | int) -> int:
+def nblocks_for(n: int, nblocks: str | int) -> int:
     """'sqrt' -> the largest power of two <= sqrt(n) (sqrt(n) itself when n is an even power)."""
     if nblocks == "sqrt":
         return 2 ** int(math.floor(math.log2(math.isqrt(n))))
@@ -67,164 +59,125 @@ def _rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def bench(
-    sizes=(1024, 4096, 8192),
-    nblocks_options=(4, "sqrt"),
-    tokens: int = 8192,
-    *,
-    min_runs: int = 5,
-    max_runs: int = 50,
-    budget_s: float = 10.0,
-) -> list[dict]:
+def bench(sizes=(1024, 4096), nblocks_options=(4, "sqrt"), tokens: int = 2048, *, rounds=9):
     on_gpu = is_gpu()
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     tol = 2e-2 if on_gpu else 1e-4
     rows = []
-    timing = dict(min_runs=min_runs, max_runs=max_runs, budget_s=budget_s)
     for n in sizes:
-        keys = jax.random.split(jax.random.key(n), 4)
+        keys = jax.random.split(jax.random.key(n), 5)
         x = jax.random.normal(keys[0], (tokens, n), jnp.float32).astype(dtype)
-        dy = jax.random.normal(keys[1], (tokens, n), jnp.float32).astype(dtype)
+        cotangent = jax.random.normal(keys[1], (tokens, n), jnp.float32).astype(dtype)
         kernel = (jax.random.normal(keys[2], (n, n)) / math.sqrt(n)).astype(dtype)
-
-        def dense_fwd(x, w):
-            return x @ w
-
-        dense_grad = jax.jit(lambda x, w, dy: jax.vjp(dense_fwd, x, w)[1](dy))
-        dense = {
-            "fwd": _median_seconds(jax.jit(dense_fwd), (x, kernel), **timing),
-            "fwd_bwd": _median_seconds(dense_grad, (x, kernel, dy), **timing),
-        }
-        print(
-            f"n={n}: dense fwd {dense['fwd'][0] * 1e3:.1f} ms (cpu {dense['fwd'][1] * 1e3:.1f}),"
-            f" fwd+bwd {dense['fwd_bwd'][0] * 1e3:.1f} ms (cpu {dense['fwd_bwd'][1] * 1e3:.1f})",
-            flush=True,
-        )
-
+        dense_step = training_step(lambda x, w: x @ w, argnums=(0, 1))
+        dense_args = (x, kernel, cotangent)
+        assert program_stats(dense_step, *dense_args).dots >= 3, "the dense step lost a product"
+        dense_flops = 6 * tokens * n * n
         for option in nblocks_options:
-            nb = _nblocks_for(n, option)
+            nb = nblocks_for(n, option)
             w1_shape, w2_shape = monarch_shapes(n, n, nb)
             w1 = (jax.random.normal(keys[3], w1_shape) / math.sqrt(w1_shape[2])).astype(dtype)
-            w2 = (jax.random.normal(keys[0], w2_shape) / math.sqrt(w2_shape[2])).astype(dtype)
-            # The reference must be the dense product it stands for (checked on a slice).
-            check_rows = x[:256].astype(jnp.float32)
-            ref32 = monarch_matmul_reference(
-                check_rows, w1.astype(jnp.float32), w2.astype(jnp.float32)
-            )
-            dense_equiv = check_rows @ monarch_to_dense(
-                w1.astype(jnp.float32), w2.astype(jnp.float32)
-            )
+            w2 = (jax.random.normal(keys[4], w2_shape) / math.sqrt(w2_shape[2])).astype(dtype)
+            check = x[:256].astype(jnp.float32)
+            w1_32, w2_32 = w1.astype(jnp.float32), w2.astype(jnp.float32)
+            ref32 = monarch_matmul_reference(check, w1_32, w2_32)
+            dense_equiv = check @ monarch_to_dense(w1_32, w2_32)
             assert _rel_err(ref32, dense_equiv) < 1e-4, "reference != its dense matrix"
             xla = XlaMonarch()
             chunk = xla.resolved_row_chunk(w1_shape, w2_shape)
-            # the XLA path exactly as MonarchDense(implementation='xla') runs it here
-            paths = {"xla": lambda x, w1, w2: monarch_matmul(x, w1, w2, implementation=xla)}
+            paths = {"xla": xla}
             if on_gpu:
-                pallas = PallasTritonMonarch(interpret=False)
-                paths["pallas"] = lambda x, w1, w2: monarch_matmul(x, w1, w2, implementation=pallas)
-            flops = monarch_flops(w1_shape, w2_shape, tokens)
+                paths["pallas"] = PallasTritonMonarch(interpret=False)
+            flops = monarch_step_flops(w1_shape, w2_shape, tokens, recompute=chunk is not None)
             row = {
                 "n": n,
                 "nblocks": nb,
                 "tokens": tokens,
                 "dtype": jnp.dtype(dtype).name,
-                "flop_ratio": 2 * tokens * n * n / flops,
+                "flop_ratio": 2 * tokens * n * n / flops["fwd"],
+                "timed_flop_ratio": dense_flops / flops["step"],
                 "xla_row_chunk": chunk,
             }
-            for mode, (wall, cpu, runs) in dense.items():
-                row[f"dense_{mode}_ms"] = wall * 1e3
-                row[f"dense_{mode}_cpu_ms"] = cpu * 1e3
-                row[f"dense_{mode}_runs"] = runs
-            for name, fn in paths.items():
-                got = jax.jit(fn)(x[:256], w1, w2)
+            steps = {"dense": (dense_step, dense_args)}
+            for name, impl in paths.items():
+                layer = lambda x, w1, w2, impl=impl: monarch_matmul(x, w1, w2, implementation=impl)
+                got = jax.jit(layer)(x[:256], w1, w2)
                 err = _rel_err(got, ref32)
                 if not err < tol:
                     raise AssertionError(f"{name} path n={n} nblocks={nb}: rel err {err:.2e}")
-                grad = jax.jit(lambda x, w1, w2, dy, fn=fn: jax.vjp(fn, x, w1, w2)[1](dy))
-                measured = {
-                    "fwd": _median_seconds(jax.jit(fn), (x, w1, w2), **timing),
-                    "fwd_bwd": _median_seconds(grad, (x, w1, w2, dy), **timing),
-                }
+                step = training_step(layer, argnums=(0, 1, 2))
+                args = (x, w1, w2, cotangent)
+                assert program_stats(step, *args).dots >= 6, f"the {name} step lost a product"
+                steps[name] = (step, args)
                 row[f"{name}_rel_err"] = err
-                for mode, (wall, cpu, runs) in measured.items():
-                    row[f"{name}_{mode}_ms"] = wall * 1e3
-                    row[f"{name}_{mode}_cpu_ms"] = cpu * 1e3
-                    row[f"{name}_{mode}_runs"] = runs
-                    row[f"{name}_{mode}_speedup"] = dense[mode][0] / wall
-                    row[f"{name}_{mode}_cpu_speedup"] = dense[mode][1] / cpu
+            times = interleaved_times(steps, rounds=rounds)
+            dense_wall, dense_cpu = (
+                statistics.median(times["dense"]),
+                statistics.median(times["dense"].cpu),
+            )
+            row["dense_ms"], row["dense_cpu_ms"] = dense_wall * 1e3, dense_cpu * 1e3
+            row["rounds"] = len(times["dense"])
+            for name in paths:
+                wall, cpu = statistics.median(times[name]), statistics.median(times[name].cpu)
+                row[f"{name}_ms"], row[f"{name}_cpu_ms"] = wall * 1e3, cpu * 1e3
+                row[f"{name}_speedup"] = dense_wall / wall
+                row[f"{name}_cpu_speedup"] = dense_cpu / cpu
+                row[f"{name}_efficiency"] = dense_cpu / cpu / row["flop_ratio"]
                 print(
-                    f"  nblocks={nb} {name}: fwd {row[f'{name}_fwd_ms']:.1f} ms "
-                    f"({row[f'{name}_fwd_speedup']:.1f}x, cpu {row[f'{name}_fwd_cpu_speedup']:.1f}x),"
-                    f" fwd+bwd {row[f'{name}_fwd_bwd_ms']:.1f} ms "
-                    f"({row[f'{name}_fwd_bwd_speedup']:.1f}x, "
-                    f"cpu {row[f'{name}_fwd_bwd_cpu_speedup']:.1f}x), err {err:.1e}",
+                    f"n={n} nblocks={nb} {name}: step {wall * 1e3:.1f} ms (cpu {cpu * 1e3:.1f}) vs "
+                    f"dense {dense_wall * 1e3:.1f} ms (cpu {dense_cpu * 1e3:.1f}): "
+                    f"{dense_wall / wall:.2f}x wall, {dense_cpu / cpu:.2f}x cpu time; FLOP ratio "
+                    f"{row['flop_ratio']:.0f} (timed {row['timed_flop_ratio']:.1f}), efficiency "
+                    f"{row[f'{name}_efficiency']:.2f}",
                     flush=True,
                 )
             rows.append(row)
     return rows
 
 
-def markdown_table(rows: list[dict], *, cpu_columns: bool) -> str:
-    paths = [p for p in ("xla", "pallas") if rows and f"{p}_fwd_ms" in rows[0]]
-    header = ["n", "nblocks", "FLOP ratio", "dense fwd ms", "dense fwd+bwd ms"]
+def markdown_table(rows: list[dict]) -> str:
+    paths = [p for p in ("xla", "pallas") if rows and f"{p}_ms" in rows[0]]
+    header = ["n", "nblocks", "FLOP ratio", "timed FLOP ratio", "dense step ms (cpu)"]
     for p in paths:
-        header += [f"{p} fwd ms", "x", f"{p} fwd+bwd ms", "x"]
-        if cpu_columns:
-            header += ["x (cpu time) fwd", "x (cpu time) fwd+bwd"]
+        header += [f"{p} step ms (cpu)", "x wall", "x cpu time", "efficiency"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             str(r["n"]),
             str(r["nblocks"]),
             f"{r['flop_ratio']:.0f}",
-            f"{r['dense_fwd_ms']:.1f}",
-            f"{r['dense_fwd_bwd_ms']:.1f}",
+            f"{r['timed_flop_ratio']:.1f}",
+            f"{r['dense_ms']:.1f} ({r['dense_cpu_ms']:.1f})",
         ]
         for p in paths:
             cells += [
-                f"{r[f'{p}_fwd_ms']:.1f}",
-                f"{r[f'{p}_fwd_speedup']:.1f}",
-                f"{r[f'{p}_fwd_bwd_ms']:.1f}",
-                f"{r[f'{p}_fwd_bwd_speedup']:.1f}",
+                f"{r[f'{p}_ms']:.1f} ({r[f'{p}_cpu_ms']:.1f})",
+                f"{r[f'{p}_speedup']:.2f}",
+                f"{r[f'{p}_cpu_speedup']:.2f}",
+                f"{r[f'{p}_efficiency']:.2f}",
             ]
-            if cpu_columns:
-                cells += [
-                    f"{r[f'{p}_fwd_cpu_speedup']:.1f}",
-                    f"{r[f'{p}_fwd_bwd_cpu_speedup']:.1f}",
-                ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="n in {1024, 4096}, 2048 tokens")
+    parser.add_argument("--quick", action="store_true", help="n in {1024, 4096}, fewer rounds")
     args = parser.parse_args(argv)
     if args.quick:
-        rows = bench(sizes=(1024, 4096), tokens=2048, min_runs=3, max_runs=20, budget_s=3.0)
+        rows = bench(sizes=(1024, 4096), rounds=5)
     else:
-        rows = bench(min_runs=3, max_runs=30, budget_s=10.0)
+        rows = bench(sizes=(1024, 4096, 8192), rounds=15)
     device = jax.devices()[0]
     print()
     print(f"device: {device.device_kind} ({jax.default_backend()}), {platform.processor() or ''}")
     print(f"jax {jax.__version__}, dtype {rows[0]['dtype']}, tokens {rows[0]['tokens']}")
-    on_cpu = not is_gpu()
-    if on_cpu:
+    if not is_gpu():
         print("pallas path not timed on CPU: interpret mode is an emulator, not a timing")
     print(f"xla path row chunks: {sorted({str(r['xla_row_chunk']) for r in rows})}")
-    print("x = dense time / Monarch time, medians in one process (ms columns: wall time)")
-    if on_cpu:
-        print("x (cpu time): the same ratio of process CPU time, robust to other load on the host")
+    print("x = dense step time / Monarch step time, medians of interleaved rounds in one process")
     print()
-    print(markdown_table(rows, cpu_columns=on_cpu))
-    for r in rows:
-        if on_cpu and r["n"] == 4096 and r["nblocks"] == 64:
-            wall, cpu = r["xla_fwd_bwd_speedup"], r["xla_fwd_bwd_cpu_speedup"]
-            ok = min(wall, cpu) >= 5
-            print(
-                f"\ntarget (CPU xla, n=4096, nblocks=64, fwd+bwd >= 5x dense): wall {wall:.1f}x, "
-                f"cpu time {cpu:.1f}x -> {'MET' if ok else 'NOT MET'}"
-            )
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

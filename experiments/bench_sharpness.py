@@ -67,7 +67,7 @@ def bench(*, runs: int = 30, train_steps: int = 200) -> dict:
     params, opt_state = train(params, tx.init(params))
     key = jax.random.key(1)
 
-    grad_fn = jax.jit(jax.grad(loss))
+    grad_fn = jax.jit(jax.value_and_grad(loss))  # a training step's work: loss and gradient
     hvp_fn = jax.jit(lambda p, v: hvp(loss, p, v))
 
     def precond_probe(steps):

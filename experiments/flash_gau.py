@@ -81,10 +81,9 @@ def _layer_step(unit: GatedAttentionUnit, length: int, d: int):
     params = jax.jit(unit.init)(jax.random.key(0), x)
 
     @jax.jit
-    def step(params, x):
-        return jax.grad(lambda p, x: jnp.mean(jnp.square(unit.apply(p, x))), argnums=(0, 1))(
-            params, x
-        )
+    def step(params, x):  # a training step's work: loss value (forward kept) and gradients
+        loss = lambda p, x: jnp.mean(jnp.square(unit.apply(p, x)))
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
     return step, (params, x)
 

@@ -74,6 +74,7 @@ PUBLIC = {
     ],
     "efflax.curves": [
         "Curve",
+        "ProgramStats",
         "Segment",
         "TimedEval",
         "Times",
@@ -82,8 +83,10 @@ PUBLIC = {
         "interleaved_times",
         "pareto_front",
         "plot",
+        "program_stats",
         "summary",
         "timed_call",
+        "training_step",
         "winners",
     ],
     "efflax.pruning": [

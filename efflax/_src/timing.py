@@ -14,10 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def timed_call(fn: Callable, *args) -> tuple[object, float, float]:
@@ -79,3 +82,54 @@ def interleaved_times(
             if time.perf_counter() - start > max_seconds:
                 break
     return times
+
+
+def training_step(fn: Callable[..., jax.Array], *, argnums: int | tuple[int, ...] = 0) -> Callable:
+    """The work one training step does with ``fn``: forward and backward of a scalar loss.
+
+    Returns ``jit(value_and_grad(loss, argnums))`` with ``loss(*inputs, cotangent) =
+    sum(fn(*inputs) * cotangent)`` (in float32). The loss *value* is returned, so XLA cannot drop
+    the forward product (``jax.vjp(fn, ...)[1](dy)`` or ``jax.grad`` of a loss linear in the
+    output let XLA skip a dense layer's forward while a layer whose backward needs its forward,
+    like Monarch's, keeps it: the two sides would time different work). Time both sides of a
+    comparison with steps built here, and check with :func:`program_stats` that they kept their
+    forward.
+
+    Example:
+      >>> step = training_step(lambda x, w: x @ w, argnums=(0, 1))
+      >>> loss, (dx, dw) = step(x, w, cotangent)
+    """
+
+    def loss(*args):
+        *inputs, cotangent = args
+        out = fn(*inputs).astype(jnp.float32)
+        return jnp.sum(out * cotangent.astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramStats:
+    """What XLA compiled for one call: its matrix products and its FLOPs.
+
+    Attributes:
+      dots: ``dot`` and ``convolution`` instructions in the optimized HLO, fusions and loop
+        bodies included (a loop body counts once).
+      flops: XLA's own FLOP count of the program (``cost_analysis``; a loop body counts once),
+        or None where the backend gives none.
+    """
+
+    dots: int
+    flops: float | None
+
+
+def program_stats(jitted: Callable, *args) -> ProgramStats:
+    """Compiles ``jitted(*args)`` and counts what it computes (see :class:`ProgramStats`): the
+    check that the programs a benchmark compares do the work it claims."""
+    compiled = jitted.lower(*args).compile()
+    dots = len(re.findall(r"=\s*\S+\s+(?:dot|convolution)\(", compiled.as_text()))
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older JAX: one dict per program
+        cost = cost[0] if cost else None
+    flops = cost.get("flops") if cost else None
+    return ProgramStats(dots=dots, flops=None if flops is None else float(flops))
