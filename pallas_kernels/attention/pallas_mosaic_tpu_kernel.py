@@ -429,6 +429,29 @@ def _first_q_block(cfg, offset_ref, kv_block, block_q, block_k, num_q_blocks):
     return jnp.minimum(lax.div(first_row, block_q), num_q_blocks - 1)
 
 
+def _out(shape, dtype, like):
+    """An output type varying over the same manual mesh axes as ``like`` (inside ``shard_map``
+    with ``check_vma``, a pallas_call's outputs must say so)."""
+    mat = getattr(jax.typeof(like), "mat", None)
+    if mat is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
+def _cost(cfg, q, k, matmuls, exps, *arrays):
+    """What the kernel declares to XLA's scheduler (and to ``cost_analysis``): ``matmuls``
+    (rows x keys x head_dim) products per score, ``exps`` exponentials per score, causal tiles
+    counted as half."""
+    batch, num_heads, q_len, head_dim = q.shape
+    scores = batch * num_heads * q_len * k.shape[2] * (0.5 if cfg.causal else 1.0)
+    nbytes = sum(a.size * a.dtype.itemsize for a in arrays if a is not None)
+    return pl.CostEstimate(
+        flops=int(2 * matmuls * scores * head_dim),
+        transcendentals=int(exps * scores),
+        bytes_accessed=int(nbytes),
+    )
+
+
 def _params(cfg, semantics, name):
     kwargs = dict(name=name)
     if cfg.interpret:
@@ -484,9 +507,10 @@ def _forward(q, k, v, q_seg, kv_seg, offset, flags, block_mask, cfg):
         functools.partial(_fwd_kernel, cfg=cfg),
         grid_spec=grid_spec,
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, num_heads, q_len, 1), jnp.float32),
+            _out(q.shape, q.dtype, q),
+            _out((batch, num_heads, q_len, 1), jnp.float32, q),
         ],
+        cost_estimate=_cost(cfg, q, k, 2, 1, q, k, v, q, flags),
         **_params(
             cfg, ("parallel", "parallel", "parallel", "arbitrary"), "flash_attention_tpu_fwd"
         ),
@@ -529,7 +553,8 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, offset, block_mask, cfg
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_out(q.shape, q.dtype, q),
+        cost_estimate=_cost(cfg, q, k, 3, 1, q, k, v, do, q),
         **_params(cfg, ("parallel", "parallel", "parallel", "arbitrary"), "flash_attention_tpu_dq"),
     )(offset, block_mask, q, k, v, do, lse, delta, q_seg, kv_seg)
 
@@ -576,7 +601,8 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, offset, block_mask, cf
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[_out(k.shape, k.dtype, q), _out(v.shape, v.dtype, q)],
+        cost_estimate=_cost(cfg, q, k, 4, 1, q, k, v, do, k, v),
         **_params(
             cfg,
             ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
