@@ -51,6 +51,9 @@ _ENV = dict(
     TPU_ACCELERATOR_TYPE="v5litepod-8",  # only silences libtpu's start-up warnings
     TPU_WORKER_HOSTNAMES="localhost",
     TF_CPP_MIN_LOG_LEVEL="3",
+    # Several processes compile at once (this pool, other checks): libtpu's lockfile is for a
+    # real chip, which compile-only devices do not hold.
+    ALLOW_MULTIPLE_LIBTPU_LOAD="1",
 )
 
 
@@ -152,19 +155,23 @@ def _compile_case(job: dict) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec
 
+    from pallas_kernels._compat import use_mesh
+
     case = load_cases(job["module"], job["list"])[job["index"]]
     result = dict(job, family=case.family, name=case.name, min_kernels=case.min_kernels)
     result["baseline"] = case.baseline
-    topology = topologies.get_topology_desc(topology_name=CHIPS[job["chip"]][0], platform="tpu")
-    mesh = Mesh(topology.devices[:1], ("x",))
-    on_chip = NamedSharding(mesh, PartitionSpec())
     start = time.perf_counter()
     try:
+        topology = topologies.get_topology_desc(topology_name=CHIPS[job["chip"]][0], platform="tpu")
+        mesh = Mesh(topology.devices[:1], ("x",))
+        on_chip = NamedSharding(mesh, PartitionSpec())
         fn, args = case.build()
         args = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_chip), args
         )
-        compiled = jax.jit(fn).lower(*args).compile()
+        # The mesh tells Mosaic which TPU generation it compiles for.
+        with use_mesh(mesh):
+            compiled = jax.jit(fn).lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - a compile failure is a result (VMEM, HBM, bug)
         message = f"{type(e).__name__}: {e}"
         result.update(error=message[-2000:], reason=_classify(message))
@@ -410,7 +417,10 @@ def _baseline(cases, key):
 def _memory_table(memory: list[dict]) -> str:
     by_length: dict[int, dict[str, dict]] = {}
     for r in memory:
-        length = int(re.search(r"S=(\d+)", r["name"]).group(1))
+        found = re.search(r"S=(\d+)", r["name"])
+        if found is None:
+            continue
+        length = int(found.group(1))
         by_length.setdefault(length, {})["xla" if r.get("baseline") else "kernel"] = r
 
     def temp(r):
@@ -517,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                 else f"{res['kernels']} kernels, {res['compile_s']:.1f} s"
             )
             print(f"[{done}/{len(jobs)}] {res.get('name')} [{res['chip']}]: {status}", flush=True)
+            if "error" in res:
+                print("    " + res["error"][-400:].replace("\n", "\n    "), flush=True)
             results.append(res)
     seconds = time.perf_counter() - start
     results.sort(
