@@ -211,6 +211,27 @@ def _when(condition):
     return pl.when(condition)
 
 
+def _run_tile(cfg, offset_ref, visible, q_start, k_start, block_q, block_k, *, tail, body):
+    """Runs ``body(masked)`` on a visible tile: ``masked=False`` (no element-mask arithmetic)
+    for tiles that are entirely visible (below the causal diagonal, not the ragged last block),
+    ``masked=True`` for the others. Segment ids mask every tile."""
+    if cfg.has_segments:
+        _when(visible)(lambda: body(True))
+        return
+    if not (cfg.causal or tail):
+        _when(visible)(lambda: body(False))
+        return
+    full = True
+    if cfg.causal:
+        full = offset_ref[0] + q_start >= k_start + block_k - 1
+    if tail:
+        inside = k_start + block_k <= cfg.kv_len
+        full = inside if full is True else jnp.logical_and(full, inside)
+    both = (lambda c: c) if visible is True else (lambda c: jnp.logical_and(visible, c))
+    pl.when(both(full))(lambda: body(False))
+    pl.when(both(jnp.logical_not(full)))(lambda: body(True))
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -244,22 +265,26 @@ def _fwd_kernel(
 
     visible = _tile_visible(cfg, offset_ref, mask_ref, head, q_block, kv_block, block_q, block_k)
 
-    @_when(visible)
-    def _compute():
+    q_start, k_start = q_block * block_q, kv_block * block_k
+    tail = cfg.kv_len % block_k != 0
+
+    def _compute(masked):
         s = _dot(q_ref[...], k_ref[...], _NT, cfg.interpret) * cfg.sm_scale
         if flag_ref is not None:
             s = s + flag_ref[...]  # (1, block_k): 0, or NaN for a key with a non-finite entry
-        mask = _element_mask(
-            cfg,
-            offset_ref,
-            q_block * block_q,
-            kv_block * block_k,
-            block_q,
-            block_k,
-            q_seg_ref,
-            kv_seg_ref,
-            tail=cfg.kv_len % block_k != 0,
-        )
+        mask = None
+        if masked:
+            mask = _element_mask(
+                cfg,
+                offset_ref,
+                q_start,
+                k_start,
+                block_q,
+                block_k,
+                q_seg_ref,
+                kv_seg_ref,
+                tail=tail,
+            )
         if mask is not None:
             s = jnp.where(mask, s, _MASK_VALUE)
         m_prev = m_scratch[...]
@@ -275,6 +300,10 @@ def _fwd_kernel(
         )
         m_scratch[...] = m_next
 
+    _run_tile(
+        cfg, offset_ref, visible, q_start, k_start, block_q, block_k, tail=tail, body=_compute
+    )
+
     @pl.when(kv_block == pl.num_programs(3) - 1)
     def _finish():
         l = l_scratch[...]
@@ -287,9 +316,12 @@ def _fwd_kernel(
 def _probabilities(
     cfg, offset_ref, q, k, lse, q_start, k_start, block_q, block_k, q_seg_ref, kv_seg_ref, *, tail
 ):
+    """exp(s - lse), zero where masked (``tail=None``: an entirely visible tile, no mask)."""
     s = _dot(q, k, _NT, cfg.interpret) * cfg.sm_scale
     # Rows that saw a non-finite key/value have lse = NaN (from the forward's flags).
     p = jnp.exp(s - lse)
+    if tail is None:
+        return p
     mask = _element_mask(
         cfg, offset_ref, q_start, k_start, block_q, block_k, q_seg_ref, kv_seg_ref, tail=tail
     )
@@ -323,8 +355,10 @@ def _dq_kernel(
 
     visible = _tile_visible(cfg, offset_ref, mask_ref, head, q_block, kv_block, block_q, block_k)
 
-    @_when(visible)
-    def _compute():
+    q_start, k_start = q_block * block_q, kv_block * block_k
+    tail = cfg.kv_len % block_k != 0
+
+    def _compute(masked):
         k, v = k_ref[...], v_ref[...]
         p = _probabilities(
             cfg,
@@ -332,17 +366,21 @@ def _dq_kernel(
             q_ref[...],
             k,
             lse_ref[...],
-            q_block * block_q,
-            kv_block * block_k,
+            q_start,
+            k_start,
             block_q,
             block_k,
             q_seg_ref,
             kv_seg_ref,
-            tail=cfg.kv_len % block_k != 0,
+            tail=tail if masked else None,
         )
         dp = _dot(do_ref[...], v, _NT, cfg.interpret)
         ds = p * (dp - delta_ref[...])
         dq_scratch[...] += _dot(ds.astype(k.dtype), k, _NN, cfg.interpret)
+
+    _run_tile(
+        cfg, offset_ref, visible, q_start, k_start, block_q, block_k, tail=tail, body=_compute
+    )
 
     @pl.when(kv_block == pl.num_programs(3) - 1)
     def _finish():
@@ -381,8 +419,9 @@ def _dkv_kernel(
     head = kv_head * cfg.group + member
     visible = _tile_visible(cfg, offset_ref, mask_ref, head, q_block, kv_block, block_q, block_k)
 
-    @_when(visible)
-    def _compute():
+    q_start, k_start = q_block * block_q, kv_block * block_k
+
+    def _compute(masked):
         q, do = q_ref[...], do_ref[...]
         k, v = k_ref[...], v_ref[...]
         # Padded keys need no mask: their dK/dV rows are cut off. Padded queries add nothing:
@@ -393,18 +432,22 @@ def _dkv_kernel(
             q,
             k,
             lse_ref[...],
-            q_block * block_q,
-            kv_block * block_k,
+            q_start,
+            k_start,
             block_q,
             block_k,
             q_seg_ref,
             kv_seg_ref,
-            tail=False,
+            tail=False if masked else None,
         )
         dv_scratch[...] += _dot(p.astype(do.dtype), do, _TN, cfg.interpret)
         dp = _dot(do, v, _NT, cfg.interpret)
         ds = p * (dp - delta_ref[...])
         dk_scratch[...] += _dot(ds.astype(q.dtype), q, _TN, cfg.interpret)
+
+    _run_tile(
+        cfg, offset_ref, visible, q_start, k_start, block_q, block_k, tail=False, body=_compute
+    )
 
     @pl.when(last)
     def _finish():
