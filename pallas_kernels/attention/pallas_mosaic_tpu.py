@@ -116,11 +116,45 @@ class MosaicTpuAttention(AttentionImplementation):
         precision: Any,
     ) -> jax.Array:
         del dropout_rng, broadcast_dropout, precision  # float32 dots run at HIGHEST precision
+        return self.attend(
+            query,
+            key,
+            value,
+            bias=bias,
+            dense_mask=mask,
+            causal=causal,
+            q_offset=q_offset,
+            segment_ids=segment_ids,
+            block_mask=block_mask,
+            block_shape=block_shape,
+            sm_scale=sm_scale,
+            dropout_rate=dropout_rate,
+        )
+
+    def attend(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        *,
+        bias: jax.Array | None,
+        dense_mask: jax.Array | None,
+        causal: bool,
+        q_offset: jax.Array | None,
+        segment_ids: tuple[jax.Array, jax.Array] | None,
+        block_mask: jax.Array | None,
+        block_shape: tuple[int, int] | None,
+        sm_scale: Any,
+        dropout_rate: float,
+    ) -> jax.Array:
+        """Runs the kernels on checked arguments, or raises :class:`Unsupported` first."""
         interpret = self.resolved_interpret()
+        if not isinstance(sm_scale, float | int):
+            raise Unsupported("the kernel needs sm_scale known at trace time (a Python number)")
         reason, tiles = refusal(
             query,
             bias=bias,
-            mask=mask,
+            mask=dense_mask,
             dropout_rate=dropout_rate,
             block_shape=block_shape,
             block_sizes=self.block_sizes,
@@ -136,7 +170,7 @@ class MosaicTpuAttention(AttentionImplementation):
             q_offset,
             block_mask,
             causal=causal,
-            sm_scale=sm_scale,
+            sm_scale=float(sm_scale),
             block_sizes=tiles,
             block_shape=None if block_shape is None else tuple(block_shape),
             interpret=interpret,
