@@ -28,6 +28,8 @@ from pallas_kernels.op import Unsupported
 __all__ = ["MosaicTpuAttention"]
 
 _MAX_HEAD_DIM = 256
+# The block mask is scalar-prefetched into SMEM (1 MiB on v5e) as bits: 4 Mi tiles = 512 KiB.
+_MAX_MASK_TILES = 1 << 22
 
 
 def refusal(
@@ -151,6 +153,11 @@ class MosaicTpuAttention(AttentionImplementation):
         interpret = self.resolved_interpret()
         if not isinstance(sm_scale, float | int):
             raise Unsupported("the kernel needs sm_scale known at trace time (a Python number)")
+        if block_mask is not None and block_mask.size > _MAX_MASK_TILES:
+            raise Unsupported(
+                f"block_mask.shape={tuple(block_mask.shape)}: more than {_MAX_MASK_TILES} tiles "
+                "do not fit the TPU's scalar memory (1 bit each); use a coarser block_shape"
+            )
         reason, tiles = refusal(
             query,
             bias=bias,

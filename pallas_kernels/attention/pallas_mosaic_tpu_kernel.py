@@ -181,7 +181,9 @@ def _tile_visible(cfg, offset_ref, mask_ref, head, q_block, kv_block, block_q, b
         rows, cols = cfg.mask_grid
         h = head if cfg.mask_heads > 1 else 0
         index = (h * rows + (q_block * block_q) // mask_q) * cols + (kv_block * block_k) // mask_k
-        on = mask_ref[index] != 0
+        # One bit per tile, 32 tiles per SMEM word (SMEM is 1 MiB on v5e).
+        word = mask_ref[lax.div(index, 32)]
+        on = lax.bitwise_and(lax.shift_right_logical(word, lax.rem(index, 32)), 1) != 0
         visible = on if visible is True else jnp.logical_and(visible, on)
     return visible
 
@@ -767,7 +769,10 @@ def flash_attention_tpu(
         mask_heads, rows, cols = block_mask.shape
         rows_p, cols_p = q_len_p // block_shape[0], kv_len_p // block_shape[1]
         padded = jnp.pad(block_mask, ((0, 0), (0, rows_p - rows), (0, cols_p - cols)))
-        mask_words = padded.astype(jnp.int32).reshape(-1)
+        bits = padded.reshape(-1)
+        bits = jnp.pad(bits, (0, -bits.shape[0] % 32)).reshape(-1, 32).astype(jnp.uint32)
+        words = jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
+        mask_words = lax.bitcast_convert_type(words, jnp.int32)
         mask_grid = (rows_p, cols_p)
     cfg = _Config(
         q_len=q_len,
