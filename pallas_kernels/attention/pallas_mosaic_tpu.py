@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._compat import backend_kind
 from pallas_kernels._compat import check_interpret
+from pallas_kernels.attention.base import AttentionCall
 from pallas_kernels.attention.base import AttentionImplementation
 from pallas_kernels.attention.pallas_mosaic_tpu_kernel import BlockSizes
 from pallas_kernels.attention.pallas_mosaic_tpu_kernel import flash_attention_tpu
@@ -98,39 +99,22 @@ class MosaicTpuAttention(AttentionImplementation):
         """``interpret``, with ``None`` resolved against the default backend (at call time)."""
         return backend_kind() != "tpu" if self.interpret is None else self.interpret
 
-    def __call__(
-        self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        *,
-        bias: jax.Array | None,
-        mask: jax.Array | None,
-        causal: bool,
-        q_offset: jax.Array | None,
-        segment_ids: tuple[jax.Array, jax.Array] | None,
-        block_mask: jax.Array | None,
-        block_shape: tuple[int, int] | None,
-        sm_scale: float,
-        dropout_rate: float,
-        dropout_rng: jax.Array | None,
-        broadcast_dropout: bool,
-        precision: Any,
-    ) -> jax.Array:
-        del dropout_rng, broadcast_dropout, precision  # float32 dots run at HIGHEST precision
+    def __call__(self, call: AttentionCall) -> jax.Array:
+        # float32 dots run at HIGHEST precision, so `precision` needs nothing here
+        mask = call.mask
         return self.attend(
-            query,
-            key,
-            value,
-            bias=bias,
-            dense_mask=mask,
-            causal=causal,
-            q_offset=q_offset,
-            segment_ids=segment_ids,
-            block_mask=block_mask,
-            block_shape=block_shape,
-            sm_scale=sm_scale,
-            dropout_rate=dropout_rate,
+            call.query,
+            call.key,
+            call.value,
+            bias=call.bias,
+            dense_mask=mask.dense,
+            causal=mask.causal,
+            q_offset=mask.q_offset,
+            segment_ids=mask.segment_ids,
+            block_mask=mask.block_mask,
+            block_shape=mask.block_shape,
+            sm_scale=call.sm_scale,
+            dropout_rate=call.dropout_rate,
         )
 
     def attend(

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.attention import ATTENTION_OP
+from pallas_kernels.attention import dot_product_attention
 from pallas_kernels.attention.base import check_arguments
 from pallas_kernels.attention.pallas_mosaic_tpu import MosaicTpuAttention
 from pallas_kernels.attention.pallas_mosaic_tpu_kernel import BlockSizes
@@ -28,7 +30,7 @@ _SMALL_TILES = MosaicTpuAttention(block_sizes=BlockSizes(16, 16), interpret=True
 
 
 def _attention(implementation, q, k, v, **kwargs):
-    return implementation(q, k, v, **check_arguments(q, k, v, **kwargs))
+    return dot_product_attention(q, k, v, implementation=implementation, **kwargs)
 
 
 def _output_and_grads(implementation, q, k, v, cotangent, kwargs):
@@ -187,24 +189,54 @@ def test_seen_non_finite_value_makes_only_its_rows_nan():
     ],
 )
 def test_refuses_what_it_cannot_express(kwargs, message):
+    """Asked for explicitly: a ValueError that names the implementation and says why; the
+    implementation itself raises Unsupported (what 'auto' falls through)."""
     q, k, v, _ = _inputs((1, 16, 16, 2, 2, 16), "float32")
-    with pytest.raises(Unsupported, match=re.escape(message)):
+    with pytest.raises(ValueError, match="pallas_mosaic_tpu.*" + re.escape(message)):
         _attention(_SMALL_TILES, q, k, v, **kwargs)
+    with pytest.raises(Unsupported, match=re.escape(message)):
+        _SMALL_TILES(check_arguments(q, k, v, **kwargs))
 
 
 def test_refusals_when_compiled_for_tpu():
     q, k, v, _ = _inputs((1, 16, 16, 2, 2, 16), "float32")
     compiled = MosaicTpuAttention(interpret=False)
-    with pytest.raises(Unsupported, match="head_dim=512"):
+    with pytest.raises(ValueError, match="head_dim=512"):
         big = jnp.ones((1, 16, 2, 512))
         _attention(compiled, big, big, big)
-    with pytest.raises(Unsupported, match="float16"):
+    with pytest.raises(ValueError, match="float16"):
         _attention(compiled, *(x.astype(jnp.float16) for x in (q, k, v)))
     mask = jnp.ones((1, 1, 1), bool)
-    with pytest.raises(Unsupported, match="multiple of 128"):
+    with pytest.raises(ValueError, match="multiple of 128"):
         _attention(compiled, q, k, v, block_mask=mask, block_shape=(16, 16))
     assert "multiple of 128" in tile_config_problem(BlockSizes(16, 16), interpret=False)
     assert tile_config_problem(BlockSizes(16, 16), interpret=True) is None
+
+
+def _tpu_abstract_mesh():
+    """Tracing for a v5e chip from the CPU: Mosaic asks the device for its TPU generation, and
+    'auto' picks the implementation of the platform the mesh's devices belong to."""
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+def test_auto_picks_the_tpu_kernels_under_a_tpu_mesh_and_falls_through():
+    """'auto' traced under a TPU (abstract) mesh runs the TPU kernels first; a call they cannot
+    express (a dense mask) falls through to XLA. On the CPU, 'auto' stays on XLA."""
+    q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+    dense = jnp.ones((1, 1, 256, 256), bool)
+    assert [c.name for c in ATTENTION_OP.candidates("auto", "tpu")][0] == "pallas_mosaic_tpu"
+
+    def lowered_text(**kwargs):
+        fn = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **kwargs))
+        return fn.trace(q, q, q).lower(lowering_platforms=("tpu",)).as_text()
+
+    with _tpu_abstract_mesh():
+        assert "flash_attention_tpu_fwd" in lowered_text(causal=True)
+        assert "flash_attention_tpu_fwd" not in lowered_text(mask=dense)
+    cpu_text = jax.jit(lambda q: dot_product_attention(q, q, q)).trace(q).lower().as_text()
+    assert "flash_attention_tpu" not in cpu_text
 
 
 def test_lowers_for_tpu():
@@ -215,7 +247,7 @@ def test_lowers_for_tpu():
     kv = jax.ShapeDtypeStruct((batch, kv_len, 2, 128), jnp.bfloat16)
     ids = (jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32))
     mask = jnp.ones((1, 3, 6), bool)
-    compiled = MosaicTpuAttention(interpret=False)
+    compiled = "pallas_mosaic_tpu"  # by name: compiled under a TPU mesh
 
     def loss(q, k, v):
         out = _attention(
@@ -231,10 +263,7 @@ def test_lowers_for_tpu():
         )
         return jnp.sum(out.astype(jnp.float32))
 
-    # Mosaic asks the device for its TPU generation: lower under an abstract v5e device.
-    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
+    with _tpu_abstract_mesh():
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv)
         text = lowered.lower(lowering_platforms=("tpu",)).as_text()
     for name in ("flash_attention_tpu_fwd", "flash_attention_tpu_dq", "flash_attention_tpu_dkv"):

@@ -92,5 +92,5 @@ def test_table_has_chips_memory_scaling_and_the_step():
         results + [step], jax_version="0.12.0.1", libtpu="0.0.50", seconds=10.0, jobs=2
     )
     assert "| v5e kernels | v5e memory" in text and "v6e estimate" in text
-    assert "| 4096 | 0.12 | 2.00 | 16x |" in text
+    assert "| 4096 | 0.12 GiB / 0.13 GiB | 2.00 GiB / 2.00 GiB | 16x |" in text
     assert "all-reduce 3, all-to-all 2" in text and "all-gather" not in text.split("HLO:")[1]
