@@ -22,7 +22,7 @@ STAMP_XLA := $(VENV_XLA)/.installed-stamp
 VENV_GPUCHECK := .venv-gpucheck
 STAMP_GPUCHECK := $(VENV_GPUCHECK)/.installed-stamp
 
-.PHONY: demo test test-latest test-newest lint bench gpu-check gpu-bench clean pins
+.PHONY: demo test test-latest test-newest lint bench gpu-check tpu-check gpu-bench clean pins
 
 $(STAMP): pyproject.toml constraints/py311.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,11 @@ test-latest: $(STAMP_LATEST)
 gpu-check: $(STAMP_GPUCHECK) $(STAMP_XLA)
 	JAX_PLATFORMS=cpu $(VENV_GPUCHECK)/bin/python tools/gpu_check.py --jobs $(GPU_CHECK_JOBS)
 	JAX_PLATFORMS=cpu $(VENV_XLA)/bin/python tools/gpu_check.py --jobs $(GPU_CHECK_JOBS) --no-write
+
+# Every Pallas Mosaic TPU kernel compiled for TPU v5e, v5p and v6e (libtpu's compile-only
+# devices, no TPU), a sharded v5e:2x4 step, and the tpu-check section of BENCHMARKS.md.
+tpu-check: $(STAMP_XLA)
+	JAX_PLATFORMS=cpu $(VENV_XLA)/bin/python tools/tpu_check.py
 
 # Not part of .ci/run: the newest releases of everything, and a report of what that changes
 # (versions vs the pins, failing tests, new spills). Never fails; read its report.

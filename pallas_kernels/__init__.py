@@ -4,6 +4,7 @@ attention (FlashAttention), Monarch matmuls and mixed-chunk (FLASH) attention.""
 from pallas_kernels.attention import ATTENTION_OP
 from pallas_kernels.attention import BlockSizes
 from pallas_kernels.attention import CudnnAttention
+from pallas_kernels.attention import MosaicTpuAttention
 from pallas_kernels.attention import PallasTritonAttention
 from pallas_kernels.attention import ReferenceAttention
 from pallas_kernels.attention import XlaAttention

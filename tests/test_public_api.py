@@ -138,6 +138,7 @@ PUBLIC = {
         "ATTENTION_OP",
         "BlockSizes",
         "CudnnAttention",
+        "MosaicTpuAttention",
         "PallasTritonAttention",
         "ReferenceAttention",
         "XlaAttention",
@@ -223,6 +224,8 @@ PUBLIC = {
         "flash_attention_reference",
         "local_block_mask",
         "Mask",
+        "MosaicTpuAttention",
+        "MosaicTpuBlockSizes",
     ],
     "efflax.optim": [
         "cycle_end_steps",

@@ -5,7 +5,7 @@
 - ``base``: the one set of checks and the call value (``Mask``, ``AttentionCall``).
 - ``reference`` (float32 oracle), ``xla``, ``cudnn``, ``pallas_triton`` (op glue and tuning of
   the FlashAttention kernels), ``pallas_triton_kernel`` / ``pallas_triton_backward`` (the
-  kernel bodies).
+  kernel bodies), ``pallas_mosaic_tpu`` (glue) / ``pallas_mosaic_tpu_kernel`` (the TPU kernels).
 """
 
 from pallas_kernels.attention.api import ATTENTION_OP
@@ -15,6 +15,8 @@ from pallas_kernels.attention.api import flash_attention_reference
 from pallas_kernels.attention.base import AttentionCall
 from pallas_kernels.attention.base import Mask
 from pallas_kernels.attention.cudnn import CudnnAttention
+from pallas_kernels.attention.pallas_mosaic_tpu import MosaicTpuAttention
+from pallas_kernels.attention.pallas_mosaic_tpu_kernel import BlockSizes as MosaicTpuBlockSizes
 from pallas_kernels.attention.pallas_triton import BlockSizes
 from pallas_kernels.attention.pallas_triton import PallasTritonAttention
 from pallas_kernels.attention.pallas_triton import block_mask_from_mask
@@ -29,6 +31,8 @@ __all__ = [
     "BlockSizes",
     "CudnnAttention",
     "Mask",
+    "MosaicTpuAttention",
+    "MosaicTpuBlockSizes",
     "PallasTritonAttention",
     "ReferenceAttention",
     "XlaAttention",

@@ -31,6 +31,7 @@ import jax
 
 from pallas_kernels.attention.base import check_arguments
 from pallas_kernels.attention.cudnn import CudnnAttention
+from pallas_kernels.attention.pallas_mosaic_tpu import MosaicTpuAttention
 from pallas_kernels.attention.pallas_triton import BlockSizes
 from pallas_kernels.attention.pallas_triton import PallasTritonAttention
 from pallas_kernels.attention.reference import ReferenceAttention
@@ -52,11 +53,13 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     XlaAttention(),
     PallasTritonAttention(),
     CudnnAttention(),
+    MosaicTpuAttention(),
     ReferenceAttention(),
 )
 # What 'auto' tries, in order, per platform compiled for ('*': any other platform).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "gpu": ("pallas_triton", "cudnn", "xla"),
+    "tpu": ("pallas_mosaic_tpu", "xla"),
     "*": ("xla",),
 }
 ATTENTION_OP = Op(
@@ -113,7 +116,7 @@ def dot_product_attention(
       broadcast_dropout: one dropout mask ``[q_len, kv_len]`` shared over batch and heads.
       precision: matmul precision of the XLA path (the others compute at least as precisely).
       implementation: ``'auto'``, ``'xla'``, ``'pallas_triton'`` (alias ``'pallas'``),
-        ``'cudnn'``, ``'reference'`` or a configured instance
+        ``'cudnn'``, ``'pallas_mosaic_tpu'`` (TPU), ``'reference'`` or a configured instance
         (``PallasTritonAttention(block_sizes=..., interpret=True)``).
 
     Returns:

@@ -26,6 +26,7 @@ import pytest
 from pallas_kernels import ATTENTION_OP
 from pallas_kernels import BlockSizes
 from pallas_kernels import CudnnAttention
+from pallas_kernels import MosaicTpuAttention
 from pallas_kernels import PallasTritonAttention
 from pallas_kernels import ReferenceAttention
 from pallas_kernels import XlaAttention
@@ -36,6 +37,7 @@ from pallas_kernels import dot_product_attention
 from pallas_kernels import flash_attention
 from pallas_kernels import flash_attention_reference
 from pallas_kernels import local_block_mask
+from pallas_kernels.attention import MosaicTpuBlockSizes
 from pallas_kernels.op import forward_mode_autodiff
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -323,14 +325,14 @@ class TestXla(AttentionOpTests):
     implementation = "xla"
 
 
-def _pallas_refusal(case, dtype):
+def _pallas_refusal(case, dtype, name="pallas_triton"):
     kwargs = case["kwargs"]
     if kwargs.get("mask") is not None:
-        return "pallas_triton.*dense boolean mask"
+        return f"{name}.*dense boolean mask"
     if kwargs.get("bias") is not None:
-        return "pallas_triton.*bias"
+        return f"{name}.*bias"
     if kwargs.get("dropout_rate", 0.0) > 0:
-        return "pallas_triton.*dropout"
+        return f"{name}.*dropout"
     return None
 
 
@@ -339,6 +341,16 @@ class TestPallasTritonInterpret(AttentionOpTests):
 
     def refusal(self, case, dtype):
         return _pallas_refusal(case, dtype)
+
+
+class TestPallasMosaicTpuInterpret(AttentionOpTests):
+    """The TPU kernels in TPU interpret mode on the CPU (tests/pallas_kernels/
+    test_attention_tpu.py has their own cases and the TPU lowering)."""
+
+    implementation = MosaicTpuAttention(block_sizes=MosaicTpuBlockSizes(16, 16), interpret=True)
+
+    def refusal(self, case, dtype):
+        return _pallas_refusal(case, dtype, "pallas_mosaic_tpu")
 
 
 def test_block_sparse_backward_tiles_divide_the_mask():
@@ -396,9 +408,16 @@ def _small_inputs(dtype=jnp.float32):
 def test_auto_order_and_aliases():
     names = lambda backend: [c.name for c in ATTENTION_OP.candidates("auto", backend)]
     assert names("gpu") == ["pallas_triton", "cudnn", "xla"]
-    assert names("cpu") == names("tpu") == ["xla"]
+    assert names("tpu") == ["pallas_mosaic_tpu", "xla"]
+    assert names("cpu") == ["xla"]
     assert isinstance(ATTENTION_OP.get("pallas"), PallasTritonAttention)
-    assert set(ATTENTION_OP.implementations) == {"xla", "pallas_triton", "cudnn", "reference"}
+    assert set(ATTENTION_OP.implementations) == {
+        "xla",
+        "pallas_triton",
+        "cudnn",
+        "pallas_mosaic_tpu",
+        "reference",
+    }
     for implementation in (XlaAttention(), ReferenceAttention(), CudnnAttention()):
         assert ATTENTION_OP.get(implementation) is implementation
 

@@ -8,7 +8,8 @@ Rotary embeddings: Su et al., "RoFormer", arXiv:2104.09864, 2021.
   ``nn.MultiHeadDotProductAttention`` (its signature, every argument honoured), plus
   ``causal``/``segment_ids``, which the Pallas kernel can tile; a dense boolean mask, a bias or
   dropout runs on XLA. The kernel is chosen by ``pallas_kernels.attention``'s op
-  (``implementation='auto'``: Pallas, then cuDNN, then XLA on a GPU; XLA elsewhere).
+  (``implementation='auto'``: Pallas, then cuDNN, then XLA on a GPU; the Pallas Mosaic TPU
+  kernels, then XLA, on a TPU; XLA elsewhere).
 - ``MultiHeadAttention``: GQA/MQA projections, rotary embeddings, masks (causal, padding,
   segments, general), attention dropout, and autoregressive decoding with a key/value cache in
   Flax's ``'cache'`` collection.
