@@ -1,0 +1,146 @@
+"""The Monarch Mosaic TPU kernels in TPU interpret mode (CPU) against the einsum oracle.
+
+Each call compiles the forward and the backward kernel; shapes are small and few. Rows are
+padded to one 128-row tile, so the interpret-mode grids have one to four steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import BlockSizes
+from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import monarch_matmul_tpu
+from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import vmem_bytes
+from pallas_kernels.monarch.reference import monarch_matmul_reference
+from pallas_kernels.op import Unsupported
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+# (rows, w1 [k, q, p], w2 [l, s, r])
+SHAPES = {
+    # nblocks 2, rows not a multiple of the tile
+    "square_nblocks2": (35, (2, 64, 64), (2, 64, 64)),
+    # nblocks 4 = sqrt(16): an inner rank of 1 between an (input, output) block pair
+    "sqrt_nblocks4": (3, (4, 4, 4), (4, 4, 4)),
+    # nblocks 8 = sqrt(64), one row
+    "sqrt_nblocks8_batch1": (1, (8, 8, 8), (8, 8, 8)),
+    # rectangular, in < out (MonarchDense 64 -> 128, nblocks 4)
+    "rect_up": (9, (4, 16, 16), (4, 32, 16)),
+    # rectangular, in > out, k != l
+    "rect_down": (6, (4, 8, 8), (2, 8, 16)),
+    # l*r == k*q with r % k != 0 and odd widths: no kernel of the Triton family takes it
+    "general": (6, (8, 6, 5), (12, 3, 4)),
+}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _inputs(seed, rows, w1_shape, w2_shape, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    k, _, p = w1_shape
+    l, s, _ = w2_shape
+    x = rng.standard_normal((rows, k * p))
+    w1 = rng.standard_normal(w1_shape) / np.sqrt(w1_shape[2])
+    w2 = rng.standard_normal(w2_shape) / np.sqrt(w2_shape[2])
+    dy = rng.standard_normal((rows, l * s))
+    return [jnp.asarray(a, jnp.float32).astype(dtype) for a in (x, w1, w2, dy)]
+
+
+def _value_and_grads(fn, x, w1, w2, dy):
+    y, vjp = jax.vjp(fn, x, w1, w2)
+    return (y, *vjp(dy))
+
+
+def _kernel(block_sizes=None):
+    return jax.jit(
+        lambda *a: _value_and_grads(
+            lambda x, w1, w2: monarch_matmul_tpu(
+                x, w1, w2, block_sizes=block_sizes, interpret=True
+            ),
+            *a,
+        )
+    )
+
+
+def _check(got, want, tol, dtype):
+    for what, g, w in zip(("y", "dx", "dw1", "dw2"), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == dtype, what
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), what
+        assert _rel_err(g, w) < tol, (what, _rel_err(g, w))
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_float32_values_and_grads(name):
+    x, w1, w2, dy = _inputs(len(name), *SHAPES[name])
+    got = _kernel()(x, w1, w2, dy)
+    want = _value_and_grads(monarch_matmul_reference, x, w1, w2, dy)
+    _check(got, want, TOLERANCE[jnp.float32], jnp.float32)
+
+
+@pytest.mark.parametrize("name", ["square_nblocks2", "rect_down"])
+def test_bfloat16_against_the_float32_oracle(name):
+    x, w1, w2, dy = _inputs(7, *SHAPES[name], dtype=jnp.bfloat16)
+    got = _kernel()(x, w1, w2, dy)
+    want = _value_and_grads(
+        monarch_matmul_reference, *[a.astype(jnp.float32) for a in (x, w1, w2, dy)]
+    )
+    _check(got, want, TOLERANCE[jnp.bfloat16], jnp.bfloat16)
+
+
+def test_several_tiles_and_uneven_splits():
+    # 300 rows in 128-row tiles: 3 tiles, 2 splits of 2 tiles (one all padding); the weight
+    # gradients are summed over tiles inside a split and over splits outside.
+    x, w1, w2, dy = _inputs(11, 300, (4, 8, 8), (4, 8, 8))
+    for block_sizes in (None, BlockSizes(block_rows=128, splits=3)):
+        got = _kernel(block_sizes)(x, w1, w2, dy)
+        want = _value_and_grads(monarch_matmul_reference, x, w1, w2, dy)
+        _check(got, want, TOLERANCE[jnp.float32], jnp.float32)
+
+
+def test_compiled_refusals_name_the_xla_path():
+    # Compiled for a TPU the kernel needs 8-aligned feature blocks and factors that fit VMEM;
+    # it refuses before tracing any kernel (so this runs on a CPU).
+    x, w1, w2, _ = _inputs(1, *SHAPES["general"])
+    with pytest.raises(Unsupported, match="multiples of 8.*implementation='xla'"):
+        monarch_matmul_tpu(x, w1, w2, interpret=False)
+    big = jax.ShapeDtypeStruct((4, 2048, 2048), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16)
+    with pytest.raises(Unsupported, match="VMEM.*implementation='xla'"):
+        jax.eval_shape(lambda x, w: monarch_matmul_tpu(x, w, w, interpret=False), rows, big)
+
+
+def test_block_sizes_are_checked():
+    for bad in (0, 100, 64, True, 1.5):
+        with pytest.raises(ValueError, match="block_rows"):
+            BlockSizes(block_rows=bad)
+    with pytest.raises(ValueError, match="splits"):
+        BlockSizes(splits=0)
+    assert BlockSizes(block_rows=256, splits=2) == BlockSizes(256, 2)
+
+
+def test_vmem_estimate_grows_with_the_tile_and_the_factors():
+    small = vmem_bytes((64, 64, 64), (64, 64, 64), jnp.bfloat16, 128, backward=True)
+    assert small < vmem_bytes((64, 64, 64), (64, 64, 64), jnp.bfloat16, 256, backward=True)
+    assert small < vmem_bytes((16, 256, 256), (16, 256, 256), jnp.bfloat16, 128, backward=True)
+    assert vmem_bytes((4, 8, 8), (4, 8, 8), jnp.float32, 128, backward=False) < small
+
+
+def test_lowers_to_mosaic_for_tpu():
+    # Lowering (not compiling) runs Pallas' Mosaic lowering on a CPU-only install.
+    x = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((32, 32, 32), jnp.bfloat16)
+
+    def loss(x, w1, w2):
+        return jnp.sum(monarch_matmul_tpu(x, w1, w2, interpret=False).astype(jnp.float32))
+
+    text = (
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        .trace(x, w, w)
+        .lower(lowering_platforms=("tpu",))
+        .as_text()
+    )
+    assert text.count("tpu_custom_call") == 2

@@ -1,0 +1,85 @@
+"""Monarch matmul compile-check cases: the fused Mosaic TPU kernels at MonarchDense sizes.
+
+Square Monarch matrices of width n = 1024, 4096, 8192 with nblocks 4, 16 and about sqrt(n)
+(32, 64, 64: 8192 has no integer root), bfloat16, 8192 rows (a batch of tokens), forward and
+backward (``jax.grad`` of a scalar loss: one forward kernel, one backward kernel). The large
+factors of nblocks = 4 at n = 8192 (2 x 32 MiB) do not fit VMEM: the kernel refuses them and
+that case is compiled as the XLA path's baseline.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import monarch_matmul_tpu
+from pallas_kernels.monarch.xla import XlaMonarch
+from tools.tpu_cases import Case
+
+ROWS = 8192
+DTYPE = jnp.bfloat16
+SIZES = ((1024, (4, 16, 32)), (4096, (4, 16, 64)), (8192, (4, 16, 64)))
+TOO_LARGE_FOR_VMEM = {(8192, 4)}
+
+
+def _build(n: int, nblocks: int, *, backward: bool, xla: bool = False):
+    def build():
+        block = n // nblocks
+        x = jax.ShapeDtypeStruct((ROWS, n), DTYPE)
+        w = jax.ShapeDtypeStruct((nblocks, block, block), DTYPE)
+
+        def product(x, w1, w2):
+            if xla:
+                return XlaMonarch(row_chunk=None)(x, w1, w2)
+            return monarch_matmul_tpu(x, w1, w2, interpret=False)
+
+        if not backward:
+            return product, (x, w, w)
+
+        def loss(x, w1, w2):
+            return jnp.sum(product(x, w1, w2).astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1, 2)), (x, w, w)
+
+    return build
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for n, nblocks_list in SIZES:
+        for nblocks in nblocks_list:
+            if (n, nblocks) in TOO_LARGE_FOR_VMEM:
+                cases.append(
+                    Case(
+                        "monarch",
+                        f"fwd+bwd n={n} nblocks={nblocks} rows={ROWS} bf16 (xla)",
+                        _build(n, nblocks, backward=True, xla=True),
+                        min_kernels=0,
+                        baseline=True,
+                    )
+                )
+                continue
+            for backward in (False, True):
+                what = "fwd+bwd" if backward else "fwd"
+                cases.append(
+                    Case(
+                        "monarch",
+                        f"{what} n={n} nblocks={nblocks} rows={ROWS} bf16",
+                        _build(n, nblocks, backward=backward),
+                        min_kernels=2 if backward else 1,
+                    )
+                )
+    # the XLA path beside the kernel at one size, for the memory table
+    cases.append(
+        Case(
+            "monarch",
+            f"fwd+bwd n=4096 nblocks=64 rows={ROWS} bf16 (xla)",
+            _build(4096, 64, backward=True, xla=True),
+            min_kernels=0,
+            baseline=True,
+        )
+    )
+    return cases
+
+
+CASES: list[Case] = _cases()
