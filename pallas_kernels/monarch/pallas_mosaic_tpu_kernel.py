@@ -66,10 +66,14 @@ class BlockSizes:
         in interpret mode, where every grid step costs).
       splits: parallel partial sums of the weight gradients (one per TensorCore of a megacore
         chip); None: 2 when there are at least two row tiles, else 1.
+      groups: the output blocks are computed in this many groups, each from its own slice of
+        the factors (so large factors need not fit VMEM at once); must divide ``q`` and ``l``.
+        None: the fewest that fit VMEM (1 in interpret mode).
     """
 
     block_rows: int | None = None
     splits: int | None = None
+    groups: int | None = None
 
     def __post_init__(self):
         if self.block_rows is not None and (
@@ -83,28 +87,36 @@ class BlockSizes:
             not isinstance(self.splits, int) or isinstance(self.splits, bool) or self.splits < 1
         ):
             raise ValueError(f"splits={self.splits!r} must be an int >= 1")
+        if self.groups is not None and (
+            not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 1
+        ):
+            raise ValueError(f"groups={self.groups!r} must be an int >= 1")
 
 
-def vmem_bytes(w1_shape, w2_shape, dtype, block_rows: int, *, backward: bool) -> int:
-    """Estimated VMEM working set of one kernel (double-buffered blocks, scratch, temporaries)."""
+def vmem_bytes(w1_shape, w2_shape, dtype, block_rows: int, groups: int = 1) -> int:
+    """Estimated VMEM working set of the largest kernel of a call (forward or backward):
+    double-buffered blocks, scratch and temporaries, with the factors split into ``groups``."""
     k, q, p = w1_shape
     l, s, r = w2_shape
-    n_in, n_mid, n_out = k * p, k * q, l * s
+    n_in, n_mid, n_out = k * p, k * q // groups, l * s // groups
     size = jnp.dtype(dtype).itemsize
-    weights = 2 * (k * q * p + l * s * r) * size  # two buffers each, copied in once
-    if backward:
-        tiles = 2 * block_rows * (2 * n_in + n_out) * size  # x, dy, dx
-        weights += 2 * (k * q * p + l * s * r) * 4  # float32 gradient accumulators
-        scratch = 4 * block_rows * (n_in + n_mid + n_out)
-    else:
-        tiles = 2 * block_rows * (n_in + n_out) * size
-        scratch = 4 * block_rows * (n_in + n_mid + n_out)
+    weights = (k * q * p + l * s * r) // groups
+    scratch = 4 * block_rows * (n_in + n_mid + n_out)
     temporaries = 2 * 4 * block_rows * max(n_in, n_out)  # a transposed tile and its cast
-    return weights + tiles + scratch + temporaries
+    fwd = 2 * weights * size + 2 * block_rows * (n_in + n_out) * size
+    # backward: x, dy, dx tiles and float32 weight-gradient accumulators (in one kernel
+    # without groups, in two kernels with them: dx, then the weight gradients)
+    bwd = 2 * weights * (size + 4) + 2 * block_rows * (2 * n_in + n_out) * size
+    return max(fwd, bwd) + scratch + temporaries
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
+    """One call's static shape. ``q`` and ``l`` are per group: a group of ``l`` output blocks
+    is fed by ``q`` consecutive channels of every input block (rows ``[g*k*q, (g+1)*k*q)`` of
+    the permuted intermediate), so a group needs ``w1[:, g-th q slice]`` and its own ``w2``
+    blocks only."""
+
     k: int
     q: int
     p: int
@@ -114,7 +126,16 @@ class _Config:
     block_rows: int
     splits: int
     tiles_per_split: int
+    groups: int
     interpret: bool
+
+    @property
+    def grid_bwd_dw(self) -> tuple[int, ...]:
+        """Grid of the kernel holding the weight-gradient accumulators (its last axis is the
+        row tile: they are zeroed at its first step)."""
+        if self.groups == 1:
+            return (self.splits, self.tiles_per_split)
+        return (self.splits, self.groups, self.tiles_per_split)
 
     @property
     def chunks(self) -> int:
@@ -193,36 +214,48 @@ def _fwd_kernel(x_ref, w1_ref, w2_ref, y_ref, x_t_ref, z_ref, y_t_ref, *, cfg: _
     y_ref[...] = y_t_ref[...].T.astype(y_ref.dtype)
 
 
-def _bwd_kernel(
-    x_ref,
-    dy_ref,
-    w1_ref,
-    w2_ref,
-    dx_ref,
-    dw1_ref,
-    dw2_ref,
-    x_t_ref,
-    z_ref,
-    dy_t_ref,
-    *,
-    cfg: _Config,
-):
-    compute_dtype = x_ref.dtype
+def _bwd_kernel(*refs, cfg: _Config, want_dx: bool, want_dw: bool, group_axis: int | None):
+    """Backward of one row tile and one group of output blocks.
 
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        dw1_ref[...] = jnp.zeros_like(dw1_ref)
-        dw2_ref[...] = jnp.zeros_like(dw2_ref)
+    Refs: inputs ``[x] dy w1 w2``, outputs ``[dx] [dw1 dw2]``, scratch ``x_t z dy_t``. With
+    ``want_dw`` the intermediate is recomputed from x (stage 1) for ``dw2``; ``dx`` is
+    accumulated over the groups (grid axis ``group_axis``, innermost) in ``x_t`` (without
+    groups it is written over ``x``'s transposed blocks once they are used).
+    """
+    refs = list(refs)
+    x_ref = refs.pop(0) if want_dw else None
+    dy_ref, w1_ref, w2_ref = refs[:3]
+    refs = refs[3:]
+    dx_ref = refs.pop(0) if want_dx else None
+    dw1_ref, dw2_ref = (refs.pop(0), refs.pop(0)) if want_dw else (None, None)
+    x_t_ref, z_ref, dy_t_ref = refs
+    compute_dtype = dy_ref.dtype
+    accumulate_dx = want_dx and cfg.groups > 1
 
-    x_t_ref[...] = x_ref[...].astype(jnp.float32).T
+    if want_dw:
+
+        @pl.when(pl.program_id(len(cfg.grid_bwd_dw) - 1) == 0)
+        def _():
+            dw1_ref[...] = jnp.zeros_like(dw1_ref)
+            dw2_ref[...] = jnp.zeros_like(dw2_ref)
+
+        x_t_ref[...] = x_ref[...].astype(jnp.float32).T
+        _stage1(x_t_ref, w1_ref, z_ref, cfg, compute_dtype)
+
+    if accumulate_dx:
+
+        @pl.when(pl.program_id(group_axis) == 0)
+        def _():
+            x_t_ref[...] = jnp.zeros_like(x_t_ref)
+
     dy_t_ref[...] = dy_ref[...].astype(jnp.float32).T
-    _stage1(x_t_ref, w1_ref, z_ref, cfg, compute_dtype)
 
     def out_block(a):
-        z_a = _mid_rows(z_ref, a * cfg.r, cfg.r, cfg).astype(compute_dtype)
         dy_a = dy_t_ref[_rows(a * cfg.s, cfg.s), :].astype(compute_dtype)
-        # dw2[a] += dy_a^T z_a (tokens are the contracted lanes)
-        dw2_ref[a] += _dot(dy_a, z_a, (1, 1), interpret=cfg.interpret)
+        if want_dw:
+            z_a = _mid_rows(z_ref, a * cfg.r, cfg.r, cfg).astype(compute_dtype)
+            # dw2[a] += dy_a^T z_a (tokens are the contracted lanes)
+            dw2_ref[a] += _dot(dy_a, z_a, (1, 1), interpret=cfg.interpret)
         # dz_a = w2[a]^T dy_a, written over z_a (this block's rows only, already read)
         dz_a = _dot(w2_ref[a], dy_a, (0, 0), interpret=cfg.interpret)
         _set_mid_rows(z_ref, a * cfg.r, cfg.r, dz_a.astype(compute_dtype).astype(jnp.float32), cfg)
@@ -232,13 +265,25 @@ def _bwd_kernel(
     def in_block(j):
         dh_j = _gather_permuted(z_ref, j, cfg).astype(compute_dtype)  # [q, rows]
         rows = _rows(j * cfg.p, cfg.p)
-        x_j = x_t_ref[rows, :].astype(compute_dtype)
-        dw1_ref[j] += _dot(dh_j, x_j, (1, 1), interpret=cfg.interpret)
-        # dx_j = w1[j]^T dh_j, written over x_j (already used)
-        x_t_ref[rows, :] = _dot(w1_ref[j], dh_j, (0, 0), interpret=cfg.interpret)
+        if want_dw:
+            x_j = x_t_ref[rows, :].astype(compute_dtype)
+            dw1_ref[j] += _dot(dh_j, x_j, (1, 1), interpret=cfg.interpret)
+        if want_dx:
+            dx_j = _dot(w1_ref[j], dh_j, (0, 0), interpret=cfg.interpret)
+            if accumulate_dx:
+                dx_j = dx_j + x_t_ref[rows, :]
+            x_t_ref[rows, :] = dx_j
 
     _fori(cfg.k, in_block)
-    dx_ref[...] = x_t_ref[...].T.astype(dx_ref.dtype)
+
+    if accumulate_dx:
+
+        @pl.when(pl.program_id(group_axis) == cfg.groups - 1)
+        def _():
+            dx_ref[...] = x_t_ref[...].T.astype(dx_ref.dtype)
+
+    elif want_dx:
+        dx_ref[...] = x_t_ref[...].T.astype(dx_ref.dtype)
 
 
 def _params(cfg: _Config, semantics):
@@ -251,18 +296,21 @@ def _params(cfg: _Config, semantics):
     }
 
 
-def _cost(cfg: _Config, rows: int, dtype, *, backward: bool) -> pl.CostEstimate:
+def _cost(cfg: _Config, rows: int, dtype, *, dx: bool, dw: bool, fwd: bool = False):
     """Declared cost for XLA's scheduler and ``cost_analysis``: matmul FLOPs and HBM bytes."""
-    weights = cfg.k * cfg.q * cfg.p + cfg.l * cfg.s * cfg.r
+    g = cfg.groups
+    w1_size, w2_size = cfg.k * g * cfg.q * cfg.p, g * cfg.l * cfg.s * cfg.r
     size = jnp.dtype(dtype).itemsize
-    n_in, n_out = cfg.k * cfg.p, cfg.l * cfg.s
-    if backward:  # recomputed stage 1, then dz, dw2, dx, dw1
-        flops = 2 * rows * (3 * cfg.k * cfg.q * cfg.p + 2 * cfg.l * cfg.s * cfg.r)
-        moved = rows * (2 * n_in + n_out) * size + weights * (size + 4 * cfg.splits)
+    n_in, n_out = cfg.k * cfg.p, g * cfg.l * cfg.s
+    if fwd:
+        flops = 2 * rows * (w1_size + w2_size)
+        moved = rows * (g * n_in + n_out) * size + (w1_size + w2_size) * size
     else:
-        flops = 2 * rows * weights
-        moved = rows * (n_in + n_out) * size + weights * size
-    return pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved)
+        flops = 2 * rows * (w2_size + w1_size * dx + (w1_size + w2_size + w1_size) * dw)
+        moved = rows * (g * n_in * (dw + dx) + n_out) * size
+        moved += (w1_size + w2_size) * (size * (rows // cfg.block_rows if dx and g > 1 else 1))
+        moved += (w1_size + w2_size) * 4 * cfg.splits * dw
+    return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=int(moved))
 
 
 def _scratch(cfg: _Config):
@@ -273,58 +321,104 @@ def _scratch(cfg: _Config):
     ]
 
 
+def _weight_specs(cfg: _Config, group_of):
+    """w1's q-slice and w2's blocks of the group ``group_of(*grid indices)``."""
+    return [
+        pl.BlockSpec((cfg.k, cfg.q, cfg.p), lambda *ix: (0, group_of(*ix), 0)),
+        pl.BlockSpec((cfg.l, cfg.s, cfg.r), lambda *ix: (group_of(*ix), 0, 0)),
+    ]
+
+
 def _forward(x2d, w1, w2, cfg: _Config):
     rows = x2d.shape[0]
     bm = cfg.block_rows
-    n_in, n_out = cfg.k * cfg.p, cfg.l * cfg.s
+    n_in, n_out = cfg.k * cfg.p, cfg.l * cfg.s  # n_out: one group's
+    # Groups outermost: a group's factors are copied in once for all row tiles.
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
-        grid=(rows // bm,),
+        grid=(cfg.groups, rows // bm),
         in_specs=[
-            pl.BlockSpec((bm, n_in), lambda i: (i, 0)),
-            pl.BlockSpec(w1.shape, lambda i: (0, 0, 0)),
-            pl.BlockSpec(w2.shape, lambda i: (0, 0, 0)),
+            pl.BlockSpec((bm, n_in), lambda g, i: (i, 0)),
+            *_weight_specs(cfg, lambda g, i: g),
         ],
-        out_specs=pl.BlockSpec((bm, n_out), lambda i: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows, n_out), x2d.dtype),
+        out_specs=pl.BlockSpec((bm, n_out), lambda g, i: (i, g)),
+        out_shape=jax.ShapeDtypeStruct((rows, cfg.groups * n_out), x2d.dtype),
         scratch_shapes=_scratch(cfg),
-        cost_estimate=_cost(cfg, rows, x2d.dtype, backward=False),
+        cost_estimate=_cost(cfg, rows, x2d.dtype, dx=False, dw=False, fwd=True),
         name="monarch_tpu_fwd",
-        **_params(cfg, ("parallel",)),
+        **_params(cfg, ("parallel", "parallel")),
     )(x2d, w1, w2)
 
 
 def _backward(x2d, dy, w1, w2, cfg: _Config):
     rows = x2d.shape[0]
-    bm, per = cfg.block_rows, cfg.tiles_per_split
+    bm, per, groups = cfg.block_rows, cfg.tiles_per_split, cfg.groups
     n_in, n_out = cfg.k * cfg.p, cfg.l * cfg.s
+    dw_shapes = [
+        jax.ShapeDtypeStruct((cfg.splits, *w1.shape), jnp.float32),
+        jax.ShapeDtypeStruct((cfg.splits, *w2.shape), jnp.float32),
+    ]
+    dx_shape = jax.ShapeDtypeStruct((rows, n_in), x2d.dtype)
+    if groups == 1:
+        # One kernel: grid (split, row tile); the weight gradients stay resident per split.
+        tile = lambda sp, i: (sp * per + i, 0)  # noqa: E731
+        dx, dw1, dw2 = pl.pallas_call(
+            functools.partial(_bwd_kernel, cfg=cfg, want_dx=True, want_dw=True, group_axis=None),
+            grid=cfg.grid_bwd_dw,
+            in_specs=[
+                pl.BlockSpec((bm, n_in), tile),
+                pl.BlockSpec((bm, n_out), tile),
+                *_weight_specs(cfg, lambda sp, i: 0),
+            ],
+            out_specs=[
+                pl.BlockSpec((bm, n_in), tile),
+                pl.BlockSpec((None, *w1.shape), lambda sp, i: (sp, 0, 0, 0)),
+                pl.BlockSpec((None, *w2.shape), lambda sp, i: (sp, 0, 0, 0)),
+            ],
+            out_shape=[dx_shape, *dw_shapes],
+            scratch_shapes=_scratch(cfg),
+            cost_estimate=_cost(cfg, rows, x2d.dtype, dx=True, dw=True),
+            name="monarch_tpu_bwd",
+            **_params(cfg, ("parallel", "arbitrary")),
+        )(x2d, dy, w1, w2)
+        return dx, dw1.sum(axis=0), dw2.sum(axis=0)
 
-    def row_tile(sp, i):
-        return (sp * per + i, 0)
-
-    dx, dw1, dw2 = pl.pallas_call(
-        functools.partial(_bwd_kernel, cfg=cfg),
-        grid=(cfg.splits, per),
+    # dx: grid (row tile, group), summed over the groups in VMEM.
+    dx = pl.pallas_call(
+        functools.partial(_bwd_kernel, cfg=cfg, want_dx=True, want_dw=False, group_axis=1),
+        grid=(rows // bm, groups),
         in_specs=[
-            pl.BlockSpec((bm, n_in), row_tile),
-            pl.BlockSpec((bm, n_out), row_tile),
-            pl.BlockSpec(w1.shape, lambda sp, i: (0, 0, 0)),
-            pl.BlockSpec(w2.shape, lambda sp, i: (0, 0, 0)),
+            pl.BlockSpec((bm, n_out), lambda i, g: (i, g)),
+            *_weight_specs(cfg, lambda i, g: g),
+        ],
+        out_specs=pl.BlockSpec((bm, n_in), lambda i, g: (i, 0)),
+        out_shape=dx_shape,
+        scratch_shapes=_scratch(cfg),
+        cost_estimate=_cost(cfg, rows, x2d.dtype, dx=True, dw=False),
+        name="monarch_tpu_bwd_dx",
+        **_params(cfg, ("parallel", "arbitrary")),
+    )(dy, w1, w2)
+    # weight gradients: grid (split, group, row tile); a group's gradients stay resident.
+    tile = lambda sp, g, i: (sp * per + i, 0)  # noqa: E731
+    dw1_blocks = (None, cfg.k, cfg.q, cfg.p)
+    dw2_blocks = (None, cfg.l, cfg.s, cfg.r)
+    dw1, dw2 = pl.pallas_call(
+        functools.partial(_bwd_kernel, cfg=cfg, want_dx=False, want_dw=True, group_axis=None),
+        grid=(cfg.splits, groups, per),
+        in_specs=[
+            pl.BlockSpec((bm, n_in), tile),
+            pl.BlockSpec((bm, n_out), lambda sp, g, i: (sp * per + i, g)),
+            *_weight_specs(cfg, lambda sp, g, i: g),
         ],
         out_specs=[
-            pl.BlockSpec((bm, n_in), row_tile),
-            pl.BlockSpec((None, *w1.shape), lambda sp, i: (sp, 0, 0, 0)),
-            pl.BlockSpec((None, *w2.shape), lambda sp, i: (sp, 0, 0, 0)),
+            pl.BlockSpec(dw1_blocks, lambda sp, g, i: (sp, 0, g, 0)),
+            pl.BlockSpec(dw2_blocks, lambda sp, g, i: (sp, g, 0, 0)),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((rows, n_in), x2d.dtype),
-            jax.ShapeDtypeStruct((cfg.splits, *w1.shape), jnp.float32),
-            jax.ShapeDtypeStruct((cfg.splits, *w2.shape), jnp.float32),
-        ],
+        out_shape=dw_shapes,
         scratch_shapes=_scratch(cfg),
-        cost_estimate=_cost(cfg, rows, x2d.dtype, backward=True),
-        name="monarch_tpu_bwd",
-        **_params(cfg, ("parallel", "arbitrary")),
+        cost_estimate=_cost(cfg, rows, x2d.dtype, dx=False, dw=True),
+        name="monarch_tpu_bwd_dw",
+        **_params(cfg, ("parallel", "arbitrary", "arbitrary")),
     )(x2d, dy, w1, w2)
     return dx, dw1.sum(axis=0), dw2.sum(axis=0)
 
@@ -347,17 +441,51 @@ def _monarch_bwd(cfg, residuals, dy):
 _monarch.defvjp(_monarch_fwd, _monarch_bwd)
 
 
-def _choose_block_rows(block_sizes: BlockSizes, w1_shape, w2_shape, dtype, rows, interpret):
+def _group_options(w1_shape, w2_shape, dtype, interpret: bool) -> list[int]:
+    """Group counts that split ``q`` and ``l`` into tiles Mosaic takes, fewest first."""
+    _, q, _ = w1_shape
+    l, s, _ = w2_shape
+    sublanes = _SUBLANES * 4 // jnp.dtype(dtype).itemsize  # packed rows of a 16-bit tile
+    options = []
+    for g in range(1, min(q, l) + 1):
+        if q % g or l % g:
+            continue
+        if g > 1 and not interpret and ((q // g) % sublanes or (l // g * s) % _LANES):
+            continue
+        options.append(g)
+    return options
+
+
+def _choose_tiles(block_sizes: BlockSizes, w1_shape, w2_shape, dtype, rows, interpret):
+    """(block_rows, groups): fewest groups first, then the largest row tile that fits VMEM."""
+    groups_options = _group_options(w1_shape, w2_shape, dtype, interpret)
+    if block_sizes.groups is not None:
+        if block_sizes.groups not in groups_options:
+            raise Unsupported(
+                f"groups={block_sizes.groups} must divide q={w1_shape[1]} and l={w2_shape[0]}"
+                + ("" if interpret else " into sublane/lane-aligned tiles")
+            )
+        groups_options = [block_sizes.groups]
     if block_sizes.block_rows is not None:
-        return block_sizes.block_rows
+        tiles = (block_sizes.block_rows,)
+    elif interpret:
+        tiles = (_LANES,)  # every grid step costs in interpret mode
+    else:
+        tiles = tuple(bm for bm in _ROW_TILES if bm == _LANES or rows > bm // 2)
     if interpret:
-        return _LANES
-    for bm in _ROW_TILES:
-        if bm > _LANES and rows <= bm // 2:
-            continue  # a tile mostly of padding
-        if vmem_bytes(w1_shape, w2_shape, dtype, bm, backward=True) <= _VMEM_BUDGET:
-            return bm
-    return _LANES
+        return tiles[0], groups_options[0]
+    for groups in groups_options:
+        for bm in tiles:
+            if vmem_bytes(w1_shape, w2_shape, dtype, bm, groups) <= _VMEM_BUDGET:
+                return bm, groups
+    bm, groups = tiles[-1], groups_options[-1]
+    need = vmem_bytes(w1_shape, w2_shape, dtype, bm, groups)
+    raise Unsupported(
+        f"the Mosaic TPU Monarch kernels keep a group of factor blocks in VMEM; w1.shape="
+        f"{tuple(w1_shape)}, w2.shape={tuple(w2_shape)} need about {need / 2**20:.0f} MiB "
+        f"at block_rows={bm}, groups={groups} (budget {_VMEM_BUDGET / 2**20:.0f} MiB): use "
+        "implementation='xla'"
+    )
 
 
 def monarch_matmul_tpu(
@@ -375,7 +503,8 @@ def monarch_matmul_tpu(
 
     Raises:
       Unsupported: compiled (``interpret=False``) with feature blocks that are not multiples of
-        8 or factors too large for VMEM; ``implementation='xla'`` runs those.
+        8 or factor blocks too large for VMEM even in groups; ``implementation='xla'`` runs
+        those. Also explicit ``groups`` that do not divide the factors.
     """
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
     k, q, p = w1.shape
@@ -389,16 +518,7 @@ def monarch_matmul_tpu(
                 f"got {odd} for w1.shape={tuple(w1.shape)}, w2.shape={tuple(w2.shape)}: use "
                 "implementation='xla'"
             )
-    bm = _choose_block_rows(block_sizes, w1.shape, w2.shape, x2d.dtype, rows, interpret)
-    if not interpret:
-        need = vmem_bytes(w1.shape, w2.shape, x2d.dtype, bm, backward=True)
-        if need > _VMEM_BUDGET:
-            raise Unsupported(
-                f"the Mosaic TPU Monarch kernel keeps both factors in VMEM; w1.shape="
-                f"{tuple(w1.shape)}, w2.shape={tuple(w2.shape)} at block_rows={bm} need about "
-                f"{need / 2**20:.0f} MiB of the {_VMEM_BUDGET / 2**20:.0f} MiB budget: use "
-                "implementation='xla' (or more blocks)"
-            )
+    bm, groups = _choose_tiles(block_sizes, w1.shape, w2.shape, x2d.dtype, rows, interpret)
     tiles = cdiv(rows, bm)
     splits = block_sizes.splits
     if splits is None:
@@ -409,14 +529,15 @@ def monarch_matmul_tpu(
         x2d = jnp.pad(x2d, ((0, padded - rows), (0, 0)))
     cfg = _Config(
         k=k,
-        q=q,
+        q=q // groups,
         p=p,
-        l=l,
+        l=l // groups,
         s=s,
         r=r,
         block_rows=bm,
         splits=splits,
         tiles_per_split=per,
+        groups=groups,
         interpret=interpret,
     )
     return _monarch(x2d, w1, w2, cfg)[:rows]

@@ -119,14 +119,31 @@ def test_block_sizes_are_checked():
             BlockSizes(block_rows=bad)
     with pytest.raises(ValueError, match="splits"):
         BlockSizes(splits=0)
+    with pytest.raises(ValueError, match="groups"):
+        BlockSizes(groups=0)
+    x, w1, w2, _ = _inputs(1, *SHAPES["rect_down"])
+    with pytest.raises(Unsupported, match="groups=3 must divide"):
+        monarch_matmul_tpu(x, w1, w2, block_sizes=BlockSizes(groups=3), interpret=True)
     assert BlockSizes(block_rows=256, splits=2) == BlockSizes(256, 2)
 
 
 def test_vmem_estimate_grows_with_the_tile_and_the_factors():
-    small = vmem_bytes((64, 64, 64), (64, 64, 64), jnp.bfloat16, 128, backward=True)
-    assert small < vmem_bytes((64, 64, 64), (64, 64, 64), jnp.bfloat16, 256, backward=True)
-    assert small < vmem_bytes((16, 256, 256), (16, 256, 256), jnp.bfloat16, 128, backward=True)
-    assert vmem_bytes((4, 8, 8), (4, 8, 8), jnp.float32, 128, backward=False) < small
+    small = vmem_bytes((64, 64, 64), (64, 64, 64), jnp.bfloat16, 128)
+    assert small < vmem_bytes((64, 64, 64), (64, 64, 64), jnp.bfloat16, 256)
+    big = vmem_bytes((16, 256, 256), (16, 256, 256), jnp.bfloat16, 128)
+    assert small < big
+    assert vmem_bytes((16, 256, 256), (16, 256, 256), jnp.bfloat16, 128, groups=4) < big / 2
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_output_blocks_in_groups(groups):
+    # Each group of output blocks gets its own slice of w1 and its own w2 blocks; dx is summed
+    # over the groups, the weight gradients are written group by group.
+    rows, w1_shape, w2_shape = 20, (4, 8, 8), (4, 8, 8)
+    x, w1, w2, dy = _inputs(groups, rows, w1_shape, w2_shape)
+    got = _kernel(BlockSizes(groups=groups, splits=2))(x, w1, w2, dy)
+    want = _value_and_grads(monarch_matmul_reference, x, w1, w2, dy)
+    _check(got, want, TOLERANCE[jnp.float32], jnp.float32)
 
 
 def test_lowers_to_mosaic_for_tpu():
