@@ -152,7 +152,8 @@ def test_lowers_to_mosaic_for_tpu():
     w = jax.ShapeDtypeStruct((32, 32, 32), jnp.bfloat16)
 
     def loss(x, w1, w2):
-        return jnp.sum(monarch_matmul_tpu(x, w1, w2, interpret=False).astype(jnp.float32))
+        # squared: the backward needs the forward's output, so neither kernel is dead code
+        return jnp.sum(monarch_matmul_tpu(x, w1, w2, interpret=False).astype(jnp.float32) ** 2)
 
     text = (
         jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -1,0 +1,82 @@
+"""Mixed-chunk (FLASH) attention compile-check cases: the Mosaic TPU kernels at FLASH sizes.
+
+FLASH at model width 768 (expansion 2: e = 1536; shared q/k width s = 128 for both terms),
+chunk C = 256 with a relative-position bias, T = 8192 tokens, batch 2, bfloat16; causal and
+not, forward (one kernel) and forward + backward (``jax.grad`` of a scalar loss: one forward,
+one backward kernel). The XLA path compiles beside them as the memory baseline.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mixed_chunk.base import check_arguments
+from pallas_kernels.mixed_chunk.pallas_mosaic_tpu_kernel import mixed_chunk_attention_tpu
+from pallas_kernels.mixed_chunk.xla import mixed_chunk_attention_xla
+from tools.tpu_cases import Case
+
+BATCH, SEQ, S, E, CHUNK = 2, 8192, 128, 1536, 256
+DTYPE = jnp.bfloat16
+
+
+def _build(causal: bool, *, backward: bool, xla: bool = False):
+    def build():
+        z = jax.ShapeDtypeStruct((BATCH, SEQ, S), DTYPE)
+        v = jax.ShapeDtypeStruct((BATCH, SEQ, E), DTYPE)
+        bias = jax.ShapeDtypeStruct((CHUNK, CHUNK), jnp.float32)
+
+        def attention(qq, kq, v, ql, kl, bias):
+            kwargs = check_arguments(
+                qq,
+                kq,
+                v,
+                ql,
+                kl,
+                chunk_size=CHUNK,
+                causal=causal,
+                quad_scale=1.0 / CHUNK,
+                lin_scale=1.0 / SEQ,
+                bias=bias,
+                key_mask=None,
+            )
+            if xla:
+                return mixed_chunk_attention_xla(**kwargs)
+            return mixed_chunk_attention_tpu(**kwargs, interpret=False)
+
+        args = (z, z, v, z, z, bias)
+        if not backward:
+            return attention, args
+
+        def loss(*args):
+            return jnp.sum(attention(*args).astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=tuple(range(6))), args
+
+    return build
+
+
+def _cases() -> list[Case]:
+    cases = []
+    shape = f"B={BATCH} T={SEQ} C={CHUNK} s={S} e={E} bf16"
+    for causal in (True, False):
+        tag = "causal" if causal else "full"
+        cases.append(
+            Case("mixed_chunk", f"fwd {tag} {shape}", _build(causal, backward=False), 1)
+        )
+        cases.append(
+            Case("mixed_chunk", f"fwd+bwd {tag} {shape}", _build(causal, backward=True), 2)
+        )
+        cases.append(
+            Case(
+                "mixed_chunk",
+                f"fwd+bwd {tag} {shape} (xla)",
+                _build(causal, backward=True, xla=True),
+                min_kernels=0,
+                baseline=True,
+            )
+        )
+    return cases
+
+
+CASES: list[Case] = _cases()
