@@ -114,12 +114,15 @@ def _relu_scores(cfg: _Config, q, k, bias_ref):
     return r
 
 
-def _unpack(refs, names):
-    """Names -> refs for the refs a call has (a None name is absent)."""
-    out, it = {}, iter(refs)
-    for name in names:
-        out[name] = None if name is None else next(it)
-    return out
+class _Refs(dict):
+    """The kernel's refs by name; an input or output the call does not have is None."""
+
+    def __missing__(self, name):
+        return None
+
+
+def _unpack(refs, names) -> _Refs:
+    return _Refs(zip(names, refs, strict=True))
 
 
 def _fwd_kernel(*refs, cfg: _Config, names):
@@ -329,9 +332,7 @@ def _backward(cfg: _Config, residuals, do):
         out_shapes["dql"] = jax.ShapeDtypeStruct(arrays["ql"].shape, arrays["ql"].dtype)
         out_shapes["dkl"] = jax.ShapeDtypeStruct(arrays["kl"].shape, arrays["kl"].dtype)
     if cfg.has_bias:
-        out_specs["dbias"] = pl.BlockSpec(
-            (None, cfg.chunk, cfg.chunk), lambda b, ph, st: (b, 0, 0)
-        )
+        out_specs["dbias"] = pl.BlockSpec((None, cfg.chunk, cfg.chunk), lambda b, ph, st: (b, 0, 0))
         out_shapes["dbias"] = jax.ShapeDtypeStruct((batch, cfg.chunk, cfg.chunk), jnp.float32)
     outputs = list(out_specs)
     scratch = [pltpu.VMEM((s_lin, e), jnp.float32)] * 2 if cfg.has_lin else []

@@ -61,9 +61,7 @@ def _cases() -> list[Case]:
     shape = f"B={BATCH} T={SEQ} C={CHUNK} s={S} e={E} bf16"
     for causal in (True, False):
         tag = "causal" if causal else "full"
-        cases.append(
-            Case("mixed_chunk", f"fwd {tag} {shape}", _build(causal, backward=False), 1)
-        )
+        cases.append(Case("mixed_chunk", f"fwd {tag} {shape}", _build(causal, backward=False), 1))
         cases.append(
             Case("mixed_chunk", f"fwd+bwd {tag} {shape}", _build(causal, backward=True), 2)
         )

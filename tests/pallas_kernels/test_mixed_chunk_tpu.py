@@ -1,0 +1,177 @@
+"""The mixed-chunk Mosaic TPU kernels in TPU interpret mode (CPU) against the explicit reference.
+
+Each distinct shape compiles the forward and the backward kernel in interpret mode; shapes are
+tiny and few.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mixed_chunk.base import check_arguments
+from pallas_kernels.mixed_chunk.pallas_mosaic_tpu_kernel import BlockSizes
+from pallas_kernels.mixed_chunk.pallas_mosaic_tpu_kernel import mixed_chunk_attention_tpu
+from pallas_kernels.mixed_chunk.reference import mixed_chunk_attention_reference
+from pallas_kernels.op import Unsupported
+
+
+def _tpu(qq, kq, v, ql=None, kl=None, *, block_sizes=None, interpret=True, **kwargs):
+    kwargs = {"quad_scale": 1.0, "lin_scale": 1.0, "bias": None, "key_mask": None, **kwargs}
+    checked = check_arguments(qq, kq, v, ql, kl, **kwargs)
+    return mixed_chunk_attention_tpu(**checked, block_sizes=block_sizes, interpret=interpret)
+
+
+def _inputs(seed, *, batch=2, seq=20, s=6, e=10, chunk=5, lin=True, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+    qq, kq, ql, kl = (normal(batch, seq, s) for _ in range(4))
+    v = normal(batch, seq, e)
+    bias = normal(chunk, chunk).astype(jnp.float32)
+    key_mask = jnp.asarray(rng.random((batch, seq)) < 0.8)
+    cotangent = normal(batch, seq, e)
+    if not lin:
+        ql = kl = None
+    return (qq, kq, v, ql, kl, bias), key_mask, cotangent
+
+
+def _value_and_grads(attention, args, key_mask, cotangent, **kwargs):
+    @jax.jit
+    def run(args, key_mask, cotangent):
+        def f(qq, kq, v, ql, kl, bias):
+            return attention(qq, kq, v, ql, kl, bias=bias, key_mask=key_mask, **kwargs)
+
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(cotangent)
+
+    return run(args, key_mask, cotangent)
+
+
+def _assert_close(actual, expected, tol):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        assert a.shape == e.shape
+        assert np.all(np.isfinite(a))
+        scale = max(1.0, float(np.max(np.abs(e))))
+        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk", [5, 8])
+def test_matches_the_explicit_reference_values_and_gradients(causal, chunk):
+    # chunk 5 divides the length 20 (each chunk padded to 16 rows); chunk 8 leaves a last
+    # chunk of 4. A bias, a key mask, both terms.
+    args, key_mask, cotangent = _inputs(chunk, chunk=chunk)
+    kwargs = dict(chunk_size=chunk, causal=causal, quad_scale=0.4, lin_scale=0.3)
+    expected = _value_and_grads(
+        mixed_chunk_attention_reference, args, key_mask, cotangent, **kwargs
+    )
+    actual = _value_and_grads(_tpu, args, key_mask, cotangent, **kwargs)
+    _assert_close(actual, expected, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_quadratic_only_one_chunk_batch_1_is_gau_attention(causal):
+    # No linear term, a chunk longer than the sequence (cut to it), batch 1, chunks padded to 32.
+    args, key_mask, cotangent = _inputs(1, batch=1, seq=13, chunk=16, lin=False)
+    kwargs = dict(chunk_size=16, causal=causal, quad_scale=1 / 13)
+    expected = _value_and_grads(
+        mixed_chunk_attention_reference, args, key_mask, cotangent, **kwargs
+    )
+    actual = _value_and_grads(
+        _tpu, args, key_mask, cotangent, block_sizes=BlockSizes(chunk_multiple=32), **kwargs
+    )
+    _assert_close(actual, expected, 1e-5)
+
+
+def test_no_bias_no_mask():
+    (qq, kq, v, ql, kl, _), _, cotangent = _inputs(2, seq=24, chunk=8)
+    kwargs = dict(chunk_size=8, causal=True, quad_scale=0.3, lin_scale=0.2)
+
+    def grads(attention):
+        f = lambda *a: attention(*a, **kwargs)
+        out, vjp = jax.vjp(f, qq, kq, v, ql, kl)
+        return out, vjp(cotangent)
+
+    _assert_close(jax.jit(lambda: grads(_tpu))(), grads(mixed_chunk_attention_reference), 1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bfloat16_against_the_float32_reference(causal):
+    args, key_mask, cotangent = _inputs(3, chunk=8, dtype=jnp.bfloat16)
+    kwargs = dict(chunk_size=8, causal=causal, quad_scale=0.2, lin_scale=0.2)
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    expected = _value_and_grads(
+        mixed_chunk_attention_reference, f32(args), key_mask, f32(cotangent), **kwargs
+    )
+    actual = _value_and_grads(_tpu, args, key_mask, cotangent, **kwargs)
+    assert actual[0].dtype == jnp.bfloat16
+    assert all(g.dtype == a.dtype for g, a in zip(actual[1][:5], args[:5], strict=True))
+    _assert_close(actual, expected, 3e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_keys_holding_nan_and_inf_have_no_influence(causal):
+    # NaN/inf stored at masked positions of every key-side input (K, K_lin, V): every output
+    # and every gradient is finite and equal to the run with clean values there.
+    args, key_mask, cotangent = _inputs(4, seq=24, chunk=8)
+    kwargs = dict(chunk_size=8, causal=causal, quad_scale=0.3, lin_scale=0.3)
+    poison = jnp.where(jnp.arange(24) % 2 == 0, jnp.nan, jnp.inf)[None, :, None]
+    masked = ~key_mask[..., None]
+    qq, kq, v, ql, kl, bias = args
+    poisoned = (
+        qq,
+        jnp.where(masked, poison, kq),
+        jnp.where(masked, -poison, v),
+        ql,
+        jnp.where(masked, poison, kl),
+        bias,
+    )
+    clean = _value_and_grads(_tpu, args, key_mask, cotangent, **kwargs)
+    dirty = _value_and_grads(_tpu, poisoned, key_mask, cotangent, **kwargs)
+    for a, b in zip(jax.tree.leaves(dirty), jax.tree.leaves(clean), strict=True):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and masked keys get zero gradients
+    for grad in (dirty[1][1], dirty[1][2], dirty[1][4]):
+        assert not np.any(np.asarray(grad)[np.asarray(~key_mask)])
+
+
+def test_causal_outputs_before_t_do_not_change_when_token_t_changes():
+    # Exactly: the linear state is an exclusive running sum, no later chunk enters by rounding.
+    args, _, _ = _inputs(5, seq=24, chunk=8)
+    kwargs = dict(chunk_size=8, causal=True, quad_scale=0.3, lin_scale=0.3)
+    fn = jax.jit(lambda qq, kq, v, ql, kl, bias: _tpu(qq, kq, v, ql, kl, bias=bias, **kwargs))
+    base = np.asarray(fn(*args))
+    for t in (3, 8, 13):  # inside the first chunk, a chunk's first token, mid-chunk
+        bumped = [x if i == 5 else x.at[:, t].add(1.5) for i, x in enumerate(args)]
+        out = np.asarray(fn(*bumped))
+        assert np.array_equal(out[:, :t], base[:, :t]), f"token {t} leaked backwards"
+        assert not np.allclose(out[:, t:], base[:, t:])
+
+
+def test_bad_block_sizes_and_refusals():
+    for bad in (0, 24, 8, True):
+        with pytest.raises(ValueError, match="chunk_multiple"):
+            BlockSizes(chunk_multiple=bad)
+    # compiled for a TPU, a chunk whose working set exceeds VMEM is refused before any kernel
+    z = jax.ShapeDtypeStruct((1, 8192, 1024), jnp.float32)
+    with pytest.raises(Unsupported, match="implementation='xla'"):
+        jax.eval_shape(lambda z: _tpu(z, z, z, chunk_size=4096, causal=True, interpret=False), z)
+
+
+def test_lowers_to_mosaic_for_tpu():
+    z = jax.ShapeDtypeStruct((2, 512, 128), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((128, 128), jnp.float32)
+
+    def loss(qq, kq, v, ql, kl, bias):
+        out = _tpu(qq, kq, v, ql, kl, chunk_size=128, causal=True, bias=bias, interpret=False)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    text = (
+        jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+        .trace(z, z, z, z, z, bias)
+        .lower(lowering_platforms=("tpu",))
+        .as_text()
+    )
+    assert text.count("tpu_custom_call") == 2
