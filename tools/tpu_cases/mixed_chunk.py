@@ -56,6 +56,33 @@ def _build(causal: bool, *, backward: bool, xla: bool = False):
     return build
 
 
+def _build_awkward():
+    """Chunk 200 (padded to 208 rows), widths 96 and 320 (padded to 128 and 384 lanes), a key
+    mask, no bias, the quadratic term only, float32, forward and backward."""
+    batch, seq, chunk = 1, 1000, 200
+    z = jax.ShapeDtypeStruct((batch, seq, 96), jnp.float32)
+    v = jax.ShapeDtypeStruct((batch, seq, 320), jnp.float32)
+    mask = jax.ShapeDtypeStruct((batch, seq), jnp.bool_)
+
+    def loss(qq, kq, v, key_mask):
+        kwargs = check_arguments(
+            qq,
+            kq,
+            v,
+            None,
+            None,
+            chunk_size=chunk,
+            causal=True,
+            quad_scale=1.0 / chunk,
+            lin_scale=1.0,
+            bias=None,
+            key_mask=key_mask,
+        )
+        return jnp.sum(mixed_chunk_attention_tpu(**kwargs, interpret=False) ** 2)
+
+    return jax.grad(loss, argnums=(0, 1, 2)), (z, z, v, mask)
+
+
 def _cases() -> list[Case]:
     cases = []
     shape = f"B={BATCH} T={SEQ} C={CHUNK} s={S} e={E} bf16"
@@ -74,6 +101,14 @@ def _cases() -> list[Case]:
                 baseline=True,
             )
         )
+    cases.append(
+        Case(
+            "mixed_chunk",
+            "fwd+bwd causal quadratic-only C=200 T=1000 masked f32",
+            _build_awkward,
+            2,
+        )
+    )
     return cases
 
 

@@ -47,6 +47,17 @@ def _build(n: int, nblocks: int, *, backward: bool, xla: bool = False):
     return build
 
 
+def _build_rect():
+    x = jax.ShapeDtypeStruct((1000, 1024), jnp.float32)
+    w1 = jax.ShapeDtypeStruct((16, 64, 64), jnp.float32)
+    w2 = jax.ShapeDtypeStruct((16, 256, 64), jnp.float32)
+
+    def loss(x, w1, w2):
+        return jnp.sum(monarch_matmul_tpu(x, w1, w2, interpret=False) ** 2)
+
+    return jax.grad(loss, argnums=(0, 1, 2)), (x, w1, w2)
+
+
 def _cases() -> list[Case]:
     cases = []
     for n, nblocks_list in SIZES:
@@ -72,6 +83,15 @@ def _cases() -> list[Case]:
                         min_kernels=(3 if (n, nblocks) in GROUPED else 2) if backward else 1,
                     )
                 )
+    # rectangular (MonarchDense 1024 -> 4096, nblocks 16) in float32, and an odd row count (padded to the tile)
+    cases.append(
+        Case(
+            "monarch",
+            "fwd+bwd 1024->4096 nblocks=16 rows=1000 f32",
+            _build_rect,
+            min_kernels=2,
+        )
+    )
     # the XLA path beside the kernel at one size, for the memory table
     cases.append(
         Case(
