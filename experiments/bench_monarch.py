@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflax.nn import monarch_shapes
+from experiments._flops import monarch_flops
 from pallas_kernels import PallasTritonMonarch
 from pallas_kernels import XlaMonarch
 from pallas_kernels import monarch_matmul
@@ -121,7 +122,7 @@ def bench(
             if on_gpu:
                 pallas = PallasTritonMonarch(interpret=False)
                 paths["pallas"] = lambda x, w1, w2: monarch_matmul(x, w1, w2, implementation=pallas)
-            flops = 2 * tokens * (math.prod(w1_shape) + math.prod(w2_shape))
+            flops = monarch_flops(w1_shape, w2_shape, tokens)
             row = {
                 "n": n,
                 "nblocks": nb,

@@ -123,7 +123,7 @@ def build_model(variant: str, cfg: Config) -> MaskedByteLM:
         max_len=cfg.seq_len,
         moe=moe,
         moe_every=1,
-        attention_implementation="xla",
+        implementation="xla",
     )
     return MaskedByteLM(encoder, cfg.d_model, cfg.window)
 

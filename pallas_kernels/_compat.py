@@ -3,9 +3,10 @@
 Every other module of efflax and pallas_kernels imports these helpers instead of touching
 version-dependent names directly, so an API move in JAX means one edit here:
 
-- `backend_kind` / `is_gpu` / `default_interpret` / `resolve_interpret`: which platform the
-  default backend is ('gpu' covers JAX's 'gpu', 'cuda' and 'rocm' names), and whether Pallas
-  kernels run in interpret mode (`interpret=None`: interpret unless on a GPU).
+- `backend_kind` / `compile_platform` / `is_gpu` / `default_interpret` / `resolve_interpret`:
+  which platform the program is compiled for (the devices of the current mesh or abstract mesh,
+  else the default backend; 'gpu' covers JAX's 'gpu', 'cuda' and 'rocm' names), and whether
+  Pallas kernels run in interpret mode (`interpret=None`: interpret unless compiled for a GPU).
 - `gpu_compiler_params` / `compiler_params_kwargs`: the Triton compiler-params class is
   `plgpu.CompilerParams` since JAX 0.7 (`plgpu.TritonCompilerParams` before). The Triton
   backend of Pallas is deprecated since JAX 0.11; its deprecation warning is left visible, and
@@ -39,9 +40,45 @@ from jax.experimental import pallas as pl
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
+def compile_platform() -> str | None:
+    """The platform of the devices the program being traced is compiled for, when a mesh says.
+
+    The current abstract mesh (``jax.sharding.get_abstract_mesh()``: set by ``jax.set_mesh`` /
+    ``use_mesh``, including meshes of compile-only devices from
+    ``jax.experimental.topologies.get_topology_desc(..., platform='tpu')``, or by
+    ``jax.sharding.use_abstract_mesh`` with an ``AbstractDevice``), else the concrete mesh
+    (``jax.sharding.get_mesh()``); ``None`` when neither names a platform (JAX before abstract
+    devices, or no mesh).
+    """
+    sharding = jax.sharding
+    get_abstract_mesh = getattr(sharding, "get_abstract_mesh", None)
+    if get_abstract_mesh is not None:
+        mesh = get_abstract_mesh()
+        device = getattr(mesh, "abstract_device", None)
+        platform = getattr(device, "platform", None)
+        if platform:
+            return platform
+    get_mesh = getattr(sharding, "get_mesh", None)
+    if get_mesh is not None:
+        try:
+            devices = getattr(get_mesh(), "devices", None)
+        except (RuntimeError, ValueError):  # pragma: no cover - no mesh on some versions
+            devices = None
+        if devices is not None and getattr(devices, "size", 0):
+            return getattr(devices.flat[0], "platform", None)
+    return None
+
+
 def backend_kind(backend: str | None = None) -> str:
-    """``'gpu'``, ``'cpu'`` or ``'tpu'`` for a JAX platform name (default: the default backend)."""
-    backend = jax.default_backend() if backend is None else backend
+    """``'gpu'``, ``'cpu'`` or ``'tpu'`` for a JAX platform name.
+
+    ``backend=None``: the platform the program is compiled for - the devices of the mesh or
+    abstract mesh it is traced under (:func:`compile_platform`), else JAX's default backend. The
+    one resolver of every op's ``'auto'`` (and of ``interpret=None``), so a program lowered for
+    a TPU or GPU mesh from a CPU host picks that platform's kernels.
+    """
+    if backend is None:
+        backend = compile_platform() or jax.default_backend()
     return "gpu" if backend in _GPU_PLATFORMS else backend
 
 
@@ -51,7 +88,7 @@ def is_gpu(backend: str | None = None) -> bool:
 
 
 def default_interpret() -> bool:
-    """Whether Pallas kernels should run in interpret mode on the default backend."""
+    """Whether Pallas kernels should run in interpret mode on the platform compiled for."""
     return not is_gpu()
 
 
@@ -171,24 +208,39 @@ H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 A100_DEVICE_KIND = "NVIDIA A100-SXM4-80GB"
 
 
+def has_abstract_devices() -> bool:
+    """Whether this JAX has ``AbstractDevice`` and ``use_abstract_mesh`` (JAX >= 0.7)."""
+    sharding = jax.sharding
+    return hasattr(sharding, "AbstractDevice") and hasattr(sharding, "use_abstract_mesh")
+
+
 @contextlib.contextmanager
-def cuda_lowering(device_kind: str = H100_DEVICE_KIND, num_cores: int = 132) -> Iterator[None]:
+def abstract_platform(platform: str, device_kind: str, num_cores: int | None = 1) -> Iterator[None]:
+    """Traces inside an abstract mesh of one abstract ``platform`` device (``'tpu'``, ``'gpu'``).
+
+    What a program lowered for that platform from another host sees: :func:`backend_kind`
+    returns ``platform``. A no-op on a JAX without abstract devices.
+    """
+    if not has_abstract_devices():  # pragma: no cover - old JAX
+        yield
+        return
+    sharding = jax.sharding
+    device = sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=num_cores, platform=platform
+    )
+    mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with sharding.use_abstract_mesh(mesh):
+        yield
+
+
+def cuda_lowering(device_kind: str = H100_DEVICE_KIND, num_cores: int = 132) -> Any:
     """Context for ``.lower(lowering_platforms=("cuda",))`` of Pallas kernels without a GPU.
 
     Lowers for the compute capability of ``device_kind`` through an abstract mesh of one
     abstract GPU device. JAX >= 0.11 requires it; JAX 0.10 accepts it too (and without it
     assumed compute capability 9.0).
     """
-    sharding = jax.sharding
-    abstract_device = getattr(sharding, "AbstractDevice", None)
-    use_abstract_mesh = getattr(sharding, "use_abstract_mesh", None)
-    if abstract_device is None or use_abstract_mesh is None:  # pragma: no cover - old JAX
-        yield
-        return
-    device = abstract_device(device_kind=device_kind, num_cores=num_cores, platform="gpu")
-    mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with use_abstract_mesh(mesh):
-        yield
+    return abstract_platform("gpu", device_kind, num_cores)
 
 
 def use_mesh(mesh: Any) -> Any:

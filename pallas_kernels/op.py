@@ -1,9 +1,11 @@
-"""One op interface per kernel family: one signature, registered implementations, one resolver.
+"""One op interface per kernel family: one signature, an explicit table, one resolver.
 
-A kernel family (attention, Monarch matmul, mixed-chunk attention) is an :class:`Op`. Its public
-function checks the arguments once (one set of checks, one set of messages) and hands the
-normalised call to :meth:`Op.dispatch`, which runs the requested :class:`Implementation` or, for
-``'auto'``, the first one in the backend's preference order that accepts the call. An
+A kernel family (attention, Monarch matmul, mixed-chunk attention) is an :class:`Op` built in the
+family's ``api.py`` from an explicit table of implementations and the default order per backend.
+Its public function checks the arguments once (one set of checks, one set of messages) into one
+frozen call value and hands it to the op, which runs the requested :class:`Implementation` or,
+for ``'auto'``, the first one in the preference order of the platform the program is compiled
+for (:func:`pallas_kernels._compat.backend_kind`) that accepts the call. An
 implementation refuses a call it cannot honour by raising :class:`Unsupported` (a
 ``NotImplementedError``) *before* doing any work; ``'auto'`` then falls through to the next one,
 and an explicitly requested implementation turns the refusal into a ``ValueError`` that says why.
@@ -11,7 +13,7 @@ Nothing is silently ignored.
 
 Implementations are frozen dataclasses, so a configured one (``PallasTritonAttention(
 block_sizes=..., interpret=True)``) is a hashable value a Flax module can hold as an attribute.
-The pattern follows tokamax's ``ops/<family>/{base, xla, pallas_triton, ...}``.
+The pattern follows tokamax's ``ops/<family>/{api, base, xla, pallas_triton, ...}``.
 
 Forward-mode autodiff: Pallas kernels are differentiated through ``jax.custom_vjp`` (their
 backward is a kernel too), and JAX cannot push a ``jax.jvp`` through a ``custom_vjp``. Inside
@@ -86,8 +88,9 @@ class Implementation:
       platforms: backend kinds (``'cpu'``, ``'gpu'``, ``'tpu'``) it runs on; ``None``: all.
       supports_forward_mode: ``jax.jvp`` can differentiate it (no ``custom_vjp`` inside).
 
-    Subclasses implement ``__call__`` with the op's normalised arguments and raise
-    :class:`Unsupported` (before computing anything) for what they cannot do.
+    Subclasses implement ``__call__(call)``: ``call`` is the family's one normalised call
+    value (``AttentionCall``, ``MonarchCall``, ``MixedChunkCall``), built once by the family's
+    checks; they raise :class:`Unsupported` (before computing anything) for what they cannot do.
     """
 
     name: ClassVar[str] = ""
@@ -100,15 +103,19 @@ class Implementation:
         if self.platforms is not None and kind not in self.platforms:
             raise Unsupported(f"{self.name!r} runs on {'/'.join(self.platforms)}, not {kind!r}")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
+    def __call__(self, call: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class Op:
-    """A kernel family: its implementations and the order ``'auto'`` tries them in.
+    """A kernel family: its table of implementations and the order ``'auto'`` tries them in.
+
+    The table is written out, in one place, by the family's public module
+    (``pallas_kernels/<family>/api.py``); nothing registers itself by being imported.
 
     Args:
       name: the family, for messages (``'dot_product_attention'``).
+      implementations: the default-configured implementation of every name.
       auto_order: backend kind -> implementation names in preference order; the key ``'*'``
         is the default for other backends.
       aliases: extra accepted names (``{'pallas': 'pallas_triton'}``).
@@ -118,41 +125,43 @@ class Op:
         self,
         name: str,
         *,
+        implementations: Sequence[Implementation],
         auto_order: Mapping[str, Sequence[str]],
         aliases: Mapping[str, str] | None = None,
     ) -> None:
         if "*" not in auto_order:
             raise ValueError(f"auto_order of {name!r} needs a '*' entry")
         self.name = name
+        self._table: dict[str, Implementation] = {}
+        for implementation in implementations:
+            if not implementation.name or implementation.name in self._table:
+                raise ValueError(f"{implementation!r} has no name or a name already in the table")
+            self._table[implementation.name] = implementation
         self.auto_order = {k: tuple(v) for k, v in auto_order.items()}
         self.aliases = dict(aliases or {})
-        self._registry: dict[str, Implementation] = {}
-
-    def register(self, implementation: Implementation) -> Implementation:
-        """Registers the default-configured ``implementation`` under its ``name``."""
-        if not implementation.name:
-            raise ValueError(f"{type(implementation).__name__} has no name")
-        self._registry[implementation.name] = implementation
-        return implementation
+        for names in (*self.auto_order.values(), self.aliases.values()):
+            unknown = set(names) - set(self._table)
+            if unknown:
+                raise ValueError(f"{name}: {sorted(unknown)} are not in the table")
 
     @property
     def implementations(self) -> dict[str, Implementation]:
-        """Registered implementations by name (default configurations)."""
-        return dict(self._registry)
+        """The table: implementations by name (default configurations)."""
+        return dict(self._table)
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every accepted value of ``implementation=``: ``'auto'``, names and aliases."""
-        return ("auto", *self._registry, *self.aliases)
+        return ("auto", *self._table, *self.aliases)
 
     def get(self, implementation: str | Implementation) -> Implementation:
         """The implementation an ``implementation=`` value names (not ``'auto'``)."""
         if isinstance(implementation, Implementation):
-            registered = self._registry.get(implementation.name)
-            if registered is None or not isinstance(implementation, type(registered)):
+            listed = self._table.get(implementation.name)
+            if listed is None or not isinstance(implementation, type(listed)):
                 raise ValueError(
                     f"implementation={implementation!r} is not an implementation of {self.name}; "
-                    f"registered: {sorted(self._registry)}"
+                    f"the table has {sorted(self._table)}"
                 )
             return implementation
         if not isinstance(implementation, str):
@@ -161,43 +170,44 @@ class Op:
                 "an Implementation instance"
             )
         name = self.aliases.get(implementation, implementation)
-        if name not in self._registry:
+        if name not in self._table:
             raise ValueError(
                 f"implementation={implementation!r} is not one of {', '.join(self.names)} "
                 f"(op {self.name})"
             )
-        return self._registry[name]
+        return self._table[name]
+
+    def _order(self, kind: str) -> list[Implementation]:
+        return [self._table[n] for n in self.auto_order.get(kind, self.auto_order["*"])]
 
     def candidates(
         self, implementation: str | Implementation = "auto", backend: str | None = None
     ) -> list[Implementation]:
-        """What :meth:`dispatch` will try, in order, for ``implementation`` on ``backend``.
+        """What :meth:`__call__` will try, in order, for ``implementation`` on ``backend``.
 
-        ``'auto'`` gives the backend's preference order. Inside :func:`forward_mode_autodiff`
-        an implementation without forward-mode support is replaced by the ones of the auto
-        order that have it.
+        ``'auto'`` gives the preference order of the platform the program is compiled for
+        (:func:`pallas_kernels._compat.backend_kind`). Inside :func:`forward_mode_autodiff` an
+        implementation without forward-mode support is replaced by the ones of the auto order
+        that have it.
         """
         kind = backend_kind(backend)
         if isinstance(implementation, str) and implementation == "auto":
-            order = self.auto_order.get(kind, self.auto_order["*"])
-            chosen = [self._registry[n] for n in order if n in self._registry]
+            chosen = self._order(kind)
         else:
             chosen = [self.get(implementation)]
         if forward_mode_required() and not all(c.supports_forward_mode for c in chosen):
-            order = self.auto_order.get(kind, self.auto_order["*"])
-            fallback = [self._registry[n] for n in order if n in self._registry]
-            chosen = [c for c in [*chosen, *fallback] if c.supports_forward_mode]
+            chosen = [c for c in [*chosen, *self._order(kind)] if c.supports_forward_mode]
             chosen = list(dict.fromkeys(chosen))
         return chosen
 
-    def dispatch(
+    def __call__(
         self,
-        implementation: str | Implementation,
-        *args: Any,
+        call: Any,
+        implementation: str | Implementation = "auto",
+        *,
         backend: str | None = None,
-        **kwargs: Any,
     ) -> Any:
-        """Runs the first candidate that accepts the call.
+        """Runs the first candidate that accepts the normalised ``call`` value.
 
         Raises:
           ValueError: an explicitly requested implementation refused the call, or every
@@ -209,7 +219,7 @@ class Op:
         for candidate in candidates:
             try:
                 candidate.check_platform(backend)
-                return candidate(*args, **kwargs)
+                return candidate(call)
             except Unsupported as e:
                 reasons.append(f"{candidate.name}: {e}")
             except TypeError as e:

@@ -157,12 +157,12 @@ PUBLIC = {
         "mixed_chunk_attention_reference",
     ],
     "pallas_kernels.mixed_chunk": [
-        "MIXED_CHUNK_ATTENTION",
+        "MIXED_CHUNK_OP",
         "BlockSizes",
+        "MixedChunkCall",
         "PallasTritonMixedChunk",
         "ReferenceMixedChunk",
         "XlaMixedChunk",
-        "gpu_check_cases",
         "mixed_chunk_attention",
         "mixed_chunk_attention_reference",
     ],
@@ -207,6 +207,7 @@ PUBLIC = {
     ],
     "pallas_kernels.attention": [
         "ATTENTION_OP",
+        "AttentionCall",
         "BlockSizes",
         "CudnnAttention",
         "PallasTritonAttention",
@@ -218,6 +219,7 @@ PUBLIC = {
         "flash_attention",
         "flash_attention_reference",
         "local_block_mask",
+        "Mask",
     ],
     "efflax.optim": [
         "cycle_end_steps",

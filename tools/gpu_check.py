@@ -105,7 +105,7 @@ def attention_cells() -> list[dict]:
 
 
 def mixed_chunk_cells() -> list[dict]:
-    # pallas_kernels.mixed_chunk.gpu_check_cases: FLASH's sizes (s 128, e 512, C 256, T 2048,
+    # mixed_chunk_cases: FLASH's sizes (s 128, e 512, C 256, T 2048,
     # batch 2, relative-position bias), bf16, forward + backward.
     return [dict(kind="mixed_chunk", causal=causal, dtype="bfloat16") for causal in (True, False)]
 
@@ -192,11 +192,63 @@ def _flash_fn(cell, jnp):
     return fwd_bwd, inputs
 
 
-def _mixed_chunk_fn(cell, jnp):
-    from pallas_kernels.mixed_chunk import gpu_check_cases
+def mixed_chunk_cases(block_sizes=None) -> list[dict]:
+    """Compile cases of the mixed-chunk kernels: forward and backward at FLASH's paper sizes.
 
+    Each case names a function of abstract inputs (``fn``, ``args`` as ShapeDtypeStructs) that
+    runs the forward kernel or the forward and all backward kernels (causal and non-causal,
+    with a relative-position bias) in bfloat16: s = 128, e = 512 (model width 256, expansion 2),
+    C = 256, T = 2048, batch 2.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.mixed_chunk import PallasTritonMixedChunk
+    from pallas_kernels.mixed_chunk import mixed_chunk_attention
+
+    batch, seq, s, e, chunk = 2, 2048, 128, 512, 256
+    dtype = jnp.bfloat16
+    impl = PallasTritonMixedChunk(block_sizes=block_sizes, interpret=False)
+    z = jax.ShapeDtypeStruct((batch, seq, s), dtype)
+    v = jax.ShapeDtypeStruct((batch, seq, e), dtype)
+    b = jax.ShapeDtypeStruct((chunk, chunk), jnp.float32)
+
+    def call(causal):
+        def fn(qq, kq, ql, kl, v, bias):
+            return mixed_chunk_attention(
+                qq,
+                kq,
+                v,
+                ql,
+                kl,
+                bias=bias,
+                chunk_size=chunk,
+                causal=causal,
+                quad_scale=1.0 / chunk,
+                lin_scale=1.0 / chunk,
+                implementation=impl,
+            )
+
+        return fn
+
+    cases = []
+    for causal in (True, False):
+        fwd = call(causal)
+
+        def fwd_bwd(*args, fwd=fwd):
+            out, vjp = jax.vjp(fwd, *args)
+            return out, vjp(jnp.ones_like(out))
+
+        tag = "causal" if causal else "full"
+        args = (z, z, z, z, v, b)
+        cases.append({"name": f"mixed_chunk_fwd_{tag}", "fn": fwd, "args": args})
+        cases.append({"name": f"mixed_chunk_fwd_bwd_{tag}", "fn": fwd_bwd, "args": args})
+    return cases
+
+
+def _mixed_chunk_fn(cell, jnp):
     name = f"mixed_chunk_fwd_bwd_{'causal' if cell['causal'] else 'full'}"
-    case = next(c for c in gpu_check_cases() if c["name"] == name)
+    case = next(c for c in mixed_chunk_cases() if c["name"] == name)
     if any(jnp.dtype(a.dtype) not in (jnp.dtype(cell["dtype"]), jnp.float32) for a in case["args"]):
         raise ValueError(f"{name} does not run in {cell['dtype']}")
     return case["fn"], [(a.shape, a.dtype) for a in case["args"]]

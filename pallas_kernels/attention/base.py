@@ -1,13 +1,13 @@
-"""The attention op: one signature, one set of argument checks, the registry of implementations.
+"""The attention op's call value: one set of argument checks building one frozen ``AttentionCall``.
 
 Scaled dot-product attention (Vaswani et al., "Attention Is All You Need", arXiv:1706.03762,
 2017), computed exactly by every implementation; FlashAttention (Dao et al., arXiv:2205.14135,
 2022; FlashAttention-2, arXiv:2307.08691, 2023) computes it in O(seq) memory.
 
-``dot_product_attention`` checks its arguments once and hands the normalised call to
-``ATTENTION_OP``, which runs the requested implementation or, for ``'auto'``, the first one of
-the backend's preference order that accepts the call (GPU: ``pallas_triton``, ``cudnn``,
-``xla``; elsewhere: ``xla``). Every implementation computes the same function; they differ in
+``pallas_kernels.attention.dot_product_attention`` (``api.py``) checks its arguments once
+(:func:`check_arguments`) into an :class:`AttentionCall` - the inputs, one :class:`Mask` and the
+normalised scalars - and hands that one value to the implementation the op's table picks
+(``api.py``). Every implementation computes the same function; they differ in
 what they can express: the Pallas kernel takes causal masks, segment ids (so also padding) and
 block-sparse masks, not dense boolean masks, additive biases or dropout, and refuses those so that
 ``'auto'`` falls through to XLA.
@@ -39,59 +39,129 @@ from jax import lax
 
 from pallas_kernels import _checks
 from pallas_kernels.op import Implementation
-from pallas_kernels.op import Op
 
 __all__ = [
-    "ATTENTION_OP",
+    "AttentionCall",
     "AttentionImplementation",
+    "Mask",
     "SUPPORTED_DTYPES",
     "check_arguments",
-    "dot_product_attention",
     "dropout_keep_mask",
-    "element_mask",
     "expand_block_mask",
     "finite_or_zero",
 ]
-
-ATTENTION_OP = Op(
-    "dot_product_attention",
-    auto_order={"gpu": ("pallas_triton", "cudnn", "xla"), "*": ("xla",)},
-    aliases={"pallas": "pallas_triton"},
-)
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _PRECISION_NAMES = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32", "fastest")
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionImplementation(Implementation):
-    """An implementation of :func:`dot_product_attention`.
+class Mask:
+    """Which keys each query sees: every part must say so (an empty ``Mask()`` masks nothing).
 
-    ``__call__(query, key, value, **normalised)`` receives the arguments as
-    :func:`check_arguments` returns them (``segment_ids`` an int32 pair, ``mask`` and ``bias``
-    rank 4, ``sm_scale`` a float, ...), and raises :class:`pallas_kernels.op.Unsupported` before
-    computing anything when it cannot honour one of them.
+    Attributes:
+      causal: query ``i`` sees keys ``j <= i`` (top-left aligned), or ``j <= q_offset + i``.
+      q_offset: with ``causal``, the int32 scalar position of the first query, or None.
+      segment_ids: ``(q_ids [batch, q_len], kv_ids [batch, kv_len])`` int32: equal ids see
+        each other.
+      dense: bool rank 4, broadcastable to ``[batch, heads, q_len, kv_len]`` (the ``mask=``
+        argument).
+      block_mask: bool ``[heads or 1, q_blocks, kv_blocks]`` tiles of ``block_shape``.
+      block_shape: the ``(block_q, block_k)`` tile of ``block_mask``.
     """
 
-    def __call__(
-        self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        *,
-        bias: jax.Array | None,
-        mask: jax.Array | None,
-        causal: bool,
-        q_offset: jax.Array | None,
-        segment_ids: tuple[jax.Array, jax.Array] | None,
-        block_mask: jax.Array | None,
-        block_shape: tuple[int, int] | None,
-        sm_scale: float,
-        dropout_rate: float,
-        dropout_rng: jax.Array | None,
-        broadcast_dropout: bool,
-        precision: Any,
-    ) -> jax.Array:  # pragma: no cover - abstract
+    causal: bool = False
+    q_offset: jax.Array | None = None
+    segment_ids: tuple[jax.Array, jax.Array] | None = None
+    dense: jax.Array | None = None
+    block_mask: jax.Array | None = None
+    block_shape: tuple[int, int] | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether every query sees every key."""
+        return (
+            not self.causal
+            and self.segment_ids is None
+            and self.dense is None
+            and (self.block_mask is None)
+        )
+
+    def elements(self, q_len: int, kv_len: int) -> jax.Array | None:
+        """Bool broadcastable to ``[batch, heads, q_len, kv_len]``, or ``None`` when every query
+        sees every key."""
+        parts = []
+        if self.dense is not None:
+            parts.append(self.dense)
+        if self.causal:
+            rows = jnp.arange(q_len, dtype=jnp.int32)
+            if self.q_offset is not None:
+                rows = rows + self.q_offset
+            cols = jnp.arange(kv_len, dtype=jnp.int32)
+            parts.append((rows[:, None] >= cols[None, :])[None, None])
+        if self.segment_ids is not None:
+            q_ids, kv_ids = self.segment_ids
+            parts.append((q_ids[:, :, None] == kv_ids[:, None, :])[:, None])
+        if self.block_mask is not None:
+            expanded = expand_block_mask(self.block_mask, self.block_shape, q_len, kv_len)
+            parts.append(expanded[None])
+        if not parts:
+            return None
+        visible = parts[0]
+        for part in parts[1:]:
+            visible = visible & part
+        return visible
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """One checked call of the attention op: what every implementation receives.
+
+    Built once by :func:`check_arguments`; an implementation reads what it needs and raises
+    :class:`pallas_kernels.op.Unsupported` for what it cannot honour.
+
+    Attributes:
+      query: ``[batch, q_len, num_heads, head_dim]``.
+      key, value: ``[batch, kv_len, num_kv_heads, head_dim]``, same dtype.
+      mask: the :class:`Mask`.
+      bias: float rank 4, broadcastable to ``[batch, heads, q_len, kv_len]``, or None.
+      sm_scale: the finite score scale > 0 (a float), or a traced float32 scalar.
+      dropout_rate: in [0, 1); 0.0 means no dropout (and ``dropout_rng`` is None).
+      dropout_rng: one PRNG key, or None.
+      broadcast_dropout: one dropout mask ``[q_len, kv_len]`` shared over batch and heads.
+      precision: the matmul precision of the XLA path (None, a ``lax.Precision``, a name or a
+        pair).
+    """
+
+    query: jax.Array
+    key: jax.Array
+    value: jax.Array
+    mask: Mask = Mask()
+    bias: jax.Array | None = None
+    sm_scale: Any = 1.0
+    dropout_rate: float = 0.0
+    dropout_rng: jax.Array | None = None
+    broadcast_dropout: bool = True
+    precision: Any = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        """``(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)``."""
+        batch, q_len, num_heads, head_dim = self.query.shape
+        return batch, q_len, self.key.shape[1], num_heads, self.key.shape[2], head_dim
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (GQA)."""
+        return self.query.shape[2] // self.key.shape[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImplementation(Implementation):
+    """An implementation of the attention op: ``__call__(call: AttentionCall) -> [batch, q_len,
+    num_heads, head_dim]`` in the dtype of ``call.query``."""
+
+    def __call__(self, call: AttentionCall) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -289,8 +359,8 @@ def check_arguments(
     dropout_rng: jax.Array | None = None,
     broadcast_dropout: bool = True,
     precision: Any = None,
-) -> dict[str, Any]:
-    """The one set of checks of the attention family; returns the normalised keyword arguments.
+) -> AttentionCall:
+    """The one set of checks of the attention family; returns the normalised call value.
 
     Raises:
       ValueError: naming the argument and its value, for anything malformed (see
@@ -305,103 +375,25 @@ def check_arguments(
         sm_scale = _checks.positive_float("sm_scale", sm_scale)
     block_mask, block_shape = _block_mask(block_mask, block_shape, num_heads, q_len, kv_len)
     dropout_rate, dropout_rng = _dropout(dropout_rate, dropout_rng, broadcast_dropout)
-    return dict(
+    return AttentionCall(
+        query=query,
+        key=key,
+        value=value,
+        mask=Mask(
+            causal=causal,
+            q_offset=_q_offset(q_offset, causal),
+            segment_ids=_segment_ids(segment_ids, batch, q_len, kv_len),
+            dense=None if mask is None else _broadcastable("mask", mask, target, boolean=True),
+            block_mask=block_mask,
+            block_shape=block_shape,
+        ),
         bias=None if bias is None else _broadcastable("bias", bias, target, boolean=False),
-        mask=None if mask is None else _broadcastable("mask", mask, target, boolean=True),
-        causal=causal,
-        q_offset=_q_offset(q_offset, causal),
-        segment_ids=_segment_ids(segment_ids, batch, q_len, kv_len),
-        block_mask=block_mask,
-        block_shape=block_shape,
         sm_scale=sm_scale,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         broadcast_dropout=bool(broadcast_dropout),
         precision=_precision(precision),
     )
-
-
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    causal: bool = False,
-    q_offset: int | jax.Array | None = None,
-    segment_ids: Any = None,
-    block_mask: jax.Array | None = None,
-    block_shape: tuple[int, int] | None = None,
-    sm_scale: float | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    broadcast_dropout: bool = True,
-    precision: Any = None,
-    implementation: str | Implementation = "auto",
-) -> jax.Array:
-    """``softmax(sm_scale * q k^T + bias, masked) v``, exact, with a choice of implementation.
-
-    Args:
-      query: ``[batch, q_len, num_heads, head_dim]``, float32, bfloat16 or float16.
-      key, value: ``[batch, kv_len, num_kv_heads, head_dim]``, same dtype; ``num_kv_heads``
-        divides ``num_heads`` (GQA/MQA: query head ``h`` uses key/value head
-        ``h // (num_heads // num_kv_heads)``).
-      bias: float, broadcastable to ``[batch, num_heads, q_len, kv_len]``; added to the scaled
-        scores (differentiable).
-      mask: bool, broadcastable to ``[batch, num_heads, q_len, kv_len]``; False = the query does
-        not see the key.
-      causal: query ``i`` sees keys ``j <= i`` (top-left aligned).
-      q_offset: with ``causal``, the position of the first query (an int or a traced int32
-        scalar): query ``i`` sees keys ``j <= q_offset + i``. Used when decoding with a cache.
-      segment_ids: ``(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])`` ints, or
-        one ``[batch, seq]`` array when ``q_len == kv_len``; a query sees only keys with its id
-        (packed sequences; padding is a segment id no query has).
-      block_mask: bool ``[num_heads or 1, ceil(q_len / block_q), ceil(kv_len / block_k)]``:
-        tiles that are off are not seen (and the Pallas kernel skips them).
-      block_shape: the ``(block_q, block_k)`` tile of ``block_mask``.
-      sm_scale: finite score scale > 0; default ``1 / sqrt(head_dim)``.
-      dropout_rate: probability in [0, 1) of dropping an attention weight (the kept ones are
-        scaled by ``1 / (1 - dropout_rate)``), as in Flax.
-      dropout_rng: the PRNG key of the dropout mask (needed when ``dropout_rate > 0``).
-      broadcast_dropout: one dropout mask ``[q_len, kv_len]`` shared over batch and heads.
-      precision: matmul precision of the XLA path (the others compute at least as precisely).
-      implementation: ``'auto'``, ``'xla'``, ``'pallas_triton'`` (alias ``'pallas'``),
-        ``'cudnn'``, ``'reference'`` or a configured instance
-        (``PallasTritonAttention(block_sizes=..., interpret=True)``).
-
-    Returns:
-      ``[batch, q_len, num_heads, head_dim]`` in the dtype of ``query`` (float32 softmax). A
-      masked key never influences an output, even when it holds NaN; a query that sees no key
-      gets zeros (see the module docstring).
-
-    Raises:
-      ValueError: for a malformed argument (naming it), an unknown implementation, or an
-        explicitly requested implementation that cannot honour the call (saying why).
-
-    Example:
-      >>> q = k = v = jnp.ones((2, 100, 4, 64), jnp.bfloat16)
-      >>> dot_product_attention(q, k, v, causal=True).shape
-      (2, 100, 4, 64)
-    """
-    kwargs = check_arguments(
-        query,
-        key,
-        value,
-        bias=bias,
-        mask=mask,
-        causal=causal,
-        q_offset=q_offset,
-        segment_ids=segment_ids,
-        block_mask=block_mask,
-        block_shape=block_shape,
-        sm_scale=sm_scale,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        broadcast_dropout=broadcast_dropout,
-        precision=precision,
-    )
-    return ATTENTION_OP.dispatch(implementation, query, key, value, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,40 +408,6 @@ def expand_block_mask(
     block_q, block_k = block_shape
     expanded = jnp.repeat(jnp.repeat(block_mask, block_q, axis=1), block_k, axis=2)
     return expanded[:, :q_len, :kv_len]
-
-
-def element_mask(
-    q_len: int,
-    kv_len: int,
-    *,
-    mask: jax.Array | None,
-    causal: bool,
-    q_offset: jax.Array | None,
-    segment_ids: tuple[jax.Array, jax.Array] | None,
-    block_mask: jax.Array | None,
-    block_shape: tuple[int, int] | None,
-) -> jax.Array | None:
-    """Which keys each query sees: bool broadcastable to ``[batch, heads, q_len, kv_len]``, or
-    ``None`` when every query sees every key."""
-    parts = []
-    if mask is not None:
-        parts.append(mask)
-    if causal:
-        rows = jnp.arange(q_len, dtype=jnp.int32)
-        if q_offset is not None:
-            rows = rows + q_offset
-        parts.append((rows[:, None] >= jnp.arange(kv_len, dtype=jnp.int32)[None, :])[None, None])
-    if segment_ids is not None:
-        q_ids, kv_ids = segment_ids
-        parts.append((q_ids[:, :, None] == kv_ids[:, None, :])[:, None])
-    if block_mask is not None:
-        parts.append(expand_block_mask(block_mask, block_shape, q_len, kv_len)[None])
-    if not parts:
-        return None
-    visible = parts[0]
-    for part in parts[1:]:
-        visible = visible & part
-    return visible
 
 
 def dropout_keep_mask(

@@ -14,15 +14,13 @@ non-finite entry are set to NaN afterwards. Rows that see no key are set to zero
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.attention.base import ATTENTION_OP
+from pallas_kernels.attention.base import AttentionCall
 from pallas_kernels.attention.base import AttentionImplementation
-from pallas_kernels.attention.base import element_mask
 from pallas_kernels.attention.base import finite_or_zero
 from pallas_kernels.op import Unsupported
 
@@ -47,46 +45,21 @@ class CudnnAttention(AttentionImplementation):
     platforms = ("gpu",)
     supports_forward_mode = False  # jax.nn's cuDNN attention is a custom_vjp
 
-    def __call__(
-        self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        *,
-        bias: jax.Array | None,
-        mask: jax.Array | None,
-        causal: bool,
-        q_offset: jax.Array | None,
-        segment_ids: tuple[jax.Array, jax.Array] | None,
-        block_mask: jax.Array | None,
-        block_shape: tuple[int, int] | None,
-        sm_scale: float,
-        dropout_rate: float,
-        dropout_rng: jax.Array | None,
-        broadcast_dropout: bool,
-        precision: Any,
-    ) -> jax.Array:
-        del dropout_rng, broadcast_dropout, precision  # no dropout; bf16/f16 inputs
-        batch, q_len, num_heads, head_dim = query.shape
-        kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    def __call__(self, call: AttentionCall) -> jax.Array:
+        # no dropout; bf16/f16 inputs (precision does not apply)
+        batch, q_len, kv_len, num_heads, num_kv_heads, head_dim = call.shape
+        query, key, value, bias = call.query, call.key, call.value, call.bias
+        causal, q_offset = call.mask.causal, call.mask.q_offset
         if jnp.dtype(query.dtype) not in _DTYPES:
             raise Unsupported(f"cuDNN attention needs bfloat16 or float16, not {query.dtype}")
         if head_dim % 8 or head_dim > _max_head_dim():
             raise Unsupported(
                 f"head_dim={head_dim} must be a multiple of 8 and <= {_max_head_dim()}"
             )
-        if dropout_rate > 0.0:
+        if call.dropout_rate > 0.0:
             raise Unsupported("jax.nn's cuDNN attention has no dropout")
-        dense = element_mask(
-            q_len,
-            kv_len,
-            mask=mask,
-            causal=q_offset is not None,  # an offset causal mask goes in the dense mask
-            q_offset=q_offset,
-            segment_ids=segment_ids,
-            block_mask=block_mask,
-            block_shape=block_shape,
-        )
+        # an offset causal mask goes in the dense mask
+        dense = dataclasses.replace(call.mask, causal=q_offset is not None).elements(q_len, kv_len)
         if (dense is not None or bias is not None) and (q_len % 2 or kv_len % 2):
             raise Unsupported(
                 f"cuDNN takes a mask or bias only for even lengths (q_len={q_len}, kv_len={kv_len})"
@@ -109,7 +82,7 @@ class CudnnAttention(AttentionImplementation):
             value,
             bias=four_d(bias),
             mask=four_d(dense),
-            scale=sm_scale,
+            scale=call.sm_scale,
             is_causal=cudnn_causal,
             implementation="cudnn",
         )
@@ -135,6 +108,3 @@ class CudnnAttention(AttentionImplementation):
         sees_any = jnp.broadcast_to(sees_any, full[:3]).transpose(0, 2, 1)[..., None]
         out = jnp.where(sees_any, out, jnp.zeros((), out.dtype))
         return jnp.where(seen_bad, jnp.full((), jnp.nan, out.dtype), out)
-
-
-ATTENTION_OP.register(CudnnAttention())

@@ -9,16 +9,14 @@ arithmetic), so that "a masked key has no influence" holds by construction, for 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.attention.base import ATTENTION_OP
+from pallas_kernels.attention.base import AttentionCall
 from pallas_kernels.attention.base import AttentionImplementation
 from pallas_kernels.attention.base import dropout_keep_mask
-from pallas_kernels.attention.base import element_mask
 
 __all__ = ["ReferenceAttention"]
 
@@ -32,39 +30,10 @@ class ReferenceAttention(AttentionImplementation):
 
     name = "reference"
 
-    def __call__(
-        self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        *,
-        bias: jax.Array | None,
-        mask: jax.Array | None,
-        causal: bool,
-        q_offset: jax.Array | None,
-        segment_ids: tuple[jax.Array, jax.Array] | None,
-        block_mask: jax.Array | None,
-        block_shape: tuple[int, int] | None,
-        sm_scale: float,
-        dropout_rate: float,
-        dropout_rng: jax.Array | None,
-        broadcast_dropout: bool,
-        precision: Any,
-    ) -> jax.Array:
-        del precision
-        batch, q_len, num_heads, head_dim = query.shape
-        kv_len, num_kv_heads = key.shape[1], key.shape[2]
-        group = num_heads // num_kv_heads
-        visible = element_mask(
-            q_len,
-            kv_len,
-            mask=mask,
-            causal=causal,
-            q_offset=q_offset,
-            segment_ids=segment_ids,
-            block_mask=block_mask,
-            block_shape=block_shape,
-        )
+    def __call__(self, call: AttentionCall) -> jax.Array:
+        batch, q_len, kv_len, num_heads, _, head_dim = call.shape
+        group = call.group
+        visible = call.mask.elements(q_len, kv_len)
         if visible is None:
             visible = jnp.ones((), bool)
         visible = jnp.broadcast_to(visible, (batch, num_heads, q_len, kv_len))
@@ -75,21 +44,22 @@ class ReferenceAttention(AttentionImplementation):
             return jnp.where(visible[..., None], x, 0.0)
 
         hp = lax.Precision.HIGHEST
-        q = query.astype(jnp.float32).transpose(0, 2, 1, 3)  # [b, h, q, d]
-        scores = jnp.einsum("bhqd,bhqkd->bhqk", q, per_query(key), precision=hp) * sm_scale
-        if bias is not None:
-            scores = scores + jnp.where(visible, bias.astype(jnp.float32), 0.0)
+        q = call.query.astype(jnp.float32).transpose(0, 2, 1, 3)  # [b, h, q, d]
+        scores = (
+            jnp.einsum("bhqd,bhqkd->bhqk", q, per_query(call.key), precision=hp) * call.sm_scale
+        )
+        if call.bias is not None:
+            scores = scores + jnp.where(visible, call.bias.astype(jnp.float32), 0.0)
         scores = jnp.where(visible, scores, -jnp.inf)
         row_max = jnp.max(scores, axis=-1, keepdims=True)
         row_max = lax.stop_gradient(jnp.where(row_max == -jnp.inf, 0.0, row_max))
         weights = jnp.where(visible, jnp.exp(scores - row_max), 0.0)
         total = jnp.sum(weights, axis=-1, keepdims=True)
         weights = weights / jnp.where(total == 0.0, 1.0, total)
-        if dropout_rate > 0.0:
-            keep = dropout_keep_mask(dropout_rng, dropout_rate, weights.shape, broadcast_dropout)
-            weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-        out = jnp.einsum("bhqk,bhqkd->bqhd", weights, per_query(value), precision=hp)
-        return out.astype(query.dtype)
-
-
-ATTENTION_OP.register(ReferenceAttention())
+        if call.dropout_rate > 0.0:
+            keep = dropout_keep_mask(
+                call.dropout_rng, call.dropout_rate, weights.shape, call.broadcast_dropout
+            )
+            weights = jnp.where(keep, weights / (1.0 - call.dropout_rate), 0.0)
+        out = jnp.einsum("bhqk,bhqkd->bqhd", weights, per_query(call.value), precision=hp)
+        return out.astype(call.query.dtype)

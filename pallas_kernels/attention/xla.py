@@ -11,16 +11,14 @@ set to NaN afterwards (a boolean reduction: peak memory stays that of ``jax.nn``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.attention.base import ATTENTION_OP
+from pallas_kernels.attention.base import AttentionCall
 from pallas_kernels.attention.base import AttentionImplementation
 from pallas_kernels.attention.base import dropout_keep_mask
-from pallas_kernels.attention.base import element_mask
 from pallas_kernels.attention.base import finite_or_zero
 
 __all__ = ["XlaAttention", "attention_weights"]
@@ -33,43 +31,19 @@ def _grouped(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
     return x.reshape(x.shape[0], num_kv_heads, group, *x.shape[2:])
 
 
-def _softmax(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array | None,
-    *,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    causal: bool,
-    q_offset: jax.Array | None,
-    segment_ids: tuple[jax.Array, jax.Array] | None,
-    block_mask: jax.Array | None,
-    block_shape: tuple[int, int] | None,
-    sm_scale: float,
-    precision: Any,
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+def _softmax(call: AttentionCall) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Float32 weights ``[b, kv_heads, group, q, kv]``, whether each row sees a non-finite input
     (``[b, kv_heads, group, q]``, or None), and the cleaned ``value`` (or None)."""
-    batch, q_len, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1], key.shape[2]
-    group = num_heads // num_kv_heads
-    visible = element_mask(
-        q_len,
-        kv_len,
-        mask=mask,
-        causal=causal,
-        q_offset=q_offset,
-        segment_ids=segment_ids,
-        block_mask=block_mask,
-        block_shape=block_shape,
-    )
+    batch, q_len, kv_len, _, num_kv_heads, head_dim = call.shape
+    group = call.group
+    query, key, value = call.query, call.key, call.value
+    visible = call.mask.elements(q_len, kv_len)
     poisoned = None
     if visible is not None:
         query, bad_query = finite_or_zero(query)  # [b, q, heads]
         key, bad_key = finite_or_zero(key)  # [b, kv, kv_heads]
-        if value is not None:
-            value, bad_value = finite_or_zero(value)
-            bad_key = bad_key | bad_value
+        value, bad_value = finite_or_zero(value)
+        bad_key = bad_key | bad_value
         visible = _grouped(visible, num_kv_heads, group)
         # A boolean reduction (no gradient, fused by XLA): the rows that see a non-finite entry.
         bad_key = bad_key.transpose(0, 2, 1)[:, :, None, None, :]  # [b, kv_heads, 1, 1, kv]
@@ -80,12 +54,12 @@ def _softmax(
         "bqhgd,bkhd->bhgqk",
         grouped_q,
         key,
-        precision=precision,
+        precision=call.precision,
         preferred_element_type=jnp.float32,
     )
-    scores = scores * jnp.float32(sm_scale)
-    if bias is not None:
-        scores = scores + _grouped(bias, num_kv_heads, group).astype(jnp.float32)
+    scores = scores * jnp.asarray(call.sm_scale, jnp.float32)
+    if call.bias is not None:
+        scores = scores + _grouped(call.bias, num_kv_heads, group).astype(jnp.float32)
     if visible is not None:
         scores = jnp.where(visible, scores, -jnp.inf)
     row_max = lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
@@ -95,25 +69,17 @@ def _softmax(
     total = jnp.sum(weights, axis=-1, keepdims=True)
     if visible is not None:
         total = total + jnp.float32(1e-30)  # >= 1 where a key is seen; 0 / 1e-30 = 0 elsewhere
-    return weights / total, poisoned, value
+    return weights / total, poisoned, None if visible is None else value
 
 
-def attention_weights(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array | None = None,
-    **normalised: Any,
-) -> jax.Array:
-    """The float32 softmax weights ``[batch, heads, q_len, kv_len]`` (before dropout).
-
-    Takes the op's normalised arguments (without the dropout ones); ``value`` only for its
-    non-finite check. A row that sees a non-finite entry is NaN.
-    """
-    batch, q_len, num_heads, _ = query.shape
-    weights, poisoned, _ = _softmax(query, key, value, **normalised)
+def attention_weights(call: AttentionCall) -> jax.Array:
+    """The float32 softmax weights ``[batch, heads, q_len, kv_len]`` of a call (before
+    dropout). A row that sees a non-finite entry is NaN."""
+    batch, q_len, kv_len, num_heads, _, _ = call.shape
+    weights, poisoned, _ = _softmax(call)
     if poisoned is not None:
         weights = jnp.where(poisoned[..., None], jnp.nan, weights)
-    return weights.reshape(batch, num_heads, q_len, key.shape[1])
+    return weights.reshape(batch, num_heads, q_len, kv_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,57 +88,26 @@ class XlaAttention(AttentionImplementation):
 
     name = "xla"
 
-    def __call__(
-        self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        *,
-        bias: jax.Array | None,
-        mask: jax.Array | None,
-        causal: bool,
-        q_offset: jax.Array | None,
-        segment_ids: tuple[jax.Array, jax.Array] | None,
-        block_mask: jax.Array | None,
-        block_shape: tuple[int, int] | None,
-        sm_scale: float,
-        dropout_rate: float,
-        dropout_rng: jax.Array | None,
-        broadcast_dropout: bool,
-        precision: Any,
-    ) -> jax.Array:
-        batch, q_len, num_heads, head_dim = query.shape
-        kv_len, num_kv_heads = key.shape[1], key.shape[2]
-        weights, poisoned, clean_value = _softmax(
-            query,
-            key,
-            value,
-            bias=bias,
-            mask=mask,
-            causal=causal,
-            q_offset=q_offset,
-            segment_ids=segment_ids,
-            block_mask=block_mask,
-            block_shape=block_shape,
-            sm_scale=sm_scale,
-            precision=precision,
-        )
-        if dropout_rate > 0.0:
+    def __call__(self, call: AttentionCall) -> jax.Array:
+        batch, q_len, kv_len, num_heads, num_kv_heads, head_dim = call.shape
+        weights, poisoned, clean_value = _softmax(call)
+        if call.dropout_rate > 0.0:
             keep = dropout_keep_mask(
-                dropout_rng, dropout_rate, (batch, num_heads, q_len, kv_len), broadcast_dropout
+                call.dropout_rng,
+                call.dropout_rate,
+                (batch, num_heads, q_len, kv_len),
+                call.broadcast_dropout,
             )
-            keep = _grouped(keep, num_kv_heads, num_heads // num_kv_heads)
-            weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+            keep = _grouped(keep, num_kv_heads, call.group)
+            weights = jnp.where(keep, weights / (1.0 - call.dropout_rate), 0.0)
+        value = call.value if clean_value is None else clean_value
         out = jnp.einsum(
             "bhgqk,bkhd->bqhgd",
             weights.astype(value.dtype),
-            value if clean_value is None else clean_value,
-            precision=precision,
+            value,
+            precision=call.precision,
             preferred_element_type=jnp.float32,
         )
         if poisoned is not None:
             out = jnp.where(poisoned.transpose(0, 3, 1, 2)[..., None], jnp.nan, out)
-        return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
-
-
-ATTENTION_OP.register(XlaAttention())
+        return out.reshape(batch, q_len, num_heads, head_dim).astype(call.query.dtype)

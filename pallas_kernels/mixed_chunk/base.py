@@ -1,4 +1,4 @@
-"""Mixed-chunk attention (FLASH): the one signature, the one set of checks, the op.
+"""Mixed-chunk attention (FLASH): the one set of checks, building one ``MixedChunkCall``.
 
 Weiguo Hua, Zihang Dai, Hanxiao Liu, Quoc V. Le, "Transformer Quality in Linear Time",
 ICML 2022, arXiv:2202.10447. The sequence is cut into chunks of ``chunk_size`` tokens: inside a
@@ -21,6 +21,7 @@ weight.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -28,17 +29,52 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks
 from pallas_kernels.op import Implementation
-from pallas_kernels.op import Op
 
-__all__ = ["MIXED_CHUNK_ATTENTION", "mixed_chunk_attention"]
+__all__ = [
+    "MixedChunkCall",
+    "MixedChunkImplementation",
+    "check_arguments",
+    "mask_values",
+]
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-MIXED_CHUNK_ATTENTION = Op(
-    "mixed_chunk_attention",
-    auto_order={"gpu": ("pallas_triton", "xla"), "*": ("xla",)},
-    aliases={"pallas": "pallas_triton"},
-)
+
+@dataclasses.dataclass(frozen=True)
+class MixedChunkCall:
+    """One checked call of mixed-chunk attention: what every implementation receives.
+
+    Attributes:
+      quad_q, quad_k: ``[batch, seq, s]``.
+      value: ``[batch, seq, e]``.
+      lin_q, lin_k: ``[batch, seq, s_lin]``, or both None (no linear term).
+      bias: ``[chunk_size, chunk_size]`` float, or None.
+      key_mask: ``[batch, seq]`` bool (True = real token), or None.
+      chunk_size: tokens per chunk, ``<= seq`` (a longer one is cut to ``seq``).
+      causal: the causal variant.
+      quad_scale, lin_scale: finite floats.
+    """
+
+    quad_q: jax.Array
+    quad_k: jax.Array
+    value: jax.Array
+    lin_q: jax.Array | None
+    lin_k: jax.Array | None
+    bias: jax.Array | None
+    key_mask: jax.Array | None
+    chunk_size: int
+    causal: bool
+    quad_scale: float
+    lin_scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedChunkImplementation(Implementation):
+    """An implementation of mixed-chunk attention: ``__call__(call: MixedChunkCall) ->
+    [batch, seq, e]`` in the inputs' dtype."""
+
+    def __call__(self, call: MixedChunkCall) -> jax.Array:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 def check_arguments(
@@ -54,8 +90,8 @@ def check_arguments(
     lin_scale: Any,
     bias: Any,
     key_mask: Any,
-) -> dict[str, Any]:
-    """Validates a call; returns the normalised keyword arguments every implementation takes.
+) -> MixedChunkCall:
+    """Validates a call; returns the call value every implementation takes.
 
     A ``chunk_size`` longer than the sequence is cut to the sequence length (one chunk; a
     ``bias`` is cut to match), which changes nothing in the result.
@@ -121,7 +157,7 @@ def check_arguments(
         chunk_size = seq_len
         if bias is not None:
             bias = bias[:seq_len, :seq_len]
-    return dict(
+    return MixedChunkCall(
         quad_q=quad_q,
         quad_k=quad_k,
         value=value,
@@ -134,70 +170,6 @@ def check_arguments(
         quad_scale=quad_scale,
         lin_scale=lin_scale,
     )
-
-
-def mixed_chunk_attention(
-    quad_q: jax.Array,
-    quad_k: jax.Array,
-    value: jax.Array,
-    lin_q: jax.Array | None = None,
-    lin_k: jax.Array | None = None,
-    *,
-    chunk_size: int,
-    causal: bool,
-    quad_scale: float = 1.0,
-    lin_scale: float = 1.0,
-    bias: jax.Array | None = None,
-    key_mask: jax.Array | None = None,
-    implementation: str | Implementation = "auto",
-) -> jax.Array:
-    """FLASH's mixed-chunk attention: ``relu^2`` inside chunks, linear attention across them.
-
-    Args:
-      quad_q, quad_k: ``[batch, seq, s]`` queries and keys of the quadratic (in-chunk) term.
-      value: ``[batch, seq, e]``.
-      lin_q, lin_k: ``[batch, seq, s_lin]`` queries and keys of the linear (cross-chunk) term;
-        both None: no linear term (with ``chunk_size >= seq``, plain GAU attention).
-      chunk_size: tokens per chunk (``>= 1``); longer than ``seq`` means one chunk.
-      causal: token ``i`` sees only keys ``j <= i`` (in-chunk mask; earlier chunks only in the
-        linear term, an exclusive prefix sum over chunks).
-      quad_scale: multiplies ``q.k`` inside ``relu^2`` (e.g. ``1 / chunk_size``).
-      lin_scale: multiplies the linear term (e.g. ``1 / chunk_size`` or ``1 / seq``).
-      bias: ``[chunk_size, chunk_size]`` float, added to the scaled scores inside ``relu^2``
-        (a relative-position bias, the same for every chunk); differentiable.
-      key_mask: ``[batch, seq]`` bool, True for real tokens; masked keys get zero weight in both
-        terms. Outputs at masked query positions are computed like any other.
-      implementation: ``'auto'`` (the Pallas kernel on GPU, else XLA), ``'pallas_triton'``
-        (alias ``'pallas'``), ``'xla'``, ``'reference'``, or a configured instance such as
-        ``PallasTritonMixedChunk(interpret=True)``.
-
-    Returns:
-      ``[batch, seq, e]`` in the inputs' dtype; products accumulate in float32.
-
-    Raises:
-      ValueError: inconsistent shapes or dtypes, ``chunk_size < 1``, a bias or mask of the wrong
-        shape, or an implementation that cannot honour the call.
-
-    Example:
-      >>> z = jax.random.normal(jax.random.key(0), (2, 1000, 64))
-      >>> v = jax.random.normal(jax.random.key(1), (2, 1000, 128))
-      >>> out = mixed_chunk_attention(z, z, v, z, z, chunk_size=256, causal=True,
-      ...                             quad_scale=1 / 256, lin_scale=1 / 256)
-    """
-    kwargs = check_arguments(
-        quad_q,
-        quad_k,
-        value,
-        lin_q,
-        lin_k,
-        chunk_size=chunk_size,
-        causal=causal,
-        quad_scale=quad_scale,
-        lin_scale=lin_scale,
-        bias=bias,
-        key_mask=key_mask,
-    )
-    return MIXED_CHUNK_ATTENTION.dispatch(implementation, **kwargs)
 
 
 def mask_values(value: jax.Array, key_mask: jax.Array | None) -> jax.Array:

@@ -8,15 +8,14 @@ by ``V``. Quadratic in memory; for tests.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.mixed_chunk.base import MIXED_CHUNK_ATTENTION
+from pallas_kernels.mixed_chunk.base import MixedChunkCall
+from pallas_kernels.mixed_chunk.base import MixedChunkImplementation
 from pallas_kernels.mixed_chunk.base import check_arguments
-from pallas_kernels.op import Implementation
 
 __all__ = ["ReferenceMixedChunk", "mixed_chunk_attention_reference", "mixed_chunk_weights"]
 
@@ -64,32 +63,20 @@ def mixed_chunk_weights(
     return weights
 
 
-def _reference(
-    quad_q,
-    quad_k,
-    value,
-    lin_q,
-    lin_k,
-    *,
-    bias,
-    key_mask,
-    chunk_size,
-    causal,
-    quad_scale,
-    lin_scale,
-):
+def _reference(call: MixedChunkCall) -> jax.Array:
     weights = mixed_chunk_weights(
-        quad_q,
-        quad_k,
-        lin_q,
-        lin_k,
-        chunk_size=chunk_size,
-        causal=causal,
-        quad_scale=quad_scale,
-        lin_scale=lin_scale,
-        bias=bias,
-        key_mask=key_mask,
+        call.quad_q,
+        call.quad_k,
+        call.lin_q,
+        call.lin_k,
+        chunk_size=call.chunk_size,
+        causal=call.causal,
+        quad_scale=call.quad_scale,
+        lin_scale=call.lin_scale,
+        bias=call.bias,
+        key_mask=call.key_mask,
     )
+    value = call.value
     out = jnp.einsum("bij,bje->bie", weights, value.astype(jnp.float32), precision=_HIGHEST)
     return out.astype(value.dtype)
 
@@ -113,7 +100,7 @@ def mixed_chunk_attention_reference(
     Same arguments and checks as :func:`pallas_kernels.mixed_chunk.mixed_chunk_attention`
     (without ``implementation``). Computes in float32 from upcast inputs.
     """
-    kwargs = check_arguments(
+    call = check_arguments(
         quad_q,
         quad_k,
         value,
@@ -126,17 +113,14 @@ def mixed_chunk_attention_reference(
         bias=bias,
         key_mask=key_mask,
     )
-    return _reference(**kwargs)
+    return _reference(call)
 
 
 @dataclasses.dataclass(frozen=True)
-class ReferenceMixedChunk(Implementation):
-    """The explicit ``[T, T]`` computation behind the op interface (``implementation='reference'``)."""
+class ReferenceMixedChunk(MixedChunkImplementation):
+    """The explicit ``[T, T]`` computation behind the op (``implementation='reference'``)."""
 
-    name: ClassVar[str] = "reference"
+    name = "reference"
 
-    def __call__(self, **kwargs) -> jax.Array:
-        return _reference(**kwargs)
-
-
-MIXED_CHUNK_ATTENTION.register(ReferenceMixedChunk())
+    def __call__(self, call: MixedChunkCall) -> jax.Array:
+        return _reference(call)

@@ -11,15 +11,14 @@ so every autodiff mode works (``jax.jvp`` included).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.mixed_chunk.base import MIXED_CHUNK_ATTENTION
+from pallas_kernels.mixed_chunk.base import MixedChunkCall
+from pallas_kernels.mixed_chunk.base import MixedChunkImplementation
 from pallas_kernels.mixed_chunk.base import mask_values
-from pallas_kernels.op import Implementation
 
 __all__ = ["XlaMixedChunk", "mixed_chunk_attention_xla"]
 
@@ -36,21 +35,16 @@ def _chunked(x: jax.Array, num_chunks: int, chunk_size: int) -> jax.Array:
     return x.reshape(x.shape[0], num_chunks, chunk_size, x.shape[2])
 
 
-def mixed_chunk_attention_xla(
-    quad_q,
-    quad_k,
-    value,
-    lin_q,
-    lin_k,
-    *,
-    bias,
-    key_mask,
-    chunk_size,
-    causal,
-    quad_scale,
-    lin_scale,
-) -> jax.Array:
-    """The chunked computation on already checked arguments (see ``base.check_arguments``)."""
+def mixed_chunk_attention_xla(call: MixedChunkCall) -> jax.Array:
+    """The chunked computation of a checked call (see ``base.check_arguments``)."""
+    chunk_size, causal = call.chunk_size, call.causal
+    quad_q, quad_k, value, lin_q, lin_k = (
+        call.quad_q,
+        call.quad_k,
+        call.value,
+        call.lin_q,
+        call.lin_k,
+    )
     batch, seq_len, _ = value.shape
     num_chunks = -(-seq_len // chunk_size)
     # float16 weights overflow (relu^2 of a score above 256); bfloat16 has float32's range.
@@ -67,12 +61,12 @@ def mixed_chunk_attention_xla(
         )
 
     # Padded tail keys and masked keys have zero values, so they carry no weight in either term.
-    value = _chunked(mask_values(value, key_mask), num_chunks, chunk_size)
+    value = _chunked(mask_values(value, call.key_mask), num_chunks, chunk_size)
     q, k = (_chunked(x, num_chunks, chunk_size) for x in (quad_q, quad_k))
 
-    scores = einsum("bgis,bgjs->bgij", q, k) * quad_scale
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+    scores = einsum("bgis,bgjs->bgij", q, k) * call.quad_scale
+    if call.bias is not None:
+        scores = scores + call.bias.astype(jnp.float32)
     weights = jnp.square(jax.nn.relu(scores))
     if causal:
         visible = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
@@ -88,20 +82,17 @@ def mixed_chunk_attention_xla(
             linear = einsum("bgis,bgse->bgie", ql, states)
         else:
             linear = einsum("bgis,bse->bgie", ql, jnp.sum(chunk_states, axis=1))
-        out = out + linear * lin_scale
+        out = out + linear * call.lin_scale
 
     out = out.reshape(batch, num_chunks * chunk_size, -1)[:, :seq_len]
     return out.astype(value.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class XlaMixedChunk(Implementation):
+class XlaMixedChunk(MixedChunkImplementation):
     """Chunked XLA computation (``implementation='xla'``); runs everywhere, every autodiff mode."""
 
-    name: ClassVar[str] = "xla"
+    name = "xla"
 
-    def __call__(self, **kwargs) -> jax.Array:
-        return mixed_chunk_attention_xla(**kwargs)
-
-
-MIXED_CHUNK_ATTENTION.register(XlaMixedChunk())
+    def __call__(self, call: MixedChunkCall) -> jax.Array:
+        return mixed_chunk_attention_xla(call)

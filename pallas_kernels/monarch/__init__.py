@@ -1,9 +1,13 @@
-"""The Monarch matmul op family: one signature (``monarch_matmul``), implementations
-``reference`` (the oracle), ``xla`` (the fast XLA path) and ``pallas_triton`` (fused / staged
-Pallas kernels), and the dense <-> Monarch conversions."""
+"""The Monarch matmul op family: one call value (``MonarchCall``), an explicit table (``api``).
 
-from pallas_kernels.monarch.base import MONARCH_OP
-from pallas_kernels.monarch.base import monarch_matmul
+``api`` (``monarch_matmul``, the table), ``base`` (checks, ``MonarchCall``), ``reference`` (the
+oracle, dense <-> Monarch), ``xla`` (the fast XLA path), ``pallas_triton`` (op glue and tuning of
+the fused / staged Pallas kernels) and ``pallas_triton_kernel`` (their bodies).
+"""
+
+from pallas_kernels.monarch.api import MONARCH_OP
+from pallas_kernels.monarch.api import monarch_matmul
+from pallas_kernels.monarch.base import MonarchCall
 from pallas_kernels.monarch.pallas_triton import BlockSizes
 from pallas_kernels.monarch.pallas_triton import PallasTritonMonarch
 from pallas_kernels.monarch.pallas_triton import default_block_sizes
@@ -12,3 +16,17 @@ from pallas_kernels.monarch.reference import dense_to_monarch
 from pallas_kernels.monarch.reference import monarch_matmul_reference
 from pallas_kernels.monarch.reference import monarch_to_dense
 from pallas_kernels.monarch.xla import XlaMonarch
+
+__all__ = [
+    "MONARCH_OP",
+    "BlockSizes",
+    "MonarchCall",
+    "PallasTritonMonarch",
+    "ReferenceMonarch",
+    "XlaMonarch",
+    "default_block_sizes",
+    "dense_to_monarch",
+    "monarch_matmul",
+    "monarch_matmul_reference",
+    "monarch_to_dense",
+]

@@ -1,4 +1,4 @@
-"""The Monarch matmul op: one signature, one set of argument checks, the registry.
+"""The Monarch matmul op's call value: one set of argument checks building one ``MonarchCall``.
 
 Dao, Chen, Sohoni, Desai, Poli, Grogan, Liu, Rao, Rudra, Re: "Monarch: Expressive Structured
 Matrices for Efficient and Accurate Training", arXiv 2204.00595 (ICML 2022).
@@ -11,29 +11,43 @@ Conventions (the general rectangular form of the reference code, see shared/PAPE
 transposed to ``[.., q, k]``, flattened and regrouped into l blocks of r (``l*r == k*q``),
 ``w2 [l, s, r]``, output ``[..., l*s]``. Every shape with ``l*r == k*q`` is accepted.
 
-Implementations (``implementation=``): ``'reference'`` (plain einsums, the oracle),
-``'xla'`` (the fast XLA path, row-chunked on CPU), ``'pallas_triton'`` (alias ``'pallas'``: the
-fused Pallas kernel, which needs ``r % k == 0``) or a configured instance of one of them;
-``'auto'`` tries ``pallas_triton`` then ``xla`` on a GPU, ``xla`` elsewhere.
+The table of implementations and the public ``monarch_matmul`` are in ``api.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.op import Implementation
-from pallas_kernels.op import Op
 
-__all__ = ["MONARCH_OP", "check_shapes", "monarch_matmul"]
+__all__ = ["MonarchCall", "MonarchImplementation", "check_arguments", "check_shapes"]
 
-MONARCH_OP = Op(
-    "monarch_matmul",
-    auto_order={"gpu": ("pallas_triton", "xla"), "*": ("xla",)},
-    aliases={"pallas": "pallas_triton"},
-)
+
+@dataclasses.dataclass(frozen=True)
+class MonarchCall:
+    """One checked Monarch product: what every implementation receives.
+
+    Attributes:
+      x2d: ``[rows, k*p]``, the input's leading dims flattened, in the promoted dtype.
+      w1: ``[k, q, p]``, same dtype.
+      w2: ``[l, s, r]`` with ``l*r == k*q``, same dtype.
+    """
+
+    x2d: jax.Array
+    w1: jax.Array
+    w2: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class MonarchImplementation(Implementation):
+    """An implementation of the Monarch op: ``__call__(call: MonarchCall) -> [rows, l*s]``."""
+
+    def __call__(self, call: MonarchCall) -> jax.Array:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 def check_shapes(x: jax.Array, w1: jax.Array, w2: jax.Array) -> tuple[int, ...]:
@@ -63,36 +77,13 @@ def check_shapes(x: jax.Array, w1: jax.Array, w2: jax.Array) -> tuple[int, ...]:
     return k, q, p, l, s, r
 
 
-def monarch_matmul(
-    x: jax.Array,
-    w1: jax.Array,
-    w2: jax.Array,
-    *,
-    implementation: str | Implementation = "auto",
-) -> jax.Array:
-    """Monarch product ``x -> blockdiag(w2) P blockdiag(w1) x``.
-
-    Args:
-      x: ``[..., k*p]``, any number of leading dims (including none).
-      w1: ``[k, q, p]``, first block-diagonal factor.
-      w2: ``[l, s, r]`` with ``l*r == k*q``, second block-diagonal factor.
-      implementation: ``'auto'``, ``'reference'``, ``'xla'``, ``'pallas_triton'`` (or
-        ``'pallas'``), or a configured instance (``PallasTritonMonarch(block_sizes=...,
-        interpret=True)``, ``XlaMonarch(row_chunk=None)``). An explicitly named implementation
-        that cannot run the call raises ``ValueError`` saying why; ``'auto'`` falls through.
-
-    Returns:
-      ``[..., l*s]`` in the promoted dtype of the inputs (float32 accumulation); every
-      implementation gives the same numbers up to rounding and is differentiable.
-
-    Example:
-      >>> w1, w2 = jnp.ones((8, 6, 5)), jnp.ones((12, 3, 4))
-      >>> monarch_matmul(jnp.ones((2, 40)), w1, w2).shape
-      (2, 36)
-    """
-    _, _, p, l, s, _ = check_shapes(x, w1, w2)
+def check_arguments(
+    x: jax.Array, w1: jax.Array, w2: jax.Array
+) -> tuple[MonarchCall, tuple[int, ...]]:
+    """The one set of checks: the call value (inputs promoted to one dtype, rows flattened)
+    and the leading dims of ``x`` to restore."""
+    check_shapes(x, w1, w2)
     dtype = jnp.result_type(x, w1, w2)
-    batch = x.shape[:-1]
+    batch = tuple(x.shape[:-1])
     x2d = x.astype(dtype).reshape(math.prod(batch), x.shape[-1])
-    y = MONARCH_OP.dispatch(implementation, x2d, w1.astype(dtype), w2.astype(dtype))
-    return y.reshape(*batch, l * s)
+    return MonarchCall(x2d, w1.astype(dtype), w2.astype(dtype)), batch

@@ -23,7 +23,8 @@ channels linking one input block to one output block):
   product once per output tile or keep a ``[rows, s]`` accumulator that spills. The factor
   gradients are block-diagonal ``A^T @ B`` kernels reduced over rows.
 
-Tile sizes come from a per-shape chooser (:func:`default_block_sizes`) sized against the
+This file is the op glue and tuning (tiles, ``pallas_call``s, custom VJPs, the implementation);
+the kernel bodies are in ``pallas_triton_kernel.py``. Tile sizes come from a per-shape chooser (:func:`default_block_sizes`) sized against the
 resource figures of ``tools/gpu_check.py`` (no register spills on H100/A100; 64-row tiles and
 one warpgroup where the shapes allow, so Triton emits Hopper ``wgmma``); an explicit
 :class:`BlockSizes` overrides it for every kernel of a call.
@@ -33,11 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
@@ -45,11 +44,14 @@ from pallas_kernels._compat import cdiv
 from pallas_kernels._compat import check_interpret
 from pallas_kernels._compat import compiler_params_kwargs
 from pallas_kernels._compat import has_triton_backend
-from pallas_kernels._compat import multiple_of
 from pallas_kernels._compat import resolve_interpret
-from pallas_kernels.monarch.base import MONARCH_OP
+from pallas_kernels.monarch.base import MonarchCall
+from pallas_kernels.monarch.base import MonarchImplementation
+from pallas_kernels.monarch.pallas_triton_kernel import chain_kernel
+from pallas_kernels.monarch.pallas_triton_kernel import gemm_kernel
+from pallas_kernels.monarch.pallas_triton_kernel import gemm_tn_kernel
+from pallas_kernels.monarch.pallas_triton_kernel import outer_kernel
 from pallas_kernels.monarch.reference import precision_for
-from pallas_kernels.op import Implementation
 from pallas_kernels.op import Unsupported
 
 __all__ = ["BlockSizes", "PallasTritonMonarch", "default_block_sizes"]
@@ -219,26 +221,8 @@ def default_block_sizes(
 
 
 # --------------------------------------------------------------------------------------------
-# In-kernel products
+# Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _mm(a, b, *, use_dot: bool, precision):
-    """``a [M, K] @ b [K, N]`` accumulated in float32."""
-    if use_dot:
-        return lax.dot_general(
-            a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )
-    return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[None, :, :], axis=1)
-
-
-def _mm_tn(a, b, *, use_dot: bool, precision):
-    """``a.T @ b`` for ``a [K, M]``, ``b [K, N]``, accumulated in float32."""
-    if use_dot:
-        return lax.dot_general(
-            a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )
-    return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[:, None, :], axis=0)
 
 
 def _params(block_sizes: BlockSizes, interpret: bool) -> dict:
@@ -256,41 +240,6 @@ def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 # Fused path
 # --------------------------------------------------------------------------------------------
-
-
-def _chain_kernel(
-    x_ref, f_ref, g_ref, o_ref, *, width_in, block_in, block_rank, use_dot, precision
-):
-    """``o = sum_i (x_i @ F[i]) @ G[i]`` for one row tile and one output (sub-)block.
-
-    x_ref ``[rows, I*width_in]``, f_ref ``[I, width_in, t]``, g_ref ``[I, t, block_out]``,
-    o_ref ``[rows, block_out]``. The ``[rows, block_rank]`` intermediate stays on chip.
-    """
-    rows, block_out = o_ref.shape
-    num_in, _, t = f_ref.shape
-    compute_dtype = x_ref.dtype
-
-    def over_input_blocks(i, acc):
-        def over_rank_chunks(c, acc):
-            rank = multiple_of(c * block_rank, block_rank)
-
-            def over_in_chunks(e, h):
-                col = multiple_of(i * width_in + e * block_in, block_in)
-                row = multiple_of(e * block_in, block_in)
-                xs = x_ref[:, pl.ds(col, block_in)]
-                fs = f_ref[i, pl.ds(row, block_in), pl.ds(rank, block_rank)]
-                return h + _mm(xs, fs, use_dot=use_dot, precision=precision)
-
-            h = lax.fori_loop(
-                0, width_in // block_in, over_in_chunks, jnp.zeros((rows, block_rank), jnp.float32)
-            )
-            gs = g_ref[i, pl.ds(rank, block_rank), :]
-            return acc + _mm(h.astype(compute_dtype), gs, use_dot=use_dot, precision=precision)
-
-        return lax.fori_loop(0, t // block_rank, over_rank_chunks, acc)
-
-    acc = lax.fori_loop(0, num_in, over_input_blocks, jnp.zeros((rows, block_out), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _chain(x2d, f, g, block_sizes: BlockSizes | None, interpret: bool):
@@ -311,7 +260,7 @@ def _chain(x2d, f, g, block_sizes: BlockSizes | None, interpret: bool):
     tiles_out = width_out // block_out
     use_dot = min(block_rows, block_in, block_rank, block_out) >= _MIN_DOT_DIM
     kernel = functools.partial(
-        _chain_kernel,
+        chain_kernel,
         width_in=width_in,
         block_in=block_in,
         block_rank=block_rank,
@@ -333,39 +282,6 @@ def _chain(x2d, f, g, block_sizes: BlockSizes | None, interpret: bool):
         **_params(block_sizes, interpret),
     )(x2d, f, g)
     return y[:rows]
-
-
-def _outer_kernel(a_ref, m_ref, b_ref, o_ref, *, block_rows, block_in, use_dot, precision):
-    """``o = sum_rows b.T @ (a @ M)`` over this program's rows: one factor-gradient tile.
-
-    a_ref ``[rows, width_a]``, m_ref ``[width_a, block_rank]``, b_ref ``[rows, block_out]``,
-    o_ref ``[block_out, block_rank]`` (float32). The output is the transposed gradient tile, so
-    the dot's M dimension is ``block_out`` (>= 64 lets Triton use Hopper ``wgmma``) instead of
-    the rank (<= 32).
-    """
-    rows, width_a = a_ref.shape
-    block_out, block_rank = o_ref.shape
-    compute_dtype = a_ref.dtype
-
-    def over_row_tiles(rb, acc):
-        r0 = multiple_of(rb * block_rows, block_rows)
-
-        def over_chunks(c, h):
-            col = multiple_of(c * block_in, block_in)
-            a_tile = a_ref[pl.ds(r0, block_rows), pl.ds(col, block_in)]
-            m_tile = m_ref[pl.ds(col, block_in), :]
-            return h + _mm(a_tile, m_tile, use_dot=use_dot, precision=precision)
-
-        h = lax.fori_loop(
-            0, width_a // block_in, over_chunks, jnp.zeros((block_rows, block_rank), jnp.float32)
-        )
-        b_tile = b_ref[pl.ds(r0, block_rows), :]
-        return acc + _mm_tn(b_tile, h.astype(compute_dtype), use_dot=use_dot, precision=precision)
-
-    acc = lax.fori_loop(
-        0, rows // block_rows, over_row_tiles, jnp.zeros((block_out, block_rank), jnp.float32)
-    )
-    o_ref[...] = acc
 
 
 def _splits_for(block_sizes: BlockSizes, programs: int, rows: int, block_rows: int) -> int:
@@ -406,7 +322,7 @@ def _outer(a2d, m, b2d, *, a_by_out: bool, block_sizes: BlockSizes | None, inter
         return (sp, (i if a_by_out else o) * tiles_out + n)
 
     kernel = functools.partial(
-        _outer_kernel,
+        outer_kernel,
         block_rows=block_rows,
         block_in=block_in,
         use_dot=use_dot,
@@ -481,21 +397,6 @@ def _fused_monarch(x2d, w1, w2, block_sizes, interpret):
 # --------------------------------------------------------------------------------------------
 
 
-def _gemm_kernel(x_ref, w_ref, o_ref, *, block_k, precision):
-    """``o = x @ w`` for one row tile of one block: x_ref ``[rows, K]``, w_ref ``[K, N]``."""
-    rows, n = o_ref.shape
-    width = x_ref.shape[1]
-
-    def body(e, acc):
-        col = multiple_of(e * block_k, block_k)
-        xs = x_ref[:, pl.ds(col, block_k)]
-        ws = w_ref[pl.ds(col, block_k), :]
-        return acc + _mm(xs, ws, use_dot=True, precision=precision)
-
-    acc = lax.fori_loop(0, width // block_k, body, jnp.zeros((rows, n), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
-
-
 def _block_gemm(x2d, w, block_sizes: BlockSizes | None, interpret: bool, name: str):
     """Block-diagonal product: ``y[:, b-th block] = x[:, b-th block] @ w[b]``, w ``[B, K, N]``."""
     num_blocks, width_k, width_n = w.shape
@@ -510,7 +411,7 @@ def _block_gemm(x2d, w, block_sizes: BlockSizes | None, interpret: bool, name: s
     block_k = _tile(block_sizes.block_in, width_k, "block_in")
     block_n = _tile(block_sizes.block_out, width_n, "block_out")
     tiles_n = width_n // block_n
-    kernel = functools.partial(_gemm_kernel, block_k=block_k, precision=precision_for(x2d.dtype))
+    kernel = functools.partial(gemm_kernel, block_k=block_k, precision=precision_for(x2d.dtype))
     y = pl.pallas_call(
         kernel,
         grid=(padded // block_rows, num_blocks, tiles_n),
@@ -525,19 +426,6 @@ def _block_gemm(x2d, w, block_sizes: BlockSizes | None, interpret: bool, name: s
         **_params(block_sizes, interpret),
     )(x2d, w)
     return y[:rows]
-
-
-def _gemm_tn_kernel(a_ref, b_ref, o_ref, *, block_rows, precision):
-    """``o = sum_rows a.T @ b``: a_ref ``[rows, M]``, b_ref ``[rows, N]``, o_ref ``[M, N]``."""
-    rows = a_ref.shape[0]
-
-    def body(e, acc):
-        r0 = multiple_of(e * block_rows, block_rows)
-        a_tile = a_ref[pl.ds(r0, block_rows), :]
-        b_tile = b_ref[pl.ds(r0, block_rows), :]
-        return acc + _mm_tn(a_tile, b_tile, use_dot=True, precision=precision)
-
-    o_ref[...] = lax.fori_loop(0, rows // block_rows, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
 def _block_gemm_tn(a2d, b2d, num_blocks: int, block_sizes, interpret: bool):
@@ -558,7 +446,7 @@ def _block_gemm_tn(a2d, b2d, num_blocks: int, block_sizes, interpret: bool):
     b2d = _pad_rows(b2d, splits * block_rows)
     rows_per_split = a2d.shape[0] // splits
     kernel = functools.partial(
-        _gemm_tn_kernel, block_rows=block_rows, precision=precision_for(a2d.dtype)
+        gemm_tn_kernel, block_rows=block_rows, precision=precision_for(a2d.dtype)
     )
     partial_sums = pl.pallas_call(
         kernel,
@@ -620,7 +508,7 @@ def _is_pow2(n: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasTritonMonarch(Implementation):
+class PallasTritonMonarch(MonarchImplementation):
     """The Pallas Triton kernels (fused for small blocks, staged GEMMs for large ones).
 
     Attributes:
@@ -644,7 +532,8 @@ class PallasTritonMonarch(Implementation):
             raise ValueError(f"block_sizes={self.block_sizes!r} must be a MonarchBlockSizes")
         check_interpret(self.interpret)
 
-    def __call__(self, x2d: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
+    def __call__(self, call: MonarchCall) -> jax.Array:
+        x2d, w1, w2 = call.x2d, call.w1, call.w2
         k, q, p = w1.shape
         l, s, r = w2.shape
         if r % k:
@@ -666,11 +555,3 @@ class PallasTritonMonarch(Implementation):
         if staged:
             return _staged(x2d, w1, w2, self.block_sizes, interpret)
         return _fused_monarch(x2d, w1, w2, self.block_sizes, interpret)
-
-
-MONARCH_OP.register(PallasTritonMonarch())
-
-
-def kernel_flops(w1_shape, w2_shape, rows: int) -> int:
-    """Multiply-add FLOPs of one forward Monarch product of ``rows`` rows."""
-    return 2 * rows * (math.prod(w1_shape) + math.prod(w2_shape))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,9 @@ from jax import lax
 
 from pallas_kernels import _checks
 from pallas_kernels._compat import widen_for_cpu_dot
-from pallas_kernels.monarch.base import MONARCH_OP
-from pallas_kernels.monarch.base import check_shapes
-from pallas_kernels.op import Implementation
+from pallas_kernels.monarch.base import MonarchCall
+from pallas_kernels.monarch.base import MonarchImplementation
+from pallas_kernels.monarch.base import check_arguments
 
 __all__ = [
     "ReferenceMonarch",
@@ -63,16 +62,13 @@ def two_einsums(x2d: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReferenceMonarch(Implementation):
+class ReferenceMonarch(MonarchImplementation):
     """Two einsums (the oracle); runs everywhere, differentiable in every mode."""
 
     name = "reference"
 
-    def __call__(self, x2d: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
-        return two_einsums(x2d, w1, w2)
-
-
-MONARCH_OP.register(ReferenceMonarch())
+    def __call__(self, call: MonarchCall) -> jax.Array:
+        return two_einsums(call.x2d, call.w1, call.w2)
 
 
 def monarch_matmul_reference(x: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
@@ -86,11 +82,8 @@ def monarch_matmul_reference(x: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.
     Returns:
       ``[..., l*s]`` in the promoted dtype of the inputs.
     """
-    _, _, _, l, s, _ = check_shapes(x, w1, w2)
-    dtype = jnp.result_type(x, w1, w2)
-    batch = x.shape[:-1]
-    x2d = x.astype(dtype).reshape(math.prod(batch), x.shape[-1])
-    return two_einsums(x2d, w1.astype(dtype), w2.astype(dtype)).reshape(*batch, l * s)
+    call, batch = check_arguments(x, w1, w2)
+    return ReferenceMonarch()(call).reshape(*batch, -1)
 
 
 @jax.jit

@@ -24,12 +24,12 @@ from jax import lax
 from pallas_kernels import _checks
 from pallas_kernels._compat import backend_kind
 from pallas_kernels._compat import cdiv
-from pallas_kernels.monarch.base import MONARCH_OP
+from pallas_kernels.monarch.base import MonarchCall
+from pallas_kernels.monarch.base import MonarchImplementation
 from pallas_kernels.monarch.reference import einsum
 from pallas_kernels.monarch.reference import einsum32
 from pallas_kernels.monarch.reference import intermediate
 from pallas_kernels.monarch.reference import two_einsums
-from pallas_kernels.op import Implementation
 from pallas_kernels.op import forward_mode_required
 
 __all__ = ["XlaMonarch", "default_row_chunk"]
@@ -89,7 +89,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
-class XlaMonarch(Implementation):
+class XlaMonarch(MonarchImplementation):
     """Two einsums compiled by XLA; on CPU, rows in chunks that stay in cache.
 
     Attributes:
@@ -113,7 +113,8 @@ class XlaMonarch(Implementation):
             return default_row_chunk(w1_shape, w2_shape, backend)
         return self.row_chunk
 
-    def __call__(self, x2d: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
+    def __call__(self, call: MonarchCall) -> jax.Array:
+        x2d, w1, w2 = call.x2d, call.w1, call.w2
         row_chunk = self.resolved_row_chunk(w1.shape, w2.shape)
         rows = x2d.shape[0]
         if row_chunk is None or rows <= row_chunk:
@@ -123,6 +124,3 @@ class XlaMonarch(Implementation):
         if forward_mode_required():
             return _map_chunks(x2d, w1, w2, row_chunk)[:rows]
         return _chunked(x2d, w1, w2, row_chunk)[:rows]
-
-
-MONARCH_OP.register(XlaMonarch())

@@ -409,9 +409,7 @@ def test_auto_falls_through_to_xla_when_the_kernels_refuse():
     q, k, v = _small_inputs()
     mask = jnp.asarray(np.random.default_rng(10).random((2, 1, 16, 16)) < 0.8)
     auto_on_gpu = jax.jit(
-        lambda q, k, v, mask: ATTENTION_OP.dispatch(
-            "auto", q, k, v, backend="gpu", **_normalised(q, k, v, mask=mask)
-        )
+        lambda q, k, v, mask: ATTENTION_OP(_normalised(q, k, v, mask=mask), backend="gpu")
     )
     xla = jax.jit(lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask))
     chex.assert_trees_all_close(auto_on_gpu(q, k, v, mask), xla(q, k, v, mask), rtol=0, atol=0)
@@ -421,7 +419,7 @@ def test_auto_falls_through_to_xla_when_the_kernels_refuse():
         with pytest.raises(ValueError, match="implementation='cudnn'.*runs on gpu"):
             dot_product_attention(q, k, v, implementation="cudnn")
     with pytest.raises(ValueError, match="cudnn: cuDNN attention needs bfloat16"):
-        ATTENTION_OP.dispatch("cudnn", q, k, v, backend="gpu", **_normalised(q, k, v))
+        ATTENTION_OP(_normalised(q, k, v), "cudnn", backend="gpu")
 
 
 def _normalised(q, k, v, **kwargs):

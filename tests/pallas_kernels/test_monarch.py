@@ -19,6 +19,7 @@ from pallas_kernels import monarch_matmul_reference
 from pallas_kernels import monarch_to_dense
 from pallas_kernels._compat import cuda_lowering
 from pallas_kernels.monarch import MONARCH_OP
+from pallas_kernels.monarch import MonarchCall
 from pallas_kernels.monarch import default_block_sizes
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -182,13 +183,11 @@ def test_auto_falls_through_on_gpu_and_is_xla_elsewhere():
     x, w1, w2, _ = _inputs(5, *GENERAL)
     x2d = x.reshape(-1, x.shape[-1])
     # on a GPU the kernel refuses r % k != 0 and the XLA path answers, same numbers
-    jaxpr = str(
-        jax.make_jaxpr(lambda *a: MONARCH_OP.dispatch("auto", *a, backend="cuda"))(x2d, w1, w2)
-    )
+    jaxpr = str(jax.make_jaxpr(lambda *a: MONARCH_OP(MonarchCall(*a), backend="cuda"))(x2d, w1, w2))
     assert "pallas_call" not in jaxpr
     x, w1, w2, _ = _inputs(5, *SHAPES["rect_down"])
     jaxpr = str(
-        jax.make_jaxpr(lambda *a: MONARCH_OP.dispatch("auto", *a, backend="cuda"))(x[None], w1, w2)
+        jax.make_jaxpr(lambda *a: MONARCH_OP(MonarchCall(*a), backend="cuda"))(x[None], w1, w2)
     )
     assert "pallas_call" in jaxpr
 

@@ -121,3 +121,19 @@ def test_bench_tables_go_into_a_regenerated_section(tmp_path):
     assert text.startswith("# Benchmarks\n\nhand-written text\n")
     assert text.count("<!-- BEGIN gpu-bench -->") == 1 and "another GPU" in text
     assert "| 1024 | 2.0 |" in text and "3 passed" in text and "warming up" not in text
+
+
+def test_mixed_chunk_cases_trace():
+    # The GPU compile check's mixed-chunk cases are well formed (abstract evaluation only).
+    import jax
+
+    cases = gpu_check.mixed_chunk_cases()
+    assert {c["name"] for c in cases} == {
+        "mixed_chunk_fwd_causal",
+        "mixed_chunk_fwd_bwd_causal",
+        "mixed_chunk_fwd_full",
+        "mixed_chunk_fwd_bwd_full",
+    }
+    for case in cases:
+        out = jax.eval_shape(case["fn"], *case["args"])
+        assert jax.tree.leaves(out)[0].shape == case["args"][4].shape

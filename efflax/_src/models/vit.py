@@ -59,7 +59,7 @@ class ViT(nn.Module):
       merger: factory of a token merger (called with ``name='merger'``), e.g.
         ``functools.partial(LearnedTokenMerger, num_tokens=4)``; ``None`` for a plain ViT.
       merge_after: with ``merger``, the number of blocks before it (default ``num_layers // 2``).
-      attention_implementation: passed to ``efflax.nn.MultiHeadAttention``.
+      implementation: passed to ``efflax.nn.MultiHeadAttention``.
       dtype: computation dtype.
       param_dtype: parameter dtype.
 
@@ -77,7 +77,7 @@ class ViT(nn.Module):
     num_classes: int
     merger: Callable[..., nn.Module] | None = None
     merge_after: int | None = None
-    attention_implementation: str | Implementation = "auto"
+    implementation: str | Implementation = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -133,7 +133,7 @@ class ViT(nn.Module):
             h = EncoderBlock(
                 self.num_heads,
                 ffn,
-                attention_implementation=self.attention_implementation,
+                implementation=self.implementation,
                 name=f"block_{i}",
                 **args,
             )(h, deterministic=deterministic)

@@ -33,7 +33,8 @@ from flax import linen as nn
 from jax import lax
 
 from pallas_kernels import _checks
-from pallas_kernels.attention import base as attention_op
+from pallas_kernels.attention import api as attention_op
+from pallas_kernels.attention.base import check_arguments
 from pallas_kernels.attention.xla import attention_weights
 from pallas_kernels.op import Implementation
 
@@ -180,10 +181,7 @@ def dot_product_attention(
             f"dropout_rate={dropout_rate!r} with deterministic=False needs a dropout_rng "
             "(or pass deterministic=True)"
         )
-    kwargs = attention_op.check_arguments(
-        query,
-        key,
-        value,
+    op_arguments = dict(
         bias=bias,
         mask=mask,
         causal=causal,
@@ -195,15 +193,12 @@ def dot_product_attention(
         precision=precision,
     )
     if module is not None:
-        weights = attention_weights(
-            query,
-            key,
-            value,
-            **{k: v for k, v in kwargs.items() if not k.startswith(("dropout", "broadcast"))},
-        )
+        weights = attention_weights(check_arguments(query, key, value, **op_arguments))
         weights = weights.reshape(*batch_shape, *weights.shape[1:]).astype(query.dtype)
         module.sow("intermediates", "attention_weights", weights)
-    out = attention_op.ATTENTION_OP.dispatch(implementation, query, key, value, **kwargs)
+    out = attention_op.dot_product_attention(
+        query, key, value, **op_arguments, implementation=implementation
+    )
     return out.reshape(*batch_shape, *out.shape[1:])
 
 

@@ -5,7 +5,7 @@ Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (2017), with pre-l
 arXiv:2202.09368, which interleaves MoE and dense FFN layers) and as a ready classifier: tokens
 `[batch, tokens, features]` -> linear embedding + learned positions -> blocks -> mean pool ->
 logits. Attention is `efflax._src.nn.attention.MultiHeadAttention` (non-causal), on the kernel
-the attention op picks (`attention_implementation='auto'`).
+the attention op picks (`implementation='auto'`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class EncoderBlock(nn.Module):
 
     num_heads: int
     ffn: Callable[..., nn.Module]
-    attention_implementation: str | Implementation = "auto"
+    implementation: str | Implementation = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -91,7 +91,7 @@ class EncoderBlock(nn.Module):
         h = _layer_norm(*args, "attention_norm")(x)
         x = x + MultiHeadAttention(
             self.num_heads,
-            implementation=self.attention_implementation,
+            implementation=self.implementation,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attention",
@@ -114,7 +114,7 @@ class Encoder(nn.Module):
         hidden=64)`; `None` makes every FFN dense.
       moe_every: with `moe`, block `i` uses it when `i % moe_every == moe_every - 1` (2: every
         other block, as in the paper; 1: every block).
-      attention_implementation: passed to `MultiHeadAttention`: `'auto'` (the attention op's
+      implementation: passed to `MultiHeadAttention`: `'auto'` (the attention op's
         resolver: the Pallas kernel on a GPU, XLA elsewhere), a name or a configured
         implementation such as `PallasTritonAttention(block_sizes=...)`.
       block: factory of the whole block, replacing attention + FFN (e.g.
@@ -135,7 +135,7 @@ class Encoder(nn.Module):
     max_len: int = 512
     moe: Callable[..., nn.Module] | None = None
     moe_every: int = 2
-    attention_implementation: str | Implementation = "auto"
+    implementation: str | Implementation = "auto"
     block: Callable[..., nn.Module] | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -196,7 +196,7 @@ class Encoder(nn.Module):
             h = EncoderBlock(
                 self.num_heads,
                 ffn,
-                attention_implementation=self.attention_implementation,
+                implementation=self.implementation,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"block_{i}",
