@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._compat import cdiv
+from pallas_kernels.mixed_chunk.base import MixedChunkCall
 from pallas_kernels.op import Unsupported
 
 __all__ = ["BlockSizes", "mixed_chunk_attention_tpu"]
@@ -396,27 +397,28 @@ def vmem_bytes(chunk: int, widths: dict[str, int], dtype) -> int:
 
 
 def mixed_chunk_attention_tpu(
-    quad_q,
-    quad_k,
-    value,
-    lin_q,
-    lin_k,
+    call: MixedChunkCall,
     *,
-    bias,
-    key_mask,
-    chunk_size,
-    causal,
-    quad_scale,
-    lin_scale,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """The TPU kernels on already checked arguments (``mixed_chunk.base.check_arguments``).
+    """The TPU kernels on a checked call (``mixed_chunk.base.check_arguments``).
+
+    Returns:
+      ``[batch, seq, e]`` in the inputs' dtype; reverse-mode differentiable (custom VJP).
 
     Raises:
       Unsupported: compiled, a chunk whose working set does not fit VMEM (use
         ``implementation='xla'``).
     """
+    quad_q, quad_k, value, lin_q, lin_k = (
+        call.quad_q,
+        call.quad_k,
+        call.value,
+        call.lin_q,
+        call.lin_k,
+    )
+    bias, key_mask, chunk_size = call.bias, call.key_mask, call.chunk_size
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
     batch, seq_len, e = value.shape
     num_chunks = cdiv(seq_len, chunk_size)
@@ -466,9 +468,9 @@ def mixed_chunk_attention_tpu(
     cfg = _Config(
         num_chunks=num_chunks,
         chunk=chunk,
-        causal=causal,
-        quad_scale=quad_scale,
-        lin_scale=lin_scale,
+        causal=call.causal,
+        quad_scale=call.quad_scale,
+        lin_scale=call.lin_scale,
         has_lin=lin_q is not None,
         has_bias=bias is not None,
         weight_dtype=jnp.float32 if value.dtype == jnp.float16 else value.dtype,

@@ -11,13 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mixed_chunk.base import check_arguments
-from pallas_kernels.mixed_chunk.pallas_mosaic_tpu_kernel import mixed_chunk_attention_tpu
-from pallas_kernels.mixed_chunk.xla import mixed_chunk_attention_xla
+from pallas_kernels.mixed_chunk import PallasMosaicTpuMixedChunk
+from pallas_kernels.mixed_chunk import mixed_chunk_attention
 from tools.tpu_cases import Case
 
 BATCH, SEQ, S, E, CHUNK = 2, 8192, 128, 1536, 256
 DTYPE = jnp.bfloat16
+KERNEL = PallasMosaicTpuMixedChunk(interpret=False)  # compiled for the TPU even on a CPU host
 
 
 def _build(causal: bool, *, backward: bool, xla: bool = False):
@@ -27,7 +27,7 @@ def _build(causal: bool, *, backward: bool, xla: bool = False):
         bias = jax.ShapeDtypeStruct((CHUNK, CHUNK), jnp.float32)
 
         def attention(qq, kq, v, ql, kl, bias):
-            kwargs = check_arguments(
+            return mixed_chunk_attention(
                 qq,
                 kq,
                 v,
@@ -38,11 +38,8 @@ def _build(causal: bool, *, backward: bool, xla: bool = False):
                 quad_scale=1.0 / CHUNK,
                 lin_scale=1.0 / SEQ,
                 bias=bias,
-                key_mask=None,
+                implementation="xla" if xla else KERNEL,
             )
-            if xla:
-                return mixed_chunk_attention_xla(**kwargs)
-            return mixed_chunk_attention_tpu(**kwargs, interpret=False)
 
         args = (z, z, v, z, z, bias)
         if not backward:
@@ -65,20 +62,17 @@ def _build_awkward():
     mask = jax.ShapeDtypeStruct((batch, seq), jnp.bool_)
 
     def loss(qq, kq, v, key_mask):
-        kwargs = check_arguments(
+        out = mixed_chunk_attention(
             qq,
             kq,
             v,
-            None,
-            None,
             chunk_size=chunk,
             causal=True,
             quad_scale=1.0 / chunk,
-            lin_scale=1.0,
-            bias=None,
             key_mask=key_mask,
+            implementation=KERNEL,
         )
-        return jnp.sum(mixed_chunk_attention_tpu(**kwargs, interpret=False) ** 2)
+        return jnp.sum(out**2)
 
     return jax.grad(loss, argnums=(0, 1, 2)), (z, z, v, mask)
 
