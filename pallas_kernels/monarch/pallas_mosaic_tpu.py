@@ -12,11 +12,17 @@ factor blocks too large for VMEM even in groups).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from pallas_kernels._compat import auto_partitioned_axes
 from pallas_kernels._compat import backend_kind
 from pallas_kernels._compat import check_interpret
+from pallas_kernels._compat import has_explicit_axes
+from pallas_kernels._compat import shard_map_on
 from pallas_kernels.monarch.base import MonarchCall
 from pallas_kernels.monarch.base import MonarchImplementation
 from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import BlockSizes
@@ -36,7 +42,10 @@ class PallasMosaicTpuMonarch(MonarchImplementation):
       interpret: TPU interpret mode (runs on a CPU); None: compiled on a TPU, interpreted
         elsewhere.
 
-    Reverse-mode only (custom VJP with Pallas backward kernels): inside
+    Under a mesh (``jax.set_mesh``) the kernels run in ``shard_map`` with the rows split over
+    the mesh's automatic axes (XLA cannot partition a Mosaic kernel); inside a ``shard_map``
+    over every axis they run as they are. Reverse-mode only (custom VJP with Pallas backward
+    kernels): inside
     :func:`~pallas_kernels.op.forward_mode_autodiff` the op substitutes the XLA path.
     """
 
@@ -56,6 +65,27 @@ class PallasMosaicTpuMonarch(MonarchImplementation):
         interpret = self.interpret
         if interpret is None:  # resolved at the call, not at import or construction
             interpret = backend_kind() != "tpu"
-        return monarch_matmul_tpu(
-            call.x2d, call.w1, call.w2, block_sizes=self.block_sizes, interpret=interpret
-        )
+        mesh, axes = auto_partitioned_axes()
+
+        def product(x2d, w1, w2):
+            return monarch_matmul_tpu(
+                x2d, w1, w2, block_sizes=self.block_sizes, interpret=interpret
+            )
+
+        if not axes:
+            return product(call.x2d, call.w1, call.w2)
+        # XLA cannot partition a Mosaic kernel: under a mesh the rows are split over its
+        # automatic axes (padded to a multiple), the factors replicated; shard_map's transpose
+        # sums the factor gradients over the devices.
+        devices = math.prod(mesh.shape[a] for a in axes)
+        rows = call.x2d.shape[0]
+        pad = -rows % devices
+        x2d = jnp.pad(call.x2d, ((0, pad), (0, 0))) if pad else call.x2d
+        spec = PartitionSpec(axes)
+        sharded = shard_map_on(mesh, product, (spec, PartitionSpec(), PartitionSpec()), spec)
+        y = sharded(x2d, call.w1, call.w2)
+        if not pad:
+            return y
+        if has_explicit_axes(mesh):  # a sharded dim cannot be cut to a length it does not divide
+            y = jax.sharding.reshard(y, PartitionSpec())
+        return y[:rows]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels._compat import use_mesh
 from pallas_kernels.mixed_chunk import MIXED_CHUNK_OP
 from pallas_kernels.mixed_chunk import PallasMosaicTpuMixedChunk
 from pallas_kernels.mixed_chunk import mixed_chunk_attention
@@ -174,3 +175,21 @@ def test_lowers_to_mosaic_for_tpu():
         .as_text()
     )
     assert text.count("tpu_custom_call") == 2
+
+
+def test_under_a_mesh_the_batch_is_split_in_shard_map():
+    # XLA cannot partition a Mosaic kernel: under a mesh the op runs it in shard_map (batch over
+    # the mesh's axes, the bias replicated and its gradient summed); a batch that does not
+    # divide is refused, and 'xla' runs it.
+    mesh = jax.make_mesh((2, 1), ("data", "model"))
+    args, key_mask, cotangent = _inputs(6, batch=4, seq=16, chunk=8)
+    kwargs = dict(chunk_size=8, causal=True, quad_scale=0.3, lin_scale=0.3)
+    with use_mesh(mesh):
+        actual = _value_and_grads(_tpu, args, key_mask, cotangent, **kwargs)
+        odd, odd_mask, _ = _inputs(7, batch=3, seq=16, chunk=8)
+        with pytest.raises(ValueError, match="batch=3 does not divide"):
+            _tpu(*odd[:5], bias=odd[5], key_mask=odd_mask, **kwargs)
+    expected = _value_and_grads(
+        mixed_chunk_attention_reference, args, key_mask, cotangent, **kwargs
+    )
+    _assert_close(actual, expected, 1e-5)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels._compat import use_mesh
 from pallas_kernels.monarch import MONARCH_OP
 from pallas_kernels.monarch import MonarchCall
 from pallas_kernels.monarch import PallasMosaicTpuMonarch
@@ -175,3 +176,20 @@ def test_lowers_to_mosaic_for_tpu():
         .as_text()
     )
     assert text.count("tpu_custom_call") == 2
+
+
+def test_under_a_mesh_the_rows_are_split_in_shard_map():
+    # XLA cannot partition a Mosaic kernel: under a mesh the op runs it in shard_map (rows over
+    # the mesh's axes, padded from 20 to 24; factor gradients summed over the devices).
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    x, w1, w2, dy = _inputs(3, 20, (4, 8, 8), (4, 8, 8))
+    impl = PallasMosaicTpuMonarch(interpret=True)
+
+    def run(*args):
+        return _value_and_grads(lambda *a: monarch_matmul(*a, implementation=impl), *args)
+
+    with use_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(run)(x, w1, w2, dy))
+        got = jax.jit(run)(x, w1, w2, dy)
+    want = _value_and_grads(monarch_matmul_reference, x, w1, w2, dy)
+    _check(got, want, TOLERANCE[jnp.float32], jnp.float32)
