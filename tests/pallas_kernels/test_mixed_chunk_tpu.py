@@ -193,3 +193,13 @@ def test_under_a_mesh_the_batch_is_split_in_shard_map():
         mixed_chunk_attention_reference, args, key_mask, cotangent, **kwargs
     )
     _assert_close(actual, expected, 1e-5)
+
+
+def test_tpu_check_cases_trace():
+    # tools/tpu_cases/mixed_chunk.py: every case builds and traces (abstract evaluation only).
+    from tools.tpu_cases.mixed_chunk import CASES
+
+    assert {c.min_kernels for c in CASES} == {0, 1, 2}
+    for case in CASES:
+        fn, args = case.build()
+        assert jax.tree.leaves(jax.eval_shape(fn, *args)), case.name

@@ -193,3 +193,15 @@ def test_under_a_mesh_the_rows_are_split_in_shard_map():
         got = jax.jit(run)(x, w1, w2, dy)
     want = _value_and_grads(monarch_matmul_reference, x, w1, w2, dy)
     _check(got, want, TOLERANCE[jnp.float32], jnp.float32)
+
+
+def test_tpu_check_cases_trace():
+    # tools/tpu_cases/monarch.py: every case builds and traces (abstract evaluation only; the
+    # compile check itself needs libtpu: tools/tpu_check.py).
+    from tools.tpu_cases.monarch import CASES
+
+    assert len(CASES) >= 18
+    for case in CASES:
+        fn, args = case.build()
+        out = jax.eval_shape(fn, *args)
+        assert jax.tree.leaves(out), case.name
