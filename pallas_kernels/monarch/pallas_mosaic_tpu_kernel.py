@@ -1,5 +1,5 @@
-"""Monarch matrix products as Pallas Mosaic TPU kernels: forward and backward, one fused kernel
-per row tile.
+"""Monarch matrix products as Pallas Mosaic TPU kernels: forward and backward, both stages and
+the permutation fused in one kernel per row tile.
 
 Dao, Chen, Sohoni, Desai, Poli, Grogan, Liu, Rao, Rudra, Re: "Monarch: Expressive Structured
 Matrices for Efficient and Accurate Training", arXiv 2204.00595 (ICML 2022).
@@ -15,20 +15,27 @@ rows. Only the token tile is transposed (in VMEM, on the XLU), never anything in
 
 - Forward, one kernel (``monarch_tpu_fwd``): x tile -> transposed in VMEM -> stage 1 per input
   block -> permuted by strided stores into the intermediate -> stage 2 per output block ->
-  transposed back -> y tile. The ``[rows, k*q]`` intermediate never reaches HBM. Both factors
-  stay resident in VMEM (their block index never changes, so they are copied in once).
+  transposed back -> y tile. The ``[rows, k*q]`` intermediate never reaches HBM; the factors
+  stay resident in VMEM (their block index does not change with the row tile: copied once).
 - Backward, one kernel (``monarch_tpu_bwd``): recomputes the intermediate, then ``dw2`` and
-  ``dz = dy @ w2`` per output block, ``dz`` back through the inverse permutation (strided
+  ``dz = w2^T dy`` per output block, ``dz`` back through the inverse permutation (strided
   loads), then ``dw1`` and ``dx`` per input block. ``dw1``/``dw2`` are float32 accumulators
   resident in VMEM across the row tiles of a split; a leading parallel grid axis of two splits
-  keeps both TensorCores of a megacore chip (v4, v5p) busy, and the two partial sums are added
-  outside.
+  keeps both TensorCores of a megacore chip busy, the partial sums are added outside.
+- Factors too large for VMEM: the output blocks are computed in ``groups``. Group ``g`` of
+  ``l/G`` output blocks is fed by channels ``[g*q/G, (g+1)*q/G)`` of every input block (rows
+  ``[g*k*q/G, (g+1)*k*q/G)`` of the permuted intermediate), so it needs ``w1[:, g-th slice]``
+  and its own ``w2`` blocks only: no recomputation, the same kernel bodies with ``q`` and ``l``
+  per group, groups as the outer grid axis. The backward is then two kernels: ``dx`` (grid row
+  tile x group, summed over the groups in VMEM) and the weight gradients (grid split x group x
+  row tile, a group's gradients resident).
 
 Every shape with ``l*r == k*q`` works (also ``r % k != 0``): rows are zero-padded to the tile.
-Compiled for a TPU, feature blocks must be multiples of 8 (sublane-aligned slices) and both
-factors plus the working set must fit VMEM (:func:`vmem_bytes`); other calls raise
-:class:`~pallas_kernels.op.Unsupported` naming ``implementation='xla'``. In interpret mode
-(``interpret=True``, CPU) every shape runs.
+Compiled for a TPU, feature blocks must be multiples of 8 (sublane-aligned slices) and one
+group's factors plus the working set must fit VMEM (:func:`vmem_bytes`); other calls raise
+:class:`~pallas_kernels.op.Unsupported` naming ``implementation='xla'`` (n = 8192 with 4
+blocks of 2048: one block pair alone is too large). In interpret mode (``interpret=True``, CPU)
+every shape runs.
 """
 
 from __future__ import annotations
