@@ -1,5 +1,5 @@
-"""Pallas kernels (GPU-compiled, interpret mode on CPU) behind one op interface per family:
-attention (FlashAttention), Monarch matmuls and mixed-chunk (FLASH) attention."""
+"""Pallas kernels (compiled for GPUs and TPUs, interpret mode on CPU) behind one op interface
+per family: attention (FlashAttention), Monarch matmuls and mixed-chunk (FLASH) attention."""
 
 from pallas_kernels.attention import ATTENTION_OP
 from pallas_kernels.attention import BlockSizes
@@ -15,9 +15,11 @@ from pallas_kernels.attention import flash_attention
 from pallas_kernels.attention import flash_attention_reference
 from pallas_kernels.attention import local_block_mask
 from pallas_kernels.mixed_chunk import BlockSizes as MixedChunkBlockSizes
+from pallas_kernels.mixed_chunk import PallasMosaicTpuMixedChunk
 from pallas_kernels.mixed_chunk import mixed_chunk_attention
 from pallas_kernels.mixed_chunk import mixed_chunk_attention_reference
 from pallas_kernels.monarch import BlockSizes as MonarchBlockSizes
+from pallas_kernels.monarch import PallasMosaicTpuMonarch
 from pallas_kernels.monarch import PallasTritonMonarch
 from pallas_kernels.monarch import ReferenceMonarch
 from pallas_kernels.monarch import XlaMonarch

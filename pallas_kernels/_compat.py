@@ -250,3 +250,44 @@ def use_mesh(mesh: Any) -> Any:
     if hasattr(jax.sharding, "use_mesh"):  # pragma: no cover - JAX versions before set_mesh
         return jax.sharding.use_mesh(mesh)
     return mesh  # pragma: no cover - a Mesh is its own context manager on old JAX
+
+
+def auto_partitioned_axes() -> tuple[Any, tuple[str, ...]]:
+    """``(mesh, axes)``: the current mesh and its axes of size > 1 that XLA partitions
+    automatically (not manual, i.e. not already inside a ``shard_map`` over them).
+
+    Mosaic TPU kernels cannot be partitioned by XLA; a caller traced under such a mesh wraps
+    them in ``shard_map`` over these axes. ``(None, ())`` without a mesh (or on a JAX without
+    abstract meshes).
+    """
+    get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    if get_abstract_mesh is None:  # pragma: no cover - old JAX
+        return None, ()
+    mesh = get_abstract_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or not getattr(mesh, "shape", None):
+        return None, ()
+    manual = set(getattr(mesh, "manual_axes", ()) or ())
+    axes = tuple(name for name, size in mesh.shape.items() if size > 1 and name not in manual)
+    return mesh, axes
+
+
+def has_explicit_axes(mesh: Any) -> bool:
+    """Whether ``mesh`` has an axis of type ``Explicit`` (``jax.make_mesh``'s default since 0.10)."""
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(mesh, "axis_types", ()) or ()
+    return axis_type is not None and any(t == axis_type.Explicit for t in types)
+
+
+def shard_map_on(mesh: Any, fn: Any, in_specs: Any, out_specs: Any) -> Any:
+    """``jax.shard_map`` over the (abstract) context ``mesh``; inputs on ``Explicit`` axes are
+    resharded to ``in_specs`` first (shard_map refuses them otherwise)."""
+
+    def run(*args):
+        if has_explicit_axes(mesh):
+            args = [jax.sharding.reshard(a, s) for a, s in zip(args, in_specs, strict=True)]
+        # check_vma=False: a pallas_call's outputs carry no varying-axes type.
+        return jax.shard_map(
+            fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )(*args)
+
+    return run

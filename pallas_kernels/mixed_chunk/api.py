@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.mixed_chunk.base import check_arguments
+from pallas_kernels.mixed_chunk.pallas_mosaic_tpu import PallasMosaicTpuMixedChunk
 from pallas_kernels.mixed_chunk.pallas_triton import PallasTritonMixedChunk
 from pallas_kernels.mixed_chunk.reference import ReferenceMixedChunk
 from pallas_kernels.mixed_chunk.xla import XlaMixedChunk
@@ -33,11 +34,13 @@ __all__ = ["AUTO_ORDER", "IMPLEMENTATIONS", "MIXED_CHUNK_OP", "mixed_chunk_atten
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     XlaMixedChunk(),
     PallasTritonMixedChunk(),
+    PallasMosaicTpuMixedChunk(),
     ReferenceMixedChunk(),
 )
 # What 'auto' tries, in order, per platform compiled for ('*': any other platform).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "gpu": ("pallas_triton", "xla"),
+    "tpu": ("pallas_mosaic_tpu", "xla"),
     "*": ("xla",),
 }
 MIXED_CHUNK_OP = Op(
@@ -79,9 +82,10 @@ def mixed_chunk_attention(
         (a relative-position bias, the same for every chunk); differentiable.
       key_mask: ``[batch, seq]`` bool, True for real tokens; masked keys get zero weight in both
         terms. Outputs at masked query positions are computed like any other.
-      implementation: ``'auto'`` (the Pallas kernel on GPU, else XLA), ``'pallas_triton'``
-        (alias ``'pallas'``), ``'xla'``, ``'reference'``, or a configured instance such as
-        ``PallasTritonMixedChunk(interpret=True)``.
+      implementation: ``'auto'`` (the Pallas Triton kernel on a GPU, the Mosaic TPU kernel on
+        a TPU, each falling through to XLA; XLA elsewhere), ``'pallas_triton'`` (alias
+        ``'pallas'``), ``'pallas_mosaic_tpu'``, ``'xla'``, ``'reference'``, or a configured
+        instance such as ``PallasTritonMixedChunk(interpret=True)``.
 
     Returns:
       ``[batch, seq, e]`` in the inputs' dtype; products accumulate in float32.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.monarch.base import check_arguments
+from pallas_kernels.monarch.pallas_mosaic_tpu import PallasMosaicTpuMonarch
 from pallas_kernels.monarch.pallas_triton import PallasTritonMonarch
 from pallas_kernels.monarch.reference import ReferenceMonarch
 from pallas_kernels.monarch.xla import XlaMonarch
@@ -33,11 +34,13 @@ __all__ = ["AUTO_ORDER", "IMPLEMENTATIONS", "MONARCH_OP", "monarch_matmul"]
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     XlaMonarch(),
     PallasTritonMonarch(),
+    PallasMosaicTpuMonarch(),
     ReferenceMonarch(),
 )
 # What 'auto' tries, in order, per platform compiled for ('*': any other platform).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "gpu": ("pallas_triton", "xla"),
+    "tpu": ("pallas_mosaic_tpu", "xla"),
     "*": ("xla",),
 }
 MONARCH_OP = Op(
@@ -61,8 +64,10 @@ def monarch_matmul(
       x: ``[..., k*p]``, any number of leading dims (including none).
       w1: ``[k, q, p]``, first block-diagonal factor.
       w2: ``[l, s, r]`` with ``l*r == k*q``, second block-diagonal factor.
-      implementation: ``'auto'``, ``'reference'``, ``'xla'``, ``'pallas_triton'`` (or
-        ``'pallas'``), or a configured instance (``PallasTritonMonarch(block_sizes=...,
+      implementation: ``'auto'`` (``pallas_triton`` then ``xla`` on a GPU,
+        ``pallas_mosaic_tpu`` then ``xla`` on a TPU, ``xla`` elsewhere), ``'reference'``,
+        ``'xla'``, ``'pallas_triton'`` (or ``'pallas'``), ``'pallas_mosaic_tpu'``, or a
+        configured instance (``PallasTritonMonarch(block_sizes=...,
         interpret=True)``, ``XlaMonarch(row_chunk=None)``). An explicitly named implementation
         that cannot run the call raises ``ValueError`` saying why; ``'auto'`` falls through.
 

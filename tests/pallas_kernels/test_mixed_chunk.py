@@ -12,6 +12,7 @@ import pytest
 
 from pallas_kernels.mixed_chunk import MIXED_CHUNK_OP
 from pallas_kernels.mixed_chunk import BlockSizes
+from pallas_kernels.mixed_chunk import PallasMosaicTpuMixedChunk
 from pallas_kernels.mixed_chunk import PallasTritonMixedChunk
 from pallas_kernels.mixed_chunk import mixed_chunk_attention
 from pallas_kernels.mixed_chunk import mixed_chunk_attention_reference
@@ -20,7 +21,11 @@ from pallas_kernels.op import forward_mode_autodiff
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _PALLAS = PallasTritonMixedChunk(block_sizes=BlockSizes(16, 16), interpret=True)
-_IMPLEMENTATIONS = {"xla": "xla", "pallas": _PALLAS}
+_IMPLEMENTATIONS = {
+    "xla": "xla",
+    "pallas": _PALLAS,
+    "pallas_mosaic_tpu": PallasMosaicTpuMixedChunk(interpret=True),
+}
 
 
 def _compile(fn, *args):
@@ -63,7 +68,7 @@ def _assert_close(actual, expected, tol):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_mosaic_tpu"])
 def test_matches_the_explicit_reference_values_and_gradients(impl, causal):
     # chunk 5 divides the length 20; chunk 8 leaves a last chunk of 4 (padded by the kernels).
     for chunk in (5, 8):
@@ -83,7 +88,7 @@ def test_matches_the_explicit_reference_values_and_gradients(impl, causal):
         _assert_close(actual, expected, 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_mosaic_tpu"])
 def test_quadratic_only_is_gau_attention(impl):
     # No linear term and a chunk longer than the sequence: one relu^2 attention over all of it.
     args, key_mask, cotangent = _inputs(1, seq=13, chunk=16, lin=False)
@@ -147,7 +152,7 @@ def test_bfloat16_is_close_to_the_float32_reference():
     _assert_close(out, expected, 3e-2)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_mosaic_tpu"])
 def test_causal_outputs_before_t_do_not_change_when_token_t_changes(impl):
     # Exactly: the exclusive prefix sum is a shift, so no later chunk enters through rounding.
     args, _, _ = _inputs(4, seq=24, chunk=8)
@@ -185,10 +190,14 @@ def test_forward_mode_autodiff_falls_back_from_the_kernel():
     chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_is_xla_on_cpu_and_the_kernel_first_on_gpu():
+def test_auto_is_xla_on_cpu_and_the_kernel_first_on_gpu_and_tpu():
     assert [c.name for c in MIXED_CHUNK_OP.candidates("auto", "cpu")] == ["xla"]
     assert [c.name for c in MIXED_CHUNK_OP.candidates("auto", "cuda")] == [
         "pallas_triton",
+        "xla",
+    ]
+    assert [c.name for c in MIXED_CHUNK_OP.candidates("auto", "tpu")] == [
+        "pallas_mosaic_tpu",
         "xla",
     ]
     assert MIXED_CHUNK_OP.get("pallas").name == "pallas_triton"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import MonarchBlockSizes
+from pallas_kernels import PallasMosaicTpuMonarch
 from pallas_kernels import PallasTritonMonarch
 from pallas_kernels import ReferenceMonarch
 from pallas_kernels import XlaMonarch
@@ -168,6 +169,12 @@ class TestPallasTritonStaged(MonarchOpTest):
     accepts_general_shapes = False
 
 
+class TestPallasMosaicTpu(MonarchOpTest):
+    """The Mosaic TPU kernels in TPU interpret mode: every shape, ``r % k != 0`` included."""
+
+    implementation = PallasMosaicTpuMonarch(interpret=True)
+
+
 @pytest.mark.gpu
 class TestPallasTritonCompiled(MonarchOpTest):
     implementation = PallasTritonMonarch(interpret=False)
@@ -180,6 +187,10 @@ def test_auto_falls_through_on_gpu_and_is_xla_elsewhere():
         "xla",
     ]
     assert [c.name for c in MONARCH_OP.candidates("auto", backend="cpu")] == ["xla"]
+    assert [c.name for c in MONARCH_OP.candidates("auto", backend="tpu")] == [
+        "pallas_mosaic_tpu",
+        "xla",
+    ]
     x, w1, w2, _ = _inputs(5, *GENERAL)
     x2d = x.reshape(-1, x.shape[-1])
     # on a GPU the kernel refuses r % k != 0 and the XLA path answers, same numbers
