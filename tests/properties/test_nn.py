@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from _hyp import FEW
 from _hyp import INVALID
 from _hyp import NAN
@@ -978,4 +979,147 @@ def test_token_merging_refuses(data):
                 2, bottleneck_dim=data.draw(st.sampled_from([0, -1, 2.5]))
             ).init(KEY, tokens),
             "bottleneck_dim",
+        )
+
+
+# --------------------------------------------------------------------------- masked positions
+# Every module that takes a mask: outputs and gradients (w.r.t. the parameters and the inputs)
+# at real positions do not depend on what masked positions hold, NaN and inf included.
+
+MASK_FILLS = st.sampled_from([NAN, float("inf"), -float("inf"), 3e38, -1e30])
+
+
+def _masked_module(kind):
+    if kind in ("gau", "quad", "flash", "flash_causal"):
+        cls = {"gau": enn.GatedAttentionUnit, "quad": enn.FLASHQuad}.get(kind, enn.FLASH)
+        extra = {"chunk_size": 3} if kind in ("gau", "flash", "flash_causal") else {}
+        module = cls(
+            qk_dim=4,
+            expansion=1.0,
+            scale_init="one",
+            causal=kind == "flash_causal",
+            num_buckets=8,
+            max_distance=16,
+            **extra,
+        )
+        return module, lambda v, x, m: module.apply(v, x, padding_mask=m), "positions"
+    if kind in ("merger", "learner"):
+        module = (
+            enn.LearnedTokenMerger(2) if kind == "merger" else enn.TokenLearner(2, bottleneck_dim=4)
+        )
+        return module, lambda v, x, m: module.apply(v, x, mask=m), "all"
+    if kind in ("encoder_pool", "encoder_tokens", "encoder_moe", "encoder_flash"):
+        extra = {}
+        if kind == "encoder_moe":
+            extra["moe"] = functools.partial(enn.MoEFeedForward, num_experts=2, hidden=4)
+            extra["moe_every"] = 1
+        if kind == "encoder_flash":
+            extra["block"] = functools.partial(
+                enn.FLASH, chunk_size=3, qk_dim=4, num_buckets=8, max_distance=16
+            )
+        module = enn.Encoder(
+            num_layers=1,
+            d_model=6,
+            num_heads=2,
+            mlp_hidden=8,
+            num_classes=None if kind == "encoder_tokens" else 3,
+            max_len=8,
+            **extra,
+        )
+        where = "positions" if kind == "encoder_tokens" else "all"
+        return module, lambda v, x, m: module.apply(v, x, padding_mask=m), where
+    raise AssertionError(kind)
+
+
+@functools.cache
+def _masked_run(kind):
+    module, apply, where = _masked_module(kind)
+
+    def loss_and_grads(variables, x, mask):
+        def loss(variables, x):
+            out = apply(variables, x, mask)
+            if where == "positions":
+                out = jnp.where(mask[:, :, None], out, 0.0)
+            return jnp.sum(jnp.sin(out)), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables, x)
+        return out, grads
+
+    return module, jax.jit(loss_and_grads)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "gau",
+        "quad",
+        "flash",
+        "flash_causal",
+        "merger",
+        "learner",
+        "encoder_pool",
+        "encoder_tokens",
+        "encoder_moe",
+        "encoder_flash",
+    ],
+)
+@FEW
+@given(seeds, MASK_FILLS)
+def test_masked_positions_have_no_influence(kind, seed, fill):
+    module, run = _masked_run(kind)
+    x = jnp.asarray(normal(seed, (2, 7, 4)))
+    # A full row, a padded row, and the padding in the middle of the first chunk.
+    mask = jnp.asarray([[True] * 7, [True, True, False, True, False, False, False]])
+    variables = random_variables(module, x, seed=seed, scale=0.3)
+    zeros = jnp.where(mask[:, :, None], x, 0.0)
+    poisoned = jnp.where(mask[:, :, None], x, fill)
+    out, (grad_params, grad_x) = run(variables, zeros, mask)
+    out_p, (grad_params_p, grad_x_p) = run(variables, poisoned, mask)
+    real = np.asarray(mask)[:, :, None]
+    if out.ndim == 3 and out.shape[1] == x.shape[1]:
+        out, out_p = np.where(real, out, 0.0), np.where(real, out_p, 0.0)
+    assert_close(out_p, f64(out), rtol=1e-6, atol=1e-6)
+    for actual, expected in zip(
+        jax.tree.leaves(grad_params_p), jax.tree.leaves(grad_params), strict=True
+    ):
+        assert_close(actual, f64(expected), rtol=1e-6, atol=1e-6)
+    assert_close(np.where(real, grad_x_p, 0.0), np.where(real, grad_x, 0.0), rtol=1e-6, atol=1e-6)
+
+
+@FEW
+@given(seeds, MASK_FILLS)
+def test_merge_tokens_ignores_what_masked_tokens_hold(seed, fill):
+    scores, tokens = normal(seed, (2, 3, 6), 2.0), normal(seed + 1, (2, 6, 4))
+    mask = jnp.asarray(np.arange(6)[None, :] < np.array([[6], [3]]))
+
+    def run(scores, tokens):
+        def loss(scores, tokens):
+            merged, weights = enn.merge_tokens(scores, tokens, mask)
+            return jnp.sum(jnp.sin(merged)) + jnp.sum(jnp.cos(weights)), (merged, weights)
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(scores, tokens)
+
+    m = np.asarray(mask)
+    base = run(jnp.where(m[:, None], scores, 0.0), jnp.where(m[..., None], tokens, 0.0))
+    poisoned = run(jnp.where(m[:, None], scores, fill), jnp.where(m[..., None], tokens, fill))
+    (g_scores, g_tokens), outs = base
+    (g_scores_p, g_tokens_p), outs_p = poisoned
+    for actual, expected in zip(outs_p, outs, strict=True):
+        assert_close(actual, f64(expected), rtol=1e-6, atol=1e-6)
+    assert_close(np.where(m[:, None], g_scores_p, 0), np.where(m[:, None], g_scores, 0))
+    assert_close(np.where(m[..., None], g_tokens_p, 0), np.where(m[..., None], g_tokens, 0))
+
+
+def test_merge_tokens_averages_integer_tokens_in_float():
+    merged, _ = enn.merge_tokens(jnp.zeros((1, 1, 2)), jnp.asarray([[[2], [4]]]))
+    assert merged.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(merged), [[[3.0]]])
+    merged, _ = enn.merge_tokens([[[0.0, 0.0]]], [[[2], [4]]], [[True, True]])
+    np.testing.assert_allclose(np.asarray(merged), [[[3.0]]])
+    for module in (enn.LearnedTokenMerger(1), enn.TokenLearner(1, bottleneck_dim=2)):
+        tokens = np.random.default_rng(0).integers(-3, 3, (2, 5, 4))
+        variables = module.init(KEY, jnp.asarray(tokens, jnp.float32))
+        np.testing.assert_array_equal(
+            module.apply(variables, tokens.tolist()),
+            module.apply(variables, jnp.asarray(tokens, jnp.float32)),
         )

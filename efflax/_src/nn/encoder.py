@@ -174,6 +174,10 @@ class Encoder(nn.Module):
                 f"padding_mask (shape {padding_mask.shape}, dtype {padding_mask.dtype}) must be "
                 f"a bool array of shape {x.shape[:2]}"
             )
+        if padding_mask is not None:
+            # Padded tokens become zeros before any arithmetic (select, never multiply: 0 * NaN
+            # is NaN): what they held reaches no real output and no gradient.
+            x = jnp.where(padding_mask[:, :, None], x, jnp.zeros((), x.dtype))
         args = (self.dtype, self.param_dtype)
         h = _dense(self.d_model, (None, "embed"), *args, "embedding")(x.astype(self.dtype))
         positions = self.param(
@@ -208,8 +212,9 @@ class Encoder(nn.Module):
         if padding_mask is None:
             pooled = jnp.mean(h32, axis=1)
         else:
-            weights = padding_mask.astype(jnp.float32)[..., None]
-            pooled = jnp.sum(h32 * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+            real = padding_mask[:, :, None]
+            count = jnp.sum(real.astype(jnp.float32), axis=1)
+            pooled = jnp.sum(jnp.where(real, h32, 0.0), axis=1) / jnp.maximum(count, 1.0)
         pooled = pooled.astype(self.dtype)
         return _dense(self.num_classes, ("embed", "classes"), *args, "head")(pooled)
 

@@ -203,11 +203,19 @@ class GatedAttentionUnit(_GAUSettings):
         _checks.array("x", x, kind="floating", nonempty=True, layout="[batch, seq, features]")
         batch, seq_len, features = x.shape
         if padding_mask is not None:
-            if padding_mask.shape != (batch, seq_len) or padding_mask.dtype != jnp.bool_:
+            if isinstance(padding_mask, list | tuple):
+                padding_mask = jnp.asarray(padding_mask)
+            shape = getattr(padding_mask, "shape", None)
+            dtype = getattr(padding_mask, "dtype", type(padding_mask).__name__)
+            if shape != (batch, seq_len) or dtype != jnp.bool_:
                 raise ValueError(
-                    f"padding_mask (shape {padding_mask.shape}, dtype {padding_mask.dtype}) "
+                    f"padding_mask (shape {shape}, dtype {dtype}) "
                     f"must be bool [batch, seq] = {(batch, seq_len)}"
                 )
+            # Padded tokens become zeros before any arithmetic (select, never multiply: 0 * NaN
+            # is NaN), so nothing they hold reaches a real output or a gradient, whatever the
+            # kernel does with its key mask. Outputs at padded positions are unspecified.
+            x = jnp.where(padding_mask[:, :, None], x, jnp.zeros((), x.dtype))
         if decode and not self.causal:
             raise ValueError("decode=True needs causal=True (a non-causal unit sees the future)")
         if decode and padding_mask is not None:
