@@ -1008,6 +1008,10 @@ def _masked_module(kind):
             enn.LearnedTokenMerger(2) if kind == "merger" else enn.TokenLearner(2, bottleneck_dim=4)
         )
         return module, lambda v, x, m: module.apply(v, x, mask=m), "all"
+    if kind.startswith("moe_"):
+        router, dispatch = kind.split("_", 1)[1].rsplit("_", 1)
+        module = enn.MoEFeedForward(num_experts=3, hidden=4, router=router, dispatch=dispatch)
+        return module, lambda v, x, m: module.apply(v, x, padding_mask=m), "positions"
     if kind in ("encoder_pool", "encoder_tokens", "encoder_moe", "encoder_flash"):
         extra = {}
         if kind == "encoder_moe":
@@ -1061,6 +1065,10 @@ def _masked_run(kind):
         "encoder_tokens",
         "encoder_moe",
         "encoder_flash",
+        "moe_expert_choice_gather",
+        "moe_expert_choice_einsum",
+        "moe_top1_gather",
+        "moe_top2_einsum",
     ],
 )
 @FEW
@@ -1123,3 +1131,34 @@ def test_merge_tokens_averages_integer_tokens_in_float():
             module.apply(variables, tokens.tolist()),
             module.apply(variables, jnp.asarray(tokens, jnp.float32)),
         )
+
+
+@FEW
+@given(seeds, MASK_FILLS, st.sampled_from(["expert_choice", "top1", "top2"]))
+def test_routers_with_a_token_mask_never_route_padding(seed, fill, router):
+    logits = normal(seed, ROUTER_SHAPE, 2.0)
+    mask = np.random.default_rng(seed).random(ROUTER_SHAPE[:2]) < 0.6
+    mask[:, 0] = True
+
+    def route(logits):
+        if router == "expert_choice":
+            return enn.expert_choice(jnp.asarray(logits), capacity=3, token_mask=jnp.asarray(mask))
+        k = 1 if router == "top1" else 2
+        return enn.token_choice(jnp.asarray(logits), k=k, capacity=3, token_mask=jnp.asarray(mask))
+
+    base = route(np.where(mask[..., None], logits, 0.0))
+    poisoned = route(np.where(mask[..., None], logits, fill))
+    for name in ("token_indices", "gates", "slot_mask", "dropped"):
+        a, b = np.asarray(getattr(poisoned, name)), np.asarray(getattr(base, name))
+        a = np.where(np.asarray(base.slot_mask), a, 0) if name != "dropped" else a
+        b = np.where(np.asarray(base.slot_mask), b, 0) if name != "dropped" else b
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    # No slot holds a padded token; every real token an expert could take is taken first.
+    slot_mask, tokens = np.asarray(poisoned.slot_mask), np.asarray(poisoned.token_indices)
+    real_of_slot = np.take_along_axis(mask[:, None, :], tokens, axis=-1)
+    assert not np.any(slot_mask & ~real_of_slot)
+    assert np.all(np.isfinite(np.asarray(poisoned.gates)))
+    if router == "expert_choice":
+        taken = slot_mask.sum(-1)  # [groups, experts]
+        expected = np.broadcast_to(np.minimum(3, mask.sum(-1))[:, None], taken.shape)
+        np.testing.assert_array_equal(taken, expected)

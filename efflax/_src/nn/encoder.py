@@ -10,6 +10,7 @@ the attention op picks (`attention_implementation='auto'`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -85,7 +86,9 @@ class EncoderBlock(nn.Module):
         deterministic: bool = True,
         padding_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """``padding_mask``: ``[batch, tokens]`` bool, True for real tokens (keys only)."""
+        """``padding_mask``: ``[batch, tokens]`` bool, True for real tokens: padded keys are
+        seen by no query, and an ``ffn`` that takes ``padding_mask=`` (``MoEFeedForward``)
+        gets it."""
         _checks.function("ffn", self.ffn)
         args = (self.dtype, self.param_dtype)
         h = _layer_norm(*args, "attention_norm")(x)
@@ -97,7 +100,12 @@ class EncoderBlock(nn.Module):
             name="attention",
         )(h, padding_mask=padding_mask)
         h = _layer_norm(*args, "ffn_norm")(x)
-        return x + self.ffn(name="ffn")(h, deterministic=deterministic)
+        ffn = self.ffn(name="ffn")
+        kwargs = {}
+        if padding_mask is not None and "padding_mask" in inspect.signature(ffn).parameters:
+            # An FFN that mixes tokens (MoEFeedForward's routing) is told which are padding.
+            kwargs["padding_mask"] = padding_mask
+        return x + ffn(h, deterministic=deterministic, **kwargs)
 
 
 class Encoder(nn.Module):
