@@ -408,7 +408,8 @@ def test_moe_refuses(data):
             [
                 "num_experts", "hidden", "group_size", "capacity_factor", "eval_capacity_factor",
                 "jitter", "gating_dropout", "load_balancing_coef", "z_loss_coef", "router",
-                "dispatch", "activation", "router_type", "mesh", "causal", "x",
+                "dispatch", "activation", "router_type", "mesh", "causal", "x", "padding_mask",
+                "token_mask",
             ]
         )
     )  # fmt: skip
@@ -426,8 +427,30 @@ def test_moe_refuses(data):
     elif attr == "causal":
         kwargs[attr] = data.draw(st.sampled_from([1, "yes"]))
     elif attr == "x":
-        bad_x = data.draw(st.sampled_from([jnp.ones(3), jnp.ones((2, 0, 3)), jnp.ones((0, 4, 3))]))
+        bad_x = data.draw(
+            st.sampled_from(
+                [
+                    jnp.ones(3),
+                    jnp.ones((2, 0, 3)),
+                    jnp.ones((0, 4, 3)),
+                    jnp.ones((2, 4, 3), bool),
+                    jnp.ones((2, 4, 3), jnp.complex64),
+                    [[[1.0, 2.0, 3.0]]],
+                ]
+            )
+        )
         refused(lambda: enn.MoEFeedForward(2, 4).init(KEY, bad_x), "x")
+        return
+    elif attr == "padding_mask":
+        bad = data.draw(
+            st.sampled_from([jnp.ones((2, 4)), jnp.ones((2, 3), bool), jnp.ones((2, 4, 3), bool)])
+        )
+        refused(lambda: enn.MoEFeedForward(2, 4).init(KEY, x, padding_mask=bad), "padding_mask")
+        return
+    elif attr == "token_mask":
+        route = data.draw(st.sampled_from([enn.expert_choice, enn.token_choice]))
+        bad = data.draw(st.sampled_from([jnp.ones((2, 4)), jnp.ones((2, 3), bool), "all"]))
+        refused(lambda: route(jnp.ones((2, 4, 2)), capacity=2, token_mask=bad), "token_mask")
         return
     else:
         kwargs[attr] = data.draw(st.sampled_from(["nope", "", None]))
@@ -876,6 +899,7 @@ def test_gau_layers_refuse(data):
                 "num_buckets",
                 "x",
                 "padding_mask",
+                "decode",
                 "buckets_fn",
             ]
         )
@@ -900,7 +924,12 @@ def test_gau_layers_refuse(data):
         refused(lambda: cls(**kwargs).init(KEY, bad), "x")
         return
     elif arg == "padding_mask":
-        refused(lambda: cls(**kwargs).init(KEY, x, padding_mask=jnp.ones((2, 8))), "padding_mask")
+        bad = data.draw(st.sampled_from([jnp.ones((2, 8)), jnp.ones((2, 7), bool), "all", 1]))
+        refused(lambda: cls(**kwargs).init(KEY, x, padding_mask=bad), "padding_mask")
+        return
+    elif arg == "decode":
+        bad = data.draw(st.sampled_from([1, "yes", None]))
+        refused(lambda: cls(**kwargs, causal=True).init(KEY, x, decode=bad), "decode")
         return
     else:
         bad = data.draw(
@@ -960,7 +989,9 @@ def test_token_mergers_ignore_masked_tokens(seed, kind):
 def test_token_merging_refuses(data):
     tokens = jnp.ones((2, 6, 4))
     cls = data.draw(st.sampled_from([enn.LearnedTokenMerger, enn.TokenLearner]))
-    case = data.draw(st.sampled_from(["num_tokens", "tokens", "mask", "scores", "bottleneck"]))
+    case = data.draw(
+        st.sampled_from(["num_tokens", "tokens", "mask", "scores", "bottleneck", "dtypes"])
+    )
     if case == "num_tokens":
         refused(
             lambda: cls(data.draw(bad_ints().filter(lambda v: v is not None))).init(KEY, tokens),
@@ -973,6 +1004,23 @@ def test_token_merging_refuses(data):
         refused(lambda: cls(2).init(KEY, tokens, mask=bad), "mask")
     elif case == "scores":
         refused(lambda: enn.merge_tokens(jnp.ones((2, 3, 5)), tokens), "scores")
+    elif case == "dtypes":
+        name, bad = data.draw(
+            st.sampled_from(
+                [
+                    ("tokens", jnp.ones((2, 6, 4), bool)),
+                    ("tokens", jnp.ones((2, 6, 4), jnp.complex64)),
+                    ("tokens", [[1.0, 2.0], [3.0]]),
+                    ("tokens", "tokens"),
+                    ("scores", jnp.ones((2, 3, 6), bool)),
+                    ("tokens", jnp.ones((2, 0, 4))),
+                ]
+            )
+        )
+        args = {"scores": jnp.ones((2, 3, 6)), "tokens": tokens, name: bad}
+        refused(lambda: enn.merge_tokens(args["scores"], args["tokens"]), name)
+        if name == "tokens" and not isinstance(bad, str):
+            refused(lambda: cls(2).init(KEY, bad), "tokens")
     else:
         refused(
             lambda: enn.TokenLearner(
