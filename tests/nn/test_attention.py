@@ -254,7 +254,7 @@ def test_decode_errors():
     with pytest.raises(ValueError, match="9 positions on a cache of length 8"):
         module.apply(variables, normal(24, (BATCH, 9, FEATURES)), mutable="cache")
     _, filled = module.apply(variables, x, mutable="cache")
-    with pytest.raises(ValueError, match="1 positions at cache position 8 .*cache length 8"):
+    with pytest.raises(ValueError, match="1 position at cache position 8 .*cache length 8"):
         module.apply({**variables, **filled}, x[:, :1], mutable="cache")
     # Under jit the index is not known when tracing: the position is dropped, attends to
     # nothing (zeros, never NaN) and the cache is flagged.

@@ -42,9 +42,13 @@ def check_step(name: str, shape: tuple[int, ...], *, cache_batch: int, cache_len
         )
     if not 1 <= length <= cache_length:
         raise ValueError(
-            f"{name}.shape={tuple(shape)}: a decode step of {length} positions on a cache of "
+            f"{name}.shape={tuple(shape)}: a decode step of {_positions(length)} on a cache of "
             f"length {cache_length} (set by the input of the call that made the cache)"
         )
+
+
+def _positions(count: int) -> str:
+    return f"{count} position{'' if count == 1 else 's'}"
 
 
 def check_position(name: str, index: Any, length: int, cache_length: int) -> None:
@@ -52,7 +56,7 @@ def check_position(name: str, index: Any, length: int, cache_length: int) -> Non
     known = _checks.concrete(index)
     if known is not None and int(known) + length > cache_length:
         raise ValueError(
-            f"{name}: a decode step of {length} positions at cache position {int(known)} runs "
+            f"{name}: a decode step of {_positions(length)} at cache position {int(known)} runs "
             f"past the cache length {cache_length} (positions {int(known)}.."
             f"{int(known) + length - 1}; make the cache longer)"
         )
