@@ -175,6 +175,7 @@ PUBLIC = {
     ],
     "efflax.nn": [
         "MultiHeadAttention",
+        "decode_overflowed",
         "apply_rotary_embedding",
         "dot_product_attention",
         "segment_ids_with_padding",

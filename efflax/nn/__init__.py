@@ -1,6 +1,7 @@
 """Flax linen modules: attention on the Pallas kernels, Monarch layers, mixture of experts,
 learned token merging, GAU/FLASH."""
 
+from efflax._src.nn._decode import overflowed as decode_overflowed
 from efflax._src.nn.attention import MultiHeadAttention
 from efflax._src.nn.attention import apply_rotary_embedding
 from efflax._src.nn.attention import dot_product_attention

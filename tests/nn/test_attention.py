@@ -10,6 +10,7 @@ import pytest
 from efflax._src.nn.attention import PADDING_SEGMENT_ID
 from efflax.nn import MultiHeadAttention
 from efflax.nn import apply_rotary_embedding
+from efflax.nn import decode_overflowed
 from efflax.nn import dot_product_attention
 from efflax.nn import segment_ids_with_padding
 from pallas_kernels import BlockSizes
@@ -249,16 +250,19 @@ def test_decode_errors():
     module = MultiHeadAttention(num_heads=HEADS, causal=True, rope=True, decode=True)
     x = normal(22, (BATCH, 8, FEATURES))
     variables = module.init(jax.random.key(23), x)
-    with pytest.raises(ValueError, match="length 9 is longer than the cache"):
+    # The decode contract (shared with the GAU layers) is tested in tests/nn/test_decode.py.
+    with pytest.raises(ValueError, match="9 positions on a cache of length 8"):
         module.apply(variables, normal(24, (BATCH, 9, FEATURES)), mutable="cache")
     _, filled = module.apply(variables, x, mutable="cache")
-    with pytest.raises(ValueError, match="cache index 8 \\+ 1 new positions exceeds"):
+    with pytest.raises(ValueError, match="1 position at cache position 8 .*cache length 8"):
         module.apply({**variables, **filled}, x[:, :1], mutable="cache")
-    # Under jit the index is not known when tracing: an overflowing call returns NaN, loudly.
-    over, _ = fast_jit(lambda v, x: module.apply(v, x, mutable="cache"))(
+    # Under jit the index is not known when tracing: the position is dropped, attends to
+    # nothing (zeros, never NaN) and the cache is flagged.
+    over, state = fast_jit(lambda v, x: module.apply(v, x, mutable="cache"))(
         {**variables, **filled}, x[:, :1]
     )
-    assert np.all(np.isnan(over))
+    assert np.all(np.asarray(over) == 0.0)
+    assert bool(decode_overflowed(state["cache"]))
     with pytest.raises(ValueError, match="decode=True does not take padding_mask"):
         module.apply(variables, x[:, :1], padding_mask=REAL[:, :1], mutable="cache")
     with pytest.raises(ValueError, match="decode=True needs causal=True"):

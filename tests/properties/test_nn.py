@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from _hyp import FEW
 from _hyp import INVALID
 from _hyp import NAN
@@ -407,7 +408,8 @@ def test_moe_refuses(data):
             [
                 "num_experts", "hidden", "group_size", "capacity_factor", "eval_capacity_factor",
                 "jitter", "gating_dropout", "load_balancing_coef", "z_loss_coef", "router",
-                "dispatch", "activation", "router_type", "mesh", "causal", "x",
+                "dispatch", "activation", "router_type", "mesh", "causal", "x", "padding_mask",
+                "token_mask",
             ]
         )
     )  # fmt: skip
@@ -425,8 +427,30 @@ def test_moe_refuses(data):
     elif attr == "causal":
         kwargs[attr] = data.draw(st.sampled_from([1, "yes"]))
     elif attr == "x":
-        bad_x = data.draw(st.sampled_from([jnp.ones(3), jnp.ones((2, 0, 3)), jnp.ones((0, 4, 3))]))
+        bad_x = data.draw(
+            st.sampled_from(
+                [
+                    jnp.ones(3),
+                    jnp.ones((2, 0, 3)),
+                    jnp.ones((0, 4, 3)),
+                    jnp.ones((2, 4, 3), bool),
+                    jnp.ones((2, 4, 3), jnp.complex64),
+                    [[[1.0, 2.0, 3.0]]],
+                ]
+            )
+        )
         refused(lambda: enn.MoEFeedForward(2, 4).init(KEY, bad_x), "x")
+        return
+    elif attr == "padding_mask":
+        bad = data.draw(
+            st.sampled_from([jnp.ones((2, 4)), jnp.ones((2, 3), bool), jnp.ones((2, 4, 3), bool)])
+        )
+        refused(lambda: enn.MoEFeedForward(2, 4).init(KEY, x, padding_mask=bad), "padding_mask")
+        return
+    elif attr == "token_mask":
+        route = data.draw(st.sampled_from([enn.expert_choice, enn.token_choice]))
+        bad = data.draw(st.sampled_from([jnp.ones((2, 4)), jnp.ones((2, 3), bool), "all"]))
+        refused(lambda: route(jnp.ones((2, 4, 2)), capacity=2, token_mask=bad), "token_mask")
         return
     else:
         kwargs[attr] = data.draw(st.sampled_from(["nope", "", None]))
@@ -875,6 +899,7 @@ def test_gau_layers_refuse(data):
                 "num_buckets",
                 "x",
                 "padding_mask",
+                "decode",
                 "buckets_fn",
             ]
         )
@@ -899,7 +924,12 @@ def test_gau_layers_refuse(data):
         refused(lambda: cls(**kwargs).init(KEY, bad), "x")
         return
     elif arg == "padding_mask":
-        refused(lambda: cls(**kwargs).init(KEY, x, padding_mask=jnp.ones((2, 8))), "padding_mask")
+        bad = data.draw(st.sampled_from([jnp.ones((2, 8)), jnp.ones((2, 7), bool), "all", 1]))
+        refused(lambda: cls(**kwargs).init(KEY, x, padding_mask=bad), "padding_mask")
+        return
+    elif arg == "decode":
+        bad = data.draw(st.sampled_from([1, "yes", None]))
+        refused(lambda: cls(**kwargs, causal=True).init(KEY, x, decode=bad), "decode")
         return
     else:
         bad = data.draw(
@@ -959,7 +989,9 @@ def test_token_mergers_ignore_masked_tokens(seed, kind):
 def test_token_merging_refuses(data):
     tokens = jnp.ones((2, 6, 4))
     cls = data.draw(st.sampled_from([enn.LearnedTokenMerger, enn.TokenLearner]))
-    case = data.draw(st.sampled_from(["num_tokens", "tokens", "mask", "scores", "bottleneck"]))
+    case = data.draw(
+        st.sampled_from(["num_tokens", "tokens", "mask", "scores", "bottleneck", "dtypes"])
+    )
     if case == "num_tokens":
         refused(
             lambda: cls(data.draw(bad_ints().filter(lambda v: v is not None))).init(KEY, tokens),
@@ -972,6 +1004,23 @@ def test_token_merging_refuses(data):
         refused(lambda: cls(2).init(KEY, tokens, mask=bad), "mask")
     elif case == "scores":
         refused(lambda: enn.merge_tokens(jnp.ones((2, 3, 5)), tokens), "scores")
+    elif case == "dtypes":
+        name, bad = data.draw(
+            st.sampled_from(
+                [
+                    ("tokens", jnp.ones((2, 6, 4), bool)),
+                    ("tokens", jnp.ones((2, 6, 4), jnp.complex64)),
+                    ("tokens", [[1.0, 2.0], [3.0]]),
+                    ("tokens", "tokens"),
+                    ("scores", jnp.ones((2, 3, 6), bool)),
+                    ("tokens", jnp.ones((2, 0, 4))),
+                ]
+            )
+        )
+        args = {"scores": jnp.ones((2, 3, 6)), "tokens": tokens, name: bad}
+        refused(lambda: enn.merge_tokens(args["scores"], args["tokens"]), name)
+        if name == "tokens" and not isinstance(bad, str):
+            refused(lambda: cls(2).init(KEY, bad), "tokens")
     else:
         refused(
             lambda: enn.TokenLearner(
@@ -979,3 +1028,185 @@ def test_token_merging_refuses(data):
             ).init(KEY, tokens),
             "bottleneck_dim",
         )
+
+
+# --------------------------------------------------------------------------- masked positions
+# Every module that takes a mask: outputs and gradients (w.r.t. the parameters and the inputs)
+# at real positions do not depend on what masked positions hold, NaN and inf included.
+
+MASK_FILLS = st.sampled_from([NAN, float("inf"), -float("inf"), 3e38, -1e30])
+
+
+def _masked_module(kind):
+    if kind in ("gau", "quad", "flash", "flash_causal"):
+        cls = {"gau": enn.GatedAttentionUnit, "quad": enn.FLASHQuad}.get(kind, enn.FLASH)
+        extra = {"chunk_size": 3} if kind in ("gau", "flash", "flash_causal") else {}
+        module = cls(
+            qk_dim=4,
+            expansion=1.0,
+            scale_init="one",
+            causal=kind == "flash_causal",
+            num_buckets=8,
+            max_distance=16,
+            **extra,
+        )
+        return module, lambda v, x, m: module.apply(v, x, padding_mask=m), "positions"
+    if kind in ("merger", "learner"):
+        module = (
+            enn.LearnedTokenMerger(2) if kind == "merger" else enn.TokenLearner(2, bottleneck_dim=4)
+        )
+        return module, lambda v, x, m: module.apply(v, x, mask=m), "all"
+    if kind.startswith("moe_"):
+        router, dispatch = kind.split("_", 1)[1].rsplit("_", 1)
+        module = enn.MoEFeedForward(num_experts=3, hidden=4, router=router, dispatch=dispatch)
+        return module, lambda v, x, m: module.apply(v, x, padding_mask=m), "positions"
+    if kind in ("encoder_pool", "encoder_tokens", "encoder_moe", "encoder_flash"):
+        extra = {}
+        if kind == "encoder_moe":
+            extra["moe"] = functools.partial(enn.MoEFeedForward, num_experts=2, hidden=4)
+            extra["moe_every"] = 1
+        if kind == "encoder_flash":
+            extra["block"] = functools.partial(
+                enn.FLASH, chunk_size=3, qk_dim=4, num_buckets=8, max_distance=16
+            )
+        module = enn.Encoder(
+            num_layers=1,
+            d_model=6,
+            num_heads=2,
+            mlp_hidden=8,
+            num_classes=None if kind == "encoder_tokens" else 3,
+            max_len=8,
+            **extra,
+        )
+        where = "positions" if kind == "encoder_tokens" else "all"
+        return module, lambda v, x, m: module.apply(v, x, padding_mask=m), where
+    raise AssertionError(kind)
+
+
+@functools.cache
+def _masked_run(kind):
+    module, apply, where = _masked_module(kind)
+
+    def loss_and_grads(variables, x, mask):
+        def loss(variables, x):
+            out = apply(variables, x, mask)
+            if where == "positions":
+                out = jnp.where(mask[:, :, None], out, 0.0)
+            return jnp.sum(jnp.sin(out)), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables, x)
+        return out, grads
+
+    return module, jax.jit(loss_and_grads)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "gau",
+        "quad",
+        "flash",
+        "flash_causal",
+        "merger",
+        "learner",
+        "encoder_pool",
+        "encoder_tokens",
+        "encoder_moe",
+        "encoder_flash",
+        "moe_expert_choice_gather",
+        "moe_expert_choice_einsum",
+        "moe_top1_gather",
+        "moe_top2_einsum",
+    ],
+)
+@FEW
+@given(seeds, MASK_FILLS)
+def test_masked_positions_have_no_influence(kind, seed, fill):
+    module, run = _masked_run(kind)
+    x = jnp.asarray(normal(seed, (2, 7, 4)))
+    # A full row, a padded row, and the padding in the middle of the first chunk.
+    mask = jnp.asarray([[True] * 7, [True, True, False, True, False, False, False]])
+    variables = random_variables(module, x, seed=seed, scale=0.3)
+    zeros = jnp.where(mask[:, :, None], x, 0.0)
+    poisoned = jnp.where(mask[:, :, None], x, fill)
+    out, (grad_params, grad_x) = run(variables, zeros, mask)
+    out_p, (grad_params_p, grad_x_p) = run(variables, poisoned, mask)
+    real = np.asarray(mask)[:, :, None]
+    if out.ndim == 3 and out.shape[1] == x.shape[1]:
+        out, out_p = np.where(real, out, 0.0), np.where(real, out_p, 0.0)
+    assert_close(out_p, f64(out), rtol=1e-6, atol=1e-6)
+    for actual, expected in zip(
+        jax.tree.leaves(grad_params_p), jax.tree.leaves(grad_params), strict=True
+    ):
+        assert_close(actual, f64(expected), rtol=1e-6, atol=1e-6)
+    assert_close(np.where(real, grad_x_p, 0.0), np.where(real, grad_x, 0.0), rtol=1e-6, atol=1e-6)
+
+
+@FEW
+@given(seeds, MASK_FILLS)
+def test_merge_tokens_ignores_what_masked_tokens_hold(seed, fill):
+    scores, tokens = normal(seed, (2, 3, 6), 2.0), normal(seed + 1, (2, 6, 4))
+    mask = jnp.asarray(np.arange(6)[None, :] < np.array([[6], [3]]))
+
+    def run(scores, tokens):
+        def loss(scores, tokens):
+            merged, weights = enn.merge_tokens(scores, tokens, mask)
+            return jnp.sum(jnp.sin(merged)) + jnp.sum(jnp.cos(weights)), (merged, weights)
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(scores, tokens)
+
+    m = np.asarray(mask)
+    base = run(jnp.where(m[:, None], scores, 0.0), jnp.where(m[..., None], tokens, 0.0))
+    poisoned = run(jnp.where(m[:, None], scores, fill), jnp.where(m[..., None], tokens, fill))
+    (g_scores, g_tokens), outs = base
+    (g_scores_p, g_tokens_p), outs_p = poisoned
+    for actual, expected in zip(outs_p, outs, strict=True):
+        assert_close(actual, f64(expected), rtol=1e-6, atol=1e-6)
+    assert_close(np.where(m[:, None], g_scores_p, 0), np.where(m[:, None], g_scores, 0))
+    assert_close(np.where(m[..., None], g_tokens_p, 0), np.where(m[..., None], g_tokens, 0))
+
+
+def test_merge_tokens_averages_integer_tokens_in_float():
+    merged, _ = enn.merge_tokens(jnp.zeros((1, 1, 2)), jnp.asarray([[[2], [4]]]))
+    assert merged.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(merged), [[[3.0]]])
+    merged, _ = enn.merge_tokens([[[0.0, 0.0]]], [[[2], [4]]], [[True, True]])
+    np.testing.assert_allclose(np.asarray(merged), [[[3.0]]])
+    for module in (enn.LearnedTokenMerger(1), enn.TokenLearner(1, bottleneck_dim=2)):
+        tokens = np.random.default_rng(0).integers(-3, 3, (2, 5, 4))
+        variables = module.init(KEY, jnp.asarray(tokens, jnp.float32))
+        np.testing.assert_array_equal(
+            module.apply(variables, tokens.tolist()),
+            module.apply(variables, jnp.asarray(tokens, jnp.float32)),
+        )
+
+
+@FEW
+@given(seeds, MASK_FILLS, st.sampled_from(["expert_choice", "top1", "top2"]))
+def test_routers_with_a_token_mask_never_route_padding(seed, fill, router):
+    logits = normal(seed, ROUTER_SHAPE, 2.0)
+    mask = np.random.default_rng(seed).random(ROUTER_SHAPE[:2]) < 0.6
+    mask[:, 0] = True
+
+    def route(logits):
+        if router == "expert_choice":
+            return enn.expert_choice(jnp.asarray(logits), capacity=3, token_mask=jnp.asarray(mask))
+        k = 1 if router == "top1" else 2
+        return enn.token_choice(jnp.asarray(logits), k=k, capacity=3, token_mask=jnp.asarray(mask))
+
+    base = route(np.where(mask[..., None], logits, 0.0))
+    poisoned = route(np.where(mask[..., None], logits, fill))
+    for name in ("token_indices", "gates", "slot_mask", "dropped"):
+        a, b = np.asarray(getattr(poisoned, name)), np.asarray(getattr(base, name))
+        a = np.where(np.asarray(base.slot_mask), a, 0) if name != "dropped" else a
+        b = np.where(np.asarray(base.slot_mask), b, 0) if name != "dropped" else b
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    # No slot holds a padded token; every real token an expert could take is taken first.
+    slot_mask, tokens = np.asarray(poisoned.slot_mask), np.asarray(poisoned.token_indices)
+    real_of_slot = np.take_along_axis(mask[:, None, :], tokens, axis=-1)
+    assert not np.any(slot_mask & ~real_of_slot)
+    assert np.all(np.isfinite(np.asarray(poisoned.gates)))
+    if router == "expert_choice":
+        taken = slot_mask.sum(-1)  # [groups, experts]
+        expected = np.broadcast_to(np.minimum(3, mask.sum(-1))[:, None], taken.shape)
+        np.testing.assert_array_equal(taken, expected)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efflax._src.nn import _decode
 from efflax._src.nn.attention import MultiHeadAttention
 from pallas_kernels import _checks
 from pallas_kernels.op import Implementation
@@ -127,8 +128,10 @@ class TransformerLM(nn.Module):
         to the same shape, causally (position ``t`` sees only ``<= t``), with dropout only when
         ``not deterministic``. With ``decode=True`` it keeps its state in the ``'cache'``
         collection: the ``init`` call fixes the cache from its input length, later calls append
-        their positions (a prompt, then one token per call), as ``MultiHeadAttention`` does. A
-        block that cannot decode raises on ``decode=True``.
+        their positions (a prompt, then one token per call), as ``MultiHeadAttention`` does,
+        under the same decode contract (``efflax._src.nn._decode``: steps of another batch or
+        past the cache raise; under ``jit`` they are dropped, zeroed and flagged, see
+        ``efflax.nn.decode_overflowed``). A block that cannot decode raises on ``decode=True``.
       dtype: computation dtype; logits are returned in float32.
       param_dtype: parameter dtype.
 
@@ -201,6 +204,9 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"tokens: token ids in [{known.min()}, {known.max()}] must lie in [0, {self.vocab_size})"
             )
+        if decode and "cache" in self.variables:
+            # The blocks check too; here the message names this call's argument.
+            _decode.check_cache("tokens", tokens.shape, self.variables["cache"])
         args = (self.dtype, self.param_dtype)
         x = nn.Embed(
             self.vocab_size,

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from jax import lax
 
+from efflax._src.nn import _decode
 from pallas_kernels import _checks
 from pallas_kernels.attention import api as attention_op
 from pallas_kernels.attention.base import check_arguments
@@ -306,9 +306,12 @@ class MultiHeadAttention(nn.Module):
       broadcast_dropout: one dropout mask shared over batch and heads (Flax's default).
       deterministic: no dropout; may instead be passed to ``__call__`` (Flax's ``merge_param``).
       decode: autoregressive decoding with a key/value cache in the ``'cache'`` collection. The
-        cache length is fixed by the input of the ``init`` call (as in Flax); each later call
-        writes its tokens at the cache index (a prompt, then one token per call) and attends
-        causally to everything cached. Needs ``causal=True`` and self-attention.
+        cache batch and length are fixed by the input of the ``init`` call (as in Flax); each
+        later call writes its tokens at the cache index (a prompt, then one token per call) and
+        attends causally to everything cached. Needs ``causal=True`` and self-attention.
+        Follows the decode contract of ``efflax._src.nn._decode`` (shared with the GAU
+        layers): a step of another batch or past the cache is a ValueError; under ``jit``
+        positions past the cache are dropped, attend to nothing and flag the cache.
       precision: matmul precision (projections and the XLA attention path).
       use_bias: biases on the projections.
       dtype: computation dtype (default: inferred from inputs and params).
@@ -494,9 +497,10 @@ class MultiHeadAttention(nn.Module):
             implementation=self.implementation,
         )
         if q_offset is not None:
-            # Writing past the cache end clamps the write; make such a call loud, not wrong.
-            overflow = q_offset + q_len > key.shape[1]
-            encoded = jnp.where(overflow, jnp.full((), jnp.nan, encoded.dtype), encoded)
+            # The decode contract under jit: positions past the cache are not written and
+            # attend to nothing (zeros); the cache index keeps counting (_decode.overflowed).
+            _, inside = _decode.positions(q_offset, q_len, key.shape[1])
+            encoded = jnp.where(inside[None, :, None, None], encoded, jnp.zeros((), encoded.dtype))
         out_features = inputs_q.shape[-1] if self.out_features is None else self.out_features
         _checks.int_at_least("out_features", out_features)
         return nn.DenseGeneral(
@@ -532,34 +536,16 @@ class MultiHeadAttention(nn.Module):
                 key = apply_rotary_embedding(key, positions, base=self.rope_base)
             return query, key, value, None
         cache_batch, max_length = cached_key.value.shape[:2]
-        if key.shape[0] != cache_batch or key.shape[2:] != cached_key.value.shape[2:]:
-            raise ValueError(
-                f"inputs of batch {batch} give keys of shape {key.shape}, but the cache holds "
-                f"{cached_key.value.shape} (re-initialise the cache for another batch size)"
-            )
-        if q_len > max_length:
-            raise ValueError(
-                f"a sequence of length {q_len} is longer than the cache ({max_length} positions, "
-                "set by the input of the init call)"
-            )
+        _decode.check_step(
+            "inputs_q", (batch, q_len), cache_batch=cache_batch, cache_length=max_length
+        )
         index = cache_index.value
-        known = _checks.concrete(index)
-        if known is not None and int(known) + q_len > max_length:
-            raise ValueError(
-                f"cache index {int(known)} + {q_len} new positions exceeds the cache length "
-                f"{max_length}"
-            )
+        _decode.check_position("inputs_q", index, q_len, max_length)
         if self.rope:
             positions = index + jnp.arange(q_len)
             query = apply_rotary_embedding(query, positions, base=self.rope_base)
             key = apply_rotary_embedding(key, positions, base=self.rope_base)
-        start = (
-            jnp.zeros((), jnp.int32),
-            index,
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-        )
-        cached_key.value = lax.dynamic_update_slice(cached_key.value, key, start)
-        cached_value.value = lax.dynamic_update_slice(cached_value.value, value, start)
+        cached_key.value = _decode.write(cached_key.value, key, index)
+        cached_value.value = _decode.write(cached_value.value, value, index)
         cache_index.value = index + q_len
         return query, cached_key.value, cached_value.value, index

@@ -10,6 +10,7 @@ the attention op picks (`implementation='auto'`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -85,7 +86,9 @@ class EncoderBlock(nn.Module):
         deterministic: bool = True,
         padding_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """``padding_mask``: ``[batch, tokens]`` bool, True for real tokens (keys only)."""
+        """``padding_mask``: ``[batch, tokens]`` bool, True for real tokens: padded keys are
+        seen by no query, and an ``ffn`` that takes ``padding_mask=`` (``MoEFeedForward``)
+        gets it."""
         _checks.function("ffn", self.ffn)
         args = (self.dtype, self.param_dtype)
         h = _layer_norm(*args, "attention_norm")(x)
@@ -97,7 +100,12 @@ class EncoderBlock(nn.Module):
             name="attention",
         )(h, padding_mask=padding_mask)
         h = _layer_norm(*args, "ffn_norm")(x)
-        return x + self.ffn(name="ffn")(h, deterministic=deterministic)
+        ffn = self.ffn(name="ffn")
+        kwargs = {}
+        if padding_mask is not None and "padding_mask" in inspect.signature(ffn).parameters:
+            # An FFN that mixes tokens (MoEFeedForward's routing) is told which are padding.
+            kwargs["padding_mask"] = padding_mask
+        return x + ffn(h, deterministic=deterministic, **kwargs)
 
 
 class Encoder(nn.Module):
@@ -174,6 +182,10 @@ class Encoder(nn.Module):
                 f"padding_mask (shape {padding_mask.shape}, dtype {padding_mask.dtype}) must be "
                 f"a bool array of shape {x.shape[:2]}"
             )
+        if padding_mask is not None:
+            # Padded tokens become zeros before any arithmetic (select, never multiply: 0 * NaN
+            # is NaN): what they held reaches no real output and no gradient.
+            x = jnp.where(padding_mask[:, :, None], x, jnp.zeros((), x.dtype))
         args = (self.dtype, self.param_dtype)
         h = _dense(self.d_model, (None, "embed"), *args, "embedding")(x.astype(self.dtype))
         positions = self.param(
@@ -208,8 +220,9 @@ class Encoder(nn.Module):
         if padding_mask is None:
             pooled = jnp.mean(h32, axis=1)
         else:
-            weights = padding_mask.astype(jnp.float32)[..., None]
-            pooled = jnp.sum(h32 * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+            real = padding_mask[:, :, None]
+            count = jnp.sum(real.astype(jnp.float32), axis=1)
+            pooled = jnp.sum(jnp.where(real, h32, 0.0), axis=1) / jnp.maximum(count, 1.0)
         pooled = pooled.astype(self.dtype)
         return _dense(self.num_classes, ("embed", "classes"), *args, "head")(pooled)
 

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efflax._src.nn import _decode
 from efflax._src.nn.attention import apply_rotary_embedding
 from pallas_kernels import _checks
 from pallas_kernels.mixed_chunk import mixed_chunk_attention
@@ -181,7 +182,10 @@ class GatedAttentionUnit(_GAUSettings):
     (autoregressive decoding with the ``'cache'`` collection, causal only: a first call on a
     full-length input creates the cache, later calls feed tokens in order; FLASH caches the
     running linear state and the current chunk's keys and values, FLASH-Quad all keys and
-    values).
+    values). Decoding follows the contract shared with ``MultiHeadAttention``
+    (``efflax._src.nn._decode``): a step of another batch than the cache's, or past the cache
+    length, is a ValueError; under ``jit`` positions past the cache are not written, their
+    attention output is zero and ``efflax.nn.decode_overflowed(cache)`` flags them.
     """
 
     chunk_size: int | None = None
@@ -203,11 +207,21 @@ class GatedAttentionUnit(_GAUSettings):
         _checks.array("x", x, kind="floating", nonempty=True, layout="[batch, seq, features]")
         batch, seq_len, features = x.shape
         if padding_mask is not None:
-            if padding_mask.shape != (batch, seq_len) or padding_mask.dtype != jnp.bool_:
+            if isinstance(padding_mask, list | tuple):
+                padding_mask = jnp.asarray(padding_mask)
+            shape = getattr(padding_mask, "shape", None)
+            dtype = getattr(padding_mask, "dtype", type(padding_mask).__name__)
+            if shape != (batch, seq_len) or dtype != jnp.bool_:
                 raise ValueError(
-                    f"padding_mask (shape {padding_mask.shape}, dtype {padding_mask.dtype}) "
+                    f"padding_mask (shape {shape}, dtype {dtype}) "
                     f"must be bool [batch, seq] = {(batch, seq_len)}"
                 )
+            # Padded tokens become zeros before any arithmetic (select, never multiply: 0 * NaN
+            # is NaN), so nothing they hold reaches a real output or a gradient, whatever the
+            # kernel does with its key mask. Outputs at padded positions are unspecified.
+            x = jnp.where(padding_mask[:, :, None], x, jnp.zeros((), x.dtype))
+        _checks.boolean("decode", decode)
+        _checks.boolean("deterministic", deterministic)
         if decode and not self.causal:
             raise ValueError("decode=True needs causal=True (a non-causal unit sees the future)")
         if decode and padding_mask is not None:
@@ -323,9 +337,10 @@ class GatedAttentionUnit(_GAUSettings):
         other through the cache. FLASH's cache is the linear state of the completed chunks, the
         linear state of the current chunk so far, and the current chunk's quadratic keys and
         values: its size does not grow with the length. FLASH-Quad's holds every key and value.
-        The creating call's length is the decode length (it fixes ``'length'``
-        normalisation); FLASH-Quad returns NaN past it rather than wrong numbers. The cache
-        may be zero-filled from its shapes: nothing is read from the initial values.
+        The creating call's batch and length are the cache's (the length also fixes
+        ``'length'`` normalisation); later calls follow the decode contract of
+        ``efflax._src.nn._decode``, shared with ``MultiHeadAttention``. The cache may be
+        zero-filled from its shapes: nothing is read from the initial values.
         """
         batch, length, _, qk_dim = qk.shape
         e = v.shape[-1]
@@ -348,13 +363,22 @@ class GatedAttentionUnit(_GAUSettings):
             return None
 
         window = cache["keys"].value.shape[1]
-        quad_scale, lin_scale = self._scales(window, cache["length"].value.shape[0])
+        cache_length = cache["length"].value.shape[0]
+        _decode.check_step(
+            "x",
+            (batch, length),
+            cache_batch=cache["keys"].value.shape[0],
+            cache_length=cache_length,
+        )
+        _decode.check_position("x", cache["index"].value, length, cache_length)
+        quad_scale, lin_scale = self._scales(window, cache_length)
         slots = jnp.arange(window)
 
         def step(carry, token):
             qk_t, v_t = token  # [b, roles, s], [b, e]
             position = carry["index"]
-            slot = position % window if mixed else position
+            inside = position < cache_length  # False only under jit (see the decode contract)
+            slot = position % window if mixed else jnp.minimum(position, window - 1)
             if self.rope:
                 qk_t = apply_rotary_embedding(qk_t[:, None], position[None], base=self.rope_base)
                 qk_t = qk_t[:, 0]
@@ -374,8 +398,12 @@ class GatedAttentionUnit(_GAUSettings):
                 chunk_done = slot == window - 1
                 new["state"] = jnp.where(chunk_done, carry["state"] + pending, carry["state"])
                 new["pending"] = jnp.where(chunk_done, 0.0, pending)
-            else:
-                out = jnp.where(position < window, out, jnp.nan)
+            # Past the cache: nothing is written, the output is zero, the index keeps counting.
+            new = {
+                name: value if name == "index" else jnp.where(inside, value, carry[name])
+                for name, value in new.items()
+            }
+            out = jnp.where(inside, out, 0.0)
             return new, out.astype(v.dtype)
 
         carry = {name: variable.value for name, variable in cache.items() if name != "length"}

@@ -176,15 +176,43 @@ class MoEFeedForward(nn.Module):
         return R.expert_capacity(group_size, self.num_experts, factor, k=_TOP_K.get(self.router, 1))
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """Applies the layer to `x` `[..., tokens, d]`; `deterministic=False` while training."""
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool = True,
+        padding_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Applies the layer to `x` `[..., tokens, d]`; `deterministic=False` while training.
+
+        `padding_mask` (bool `x.shape[:-1]`, True for real tokens): padded tokens are routed
+        to no expert and take no slot (expert choice: experts pick among the real tokens of
+        their group; token choice: they push no real token out), and what they hold (NaN and
+        inf included) reaches no real output and no gradient; their own output is zero. The
+        router statistics and losses still average over every token of a group.
+        """
         self._check_config()
-        if x.ndim < 2:
-            raise ValueError(f"x must be [..., tokens, d], got {x.shape=}")
+        _checks.boolean("deterministic", deterministic)
+        if isinstance(x, list | tuple):
+            raise ValueError("x must be an array [..., tokens, d], got a list")
+        _checks.array("x", x, min_ndim=2, kind="real", layout="[..., tokens, d]")
         if 0 in x.shape:
             raise ValueError(f"x must have at least one token of size >= 1, got {x.shape=}")
         shape, d = x.shape, x.shape[-1]
         x = x.reshape(-1, shape[-2], d).astype(self.dtype)  # [batch, tokens, d]
+        if padding_mask is not None:
+            if isinstance(padding_mask, list | tuple):
+                padding_mask = jnp.asarray(padding_mask)
+            got_shape = getattr(padding_mask, "shape", None)
+            got_dtype = getattr(padding_mask, "dtype", type(padding_mask).__name__)
+            if got_shape is None or tuple(got_shape) != shape[:-1] or got_dtype != jnp.bool_:
+                raise ValueError(
+                    f"padding_mask (shape {got_shape}, dtype {got_dtype}) must be a bool array "
+                    f"of shape x.shape[:-1] = {shape[:-1]}"
+                )
+            padding_mask = padding_mask.reshape(x.shape[:2])
+            # Select, never multiply (0 * NaN is NaN): padded tokens hold zeros from here on.
+            x = jnp.where(padding_mask[..., None], x, jnp.zeros((), x.dtype))
 
         router_in = x
         if self.jitter > 0 and not deterministic:
@@ -211,8 +239,10 @@ class MoEFeedForward(nn.Module):
         if use_gating_dropout:
             local_only = jax.random.bernoulli(self.make_rng("gating_dropout"), self.gating_dropout)
 
+        token_mask = jnp.ones(x.shape[:2], bool) if padding_mask is None else padding_mask
         run = functools.partial(
             self._local_moe,
+            masked=padding_mask is not None,
             group_size=group_size,
             capacity=capacity,
             num_shards=num_shards,
@@ -225,10 +255,12 @@ class MoEFeedForward(nn.Module):
             run = shard_map(
                 run,
                 mesh=self.mesh,
-                in_specs=(batch_spec, batch_spec, expert_spec, PartitionSpec()),
+                in_specs=(batch_spec, batch_spec, batch_spec, expert_spec, PartitionSpec()),
                 out_specs=(batch_spec, batch_spec),
             )
-        out, stats = run(x, logits, weights, local_only)
+        out, stats = run(x, logits, token_mask, weights, local_only)
+        if padding_mask is not None:
+            out = jnp.where(padding_mask[..., None], out, jnp.zeros((), out.dtype))
         self._sow_statistics(logits, stats)
         return out.reshape(shape).astype(self.dtype)
 
@@ -272,24 +304,28 @@ class MoEFeedForward(nn.Module):
             h = nn.gelu(jnp.einsum("end,edh->enh", x, w["wi"]))
         return jnp.einsum("enh,ehd->end", h, w["wo"]).reshape(shape)
 
-    def _route(self, probs: jax.Array, capacity: int) -> R.Routing:
+    def _route(self, probs: jax.Array, capacity: int, token_mask) -> R.Routing:
         if self.router == "expert_choice":
-            return R.expert_choice_from_probs(probs, capacity)
-        return R.token_choice_from_probs(probs, k=_TOP_K[self.router], capacity=capacity)
+            return R.expert_choice_from_probs(probs, capacity, token_mask=token_mask)
+        return R.token_choice_from_probs(
+            probs, k=_TOP_K[self.router], capacity=capacity, token_mask=token_mask
+        )
 
     def _local_moe(
-        self, x, logits, weights, local_only, *, group_size, capacity, num_shards,
-        use_gating_dropout,
+        self, x, logits, token_mask, weights, local_only, *, masked, group_size, capacity,
+        num_shards, use_gating_dropout,
     ):  # fmt: skip
         """Everything after the router on one device's tokens (or all tokens, unsharded)."""
         batch, tokens, d = x.shape
         x = x.reshape(-1, group_size, d)
         probs = jax.nn.softmax(logits.reshape(-1, group_size, self.num_experts), axis=-1)
+        token_mask = token_mask.reshape(-1, group_size) if masked else None
 
         def apply_experts(routing, exchange):
             # Expert-major layout [E, g, c, d]: the expert matmuls batch over the leading axis
             # and the all-to-all splits it, with no transpose of the activations.
-            slot_mask = None if self.router == "expert_choice" else routing.slot_mask
+            full = self.router == "expert_choice" and not masked
+            slot_mask = None if full else routing.slot_mask
             expert_in = R.dispatch(
                 x, routing.token_indices, slot_mask, method=self.dispatch, expert_major=True
             )
@@ -310,7 +346,7 @@ class MoEFeedForward(nn.Module):
             )
 
         def all_experts(_):
-            routing = self._route(probs, capacity)
+            routing = self._route(probs, capacity, token_mask)
             out = apply_experts(routing, exchange=num_shards > 1)
             return out, _routing_stats(routing, group_size, self.num_experts, 0)
 
@@ -322,10 +358,14 @@ class MoEFeedForward(nn.Module):
             local_probs = lax.dynamic_slice_in_dim(probs, offset, local, axis=-1)
             local_capacity = min(capacity * num_shards, group_size)
             if self.router == "expert_choice":
-                routing = R.expert_choice_from_probs(local_probs, local_capacity)
+                routing = R.expert_choice_from_probs(
+                    local_probs, local_capacity, token_mask=token_mask
+                )
             else:
                 k = min(_TOP_K[self.router], local)
-                routing = R.token_choice_from_probs(local_probs, k=k, capacity=local_capacity)
+                routing = R.token_choice_from_probs(
+                    local_probs, k=k, capacity=local_capacity, token_mask=token_mask
+                )
             out = apply_experts(routing, exchange=False)
             return out, _routing_stats(routing, group_size, self.num_experts, offset)
 

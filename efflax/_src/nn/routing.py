@@ -127,7 +127,11 @@ def _router_probs(logits: jax.Array) -> jax.Array:
 
 
 def expert_choice(
-    logits: jax.Array, *, capacity_factor: float = 2.0, capacity: int | None = None
+    logits: jax.Array,
+    *,
+    capacity_factor: float = 2.0,
+    capacity: int | None = None,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """Expert-choice routing: every expert takes its top-`capacity` tokens of each group.
 
@@ -137,8 +141,12 @@ def expert_choice(
       capacity: slots per expert; default `expert_capacity(tokens, experts, capacity_factor)`,
         i.e. `ceil(tokens * capacity_factor / experts)` clipped to `tokens`.
 
+      token_mask: optional bool `[groups, tokens]`, True for real tokens: experts pick only
+        real tokens (padding takes no slot and gets no expert), whatever padded logits hold.
+
     Returns:
-      `Routing` whose `slot_mask` is all true: each expert holds exactly `capacity` tokens.
+      `Routing` whose `slot_mask` is all true without `token_mask`: each expert holds exactly
+      `capacity` tokens (with it: at most as many as there are real tokens).
 
     Example:
       >>> r = expert_choice(jnp.zeros((2, 8, 4)), capacity_factor=2.0)
@@ -150,21 +158,57 @@ def expert_choice(
     if capacity is None:
         capacity = expert_capacity(num_tokens, num_experts, capacity_factor)
     _check_capacity(capacity, num_tokens)
-    return expert_choice_from_probs(_router_probs(logits), capacity)
+    token_mask = _check_token_mask(token_mask, logits.shape[:2])
+    if token_mask is not None:
+        logits = jnp.where(token_mask[..., None], logits, jnp.zeros((), logits.dtype))
+    return expert_choice_from_probs(_router_probs(logits), capacity, token_mask=token_mask)
 
 
-def expert_choice_from_probs(probs: jax.Array, capacity: int) -> Routing:
-    """`expert_choice` on given router probabilities `[groups, tokens, experts]` in [0, 1]."""
+def _check_token_mask(token_mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+    if token_mask is None:
+        return None
+    if isinstance(token_mask, list | tuple):
+        token_mask = jnp.asarray(token_mask)
+    got_shape = getattr(token_mask, "shape", None)
+    got_dtype = getattr(token_mask, "dtype", type(token_mask).__name__)
+    if got_shape is None or tuple(got_shape) != tuple(shape) or got_dtype != jnp.bool_:
+        raise ValueError(
+            f"token_mask (shape {got_shape}, dtype {got_dtype}) must be a bool "
+            f"[groups, tokens] = {tuple(shape)} array"
+        )
+    return token_mask
+
+
+def expert_choice_from_probs(
+    probs: jax.Array, capacity: int, *, token_mask: jax.Array | None = None
+) -> Routing:
+    """`expert_choice` on given router probabilities `[groups, tokens, experts]` in [0, 1].
+
+    With `token_mask` (bool `[groups, tokens]`, True for real tokens) padded tokens rank below
+    every real one, whatever their probabilities hold (NaN included); a slot an expert fills
+    with padding (more slots than real tokens) is empty: `slot_mask` False, gate 0.
+    """
     _check_probs(probs)
     groups, num_tokens, _ = probs.shape
     _check_capacity(capacity, num_tokens)
+    token_mask = _check_token_mask(token_mask, probs.shape[:2])
+    if token_mask is not None:
+        # Select, never multiply: a padded NaN probability must not reach the ranking.
+        probs = jnp.where(token_mask[..., None], probs, -1.0)
     gates, token_indices = lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
-    picks = jax.vmap(lambda idx: jnp.zeros(num_tokens, jnp.int32).at[idx.reshape(-1)].add(1))(
-        token_indices
-    )
-    dropped = jnp.sum(picks == 0, axis=-1).astype(jnp.int32)
     # Derived from the data (not a constant) so that it varies over shard_map axes like the rest.
     slot_mask = token_indices >= 0
+    if token_mask is not None:
+        slot_mask = jnp.take_along_axis(token_mask[:, None, :], token_indices, axis=-1)
+        gates = jnp.where(slot_mask, gates, 0.0)
+        probs = jnp.where(token_mask[..., None], probs, 0.0)
+    picks = jax.vmap(
+        lambda idx, m: jnp.zeros(num_tokens, jnp.int32).at[idx.reshape(-1)].add(m.reshape(-1))
+    )(token_indices, slot_mask.astype(jnp.int32))
+    unpicked = picks == 0
+    if token_mask is not None:
+        unpicked = unpicked & token_mask
+    dropped = jnp.sum(unpicked, axis=-1).astype(jnp.int32)
     return Routing(token_indices.astype(jnp.int32), gates, slot_mask, probs, dropped)
 
 
@@ -174,6 +218,7 @@ def token_choice(
     k: int = 1,
     capacity_factor: float = 1.25,
     capacity: int | None = None,
+    token_mask: jax.Array | None = None,
 ) -> Routing:
     """Token-choice routing: Switch top-1 (`k=1`) or GShard top-2 (`k=2`) with dropping.
 
@@ -189,9 +234,12 @@ def token_choice(
       capacity_factor: default 1.25 (training; 2.0 is the usual evaluation value).
       capacity: slots per expert; default `ceil(k * tokens * capacity_factor / experts)`
         clipped to `tokens`.
+      token_mask: optional bool `[groups, tokens]`, True for real tokens: padded tokens take
+        no slot (and so never push a real token out), whatever their logits hold.
 
     Returns:
-      `Routing`; `dropped` counts the dropped (token, choice) assignments per group.
+      `Routing`; `dropped` counts the dropped (token, choice) assignments of real tokens per
+      group.
     """
     _check_logits(logits)
     groups, num_tokens, num_experts = logits.shape
@@ -202,16 +250,30 @@ def token_choice(
     if capacity is None:
         capacity = expert_capacity(num_tokens, num_experts, capacity_factor, k=k)
     _check_capacity(capacity, num_tokens)
-    return token_choice_from_probs(_router_probs(logits), k=k, capacity=capacity)
+    token_mask = _check_token_mask(token_mask, logits.shape[:2])
+    if token_mask is not None:
+        logits = jnp.where(token_mask[..., None], logits, jnp.zeros((), logits.dtype))
+    return token_choice_from_probs(
+        _router_probs(logits), k=k, capacity=capacity, token_mask=token_mask
+    )
 
 
-def token_choice_from_probs(probs: jax.Array, *, k: int, capacity: int) -> Routing:
-    """`token_choice` on given router probabilities `[groups, tokens, experts]` in [0, 1]."""
+def token_choice_from_probs(
+    probs: jax.Array, *, k: int, capacity: int, token_mask: jax.Array | None = None
+) -> Routing:
+    """`token_choice` on given router probabilities `[groups, tokens, experts]` in [0, 1].
+
+    With `token_mask` (bool `[groups, tokens]`, True for real tokens) padded tokens take no
+    slot and get gate 0, whatever their probabilities hold (NaN included).
+    """
     _check_probs(probs)
     groups, num_tokens, num_experts = probs.shape
     if _checks.int_at_least("k", k) > 2 or k > num_experts:
         raise ValueError(f"{k=} must be 1 or 2 and at most num_experts={num_experts}")
     _check_capacity(capacity, num_tokens)
+    token_mask = _check_token_mask(token_mask, probs.shape[:2])
+    if token_mask is not None:
+        probs = jnp.where(token_mask[..., None], probs, 0.0)
     top_gates, top_experts = lax.top_k(probs, k)  # [g, t, k]
     if k > 1:
         top_gates = top_gates / jnp.sum(top_gates, axis=-1, keepdims=True)
@@ -220,8 +282,13 @@ def token_choice_from_probs(probs: jax.Array, *, k: int, capacity: int) -> Routi
     gates_flat = jnp.swapaxes(top_gates, 1, 2).reshape(groups, k * num_tokens)
     tokens_flat = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k)
     one_hot = jax.nn.one_hot(experts_flat, num_experts, dtype=jnp.int32)
+    if token_mask is not None:
+        real_flat = jnp.tile(token_mask, (1, k))  # [g, k*t], in the priority order
+        one_hot = one_hot * real_flat[..., None].astype(jnp.int32)  # int 0/1: no NaN here
     position = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=-1)  # [g, k*t]
     keep = position < capacity
+    if token_mask is not None:
+        keep = keep & real_flat
     # Dropped assignments point past the end of the slot table and are discarded by mode="drop".
     slot = jnp.where(keep, experts_flat * capacity + position, num_experts * capacity)
 
@@ -232,7 +299,8 @@ def token_choice_from_probs(probs: jax.Array, *, k: int, capacity: int) -> Routi
     token_indices = jax.vmap(lambda s: scatter(tokens_flat, 0, s))(slot)
     gates = jax.vmap(lambda v, s: scatter(v, 0.0, s))(gates_flat, slot)
     slot_mask = jax.vmap(lambda s: scatter(jnp.ones_like(tokens_flat, bool), False, s))(slot)
-    dropped = jnp.sum(~keep, axis=-1).astype(jnp.int32)
+    lost = ~keep if token_mask is None else ~keep & real_flat
+    dropped = jnp.sum(lost, axis=-1).astype(jnp.int32)
     return Routing(token_indices, gates, slot_mask, probs, dropped)
 
 

@@ -40,30 +40,50 @@ def merge_tokens(
     """``softmax`` of ``scores`` over the input tokens, then the weighted sums of ``tokens``.
 
     Args:
-      scores: ``[batch, M, N]`` logits of each of the M outputs over the N inputs.
-      tokens: ``[batch, N, D]``.
-      mask: optional ``[batch, N]`` bool, True for real tokens; masked tokens get weight 0. A
-        row with no real token gives all-zero weights and a zero output token.
+      scores: ``[batch, M, N]`` real (integer or floating) logits of each of the M outputs over
+        the N inputs.
+      tokens: ``[batch, N, D]`` real; integer tokens are averaged in float32 (a convex
+        combination of integers is not an integer).
+      mask: optional ``[batch, N]`` bool, True for real tokens; masked tokens get weight 0 and
+        have no influence on the outputs or their gradients, whatever they hold (NaN and inf
+        included). A row with no real token gives all-zero weights and a zero output token.
 
     Returns:
-      ``(merged [batch, M, D] in tokens' dtype, weights [batch, M, N] float32)``; each row of
-      the weights sums to 1 over the real tokens. The softmax runs in float32.
+      ``(merged [batch, M, D], weights [batch, M, N] float32)``: ``merged`` in ``tokens``' dtype
+      if it is floating, else float32; each row of the weights sums to 1 over the real tokens.
+      The softmax runs in float32.
+
+    Raises:
+      ValueError: naming the argument, for a non-array, a wrong rank or shape, a bool, complex
+        or other non-real dtype, or an empty batch or token axis.
     """
-    if scores.ndim != 3 or tokens.ndim != 3 or scores.shape[::2] != tokens.shape[:2]:
+    scores = _as_array("scores", scores)
+    tokens = _as_array("tokens", tokens)
+    _checks.array("scores", scores, ndim=3, kind="real", layout="[batch, M, N]")
+    _checks.array("tokens", tokens, ndim=3, kind="real", layout="[batch, N, D]")
+    if scores.shape[::2] != tokens.shape[:2]:
         raise ValueError(
             f"scores.shape={scores.shape} must be [batch, M, N] and tokens.shape="
             f"{tokens.shape} [batch, N, D] with the same batch and N"
         )
+    if tokens.shape[1] == 0:
+        raise ValueError(f"tokens.shape={tokens.shape} holds no token to merge (N = 0)")
+    if not jnp.issubdtype(tokens.dtype, jnp.floating):
+        tokens = tokens.astype(jnp.float32)
     scores = scores.astype(jnp.float32)
     if mask is None:
         weights = jax.nn.softmax(scores, axis=-1)
     else:
+        mask = _as_array("mask", mask)
         if mask.shape != tokens.shape[:2] or mask.dtype != jnp.bool_:
             raise ValueError(
                 f"mask (shape {mask.shape}, dtype {mask.dtype}) must be a bool "
                 f"{tokens.shape[:2]} array"
             )
+        # Select, never multiply: 0 * NaN is NaN, in the forward pass and in the gradient.
+        tokens = jnp.where(mask[:, :, None], tokens, jnp.zeros((), tokens.dtype))
         mask = mask[:, None, :]
+        scores = jnp.where(mask, scores, 0.0)
         row_max = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
         row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
         # Masked entries go through exp(0) and are then zeroed: finite values and gradients.
@@ -72,6 +92,20 @@ def merge_tokens(
         weights = exp / jnp.where(total > 0, total, 1.0)
     merged = jnp.einsum("bmn,bnd->bmd", weights.astype(tokens.dtype), tokens)
     return merged, weights
+
+
+def _as_array(name: str, value: Any) -> jax.Array:
+    """Lists and numpy arrays as JAX arrays; anything else that is not an array is refused."""
+    if isinstance(value, list | tuple):
+        try:
+            return jnp.asarray(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{name} must be an array, got a ragged or non-numeric list"
+            ) from error
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise ValueError(f"{name} must be an array, got {type(value).__name__}")
+    return value
 
 
 def _layer_norm(dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
@@ -84,10 +118,26 @@ def _layer_norm(dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
     )
 
 
-def _check_input(tokens: jax.Array, num_tokens: int) -> None:
+def _check_input(
+    tokens: Any, mask: Any, num_tokens: int, dtype: Any
+) -> tuple[jax.Array, jax.Array | None]:
+    """The module's ``tokens`` (lists and integer arrays converted) and ``mask``, checked; masked
+    tokens are replaced by zeros so that nothing they hold reaches the layer norm or the MLP."""
     _checks.int_at_least("num_tokens", num_tokens, 1)
-    if tokens.ndim != 3:
-        raise ValueError(f"tokens.shape={tokens.shape} must be [batch, tokens, features]")
+    tokens = _as_array("tokens", tokens)
+    _checks.array("tokens", tokens, ndim=3, kind="real", layout="[batch, tokens, features]")
+    if 0 in tokens.shape:
+        raise ValueError(f"tokens.shape={tokens.shape} has a zero-length axis")
+    tokens = tokens.astype(dtype)
+    if mask is not None:
+        mask = _as_array("mask", mask)
+        if mask.shape != tokens.shape[:2] or mask.dtype != jnp.bool_:
+            raise ValueError(
+                f"mask (shape {mask.shape}, dtype {mask.dtype}) must be a bool "
+                f"{tokens.shape[:2]} array"
+            )
+        tokens = jnp.where(mask[:, :, None], tokens, jnp.zeros((), tokens.dtype))
+    return tokens, mask
 
 
 class LearnedTokenMerger(nn.Module):
@@ -118,8 +168,7 @@ class LearnedTokenMerger(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Merges ``tokens [batch, N, D]`` (``mask [batch, N]``) into ``[batch, M, D]``."""
-        _check_input(tokens, self.num_tokens)
-        x = tokens.astype(self.dtype)
+        x, mask = _check_input(tokens, mask, self.num_tokens, self.dtype)
         if self.use_layer_norm:
             x = _layer_norm(self.dtype, self.param_dtype, "norm")(x)
         queries = self.param(
@@ -157,9 +206,8 @@ class TokenLearner(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Merges ``tokens [batch, N, D]`` (``mask [batch, N]``) into ``[batch, M, D]``."""
-        _check_input(tokens, self.num_tokens)
         _checks.int_at_least("bottleneck_dim", self.bottleneck_dim, 1)
-        x = tokens.astype(self.dtype)
+        x, mask = _check_input(tokens, mask, self.num_tokens, self.dtype)
         h = _layer_norm(self.dtype, self.param_dtype, "norm")(x)
 
         def dense(features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
