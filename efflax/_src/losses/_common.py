@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflax._src import _validate
 from pallas_kernels import _checks
 
 
@@ -25,10 +26,12 @@ def positive_if_concrete(name: str, value: Any) -> None:
         _checks.positive_float(name, number)
 
 
-def check_logits(name: str, logits: jax.Array) -> None:
-    """``logits`` must be a floating ``[batch, classes]`` array with at least one row and class
-    (the mean over an empty batch is NaN)."""
-    _checks.array(name, logits, ndim=2, kind="floating", nonempty=True, layout="[batch, classes]")
+def check_logits(name: str, logits: jax.Array) -> jax.Array:
+    """``logits`` (a list is converted) as a floating ``[batch, classes]`` array with at least
+    one row and class (the mean over an empty batch is NaN)."""
+    return _validate.as_array(
+        name, logits, ndim=2, kind="floating", nonempty=True, layout="[batch, classes]"
+    )
 
 
 def targets_as_probabilities(labels: jax.Array, num_classes: int, batch: int) -> jax.Array:
@@ -37,14 +40,7 @@ def targets_as_probabilities(labels: jax.Array, num_classes: int, batch: int) ->
     Out-of-range class ids and negative soft targets are refused when the labels are known at
     trace time; traced ones cannot be checked (an out-of-range id gives an all-zero row).
     """
-    if not hasattr(labels, "dtype"):
-        try:
-            labels = jnp.asarray(labels)
-        except TypeError:
-            raise ValueError(
-                f"labels={labels!r} must be an array of class ids or targets"
-            ) from None
-    _checks.array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
+    labels = _validate.as_array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != (batch,):
             raise ValueError(f"integer labels.shape={labels.shape} must be {(batch,)}")
