@@ -3,7 +3,6 @@ ValueError naming the argument, before any work; exact parameter counts at any m
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
