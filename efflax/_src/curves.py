@@ -353,10 +353,13 @@ class Curve:
           ValueError: no runs, a point that lacks ``step``, ``time_key`` or ``metric`` (naming
             the run and the point), a step that is not an int, or runs of different budgets.
         """
+        for arg, value in (("name", name), ("metric", metric), ("time_key", time_key)):
+            if not isinstance(value, str):
+                raise ValueError(f"{arg}={value!r} must be a string")
         if isinstance(runs, str | bytes | Mapping) or not isinstance(runs, Sequence):
             raise ValueError(f"runs={_short(runs)} must be a list of runs (lists of points)")
         if not runs:
-            raise ValueError(f"curve {name!r} needs at least one run")
+            raise ValueError(f"runs=[]: curve {name!r} needs at least one run")
         for r, run in enumerate(runs):
             if isinstance(run, str | bytes | Mapping) or not isinstance(run, Sequence) or not run:
                 raise ValueError(

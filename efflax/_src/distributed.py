@@ -360,7 +360,8 @@ def _put_global(tree: Any, shardings: Any, name: str) -> Any:
     for (path, _), sharding in zip(leaves, sharding_leaves, strict=True):
         if not isinstance(sharding, jax.sharding.Sharding):
             raise ValueError(
-                f"shardings{jax.tree_util.keystr(path)}={sharding!r} must be a jax.sharding.Sharding"
+                f"shardings{jax.tree_util.keystr(path)}={_short(sharding)} must be a "
+                f"jax.sharding.Sharding: one per leaf of {name}, or a prefix of its structure"
             )
     for (path, leaf), sharding in zip(leaves, sharding_leaves, strict=True):
         _check_placement(name, path, leaf, sharding)
@@ -394,7 +395,7 @@ def addressable_values(array: Any) -> list[np.ndarray]:
     ``jax.Array`` gives ``[np.asarray(array)]``.
     """
     if not isinstance(array, jax.Array) or array.is_fully_addressable:
-        return [np.asarray(array)]
+        return [_numeric("array", array)]
     seen: set[tuple] = set()
     values = []
     for shard in sorted(array.addressable_shards, key=lambda s: s.device.id):
@@ -403,6 +404,17 @@ def addressable_values(array: Any) -> list[np.ndarray]:
             seen.add(key)
             values.append(np.asarray(shard.data))
     return values
+
+
+def _numeric(name: str, value: Any) -> np.ndarray:
+    """``value`` as numpy, if it is an array or number (bool, integer, floating or complex)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.dtype.kind not in "biufcV":
+        raise ValueError(f"{name}={_short(value)} must be an array or a number")
+    return array
 
 
 def to_host(value: Any) -> np.ndarray:
@@ -414,7 +426,7 @@ def to_host(value: Any) -> np.ndarray:
     if not isinstance(value, jax.Array) or value.is_fully_addressable or value.is_fully_replicated:
         if isinstance(value, Mapping):
             raise ValueError(f"value={value!r} must be an array (use jax.tree.map for a pytree)")
-        return np.asarray(value)
+        return _numeric("value", value)
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))

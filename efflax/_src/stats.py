@@ -89,7 +89,9 @@ class Estimate:
             tuple(_validate.finite_float(f"samples[{i}]", s) for i, s in enumerate(self.samples)),
         )
         if not self.low <= self.value <= self.high:
-            raise ValueError(f"interval [{self.low}, {self.high}] must contain {self.value}")
+            raise ValueError(
+                f"value={self.value} must lie in the interval [low={self.low}, high={self.high}]"
+            )
 
     def format(self, spec: str = ".3g", unit: str = "") -> str:
         """``'1.35 [1.12, 1.58] (n=5)'``."""
@@ -352,9 +354,9 @@ def combine_statuses(statuses: Sequence[Status]) -> Status:
     if not isinstance(statuses, Iterable) or isinstance(statuses, Mapping):
         raise ValueError(f"statuses={statuses!r} must be a list of statuses")
     statuses = list(statuses)
-    for status in statuses:
+    for i, status in enumerate(statuses):
         if not isinstance(status, str) or status not in STATUSES:
-            raise ValueError(f"status={status!r} must be one of {STATUSES}")
+            raise ValueError(f"statuses[{i}]: status={status!r} must be one of {STATUSES}")
     if not statuses:
         raise ValueError("no statuses to combine")
     if "FAIL" in statuses:

@@ -34,7 +34,9 @@ def check_logits(name: str, logits: jax.Array) -> jax.Array:
     )
 
 
-def targets_as_probabilities(labels: jax.Array, num_classes: int, batch: int) -> jax.Array:
+def targets_as_probabilities(
+    labels: jax.Array, num_classes: int, batch: int, batch_of: str = "logits"
+) -> jax.Array:
     """Integer class ids ``[batch]`` or soft targets ``[batch, classes]`` as float32 ``[b, c]``.
 
     Out-of-range class ids and negative soft targets are refused when the labels are known at
@@ -43,13 +45,15 @@ def targets_as_probabilities(labels: jax.Array, num_classes: int, batch: int) ->
     labels = _validate.as_array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != (batch,):
-            raise ValueError(f"integer labels.shape={labels.shape} must be {(batch,)}")
+            raise ValueError(
+                f"integer labels.shape={labels.shape} must be {(batch,)} (the batch of {batch_of})"
+            )
         _checks.indices_in_range("labels", labels, num_classes)
         return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if labels.shape != (batch, num_classes):
         raise ValueError(
-            f"soft labels.shape={labels.shape} must be {(batch, num_classes)} "
-            "(or pass integer class ids of shape [batch])"
+            f"soft labels.shape={labels.shape} must be {(batch, num_classes)}, [batch of "
+            f"{batch_of}, classes] (or pass integer class ids of shape [batch])"
         )
     values = _checks.concrete(labels)
     if values is not None and not np.all(values >= 0):

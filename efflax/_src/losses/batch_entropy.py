@@ -83,7 +83,9 @@ def _entropies(entropies: Sequence[jax.Array] | jax.Array) -> jax.Array:
             if h.ndim != 0:
                 raise ValueError(f"entropies[{i}].shape={h.shape} must be a scalar")
         entropies = jnp.stack([jnp.asarray(h) for h in entropies])
-    entropies = _validate.as_array("entropies", entropies, ndim=1, kind="real", layout="[layers]")
+    entropies = _validate.as_array(
+        "entropies", entropies, ndim=1, kind="real", nonempty=True, layout="[layers]"
+    )
     return entropies.astype(jnp.float32)
 
 

@@ -53,8 +53,8 @@ def _check_epoch(epoch: Any) -> None:
     value = _checks.concrete(epoch)
     if value is None:
         return
-    if value.ndim or value.dtype.kind not in "iuf" or not value >= 0:
-        raise ValueError(f"epoch={epoch!r} must be a real scalar >= 0")
+    if value.ndim or value.dtype.kind not in "iuf" or not 0 <= value < float("inf"):
+        raise ValueError(f"epoch={epoch!r} must be a finite real scalar >= 0")
 
 
 def _weighted_nll(

@@ -35,7 +35,7 @@ def _prepare(
     label_smoothing = _validate.probability("label_smoothing", label_smoothing, allow_one=False)
     # An empty batch or a zero-length axis has nothing to mix (and CutMix no box to draw).
     x = _validate.as_array("x", x, min_ndim=2, kind="real", nonempty=True, layout="[batch, ...]")
-    targets = targets_as_probabilities(labels, num_classes, x.shape[0])
+    targets = targets_as_probabilities(labels, num_classes, x.shape[0], batch_of="x")
     return x, targets * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
@@ -174,6 +174,8 @@ def mix_batch(
     """
     _checks.prng_key("key", key)
     switch_prob = _validate.probability("switch_prob", switch_prob)
+    _validate.positive_float("mixup_alpha", mixup_alpha)
+    _validate.positive_float("cutmix_alpha", cutmix_alpha)
     switch_key, mixup_key, cutmix_key = jax.random.split(key, 3)
     common = dict(num_classes=num_classes, label_smoothing=label_smoothing)
     x_mixup, t_mixup = mixup(mixup_key, x, labels, alpha=mixup_alpha, **common)

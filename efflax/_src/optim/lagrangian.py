@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from efflax._src import _validate
@@ -105,6 +106,9 @@ class LagrangianSparsity:
         sparsity = _validate.as_array("expected_sparsity", expected_sparsity, kind="real")
         if sparsity.ndim != 0:
             raise ValueError(f"expected_sparsity.shape={sparsity.shape} must be a scalar")
+        known = _checks.concrete(sparsity)
+        if known is not None and not np.isfinite(known):
+            raise ValueError(f"expected_sparsity={expected_sparsity!r} must be finite")
         target = self.target_at(step)
         gap = sparsity.astype(jnp.float32) - target
         loss = lambdas["lambda_1"] * gap + lambdas["lambda_2"] * jnp.square(gap)
@@ -118,8 +122,10 @@ def _check_step(step: Array | int) -> Array:
     if isinstance(step, str | bytes) or step is None:
         raise ValueError(f"step={step!r} must be a number >= 0")
     value = _checks.concrete(step)
-    if value is not None and (value.ndim != 0 or value.dtype.kind not in "iuf" or not value >= 0):
-        raise ValueError(f"step={step!r} must be a real scalar >= 0")
+    if value is not None and (
+        value.ndim != 0 or value.dtype.kind not in "iuf" or not 0 <= value < float("inf")
+    ):
+        raise ValueError(f"step={step!r} must be a finite real scalar >= 0")
     step = jnp.asarray(step)
     if step.ndim != 0:
         raise ValueError(f"step.shape={step.shape} must be a scalar")

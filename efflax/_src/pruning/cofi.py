@@ -589,6 +589,8 @@ def cofi_structure(
     if rngs is not None and not isinstance(rngs, Mapping):
         _checks.prng_key("rngs", rngs)
     elif isinstance(rngs, Mapping):
+        if "params" not in rngs:
+            raise ValueError(f"rngs={rngs!r} needs a 'params' key (or pass one PRNG key)")
         for name, key in rngs.items():
             _checks.prng_key(f"rngs[{name!r}]", key)
     if gate_configs is not None and not isinstance(gate_configs, Mapping):
@@ -649,6 +651,8 @@ def cofi_structure(
         if isinstance(groups, str):
             groups = (groups,)
         groups = tuple(groups)
+        if not groups:
+            raise ValueError(f"groups={groups!r} is empty: name at least one of {GROUPS}")
         for group in groups:
             _checks.one_of("groups", group, GROUPS)
             if group not in available:

@@ -218,7 +218,8 @@ def mask_axis(x: Array, z: Array, axis: int | Sequence[int]) -> Array:
     Raises:
       ValueError: an axis that ``x`` does not have, a repeated axis, or ``z`` of the wrong shape.
     """
-    x = _validate.as_array("x", x)
+    # Soft gates in (0, 1) would be truncated to 0 in an integer array.
+    x = _validate.as_array("x", x, kind="floating")
     z = _validate.as_array("z", z, kind="real")
     if isinstance(axis, int | np.integer) and not isinstance(axis, bool):
         axes = (axis,)

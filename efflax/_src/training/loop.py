@@ -216,8 +216,10 @@ def fit(
         raise ValueError(f"train_step={train_step!r} must be callable (see make_train_step)")
     _checks.function("eval_fn", eval_fn, optional=True)
     _checks.boolean("progress", progress)
-    if metrics_path is not None and not isinstance(metrics_path, str | os.PathLike):
-        raise ValueError(f"metrics_path={metrics_path!r} must be a path (str or pathlib.Path)")
+    if metrics_path is not None and (
+        not isinstance(metrics_path, str | os.PathLike) or pathlib.Path(metrics_path).is_dir()
+    ):
+        raise ValueError(f"metrics_path={metrics_path!r} must be a file path (str or pathlib.Path)")
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, str | os.PathLike):
         raise ValueError(f"checkpoint_dir={checkpoint_dir!r} must be a path (str or pathlib.Path)")
     if isinstance(eval_steps, str | bytes) or not isinstance(eval_steps, Iterable):
@@ -225,7 +227,9 @@ def fit(
     if isinstance(hooks, str | bytes) or not isinstance(hooks, Iterable):
         raise ValueError(f"hooks={hooks!r} must be a list of hooks")
     hooks = list(hooks)
-    if not (hasattr(loader, "__iter__") or hasattr(loader, "iter_from")):
+    if isinstance(loader, str | bytes | Mapping) or not (
+        hasattr(loader, "__iter__") or hasattr(loader, "iter_from")
+    ):
         raise ValueError(f"loader={loader!r} must be an iterable of batches (efflax.data.Loader)")
     if num_steps is None:
         if not hasattr(loader, "__len__"):
@@ -250,10 +254,13 @@ def fit(
         checkpoint_every = _checks.int_at_least("checkpoint_every", checkpoint_every)
         if checkpoint_dir is None:
             raise ValueError(f"{checkpoint_every=} was given without a checkpoint_dir")
-    for hook in hooks:
+    for i, hook in enumerate(hooks):
         every = getattr(hook, "every", None)
         if not callable(hook) or not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"hook {hook!r} needs an int `every` >= 1, got {every!r}")
+            raise ValueError(
+                f"hooks[{i}]={hook!r} must be callable with an int `every` >= 1, got "
+                f"every={every!r}"
+            )
     if batch_size is not None:
         batch_size = _checks.int_at_least("batch_size", batch_size)
     batch_size = batch_size or getattr(loader, "batch_size", None) or 0
@@ -443,7 +450,7 @@ def plot_metrics(
     if not isinstance(keys, Sequence) or not all(isinstance(k, str) for k in keys):
         raise ValueError(f"keys={keys!r} must be a list of metric names")
     if not keys:
-        raise ValueError(f"no metrics to plot in {str(metrics_path)!r}")
+        raise ValueError(f"keys={keys!r}: no metrics to plot in {str(metrics_path)!r}")
     for name, wanted in [("keys", k) for k in keys] + [("x", x)]:
         if not any(wanted in r for r in records):
             raise ValueError(
