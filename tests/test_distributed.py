@@ -266,6 +266,8 @@ BAD_DISTRIBUTED = {
         lambda: distributed.process_local_rows(_DATA, (3,)),
         r"global_shape",
     ),
+    "to_host object": (lambda: distributed.to_host(object()), r"value"),
+    "addressable_values str": (lambda: distributed.addressable_values("abc"), r"array"),
     "to_host dict": (lambda: distributed.to_host({"a": 1}), r"value"),
     "free_port host": (lambda: distributed.free_port(3), r"host"),
 }

@@ -192,6 +192,8 @@ BAD_STATS = {
     "combine int": (lambda: combine_statuses(3), r"statuses"),
     "combine empty": (lambda: combine_statuses([]), r"statuses"),
     "combine unknown": (lambda: combine_statuses(["PASS", "pass"]), r"status"),
+    "combine numbers": (lambda: combine_statuses([1, 2]), r"statuses\[0\]"),
+    "estimate value outside": (lambda: Estimate(-1.0, 0.0, 2.0, 3), r"value=-1.0"),
     "combine unhashable": (lambda: combine_statuses([["PASS"]]), r"status"),
 }
 

@@ -101,6 +101,22 @@ BAD = {
         lambda: L.cyclical_focal_loss(LOGITS, LABELS, [1, 2], num_epochs=10),
         r"epoch",
     ),
+    "cfl epoch inf": (
+        lambda: L.cyclical_focal_loss(LOGITS, LABELS, float("inf"), num_epochs=10),
+        r"epoch",
+    ),
+    "mix_batch cutmix_alpha 0": (
+        lambda: L.mix_batch(KEY, X, LABELS, num_classes=3, cutmix_alpha=0.0),
+        r"cutmix_alpha",
+    ),
+    "mixup labels vs x": (
+        lambda: L.mixup(KEY, X[:2], LABELS, num_classes=3),
+        r"labels.*batch of x",
+    ),
+    "penalty empty array": (
+        lambda: L.lbe_penalty(jnp.ones(0), jnp.ones(0), alpha_min=0.2),
+        r"entropies",
+    ),
     "cfl gamma_hc negative": (
         lambda: L.cyclical_focal_loss(LOGITS, LABELS, 0, num_epochs=10, gamma_hc=-1),
         r"gamma_hc",

@@ -96,6 +96,17 @@ BAD = {
         r"axis",
     ),
     "mask_axis axis str": (lambda: mask_axis(jnp.ones((2, 3)), jnp.ones(3), "1"), r"axis"),
+    "mask_axis x int": (lambda: mask_axis(jnp.ones((2, 3), int), jnp.ones(3) / 2, 1), r"x.dtype"),
+    "target_at inf": (lambda: CONTROLLER.target_at(float("inf")), r"step"),
+    "penalty sparsity nan": (
+        lambda: CONTROLLER.penalty(float("nan"), MULTIPLIERS, 0),
+        r"expected_sparsity",
+    ),
+    "cofi_structure groups empty": (lambda: cofi_structure(MODEL, X, groups=()), r"groups"),
+    "cofi_structure rngs no params": (
+        lambda: cofi_structure(MODEL, X, rngs={"dropout": KEY}),
+        r"rngs",
+    ),
     "mask_axis z shape": (lambda: mask_axis(jnp.ones((2, 3)), jnp.ones(2), 1), r"z.shape"),
     "mask_axis x str": (lambda: mask_axis("abc", jnp.ones(3), 0), r"\bx\b"),
     "mask_axis z str": (lambda: mask_axis(jnp.ones((2, 3)), "abc", 1), r"\bz\b"),

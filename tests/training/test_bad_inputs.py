@@ -182,6 +182,11 @@ BAD = {
         lambda: fit(_state(), make_train_step(LOSS), BATCHES, num_steps=1, hooks=_Hook(1)),
         r"hooks",
     ),
+    "fit hooks entry": (
+        lambda: fit(_state(), make_train_step(LOSS), BATCHES, num_steps=1, hooks=[1]),
+        r"hooks\[0\]",
+    ),
+    "fit loader str": (lambda: fit(_state(), make_train_step(LOSS), "abc", num_steps=1), r"loader"),
     "fit log_every 0": (
         lambda: fit(_state(), make_train_step(LOSS), BATCHES, num_steps=1, log_every=0),
         r"log_every",
