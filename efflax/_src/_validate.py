@@ -106,6 +106,15 @@ def as_array(name: str, value: Any, **array_checks: Any) -> Any:
         if isinstance(value, str | bytes) or value is None or isinstance(value, dict):
             raise ValueError(f"{name} must be an array, got {type(value).__name__}")
         try:
+            # numpy first: it tells strings and objects apart without JAX's dtype warnings.
+            kind = np.asarray(value).dtype.kind
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            kind = "f"  # a list of traced values: JAX converts it below
+        except (TypeError, ValueError):
+            kind = "O"
+        try:
+            if kind not in "biufc":
+                raise TypeError
             value = jnp.asarray(value)
         except (TypeError, ValueError):
             raise ValueError(
