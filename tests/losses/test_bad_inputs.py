@@ -255,6 +255,8 @@ BAD = {
         lambda: L.capture_activations(lambda: 0, select=nn.Dense, where="in"),
         r"where",
     ),
+    "capture select tuple": (lambda: L.capture_activations(lambda: 0, select=(1,)), r"select"),
+    "capture select empty": (lambda: L.capture_activations(lambda: 0, select=()), r"select"),
     "capture select": (lambda: L.capture_activations(lambda: 0, select=3), r"select"),
 }
 

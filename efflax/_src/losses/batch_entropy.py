@@ -191,6 +191,8 @@ def capture_activations(
     _checks.function("fn", fn)
     _checks.one_of("where", where, ("outputs", "inputs"))
     if isinstance(select, type | tuple):
+        if isinstance(select, tuple) and not (select and all(isinstance(c, type) for c in select)):
+            raise ValueError(f"select={select!r} must be a module class or a tuple of classes")
         classes = select
 
         def predicate(module: nn.Module) -> bool:
