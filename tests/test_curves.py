@@ -160,3 +160,206 @@ def test_interleaved_times_warms_up_rotates_and_repeats():
     assert all(len(t) == 3 and len(t.cpu) == 3 and min(t) >= 0 for t in times.values())
     with pytest.raises(ValueError, match="repeat=0"):
         curves.interleaved_times(fns, rounds=1, repeat=0)
+
+
+# --- bad inputs: a ValueError naming the argument ------------------------------------------------
+_FAST = _curve("fast", [1.0, 2.0], [0.7, 0.8])
+_POINTS = [{"step": 1, "train_time": 1.0, "test/accuracy": 0.5}]
+_RUN = (None, lambda s, b: (s, {}), [1, 2], lambda s: {"test/accuracy": 0.5})
+
+BAD_CURVES = {
+    "curve name": (
+        lambda: Curve(3, (1,), (Estimate(1, 1, 1, 1),), (Estimate(1, 1, 1, 1),)),
+        r"name",
+    ),
+    "curve steps float": (
+        lambda: Curve("a", (1.5,), (Estimate(1, 1, 1, 1),), (Estimate(1, 1, 1, 1),)),
+        r"steps",
+    ),
+    "curve steps str": (
+        lambda: Curve("a", "1", (Estimate(1, 1, 1, 1),), (Estimate(1, 1, 1, 1),)),
+        r"steps",
+    ),
+    "curve seconds float": (
+        lambda: Curve("a", (1,), (1.0,), (Estimate(1, 1, 1, 1),)),
+        r"seconds\[0\]",
+    ),
+    "curve lengths": (
+        lambda: Curve("a", (1, 2), (Estimate(1, 1, 1, 1),), (Estimate(1, 1, 1, 1),)),
+        r"steps",
+    ),
+    "curve higher_is_better": (
+        lambda: Curve(
+            "a", (1,), (Estimate(1, 1, 1, 1),), (Estimate(1, 1, 1, 1),), higher_is_better=1
+        ),
+        r"higher_is_better",
+    ),
+    "from_runs empty": (lambda: Curve.from_runs("a", []), r"run"),
+    "from_runs dict": (lambda: Curve.from_runs("a", {"a": _POINTS}), r"runs"),
+    "from_runs run empty": (lambda: Curve.from_runs("a", [[]]), r"runs\[0\]"),
+    "from_runs point list": (lambda: Curve.from_runs("a", [[[1, 2]]]), r"runs\[0\]\[0\]"),
+    "from_runs no metric": (
+        lambda: Curve.from_runs("a", [_POINTS], metric="loss"),
+        r"runs\[0\]\[0\].*'loss'",
+    ),
+    "from_runs no time": (lambda: Curve.from_runs("a", [_POINTS], time_key="wall"), r"'wall'"),
+    "from_runs no step": (
+        lambda: Curve.from_runs("a", [[{"train_time": 1.0, "test/accuracy": 0.5}]]),
+        r"'step'",
+    ),
+    "from_runs step float": (
+        lambda: Curve.from_runs("a", [[{**_POINTS[0], "step": 1.5}]]),
+        r"step",
+    ),
+    "from_runs metric str": (
+        lambda: Curve.from_runs("a", [[{**_POINTS[0], "test/accuracy": "a"}]]),
+        r"test/accuracy",
+    ),
+    "from_runs budgets differ": (
+        lambda: Curve.from_runs("a", [_POINTS, [{**_POINTS[0], "step": 2}]]),
+        r"budgets",
+    ),
+    "best_by str": (lambda: _FAST.best_by("1"), r"seconds"),
+    "best_by nan": (lambda: _FAST.best_by(math.nan), r"seconds"),
+    "pareto one curve": (lambda: curves.pareto_front(_FAST), r"curves"),
+    "pareto empty": (lambda: curves.pareto_front([]), r"curves"),
+    "pareto not curves": (lambda: curves.pareto_front([1, 2]), r"curves\[0\]"),
+    "pareto duplicate": (lambda: curves.pareto_front([_FAST, _FAST]), r"unique"),
+    "winners int": (lambda: curves.winners(3), r"curves"),
+    "summary str": (lambda: curves.summary("ab"), r"curves"),
+    "plot scale nan": (lambda: curves.plot([_FAST], metric_scale=math.nan), r"metric_scale"),
+    "plot scale 0": (lambda: curves.plot([_FAST], metric_scale=0), r"metric_scale"),
+    "plot title": (lambda: curves.plot([_FAST], title=3), r"title"),
+    "plot path": (lambda: curves.plot([_FAST], path=3), r"path"),
+    "cyclic budgets float": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], _RUN[3], budgets=[1.5]),
+        r"budgets",
+    ),
+    "cyclic budgets str": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], _RUN[3], budgets="12"),
+        r"budgets",
+    ),
+    "cyclic budgets int": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], _RUN[3], budgets=3),
+        r"budgets",
+    ),
+    "cyclic budgets bool": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], _RUN[3], budgets=[True]),
+        r"budgets",
+    ),
+    "cyclic budgets order": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], _RUN[3], budgets=[3, 2]),
+        r"budgets",
+    ),
+    "cyclic budgets empty": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], _RUN[3], budgets=[]),
+        r"budgets",
+    ),
+    "cyclic eval_fn": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], None, budgets=[1]),
+        r"eval_fn",
+    ),
+    "cyclic train_step": (
+        lambda: curves.cyclic_points(None, None, [1], _RUN[3], budgets=[1]),
+        r"train_step",
+    ),
+    "cyclic loader int": (
+        lambda: curves.cyclic_points(None, _RUN[1], 3, _RUN[3], budgets=[1]),
+        r"loader",
+    ),
+    "cyclic loader empty": (
+        lambda: curves.cyclic_points(None, _RUN[1], [], _RUN[3], budgets=[1]),
+        r"loader",
+    ),
+    "cyclic metric": (
+        lambda: curves.cyclic_points(None, _RUN[1], [1], _RUN[3], budgets=[1], metric=1),
+        r"metric",
+    ),
+    "interleaved runs list": (
+        lambda: curves.interleaved_cyclic_points([_RUN], budgets=[1]),
+        r"runs",
+    ),
+    "interleaved runs empty": (lambda: curves.interleaved_cyclic_points({}, budgets=[1]), r"runs"),
+    "interleaved run 3": (
+        lambda: curves.interleaved_cyclic_points({"a": _RUN[:3]}, budgets=[1]),
+        r"runs\['a'\]",
+    ),
+    "interleaved step": (
+        lambda: curves.interleaved_cyclic_points({"a": (None, 1, [1], _RUN[3])}, budgets=[1]),
+        r"train_step",
+    ),
+    "interleaved eval": (
+        lambda: curves.interleaved_cyclic_points({"a": (*_RUN[:3], None)}, budgets=[1]),
+        r"eval_fn",
+    ),
+    "interleaved loader int": (
+        lambda: curves.interleaved_cyclic_points({"a": (None, _RUN[1], 3, _RUN[3])}, budgets=[1]),
+        r"loader",
+    ),
+    "interleaved loader short": (
+        lambda: curves.interleaved_cyclic_points({"a": _RUN}, budgets=[3]),
+        r"ran out",
+    ),
+    "interleaved loader empty": (
+        lambda: curves.interleaved_cyclic_points({"a": (None, _RUN[1], [], _RUN[3])}, budgets=[1]),
+        r"ran out",
+    ),
+    "interleaved eval returns": (
+        lambda: curves.interleaved_cyclic_points({"a": (*_RUN[:3], lambda s: 1.0)}, budgets=[1]),
+        r"eval_fn",
+    ),
+    "interleaved budgets float": (
+        lambda: curves.interleaved_cyclic_points({"a": _RUN}, budgets=[1.9]),
+        r"budgets",
+    ),
+    "timed_call fn": (lambda: curves.timed_call(None), r"fn"),
+    "times rounds float": (
+        lambda: curves.interleaved_times({"a": (len, ((),))}, rounds=2.5),
+        r"rounds",
+    ),
+    "times rounds 0": (lambda: curves.interleaved_times({"a": (len, ((),))}, rounds=0), r"rounds"),
+    "times warmup negative": (
+        lambda: curves.interleaved_times({"a": (len, ((),))}, rounds=1, warmup=-1),
+        r"warmup",
+    ),
+    "times repeat str": (
+        lambda: curves.interleaved_times({"a": (len, ((),))}, rounds=1, repeat="2"),
+        r"repeat",
+    ),
+    "times rotate int": (
+        lambda: curves.interleaved_times({"a": (len, ((),))}, rounds=1, rotate=1),
+        r"rotate",
+    ),
+    "times max_seconds 0": (
+        lambda: curves.interleaved_times({"a": (len, ((),))}, rounds=1, max_seconds=0),
+        r"max_seconds",
+    ),
+    "times min_rounds 0": (
+        lambda: curves.interleaved_times({"a": (len, ((),))}, rounds=1, min_rounds=0),
+        r"min_rounds",
+    ),
+    "times fns list": (lambda: curves.interleaved_times([len], rounds=1), r"fns"),
+    "times fns entry": (lambda: curves.interleaved_times({"a": len}, rounds=1), r"fns\['a'\]"),
+    "times fns args": (
+        lambda: curves.interleaved_times({"a": (len, "ab")}, rounds=1),
+        r"fns\['a'\]",
+    ),
+    "TimedEval": (lambda: curves.TimedEval(None), r"eval_fn"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CURVES))
+def test_bad_call_is_refused_naming_the_argument(name):
+    call, pattern = BAD_CURVES[name]
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_budgets_are_not_truncated():
+    with pytest.raises(ValueError, match=r"budgets=99.9 must be an int"):
+        curves.interleaved_cyclic_points({"a": _RUN}, budgets=[99.9])
+    # Integer-valued numpy and 0-d JAX ints are steps.
+    points = curves.interleaved_cyclic_points(
+        {"a": (None, _RUN[1], [1, 2], _RUN[3])}, budgets=[np.int64(1), jnp.int32(2)]
+    )
+    assert [p["step"] for p in points["a"]] == [1, 2]

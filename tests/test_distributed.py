@@ -172,3 +172,109 @@ def test_efflax_launch_command(tmp_path):
     assert main([*argv, sys.executable, str(script)]) == 0
     assert sorted(p.name for p in tmp_path.glob("p*")) == ["p0", "p1", "p2"]
     assert (tmp_path / "p2").read_text() == "2"
+
+
+# --- bad inputs: a ValueError naming the argument, before any process starts --------------------
+_MESH = make_mesh(data=2, model=4)
+_DATA = NamedSharding(_MESH, P("data"))
+
+BAD_DISTRIBUTED = {
+    "launch command str": (lambda: distributed.launch("python x.py", num_processes=1), r"command"),
+    "launch command ints": (
+        lambda: distributed.launch([sys.executable, 3], num_processes=1),
+        r"command",
+    ),
+    "launch command missing": (
+        lambda: distributed.launch(["no-such-program-efflax"], num_processes=1),
+        r"command\[0\]",
+    ),
+    "launch command empty": (lambda: distributed.launch([], num_processes=1), r"command"),
+    "launch processes 0": (
+        lambda: distributed.launch([sys.executable], num_processes=0),
+        r"num_processes",
+    ),
+    "launch processes float": (
+        lambda: distributed.launch([sys.executable], num_processes=2.0),
+        r"num_processes",
+    ),
+    "launch cpu_devices bool": (
+        lambda: distributed.launch([sys.executable], num_processes=1, cpu_devices=True),
+        r"cpu_devices",
+    ),
+    "launch timeout 0": (
+        lambda: distributed.launch([sys.executable], num_processes=1, timeout=0),
+        r"timeout",
+    ),
+    "launch env ints": (
+        lambda: distributed.launch([sys.executable], num_processes=1, env={"A": 1}),
+        r"env",
+    ),
+    "launch env list": (
+        lambda: distributed.launch([sys.executable], num_processes=1, env=["A"]),
+        r"env",
+    ),
+    "launch output": (
+        lambda: distributed.launch([sys.executable], num_processes=1, output=3),
+        r"output",
+    ),
+    "put_global str leaf": (
+        lambda: distributed.put_global({"a": "abc"}, {"a": _DATA}),
+        r"tree\['a'\]",
+    ),
+    "put_global indivisible": (
+        lambda: distributed.put_global({"a": np.ones(3)}, {"a": _DATA}),
+        r"tree\['a'\].*\(3,\)",
+    ),
+    "put_global rank": (
+        lambda: distributed.put_global({"a": np.ones(())}, {"a": _DATA}),
+        r"tree\['a'\]",
+    ),
+    "put_global structure": (
+        lambda: distributed.put_global({"a": np.ones(2)}, {"b": _DATA}),
+        r"shardings",
+    ),
+    "put_global not sharding": (
+        lambda: distributed.put_global({"a": np.ones(2)}, {"a": "data"}),
+        r"shardings\['a'\]",
+    ),
+    "initialize address int": (lambda: distributed.initialize(3, 2, 0), r"coordinator_address"),
+    "initialize address no port": (
+        lambda: distributed.initialize("localhost", 2, 0),
+        r"coordinator_address",
+    ),
+    "initialize bind int": (
+        lambda: distributed.initialize("localhost:1", 2, 0, coordinator_bind_address=1),
+        r"coordinator_bind_address",
+    ),
+    "initialize device ids": (
+        lambda: distributed.initialize("localhost:1", 2, 0, local_device_ids=["0"]),
+        r"local_device_ids",
+    ),
+    "initialize process_id range": (
+        lambda: distributed.initialize("localhost:1", 2, 2),
+        r"process_id",
+    ),
+    "agree what": (lambda: distributed.agree(3, {}), r"what"),
+    "agree values": (lambda: distributed.agree("x", [1]), r"values"),
+    "barrier name": (lambda: distributed.barrier(3), r"name"),
+    "process_local_rows sharding": (lambda: distributed.process_local_rows("s", (4,)), r"sharding"),
+    "process_local_rows shape": (
+        lambda: distributed.process_local_rows(_DATA, (4.0,)),
+        r"global_shape",
+    ),
+    "process_local_rows indivisible": (
+        lambda: distributed.process_local_rows(_DATA, (3,)),
+        r"global_shape",
+    ),
+    "to_host object": (lambda: distributed.to_host(object()), r"value"),
+    "addressable_values str": (lambda: distributed.addressable_values("abc"), r"array"),
+    "to_host dict": (lambda: distributed.to_host({"a": 1}), r"value"),
+    "free_port host": (lambda: distributed.free_port(3), r"host"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DISTRIBUTED))
+def test_bad_call_is_refused_naming_the_argument(name):
+    call, pattern = BAD_DISTRIBUTED[name]
+    with pytest.raises(ValueError, match=pattern):
+        call()

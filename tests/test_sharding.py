@@ -136,3 +136,76 @@ def test_shard_map_runs_an_explicit_mesh_as_its_auto_twin():
     expected = x * np.tile(np.arange(1, 5), 2)[:, None]
     np.testing.assert_array_equal(jax.jit(fn)(x), expected)
     assert sharding.auto_axes(mesh).axis_types == (jax.sharding.AxisType.Auto,) * 2
+
+
+# --- bad inputs: a ValueError naming the argument ------------------------------------------------
+def _boxed(shape, names):
+    return nn.LogicallyPartitioned(jnp.ones(shape), names)
+
+
+BAD_SHARDING = {
+    "make_mesh devices ints": (lambda: sharding.make_mesh(devices=[0, 1]), r"devices\[0\]"),
+    "make_mesh devices one": (lambda: sharding.make_mesh(devices=jax.devices()[0]), r"devices"),
+    "make_mesh devices str": (lambda: sharding.make_mesh(devices="cpu"), r"devices"),
+    "make_mesh devices repeat": (
+        lambda: sharding.make_mesh(devices=[jax.devices()[0]] * 2),
+        r"devices",
+    ),
+    "make_mesh devices empty": (lambda: sharding.make_mesh(devices=[]), r"devices"),
+    "make_mesh data float": (lambda: sharding.make_mesh(data=2.0), r"data"),
+    "make_mesh expert 0": (lambda: sharding.make_mesh(expert=0), r"expert"),
+    "make_mesh model bool": (lambda: sharding.make_mesh(model=True), r"model"),
+    "make_mesh too many": (lambda: sharding.make_mesh(data=16), r"devices"),
+    "make_mesh dcn int": (lambda: sharding.make_mesh(dcn=2), r"dcn"),
+    "make_mesh dcn one process": (lambda: sharding.make_mesh(dcn=(2, 1, 1)), r"dcn"),
+    "make_mesh dcn floats": (lambda: sharding.make_mesh(dcn=(1.0, 1, 1)), r"dcn"),
+    "logical int": (lambda: sharding.logical_to_mesh_spec(3), r"logical"),
+    "logical str": (lambda: sharding.logical_to_mesh_spec("embed"), r"logical"),
+    "logical entry int": (lambda: sharding.logical_to_mesh_spec(("embed", 3)), r"logical"),
+    "logical unknown": (lambda: sharding.logical_to_mesh_spec(("embd",)), r"embd"),
+    "logical twice": (lambda: sharding.logical_to_mesh_spec(("mlp", "mlp")), r"logical"),
+    "logical rules": (lambda: sharding.logical_to_mesh_spec(("mlp",), rules="x"), r"rules"),
+    "logical mesh": (lambda: sharding.logical_to_mesh_spec(("mlp",), mesh="m"), r"mesh"),
+    "data_sharding ndim": (lambda: sharding.data_sharding(sharding.make_mesh(), 0), r"ndim"),
+    "data_sharding mesh": (lambda: sharding.data_sharding(None), r"mesh"),
+    "replicated mesh": (lambda: sharding.replicated([1]), r"mesh"),
+    "batch_axes mesh": (lambda: sharding.batch_axes("m"), r"mesh"),
+    "auto_axes mesh": (lambda: sharding.auto_axes(None), r"mesh"),
+    "shard_params indivisible": (
+        lambda: sharding.shard_params(
+            {"w": _boxed((3, 6), ("embed", "mlp"))}, sharding.make_mesh(model=4)
+        ),
+        r"params\['w'\].*\(3, 6\)",
+    ),
+    "shard_params names rank": (
+        lambda: sharding.shard_params(
+            {"w": _boxed((8,), ("embed", "mlp"))}, sharding.make_mesh(model=4)
+        ),
+        r"params\['w'\]",
+    ),
+    "shard_params unknown name": (
+        lambda: sharding.shard_params({"w": _boxed((8,), ("mpl",))}, sharding.make_mesh(model=4)),
+        r"mpl",
+    ),
+    "shard_params str leaf": (
+        lambda: sharding.shard_params({"w": "abc"}, sharding.make_mesh()),
+        r"params\['w'\]",
+    ),
+    "shard_params mesh": (lambda: sharding.shard_params({"w": jnp.ones(2)}, "mesh"), r"mesh"),
+    "shard_batch indivisible": (
+        lambda: sharding.shard_batch({"x": np.ones((3, 2))}, sharding.make_mesh()),
+        r"batch\['x'\]",
+    ),
+    "shard_batch scalar": (
+        lambda: sharding.shard_batch({"x": 1.0}, sharding.make_mesh()),
+        r"batch\['x'\]",
+    ),
+    "params_shardings mesh": (lambda: sharding.params_shardings({}, 3), r"mesh"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SHARDING))
+def test_bad_call_is_refused_naming_the_argument(name):
+    call, pattern = BAD_SHARDING[name]
+    with pytest.raises(ValueError, match=pattern):
+        call()

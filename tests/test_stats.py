@@ -1,5 +1,7 @@
 """Intervals and verdicts on known distributions: a clear win, a clear loss, a tie."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
@@ -120,3 +122,102 @@ def test_one_run_decides_nothing_unless_the_quantity_is_exact():
     assert "inf" in mean_interval([5.0]).format()
     # A deterministic quantity is exact and is decided.
     assert decide(Estimate(5.0, 5.0, 5.0, 1), 1.0) == "PASS"
+
+
+# --- bad inputs: a ValueError naming the argument ------------------------------------------------
+_E = Estimate(1.0, 0.5, 1.5, 3, samples=(0.5, 1.0, 1.5))
+
+BAD_STATS = {
+    "estimate value str": (lambda: Estimate("1", 0, 2, 3), r"value"),
+    "estimate value bool": (lambda: Estimate(True, 0, 2, 3), r"value"),
+    "estimate low nan": (lambda: Estimate(1.0, float("nan"), 2, 3), r"low"),
+    "estimate high None": (lambda: Estimate(1.0, 0.0, None, 3), r"high"),
+    "estimate n 0": (lambda: Estimate(1.0, 0.0, 2.0, 0), r"\bn=0"),
+    "estimate n float": (lambda: Estimate(1.0, 0.0, 2.0, 3.0), r"\bn=3.0"),
+    "estimate n bool": (lambda: Estimate(1.0, 0.0, 2.0, True), r"\bn=True"),
+    "estimate confidence 1": (lambda: Estimate(1.0, 0.0, 2.0, 3, 1.0), r"confidence"),
+    "estimate outside": (lambda: Estimate(3.0, 0.0, 2.0, 3), r"interval"),
+    "estimate samples str": (lambda: Estimate(1.0, 0.0, 2.0, 3, samples="abc"), r"samples"),
+    "estimate samples nan": (
+        lambda: Estimate(1.0, 0.0, 2.0, 3, samples=(1.0, math.nan)),
+        r"samples\[1\]",
+    ),
+    "mean samples empty": (lambda: mean_interval([]), r"samples"),
+    "mean samples str": (lambda: mean_interval("123"), r"samples"),
+    "mean samples None": (lambda: mean_interval(None), r"samples"),
+    "mean samples dict": (lambda: mean_interval({"a": 1.0}), r"samples"),
+    "mean samples ragged": (lambda: mean_interval([[1.0], [1.0, 2.0]]), r"samples"),
+    "mean samples 2d": (lambda: mean_interval([[1.0, 2.0], [3.0, 4.0]]), r"samples"),
+    "mean samples scalar": (lambda: mean_interval(3.0), r"samples"),
+    "mean samples bool": (lambda: mean_interval([True, False]), r"samples"),
+    "mean samples inf": (lambda: mean_interval([1.0, math.inf]), r"samples"),
+    "mean confidence 0": (lambda: mean_interval([1.0, 2.0], confidence=0.0), r"confidence"),
+    "mean confidence str": (lambda: mean_interval([1.0, 2.0], confidence="0.9"), r"confidence"),
+    "paired lengths": (lambda: paired_difference([1.0, 2.0], [1.0]), r"\ba and b\b"),
+    "paired shapes": (lambda: paired_difference(np.ones((2, 3)), np.ones((3, 2))), r"\ba\b"),
+    "paired b str": (lambda: paired_difference([1.0], "b"), r"\bb="),
+    "paired confidence": (lambda: paired_difference([1.0], [2.0], confidence=2), r"confidence"),
+    "ratio negative": (lambda: ratio_interval([1.0, -1.0], [1.0, 1.0]), r"numerator"),
+    "ratio zero den": (lambda: ratio_interval([1.0, 1.0], [1.0, 0.0]), r"denominator"),
+    "ratio lengths": (lambda: ratio_interval([1.0, 2.0], [1.0]), r"paired"),
+    "ratio paired int": (lambda: ratio_interval([1.0], [1.0], paired=1), r"paired"),
+    "bootstrap statistic": (lambda: bootstrap_interval([1.0, 2.0], statistic=None), r"statistic"),
+    "bootstrap statistic vector": (
+        lambda: bootstrap_interval([1.0, 2.0], statistic=lambda x: x),
+        r"statistic",
+    ),
+    "bootstrap statistic str": (
+        lambda: bootstrap_interval([1.0, 2.0], statistic=lambda x: "a"),
+        r"statistic",
+    ),
+    "bootstrap resamples 0": (
+        lambda: bootstrap_interval([1.0, 2.0], num_resamples=0),
+        r"num_resamples",
+    ),
+    "bootstrap resamples float": (
+        lambda: bootstrap_interval([1.0, 2.0], num_resamples=10.5),
+        r"num_resamples",
+    ),
+    "bootstrap seed negative": (lambda: bootstrap_interval([1.0, 2.0], seed=-1), r"seed"),
+    "decide estimate": (lambda: decide((1.0, 0.5, 1.5), 1.0), r"estimate"),
+    "decide threshold nan": (lambda: decide(_E, math.nan), r"threshold"),
+    "decide threshold str": (lambda: decide(_E, "1"), r"threshold"),
+    "decide direction": (lambda: decide(_E, 1.0, direction=">"), r"direction"),
+    "decide direction list": (lambda: decide(_E, 1.0, direction=[">="]), r"direction"),
+    "decide within negative": (lambda: decide(_E, -1.0, direction="within"), r"threshold"),
+    "seeds estimate": (lambda: seeds_to_decide(None, 1.0), r"estimate"),
+    "seeds max 1": (lambda: seeds_to_decide(_E, 1.0, max_seeds=1), r"max_seeds"),
+    "seeds within negative": (lambda: seeds_to_decide(_E, -1.0, direction="within"), r"threshold"),
+    "combine str": (lambda: combine_statuses("PASS"), r"statuses"),
+    "combine int": (lambda: combine_statuses(3), r"statuses"),
+    "combine empty": (lambda: combine_statuses([]), r"statuses"),
+    "combine unknown": (lambda: combine_statuses(["PASS", "pass"]), r"status"),
+    "combine numbers": (lambda: combine_statuses([1, 2]), r"statuses\[0\]"),
+    "estimate value outside": (lambda: Estimate(-1.0, 0.0, 2.0, 3), r"value=-1.0"),
+    "combine unhashable": (lambda: combine_statuses([["PASS"]]), r"status"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STATS))
+def test_bad_call_is_refused_naming_the_argument(name):
+    call, pattern = BAD_STATS[name]
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_paired_difference_refuses_tables_instead_of_flattening_them():
+    with pytest.raises(ValueError, match=r"a has shape \(2, 3\)"):
+        paired_difference(np.ones((2, 3)), np.ones((3, 2)))
+
+
+def test_zero_dim_arrays_count_as_numbers():
+    import jax.numpy as jnp
+
+    estimate = Estimate(jnp.float32(1.0), np.float64(0.5), jnp.asarray(1.5), jnp.int32(3))
+    assert estimate == Estimate(1.0, 0.5, 1.5, 3)
+    assert str(estimate) == "1 [0.5, 1.5] (n=3)"
+    assert decide(estimate, jnp.float32(0.4)) == "PASS"
+    assert mean_interval(jnp.arange(3.0), confidence=jnp.float32(0.9)).n == 3
+    assert seeds_to_decide(_E, np.float32(0.5), max_seeds=jnp.int32(500)) == seeds_to_decide(
+        _E, 0.5
+    )

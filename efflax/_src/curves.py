@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflax._src import _validate
 from efflax._src.stats import Estimate
 from efflax._src.stats import mean_interval
 from efflax._src.timing import timed_call
@@ -84,6 +85,8 @@ class TimedEval:
     """
 
     def __init__(self, eval_fn: Callable[[Any], Mapping[str, float]]):
+        if not callable(eval_fn):
+            raise ValueError(f"eval_fn={eval_fn!r} must be callable")
         self.eval_fn = eval_fn
         self.seconds = 0.0
         self.seconds_until: dict[int, float] = {}
@@ -97,7 +100,13 @@ class TimedEval:
 
 
 def _check_budgets(budgets: Iterable[int]) -> list[int]:
-    budgets = [int(b) for b in budgets]
+    if isinstance(budgets, str | bytes | Mapping) or not isinstance(budgets, Iterable):
+        raise ValueError(f"budgets={budgets!r} must be a list of steps, e.g. [60, 140, 300]")
+    budgets = list(budgets)
+    for b in budgets:
+        # A float budget is refused, not truncated (int(99.9) would evaluate at step 99).
+        _validate.int_at_least("budgets", b, 1)
+    budgets = [int(_validate.as_number(b)) for b in budgets]
     if (
         not budgets
         or budgets[0] < 1
@@ -140,9 +149,15 @@ def cyclic_points(
     from efflax.training import fit
 
     budgets = _check_budgets(budgets)
+    _check_metric(metric)
+    if not callable(train_step):
+        raise ValueError(f"train_step={train_step!r} must be callable (see make_train_step)")
     timed = TimedEval(eval_fn)
-    batches = loader.iter_from(0) if hasattr(loader, "iter_from") else iter(loader)
-    first = next(batches)
+    batches = _iterate("loader", loader)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValueError("loader has no batches") from None
     jax.block_until_ready(train_step(jax.tree.map(jnp.copy, state), first))
     fit_kwargs.setdefault("progress", False)
     fit_kwargs.setdefault("log_every", budgets[-1])
@@ -166,12 +181,18 @@ def cyclic_points(
     return points
 
 
-def _batch_source(loader: Any) -> Callable[[int], Any]:
-    """``batch(step)``: random access for an ``efflax.data.Loader``, else the next batch."""
-    if hasattr(loader, "batch_at"):
-        return loader.batch_at
-    batches = iter(loader)
-    return lambda step: next(batches)
+def _check_metric(metric: Any) -> None:
+    if not isinstance(metric, str):
+        raise ValueError(f"metric={metric!r} must be the name of a metric, e.g. 'test/accuracy'")
+
+
+def _iterate(name: str, loader: Any) -> Any:
+    """``loader.iter_from(0)`` for an ``efflax.data.Loader``, else ``iter(loader)``."""
+    if hasattr(loader, "iter_from"):
+        return loader.iter_from(0)
+    if isinstance(loader, str | bytes | Mapping) or not isinstance(loader, Iterable):
+        raise ValueError(f"{name}={loader!r} must be an iterable of batches (efflax.data.Loader)")
+    return iter(loader)
 
 
 def interleaved_cyclic_points(
@@ -200,14 +221,39 @@ def interleaved_cyclic_points(
       with other jobs, steadier than wall time) and everything its ``eval_fn`` returned.
     """
     budgets = _check_budgets(budgets)
+    _check_metric(metric)
+    if not isinstance(runs, Mapping) or not runs:
+        raise ValueError(
+            f"runs must be a non-empty dict name -> (state, train_step, loader, eval_fn), got "
+            f"{type(runs).__name__}"
+        )
+    for n, run in runs.items():
+        if not isinstance(run, Sequence) or isinstance(run, str | bytes) or len(run) != 4:
+            raise ValueError(f"runs[{n!r}] must be a tuple (state, train_step, loader, eval_fn)")
+        for position, what in ((1, "train_step"), (3, "eval_fn")):
+            if not callable(run[position]):
+                raise ValueError(f"runs[{n!r}]: {what}={run[position]!r} must be callable")
     names = list(runs)
     states = {n: runs[n][0] for n in names}
-    batches = {
-        n: (lambda loader: lambda step: loader.batch_at(step))(runs[n][2])
-        if hasattr(runs[n][2], "batch_at")
-        else (lambda it: lambda step: next(it))(iter(runs[n][2]))
-        for n in names
-    }
+
+    def source(n: str) -> Callable[[int], Any]:
+        loader = runs[n][2]
+        if hasattr(loader, "batch_at"):
+            return loader.batch_at
+        batches = _iterate(f"runs[{n!r}] loader", loader)
+
+        def next_batch(step: int) -> Any:
+            try:
+                return next(batches)
+            except StopIteration:
+                raise ValueError(
+                    f"the loader of run {n!r} ran out of batches at step {step} < "
+                    f"budgets[-1]={budgets[-1]}"
+                ) from None
+
+        return next_batch
+
+    batches = {n: source(n) for n in names}
     firsts = {n: batches[n](0) for n in names}
     for n in names:  # compile outside the clock
         jax.block_until_ready(runs[n][1](jax.tree.map(jnp.copy, states[n]), firsts[n]))
@@ -224,7 +270,13 @@ def interleaved_cyclic_points(
             cpu_seconds[n] += cpu
         if step + 1 in ends:
             for n in names:
-                values = dict(runs[n][3](states[n]))
+                values = runs[n][3](states[n])
+                if not isinstance(values, Mapping):
+                    raise ValueError(
+                        f"eval_fn of {n!r} returned {type(values).__name__}; it must return a "
+                        "dict of named metrics"
+                    )
+                values = dict(values)
                 if metric not in values:
                     raise ValueError(f"eval_fn of {n!r} did not return {metric=}")
                 points[n].append(
@@ -259,6 +311,26 @@ class Curve:
     higher_is_better: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise ValueError(f"name={self.name!r} must be a string")
+        for field in ("steps", "seconds", "metric"):
+            value = getattr(self, field)
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+                raise ValueError(f"curve {self.name!r}: {field}={value!r} must be a sequence")
+            object.__setattr__(self, field, tuple(value))
+        for field in ("seconds", "metric"):
+            for i, e in enumerate(getattr(self, field)):
+                if not isinstance(e, Estimate):
+                    raise ValueError(
+                        f"curve {self.name!r}: {field}[{i}]={e!r} must be an efflax.stats.Estimate"
+                    )
+        object.__setattr__(
+            self, "steps", tuple(_validate.int_at_least("steps", s, 1) for s in self.steps)
+        )
+        if not isinstance(self.metric_name, str):
+            raise ValueError(f"metric_name={self.metric_name!r} must be a string")
+        if not isinstance(self.higher_is_better, bool | np.bool_):
+            raise ValueError(f"higher_is_better={self.higher_is_better!r} must be True or False")
         if not len(self.steps) == len(self.seconds) == len(self.metric) >= 1:
             raise ValueError(
                 f"curve {self.name!r}: steps, seconds and metric need one entry per point, got "
@@ -275,17 +347,45 @@ class Curve:
         time_key: str = "train_time",
         higher_is_better: bool = True,
     ) -> Curve:
-        """Aggregates runs (one per seed, each a list of points from :func:`cyclic_points`)."""
+        """Aggregates runs (one per seed, each a list of points from :func:`cyclic_points`).
+
+        Raises:
+          ValueError: no runs, a point that lacks ``step``, ``time_key`` or ``metric`` (naming
+            the run and the point), a step that is not an int, or runs of different budgets.
+        """
+        for arg, value in (("name", name), ("metric", metric), ("time_key", time_key)):
+            if not isinstance(value, str):
+                raise ValueError(f"{arg}={value!r} must be a string")
+        if isinstance(runs, str | bytes | Mapping) or not isinstance(runs, Sequence):
+            raise ValueError(f"runs={_short(runs)} must be a list of runs (lists of points)")
         if not runs:
-            raise ValueError(f"curve {name!r} needs at least one run")
-        steps = [tuple(int(p["step"]) for p in run) for run in runs]
+            raise ValueError(f"runs=[]: curve {name!r} needs at least one run")
+        for r, run in enumerate(runs):
+            if isinstance(run, str | bytes | Mapping) or not isinstance(run, Sequence) or not run:
+                raise ValueError(
+                    f"runs[{r}]={_short(run)} must be a non-empty list of points (dicts)"
+                )
+            for i, point in enumerate(run):
+                if not isinstance(point, Mapping):
+                    raise ValueError(f"runs[{r}][{i}]={_short(point)} must be a dict")
+                for key, what in (("step", "step"), (time_key, "time_key"), (metric, "metric")):
+                    if key not in point:
+                        raise ValueError(
+                            f"runs[{r}][{i}] has no {key!r} ({what}); its keys: {sorted(point)}"
+                        )
+        steps = [
+            tuple(_validate.int_at_least(f"runs[{r}] step", p["step"], 1) for p in run)
+            for r, run in enumerate(runs)
+        ]
         if len(set(steps)) != 1:
             raise ValueError(f"curve {name!r}: the runs have different budgets {set(steps)}")
         seconds = tuple(
-            mean_interval([run[i][time_key] for run in runs]) for i in range(len(steps[0]))
+            _interval(f"{time_key} at step {s}", [run[i][time_key] for run in runs])
+            for i, s in enumerate(steps[0])
         )
         values = tuple(
-            mean_interval([run[i][metric] for run in runs]) for i in range(len(steps[0]))
+            _interval(f"{metric} at step {s}", [run[i][metric] for run in runs])
+            for i, s in enumerate(steps[0])
         )
         return cls(name, steps[0], seconds, values, metric, higher_is_better)
 
@@ -294,6 +394,10 @@ class Curve:
 
     def best_by(self, seconds: float) -> int | None:
         """Index of the best point reached within ``seconds`` of training (mean times)."""
+        number = _validate.as_number(seconds)
+        if isinstance(number, bool) or not isinstance(number, int | float) or math.isnan(number):
+            raise ValueError(f"seconds={seconds!r} must be a number (inf for no limit)")
+        seconds = float(number)
         best = None
         for i, (t, m) in enumerate(zip(self.seconds, self.metric, strict=True)):
             if t.value <= seconds and (
@@ -303,10 +407,29 @@ class Curve:
         return best
 
 
+def _short(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _interval(what: str, values: list[Any]) -> Estimate:
+    try:
+        return mean_interval(values)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
 def _check_family(curves: Sequence[Curve]) -> list[Curve]:
+    if isinstance(curves, Curve):
+        raise ValueError(f"curves must be a list of Curve, got the one Curve {curves.name!r}")
+    if isinstance(curves, str | bytes | Mapping) or not isinstance(curves, Iterable):
+        raise ValueError(f"curves={_short(curves)} must be a list of Curve")
     curves = list(curves)
     if not curves:
         raise ValueError("no curves")
+    for i, c in enumerate(curves):
+        if not isinstance(c, Curve):
+            raise ValueError(f"curves[{i}]={_short(c)} must be a Curve (Curve.from_runs)")
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
         raise ValueError(f"curve names must be unique, got {names}")
@@ -426,6 +549,15 @@ def plot(
     import matplotlib.pyplot as plt
 
     curves = _check_family(curves)
+    if not isinstance(title, str):
+        raise ValueError(f"title={title!r} must be a string")
+    metric_scale = _validate.finite_float("metric_scale", metric_scale)
+    if metric_scale == 0:
+        raise ValueError("metric_scale=0 would draw every point at 0")
+    if metric_label is not None and not isinstance(metric_label, str):
+        raise ValueError(f"metric_label={metric_label!r} must be a string or None")
+    if path is not None and not isinstance(path, str | pathlib.Path):
+        raise ValueError(f"path={path!r} must be a file path (str or pathlib.Path) or None")
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -23,6 +23,7 @@ import contextlib
 import faulthandler
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,6 +78,8 @@ def _env_int(name: str) -> int | None:
 
 
 def _check_address(name: str, address: str) -> None:
+    if not isinstance(address, str):
+        raise ValueError(f"{name}={address!r} must be 'host:port', e.g. '10.0.0.1:1234'")
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{name}={address!r} must be 'host:port', e.g. '10.0.0.1:1234'")
@@ -124,6 +127,16 @@ def initialize(
                                                           efflax.distributed.initialize(
                                                               "10.0.0.1:1234", 2, 1)
     """
+    if coordinator_address is not None:
+        _check_address("coordinator_address", coordinator_address)
+    if coordinator_bind_address is not None:
+        _check_address("coordinator_bind_address", coordinator_bind_address)
+    if local_device_ids is not None:
+        ids = local_device_ids if isinstance(local_device_ids, Sequence) else [local_device_ids]
+        if isinstance(local_device_ids, str | bytes) or not ids:
+            ids = [local_device_ids]
+        for device_id in ids:
+            _int_at_least("local_device_ids", device_id, 0)
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
@@ -201,6 +214,11 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def _check_what(what: Any) -> None:
+    if not isinstance(what, str):
+        raise ValueError(f"what={what!r} must be a string (it names the check in the error)")
+
+
 def barrier(name: str) -> None:
     """Waits until every process reached ``barrier(name)`` (nothing to wait for in one process)."""
     if not isinstance(name, str):
@@ -227,6 +245,7 @@ def agree(what: str, values: Mapping[str, Any]) -> None:
     Raises:
       ValueError: naming the first entry some process disagrees on, and which processes.
     """
+    _check_what(what)
     if not isinstance(values, Mapping):
         raise ValueError(f"values must be a dict of named values, got {type(values).__name__}")
     if jax.process_count() == 1:
@@ -288,6 +307,31 @@ def _is_global(sharding: jax.sharding.Sharding) -> bool:
     return not sharding.is_fully_addressable
 
 
+def _check_placement(name: str, path: Any, leaf: Any, sharding: jax.sharding.Sharding) -> None:
+    """Raises naming the leaf if it is not an array (or number) that ``sharding`` can split."""
+    where = f"{name}{jax.tree_util.keystr(path)}"
+    if not hasattr(leaf, "dtype"):
+        try:
+            kind = np.asarray(leaf).dtype.kind
+        except (TypeError, ValueError):
+            kind = "O"
+        if kind not in "biufc":
+            raise ValueError(f"{where}={_short(leaf)} must be an array or a number")
+    shape = tuple(np.shape(leaf)) if not hasattr(leaf, "shape") else tuple(leaf.shape)
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and len(spec) > len(shape):
+        raise ValueError(
+            f"{where} has shape {shape}, fewer dimensions than its sharding's spec {spec}"
+        )
+    try:
+        sharding.shard_shape(shape)
+    except (ValueError, IndexError) as e:  # JAX: a dimension that does not divide over its axes
+        raise ValueError(
+            f"{where} of shape {shape} cannot be split by "
+            f"{spec if spec is not None else sharding}: {e}"
+        ) from None
+
+
 def put_global(tree: Any, shardings: Any) -> Any:
     """``jax.device_put(tree, shardings)`` that also works when the shardings span processes.
 
@@ -297,8 +341,15 @@ def put_global(tree: Any, shardings: Any) -> Any:
     already placed as asked are returned as they are.
 
     Raises:
-      ValueError: the processes passed different values (naming the first such leaf).
+      ValueError: a sharding that is not a ``jax.sharding.Sharding`` or does not fit its leaf
+        (rank, divisibility), a leaf that is not an array or number, or processes that passed
+        different values (naming the first such leaf).
     """
+    return _put_global(tree, shardings, "tree")
+
+
+def _put_global(tree: Any, shardings: Any, name: str) -> Any:
+    """:func:`put_global`, naming the tree ``name`` in errors (``params``, ``batch``, ...)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     try:
         sharding_leaves = treedef.flatten_up_to(shardings)
@@ -309,8 +360,11 @@ def put_global(tree: Any, shardings: Any) -> Any:
     for (path, _), sharding in zip(leaves, sharding_leaves, strict=True):
         if not isinstance(sharding, jax.sharding.Sharding):
             raise ValueError(
-                f"shardings{jax.tree_util.keystr(path)}={sharding!r} must be a jax.sharding.Sharding"
+                f"shardings{jax.tree_util.keystr(path)}={_short(sharding)} must be a "
+                f"jax.sharding.Sharding: one per leaf of {name}, or a prefix of its structure"
             )
+    for (path, leaf), sharding in zip(leaves, sharding_leaves, strict=True):
+        _check_placement(name, path, leaf, sharding)
     out, copied = [], {}
     for (path, leaf), sharding in zip(leaves, sharding_leaves, strict=True):
         if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
@@ -341,7 +395,7 @@ def addressable_values(array: Any) -> list[np.ndarray]:
     ``jax.Array`` gives ``[np.asarray(array)]``.
     """
     if not isinstance(array, jax.Array) or array.is_fully_addressable:
-        return [np.asarray(array)]
+        return [_numeric("array", array)]
     seen: set[tuple] = set()
     values = []
     for shard in sorted(array.addressable_shards, key=lambda s: s.device.id):
@@ -350,6 +404,17 @@ def addressable_values(array: Any) -> list[np.ndarray]:
             seen.add(key)
             values.append(np.asarray(shard.data))
     return values
+
+
+def _numeric(name: str, value: Any) -> np.ndarray:
+    """``value`` as numpy, if it is an array or number (bool, integer, floating or complex)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.dtype.kind not in "biufcV":
+        raise ValueError(f"{name}={_short(value)} must be an array or a number")
+    return array
 
 
 def to_host(value: Any) -> np.ndarray:
@@ -361,7 +426,7 @@ def to_host(value: Any) -> np.ndarray:
     if not isinstance(value, jax.Array) or value.is_fully_addressable or value.is_fully_replicated:
         if isinstance(value, Mapping):
             raise ValueError(f"value={value!r} must be an array (use jax.tree.map for a pytree)")
-        return np.asarray(value)
+        return _numeric("value", value)
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
@@ -412,8 +477,26 @@ def launch(
         isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0
     ):
         raise ValueError(f"timeout={timeout!r} must be > 0")
-    if isinstance(command, str) or not command:
+    if (
+        isinstance(command, str | bytes)
+        or not isinstance(command, Sequence)
+        or not command
+        or not all(isinstance(part, str | os.PathLike) for part in command)
+    ):
         raise ValueError(f"command={command!r} must be a non-empty list of strings")
+    program = os.fspath(command[0])
+    if shutil.which(program) is None:
+        raise ValueError(
+            f"command[0]={program!r} is not an executable program (not found on $PATH or not "
+            "executable)"
+        )
+    if env is not None and not (
+        isinstance(env, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise ValueError(f"env={env!r} must be a dict of strings (name -> value)")
+    if output is not None and not callable(output):
+        raise ValueError(f"output={output!r} must be callable (process id -> file) or None")
     address = f"127.0.0.1:{free_port()}"
     processes = []
     try:
@@ -431,6 +514,10 @@ def launch(
             if timeout is not None:
                 child_env[ENV_PROCESS_TIMEOUT] = str(max(int(timeout) - 1, 1))
             stream = output(process_id) if output is not None else None
+            if stream is not None and not callable(getattr(stream, "fileno", None)):
+                raise ValueError(
+                    f"output({process_id}) returned {stream!r}; it must return an open file"
+                )
             processes.append(
                 subprocess.Popen(
                     list(command),

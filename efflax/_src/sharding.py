@@ -15,6 +15,7 @@ names, see :func:`auto_axes`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from efflax._src import _validate
 from pallas_kernels import _checks
 from pallas_kernels import _compat
 from pallas_kernels._compat import shard_map  # noqa: F401 - re-exported as efflax.sharding.shard_map
@@ -151,11 +153,33 @@ def make_mesh(
     Example:
       >>> mesh = make_mesh(expert=4)  # 8 devices: data 2 x expert 4
     """
+    if devices is not None and (
+        isinstance(devices, str | bytes | jax.Device) or not isinstance(devices, Iterable)
+    ):
+        raise ValueError(f"devices={devices!r} must be a list of jax devices (jax.devices())")
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices=[] must hold at least one device")
-    _checks.int_at_least("expert", expert)
-    _checks.int_at_least("model", model)
+    for i, device in enumerate(devices):
+        if not isinstance(device, jax.Device):
+            raise ValueError(f"devices[{i}]={device!r} must be a jax device (from jax.devices())")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices={devices!r} lists a device twice")
+    expert = _validate.int_at_least("expert", expert)
+    model = _validate.int_at_least("model", model)
+    if data is not None:
+        data = _validate.int_at_least("data", data)
+    if dcn is not None:
+        if isinstance(dcn, str | bytes) or not isinstance(dcn, Sequence):
+            raise ValueError(
+                f"dcn={dcn!r} must be three ints >= 1 (hosts along data, expert, model)"
+            )
+        dcn = tuple(dcn)
+        if len(dcn) != 3 or any(
+            isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1 for n in dcn
+        ):
+            raise ValueError(f"dcn={dcn} must be three ints >= 1 (hosts along data, expert, model)")
+        dcn = tuple(int(n) for n in dcn)
     if data is None:
         if len(devices) % (expert * model):
             raise ValueError(
@@ -264,6 +288,10 @@ def logical_to_mesh_spec(
         return PartitionSpec()
     if isinstance(logical, str):
         raise ValueError(f"logical={logical!r} must be a tuple of names, e.g. ({logical!r},)")
+    if not isinstance(logical, Sequence) or not all(
+        name is None or isinstance(name, str) for name in logical
+    ):
+        raise ValueError(f"logical={logical!r} must be a tuple of names (str or None)")
     if mesh is not None:
         _check_mesh_type(mesh)
     _check_rules(rules)
@@ -294,7 +322,7 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
 
 def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Sharding of an array whose leading axis is the batch."""
-    _checks.int_at_least("ndim", ndim)
+    ndim = _validate.int_at_least("ndim", ndim)
     mesh = check_mesh(mesh)
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 
@@ -327,9 +355,9 @@ def shard_params(params: Any, mesh: Mesh, *, rules: Rules = LOGICAL_AXIS_RULES) 
     Works in a multi-process run too: every process passes the same (host-local) values and
     each copies only the shards its own devices hold.
     """
-    from efflax._src.distributed import put_global
+    from efflax._src.distributed import _put_global
 
-    return put_global(nn.unbox(params), params_shardings(params, mesh, rules=rules))
+    return _put_global(nn.unbox(params), params_shardings(params, mesh, rules=rules), "params")
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -341,17 +369,18 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     Raises:
       ValueError: if the batch size does not divide over the data-parallel devices.
     """
-    from efflax._src.distributed import put_global
+    from efflax._src.distributed import _put_global
 
     mesh = check_mesh(mesh)
     ways = math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
-    def sharding(x):
-        shape = np.shape(x)
+    def sharding(path, x):
+        shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
         if len(shape) == 0 or shape[0] % ways:
             raise ValueError(
-                f"batch leading dim {shape[:1]} must divide over {ways} data-parallel devices"
+                f"batch{jax.tree_util.keystr(path)} has shape {shape}: its leading (batch) dim "
+                f"must divide over {ways} data-parallel devices"
             )
         return data_sharding(mesh, len(shape))
 
-    return put_global(batch, jax.tree.map(sharding, batch))
+    return _put_global(batch, jax.tree_util.tree_map_with_path(sharding, batch), "batch")

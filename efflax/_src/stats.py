@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 from scipy import stats as _scipy_stats
 
+from efflax._src import _validate
 from pallas_kernels import _checks
 
 Status = Literal["PASS", "FAIL", "INCONCLUSIVE"]
@@ -65,20 +69,29 @@ class Estimate:
     samples: tuple[float, ...] = ()
 
     def __post_init__(self):
+        # Fields are stored as Python numbers (a 0-d JAX/NumPy array is converted), so an
+        # Estimate formats, compares and serialises the same whatever it was built from.
         for name in ("value", "low", "high"):
-            number = getattr(self, name)
-            try:
-                if isinstance(number, bool | str | bytes):
-                    raise TypeError
-                number = float(number)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a number") from None
+            number = _validate.as_number(getattr(self, name))
+            if isinstance(number, bool) or not isinstance(number, numbers.Real):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number")
+            number = float(number)
             if math.isnan(number):
                 raise ValueError(f"{name}={number!r}: an estimate cannot be NaN")
-        _checks.int_at_least("n", self.n)
-        _check_confidence(self.confidence)
+            object.__setattr__(self, name, number)
+        object.__setattr__(self, "n", _validate.int_at_least("n", self.n))
+        object.__setattr__(self, "confidence", _check_confidence(self.confidence))
+        if isinstance(self.samples, str | bytes) or not isinstance(self.samples, Sequence):
+            raise ValueError(f"samples={self.samples!r} must be a sequence of numbers")
+        object.__setattr__(
+            self,
+            "samples",
+            tuple(_validate.finite_float(f"samples[{i}]", s) for i, s in enumerate(self.samples)),
+        )
         if not self.low <= self.value <= self.high:
-            raise ValueError(f"interval [{self.low}, {self.high}] must contain {self.value}")
+            raise ValueError(
+                f"value={self.value} must lie in the interval [low={self.low}, high={self.high}]"
+            )
 
     def format(self, spec: str = ".3g", unit: str = "") -> str:
         """``'1.35 [1.12, 1.58] (n=5)'``."""
@@ -91,12 +104,21 @@ class Estimate:
 
 
 def _samples(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
-    if isinstance(values, str | bytes):
+    """One number per run: a 1-d sequence or array of real numbers (not bools), finite."""
+    if isinstance(values, str | bytes | Mapping):
         raise ValueError(f"{name}={values!r} must be a sequence of numbers")
     try:
-        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        raw = np.asarray(values)
+        array = raw.astype(np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{name}={values!r} must be a sequence of numbers") from None
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"{name}={values!r} must be a sequence of numbers (got dtype {raw.dtype})")
+    if array.ndim != 1:
+        # A [seeds, k] table flattened would pair (or average) the wrong runs.
+        raise ValueError(
+            f"{name} has shape {array.shape}; pass one number per run (a 1-d sequence)"
+        )
     if array.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.all(np.isfinite(array)):
@@ -104,9 +126,11 @@ def _samples(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def _check_confidence(confidence: float) -> None:
-    if not 0.0 < _checks.finite_float("confidence", confidence) < 1.0:
+def _check_confidence(confidence: float) -> float:
+    number = _validate.finite_float("confidence", confidence)
+    if not 0.0 < number < 1.0:
         raise ValueError(f"confidence={confidence!r} must be in (0, 1)")
+    return number
 
 
 def mean_interval(samples: Sequence[float], *, confidence: float = 0.95) -> Estimate:
@@ -134,6 +158,7 @@ def paired_difference(
     a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95
 ) -> Estimate:
     """Mean of ``a_i - b_i`` over paired runs (same seed, data order) with a t interval."""
+    _check_confidence(confidence)
     a, b = _samples(a, "a"), _samples(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired samples a and b need equal lengths, got {a.size} and {b.size}")
@@ -154,6 +179,7 @@ def ratio_interval(
     mean logs.
     """
     _check_confidence(confidence)
+    paired = _checks.boolean("paired", paired)
     num, den = _samples(numerator, "numerator"), _samples(denominator, "denominator")
     for name, values in (("numerator", num), ("denominator", den)):
         if np.any(values <= 0):
@@ -205,18 +231,25 @@ def bootstrap_interval(
     """Percentile-bootstrap interval of ``statistic`` (deterministic for a given seed)."""
     _check_confidence(confidence)
     _checks.function("statistic", statistic)
-    num_resamples = _checks.int_at_least("num_resamples", num_resamples)
-    seed = _checks.int_at_least("seed", seed, 0)
+    num_resamples = _validate.int_at_least("num_resamples", num_resamples)
+    seed = _validate.int_at_least("seed", seed, 0)
     x = _samples(samples, "samples")
-    value = float(statistic(x))
+
+    def apply(values: np.ndarray) -> float:
+        result = _validate.as_number(np.asarray(statistic(values)))
+        if isinstance(result, bool) or not isinstance(result, numbers.Real):
+            raise ValueError(
+                f"statistic={statistic!r} must return one real number, got {_short(result)}"
+            )
+        return float(result)
+
+    value = apply(x)
     if math.isnan(value):
         raise ValueError(f"statistic={statistic!r} returned NaN on the samples")
     if x.size == 1:  # no spread to resample (see mean_interval)
         return Estimate(value, -math.inf, math.inf, 1, confidence, tuple(x.tolist()))
     rng = np.random.default_rng(seed)
-    draws = np.array(
-        [statistic(x[rng.integers(0, x.size, x.size)]) for _ in range(int(num_resamples))]
-    )
+    draws = np.array([apply(x[rng.integers(0, x.size, x.size)]) for _ in range(int(num_resamples))])
     if np.any(np.isnan(draws)):
         raise ValueError(f"statistic={statistic!r} returned NaN on a resample of the samples")
     alpha = (1 - confidence) / 2
@@ -240,7 +273,7 @@ def decide(estimate: Estimate, threshold: float, *, direction: Direction = ">=")
       direction: ``'>='``, ``'<='`` or ``'within'``.
     """
     _check_estimate(estimate)
-    threshold = _checks.finite_float("threshold", threshold)
+    threshold = _validate.finite_float("threshold", threshold)
     _check_direction(direction)
     if direction == ">=":
         if estimate.low >= threshold:
@@ -269,7 +302,14 @@ def _check_estimate(estimate: Estimate) -> None:
 
 
 def _check_direction(direction: str) -> None:
+    if not isinstance(direction, str):
+        raise ValueError(f"direction={direction!r} must be one of '>=', '<=', 'within'")
     _checks.one_of("direction", direction, (">=", "<=", "within"))
+
+
+def _short(value: object) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def seeds_to_decide(
@@ -285,9 +325,11 @@ def seeds_to_decide(
     there are too few samples to estimate the spread.
     """
     _check_estimate(estimate)
-    threshold = _checks.finite_float("threshold", threshold)
+    threshold = _validate.finite_float("threshold", threshold)
     _check_direction(direction)
-    max_seeds = _checks.int_at_least("max_seeds", max_seeds, 2)
+    if direction == "within" and threshold < 0:
+        raise ValueError(f"threshold={threshold!r} must be >= 0 for direction='within'")
+    max_seeds = _validate.int_at_least("max_seeds", max_seeds, 2)
     x = np.asarray(estimate.samples, dtype=np.float64)
     if x.size < 2:
         return None
@@ -309,10 +351,12 @@ def combine_statuses(statuses: Sequence[Status]) -> Status:
     """All of several claims: FAIL if any fails, PASS if all pass, else INCONCLUSIVE."""
     if isinstance(statuses, str):
         raise ValueError(f"statuses={statuses!r} must be a list of statuses, e.g. [{statuses!r}]")
+    if not isinstance(statuses, Iterable) or isinstance(statuses, Mapping):
+        raise ValueError(f"statuses={statuses!r} must be a list of statuses")
     statuses = list(statuses)
-    for status in statuses:
-        if status not in STATUSES:
-            raise ValueError(f"status={status!r} must be one of {STATUSES}")
+    for i, status in enumerate(statuses):
+        if not isinstance(status, str) or status not in STATUSES:
+            raise ValueError(f"statuses[{i}]: status={status!r} must be one of {STATUSES}")
     if not statuses:
         raise ValueError("no statuses to combine")
     if "FAIL" in statuses:

@@ -18,13 +18,19 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
+from efflax._src import _validate
+from pallas_kernels import _checks
+
 
 def timed_call(fn: Callable, *args) -> tuple[object, float, float]:
     """``fn(*args)`` finished (``block_until_ready``); returns ``(out, wall s, CPU s)``."""
+    _checks.function("fn", fn)
     wall, cpu = time.perf_counter(), time.process_time()
     out = jax.block_until_ready(fn(*args))
     return out, time.perf_counter() - wall, time.process_time() - cpu
@@ -64,8 +70,24 @@ def interleaved_times(
     Returns:
       name -> :class:`Times` (wall seconds per call, one per round, with ``.cpu``).
     """
-    if rounds < 1 or warmup < 0 or repeat < 1:
-        raise ValueError(f"{rounds=} and {repeat=} must be >= 1 and {warmup=} >= 0")
+    rounds = _validate.int_at_least("rounds", rounds, 1)
+    warmup = _validate.int_at_least("warmup", warmup, 0)
+    repeat = _validate.int_at_least("repeat", repeat, 1)
+    min_rounds = _validate.int_at_least("min_rounds", min_rounds, 1)
+    rotate = _checks.boolean("rotate", rotate)
+    if max_seconds is not None:
+        max_seconds = _validate.positive_float("max_seconds", max_seconds)
+    if not isinstance(fns, Mapping) or not fns:
+        raise ValueError(f"fns must be a non-empty dict name -> (fn, args), got {fns!r}")
+    for name, entry in fns.items():
+        if (
+            not isinstance(entry, Sequence)
+            or len(entry) != 2
+            or not callable(entry[0])
+            or not isinstance(entry[1], Sequence)
+            or isinstance(entry[1], str | bytes)
+        ):
+            raise ValueError(f"fns[{name!r}]={entry!r} must be (function, tuple of arguments)")
     names = list(fns)
     times = {name: Times() for name in names}
     start = time.perf_counter()

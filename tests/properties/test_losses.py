@@ -444,3 +444,32 @@ def test_batch_entropy_refuses(data):
         import flax.linen as nn
 
         refused(lambda: L.capture_activations(5, select=nn.Dense), "fn")
+
+
+@VALID
+@given(
+    seeds, st.floats(0.25, 8.0), st.sampled_from([np.float32, np.float64, jnp.float32, jnp.asarray])
+)
+def test_zero_dim_array_hyperparameters_equal_python_numbers(seed, temperature, wrap):
+    student = jnp.asarray(normal(seed, (BATCH, CLASSES), 2.0))
+    teacher = jnp.asarray(normal(seed + 1, (BATCH, CLASSES), 2.0))
+    labels = jnp.asarray(_labels(seed, False))
+    as_array = wrap(temperature)
+    assert_close(
+        L.distillation_loss(student, teacher, temperature=as_array),
+        L.distillation_loss(student, teacher, temperature=temperature),
+    )
+    assert_close(
+        L.focal_loss(student, labels, gamma=as_array, label_smoothing=wrap(0.1)),
+        L.focal_loss(student, labels, gamma=temperature, label_smoothing=0.1),
+    )
+    x = jnp.asarray(normal(seed, (BATCH, 5, 2)))
+    a = L.mixup(KEY, x, labels, num_classes=np.int64(3), alpha=as_array)
+    b = L.mixup(KEY, x, labels, num_classes=3, alpha=temperature)
+    assert_close(a[1], b[1])
+
+
+@INVALID
+@given(st.sampled_from([(0, 3), (BATCH, 0), (BATCH, 3, 0)]))
+def test_batch_entropy_refuses_empty_axes(shape):
+    refused(lambda: L.batch_entropy(jnp.ones(shape)), "activations")

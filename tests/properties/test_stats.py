@@ -198,3 +198,11 @@ def test_stats_refuse(data):
         kwargs = dict(value=1.0, low=0.0, high=2.0, n=3)
         kwargs[field] = bad
         refused(lambda: S.Estimate(**kwargs), field)
+
+
+@INVALID
+@given(st.sampled_from([(2, 3), (3, 1), (1, 1, 2)]))
+def test_samples_of_more_than_one_axis_are_refused_not_flattened(shape):
+    table = np.arange(1, 1 + int(np.prod(shape)), dtype=np.float64).reshape(shape)
+    refused(lambda: S.paired_difference(table, table), "a")
+    refused(lambda: S.mean_interval(table), "samples")

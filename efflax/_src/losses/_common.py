@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflax._src import _validate
 from pallas_kernels import _checks
 
 
@@ -25,35 +26,34 @@ def positive_if_concrete(name: str, value: Any) -> None:
         _checks.positive_float(name, number)
 
 
-def check_logits(name: str, logits: jax.Array) -> None:
-    """``logits`` must be a floating ``[batch, classes]`` array with at least one row and class
-    (the mean over an empty batch is NaN)."""
-    _checks.array(name, logits, ndim=2, kind="floating", nonempty=True, layout="[batch, classes]")
+def check_logits(name: str, logits: jax.Array) -> jax.Array:
+    """``logits`` (a list is converted) as a floating ``[batch, classes]`` array with at least
+    one row and class (the mean over an empty batch is NaN)."""
+    return _validate.as_array(
+        name, logits, ndim=2, kind="floating", nonempty=True, layout="[batch, classes]"
+    )
 
 
-def targets_as_probabilities(labels: jax.Array, num_classes: int, batch: int) -> jax.Array:
+def targets_as_probabilities(
+    labels: jax.Array, num_classes: int, batch: int, batch_of: str = "logits"
+) -> jax.Array:
     """Integer class ids ``[batch]`` or soft targets ``[batch, classes]`` as float32 ``[b, c]``.
 
     Out-of-range class ids and negative soft targets are refused when the labels are known at
     trace time; traced ones cannot be checked (an out-of-range id gives an all-zero row).
     """
-    if not hasattr(labels, "dtype"):
-        try:
-            labels = jnp.asarray(labels)
-        except TypeError:
-            raise ValueError(
-                f"labels={labels!r} must be an array of class ids or targets"
-            ) from None
-    _checks.array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
+    labels = _validate.as_array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != (batch,):
-            raise ValueError(f"integer labels.shape={labels.shape} must be {(batch,)}")
+            raise ValueError(
+                f"integer labels.shape={labels.shape} must be {(batch,)} (the batch of {batch_of})"
+            )
         _checks.indices_in_range("labels", labels, num_classes)
         return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if labels.shape != (batch, num_classes):
         raise ValueError(
-            f"soft labels.shape={labels.shape} must be {(batch, num_classes)} "
-            "(or pass integer class ids of shape [batch])"
+            f"soft labels.shape={labels.shape} must be {(batch, num_classes)}, [batch of "
+            f"{batch_of}, classes] (or pass integer class ids of shape [batch])"
         )
     values = _checks.concrete(labels)
     if values is not None and not np.all(values >= 0):

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efflax._src import _validate
 from efflax._src.losses._common import nonnegative_if_concrete
 from pallas_kernels import _checks
 
@@ -50,15 +51,42 @@ def batch_entropy(activations: jax.Array) -> jax.Array:
     Raises:
       ValueError: a batch of fewer than 2 examples (the variance is undefined).
     """
-    _checks.array("activations", activations, min_ndim=1)
+    activations = _validate.as_array(
+        "activations", activations, min_ndim=1, kind="real", layout="[batch, ...]"
+    )
     if activations.shape[0] < 2:
         raise ValueError(
             f"activations.shape={activations.shape} needs a batch of at least 2 examples "
             "(batch entropy is a variance over the batch)"
         )
+    if 0 in activations.shape[1:]:  # the mean over zero units would be NaN
+        raise ValueError(
+            f"activations.shape={activations.shape} has no units (a zero-length axis after "
+            "the batch axis)"
+        )
     x = activations.reshape(activations.shape[0], -1).astype(jnp.float32)
     variance = jnp.var(x, axis=0, ddof=1)
     return jnp.mean(0.5 * jnp.log1p(math.pi * math.e * variance))
+
+
+def _entropies(entropies: Sequence[jax.Array] | jax.Array) -> jax.Array:
+    """A sequence of scalars or an ``[L]`` array as a float32 ``[L]`` array."""
+    if not hasattr(entropies, "shape"):
+        if not isinstance(entropies, Sequence) or isinstance(entropies, str | bytes):
+            raise ValueError(
+                f"entropies={entropies!r} must be a sequence of scalars or an [L] array"
+            )
+        if len(entropies) == 0:
+            raise ValueError("entropies is empty: regularise at least one layer")
+        for i, h in enumerate(entropies):
+            h = _validate.as_array(f"entropies[{i}]", h, kind="real")
+            if h.ndim != 0:
+                raise ValueError(f"entropies[{i}].shape={h.shape} must be a scalar")
+        entropies = jnp.stack([jnp.asarray(h) for h in entropies])
+    entropies = _validate.as_array(
+        "entropies", entropies, ndim=1, kind="real", nonempty=True, layout="[layers]"
+    )
+    return entropies.astype(jnp.float32)
 
 
 def lbe_penalty(
@@ -75,11 +103,9 @@ def lbe_penalty(
     Returns:
       A float32 scalar.
     """
-    if not hasattr(entropies, "shape") and len(entropies) == 0:
-        raise ValueError("entropies is empty: regularise at least one layer")
-    entropies = jnp.stack([jnp.asarray(h) for h in entropies]).astype(jnp.float32)
-    alphas = jnp.asarray(alphas)
-    if entropies.ndim != 1 or alphas.shape != entropies.shape:
+    entropies = _entropies(entropies)
+    alphas = _validate.as_array("alphas", alphas, ndim=1, kind="real", layout="[layers]")
+    if alphas.shape != entropies.shape:
         raise ValueError(
             f"alphas.shape={alphas.shape} must be ({entropies.shape[0]},): one target per "
             "regularised layer"
@@ -116,8 +142,9 @@ def lbe_loss(
       A float32 scalar.
     """
     nonnegative_if_concrete("beta", beta)
-    if jnp.ndim(task_loss) != 0:
-        raise ValueError(f"task_loss.shape={jnp.shape(task_loss)} must be a scalar (reduce it)")
+    task_loss = _validate.as_array("task_loss", task_loss, kind="real")
+    if task_loss.ndim != 0:
+        raise ValueError(f"task_loss.shape={task_loss.shape} must be a scalar (reduce it)")
     penalty = lbe_penalty(entropies, alphas, alpha_min=alpha_min)
     return jnp.asarray(task_loss, jnp.float32) * (1.0 + beta * penalty)
 
@@ -164,6 +191,8 @@ def capture_activations(
     _checks.function("fn", fn)
     _checks.one_of("where", where, ("outputs", "inputs"))
     if isinstance(select, type | tuple):
+        if isinstance(select, tuple) and not (select and all(isinstance(c, type) for c in select)):
+            raise ValueError(f"select={select!r} must be a module class or a tuple of classes")
         classes = select
 
         def predicate(module: nn.Module) -> bool:

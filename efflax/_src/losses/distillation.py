@@ -40,7 +40,7 @@ def soft_target_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array
     Returns:
       A float32 scalar.
     """
-    check_logits("logits", logits)
+    logits = check_logits("logits", logits)
     batch, num_classes = logits.shape
     targets = targets_as_probabilities(labels, num_classes, batch)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -99,8 +99,8 @@ def distillation_loss(
       ValueError: logits that are not ``[batch, classes]`` or whose shapes differ, labels of the
         wrong shape, ``alpha_kd < 0`` or ``temperature <= 0``.
     """
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
+    student_logits = check_logits("student_logits", student_logits)
+    teacher_logits = check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits.shape={student_logits.shape} and "

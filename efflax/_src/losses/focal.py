@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from efflax._src import _validate
 from efflax._src.losses._common import check_logits
 from efflax._src.losses._common import nonnegative_if_concrete
 from pallas_kernels import _checks
@@ -32,9 +33,9 @@ from pallas_kernels import _checks
 __all__ = ["cyclical_focal_loss", "cyclical_focal_schedule", "focal_loss"]
 
 
-def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
-    check_logits("logits", logits)
-    labels = jnp.asarray(labels)
+def _check_labels(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = check_logits("logits", logits)
+    labels = _validate.as_array("labels", labels, layout="[batch]")
     if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != logits.shape[:1]:
         raise ValueError(
             f"labels (shape {labels.shape}, dtype {labels.dtype}) must be integer class ids "
@@ -42,6 +43,7 @@ def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
         )
     # Known at trace time only outside jit: an out-of-range id would weigh an all-zero row.
     _checks.indices_in_range("labels", labels, logits.shape[-1])
+    return logits, labels
 
 
 def _check_epoch(epoch: Any) -> None:
@@ -51,15 +53,15 @@ def _check_epoch(epoch: Any) -> None:
     value = _checks.concrete(epoch)
     if value is None:
         return
-    if value.ndim or value.dtype.kind not in "iuf" or not value >= 0:
-        raise ValueError(f"epoch={epoch!r} must be a real scalar >= 0")
+    if value.ndim or value.dtype.kind not in "iuf" or not 0 <= value < float("inf"):
+        raise ValueError(f"epoch={epoch!r} must be a finite real scalar >= 0")
 
 
 def _weighted_nll(
     logits: jax.Array, labels: jax.Array, weights_fn, label_smoothing: float
 ) -> jax.Array:
     """``-mean_b sum_c ytilde_c lp_c w_c`` with ``w = weights_fn(p, one_hot)``."""
-    _checks.probability("label_smoothing", label_smoothing, allow_one=False)
+    label_smoothing = _validate.probability("label_smoothing", label_smoothing, allow_one=False)
     num_classes = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
@@ -108,8 +110,8 @@ def focal_loss(
     Returns:
       A float32 scalar.
     """
-    _check_labels(logits, labels)
-    _checks.positive_float("gamma", gamma, allow_zero=True)
+    logits, labels = _check_labels(logits, labels)
+    nonnegative_if_concrete("gamma", gamma)
     return _weighted_nll(
         logits,
         labels,
@@ -135,8 +137,8 @@ def cyclical_focal_schedule(epoch: Any, *, num_epochs: int, factor: float = 4.0)
     Returns:
       A float32 scalar in ``[0, 1]``.
     """
-    _checks.int_at_least("num_epochs", num_epochs, 2)
-    factor = _checks.finite_float("factor", factor)
+    num_epochs = _validate.int_at_least("num_epochs", num_epochs, 2)
+    factor = _validate.finite_float("factor", factor)
     if factor < 1:
         raise ValueError(f"factor={factor!r} must be >= 1")
     _check_epoch(epoch)
@@ -179,7 +181,7 @@ def cyclical_focal_loss(
     Returns:
       A float32 scalar.
     """
-    _check_labels(logits, labels)
+    logits, labels = _check_labels(logits, labels)
     for name, value in (("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg), ("gamma_hc", gamma_hc)):
         nonnegative_if_concrete(name, value)
     xi = cyclical_focal_schedule(epoch, num_epochs=num_epochs, factor=factor)

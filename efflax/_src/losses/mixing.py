@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from efflax._src import _validate
 from efflax._src.losses._common import targets_as_probabilities
 from pallas_kernels import _checks
 
@@ -28,12 +29,14 @@ __all__ = ["cutmix", "mix_batch", "mixup"]
 
 def _prepare(
     x: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float
-) -> jax.Array:
-    _checks.int_at_least("num_classes", num_classes, 1)
-    _checks.probability("label_smoothing", label_smoothing, allow_one=False)
-    _checks.array("x", x, min_ndim=2, layout="[batch, ...]")
-    targets = targets_as_probabilities(labels, num_classes, x.shape[0])
-    return targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+) -> tuple[jax.Array, jax.Array]:
+    """``(x as an array, smoothed float32 targets [batch, num_classes])``."""
+    num_classes = _validate.int_at_least("num_classes", num_classes, 1)
+    label_smoothing = _validate.probability("label_smoothing", label_smoothing, allow_one=False)
+    # An empty batch or a zero-length axis has nothing to mix (and CutMix no box to draw).
+    x = _validate.as_array("x", x, min_ndim=2, kind="real", nonempty=True, layout="[batch, ...]")
+    targets = targets_as_probabilities(labels, num_classes, x.shape[0], batch_of="x")
+    return x, targets * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
 def _mix_targets(targets: jax.Array, lam: jax.Array) -> jax.Array:
@@ -63,8 +66,8 @@ def mixup(
       ``(mixed inputs, float32 soft targets [batch, num_classes])``; target rows sum to 1.
     """
     _checks.prng_key("key", key)
-    _checks.positive_float("alpha", alpha)
-    targets = _prepare(x, labels, num_classes, label_smoothing)
+    alpha = _validate.positive_float("alpha", alpha)
+    x, targets = _prepare(x, labels, num_classes, label_smoothing)
     # An integer x would round the mixing weight to 0 or 1: mix in floating point.
     _checks.array("x", x, kind="floating")
     lam = jax.random.beta(key, alpha, alpha)
@@ -130,8 +133,8 @@ def cutmix(
       ``(mixed inputs, float32 soft targets [batch, num_classes])``.
     """
     _checks.prng_key("key", key)
-    _checks.positive_float("alpha", alpha)
-    targets = _prepare(x, labels, num_classes, label_smoothing)
+    alpha = _validate.positive_float("alpha", alpha)
+    x, targets = _prepare(x, labels, num_classes, label_smoothing)
     if spatial_axes is not None and not isinstance(spatial_axes, Sequence):
         raise ValueError(f"spatial_axes={spatial_axes!r} must be a sequence of axes, e.g. (1,)")
     axes = tuple(_default_spatial_axes(x) if spatial_axes is None else spatial_axes)
@@ -170,7 +173,9 @@ def mix_batch(
       ``(mixed inputs, float32 soft targets [batch, num_classes])``.
     """
     _checks.prng_key("key", key)
-    _checks.probability("switch_prob", switch_prob)
+    switch_prob = _validate.probability("switch_prob", switch_prob)
+    _validate.positive_float("mixup_alpha", mixup_alpha)
+    _validate.positive_float("cutmix_alpha", cutmix_alpha)
     switch_key, mixup_key, cutmix_key = jax.random.split(key, 3)
     common = dict(num_classes=num_classes, label_smoothing=label_smoothing)
     x_mixup, t_mixup = mixup(mixup_key, x, labels, alpha=mixup_alpha, **common)

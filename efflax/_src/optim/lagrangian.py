@@ -19,12 +19,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from efflax._src import _validate
 from pallas_kernels import _checks
 
 Array = jax.Array
@@ -55,8 +58,11 @@ class LagrangianSparsity:
             if target.shape != ():
                 raise ValueError(f"target={self.target!r} must be a scalar")
             target = _checks.probability("target", target.item(), allow_one=False)
-        _checks.int_at_least("warmup_steps", self.warmup_steps, 0)
-        start = _checks.probability("start", self.start, allow_one=False)
+        object.__setattr__(
+            self, "warmup_steps", _validate.int_at_least("warmup_steps", self.warmup_steps, 0)
+        )
+        start = _validate.probability("start", self.start, allow_one=False)
+        object.__setattr__(self, "start", start)
         if target is not None and start > target:
             raise ValueError(f"start={self.start!r} must be <= target={self.target!r}")
 
@@ -65,10 +71,16 @@ class LagrangianSparsity:
         return {"lambda_1": jnp.zeros((), jnp.float32), "lambda_2": jnp.zeros((), jnp.float32)}
 
     def target_at(self, step: Array | int) -> Array:
-        """``start + (target - start) * min(1, step / warmup_steps)``."""
+        """``start + (target - start) * min(1, step / warmup_steps)``.
+
+        Raises:
+          ValueError: a known ``step`` that is not one real number ``>= 0`` (a traced one
+            passes; the warm-up fraction is clipped to ``[0, 1]`` either way).
+        """
+        step = _check_step(step)
         if self.warmup_steps == 0:
             return jnp.asarray(self.target, jnp.float32)
-        fraction = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / self.warmup_steps)
+        fraction = jnp.clip(step.astype(jnp.float32) / self.warmup_steps, 0.0, 1.0)
         return self.start + (self.target - self.start) * fraction
 
     def penalty(
@@ -79,16 +91,45 @@ class LagrangianSparsity:
         The signed form of the official code (not ``|s - t|``: the maintainers keep it,
         princeton-nlp/CoFiPruning#55).
         """
-        if not isinstance(multipliers, dict) or set(multipliers) != {"lambda_1", "lambda_2"}:
+        if not isinstance(multipliers, Mapping) or set(multipliers) != {"lambda_1", "lambda_2"}:
             raise ValueError(
                 f"multipliers={multipliers!r} must be {{'lambda_1': ..., 'lambda_2': ...}}"
             )
+        lambdas = {}
+        for name in ("lambda_1", "lambda_2"):
+            value = _validate.as_array(f"multipliers[{name!r}]", multipliers[name], kind="real")
+            if value.ndim != 0:
+                raise ValueError(
+                    f"multipliers[{name!r}].shape={value.shape} must be a scalar (from init())"
+                )
+            lambdas[name] = value
+        sparsity = _validate.as_array("expected_sparsity", expected_sparsity, kind="real")
+        if sparsity.ndim != 0:
+            raise ValueError(f"expected_sparsity.shape={sparsity.shape} must be a scalar")
+        known = _checks.concrete(sparsity)
+        if known is not None and not np.isfinite(known):
+            raise ValueError(f"expected_sparsity={expected_sparsity!r} must be finite")
         target = self.target_at(step)
-        gap = jnp.asarray(expected_sparsity, jnp.float32) - target
-        loss = multipliers["lambda_1"] * gap + multipliers["lambda_2"] * jnp.square(gap)
+        gap = sparsity.astype(jnp.float32) - target
+        loss = lambdas["lambda_1"] * gap + lambdas["lambda_2"] * jnp.square(gap)
         return loss, target
 
     __call__ = penalty
+
+
+def _check_step(step: Array | int) -> Array:
+    """``step`` as an array; a known one must be a real (not bool) scalar ``>= 0``."""
+    if isinstance(step, str | bytes) or step is None:
+        raise ValueError(f"step={step!r} must be a number >= 0")
+    value = _checks.concrete(step)
+    if value is not None and (
+        value.ndim != 0 or value.dtype.kind not in "iuf" or not 0 <= value < float("inf")
+    ):
+        raise ValueError(f"step={step!r} must be a finite real scalar >= 0")
+    step = jnp.asarray(step)
+    if step.ndim != 0:
+        raise ValueError(f"step.shape={step.shape} must be a scalar")
+    return step
 
 
 def gradient_ascent(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -97,6 +138,8 @@ def gradient_ascent(inner: optax.GradientTransformation) -> optax.GradientTransf
     ``gradient_ascent(optax.adamw(lr))`` is the official Lagrangian optimizer, PyTorch AdamW with
     ``lr = -reg_learning_rate`` (with no weight decay: decay is not negated here, so keep it 0).
     """
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise ValueError(f"inner={inner!r} must be an optax GradientTransformation")
 
     def init_fn(params):
         return inner.init(params)
@@ -123,8 +166,8 @@ def project_to_box(lower: float, upper: float) -> optax.GradientTransformation:
     Raises:
       ValueError: ``lower >= upper`` or a bound that is not finite.
     """
-    low = _checks.finite_float("lower", lower)
-    high = _checks.finite_float("upper", upper)
+    low = _validate.finite_float("lower", lower)
+    high = _validate.finite_float("upper", upper)
     if not low < high:
         raise ValueError(f"lower={lower!r} must be < upper={upper!r}")
 

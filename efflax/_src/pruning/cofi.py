@@ -66,6 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from efflax._src import _validate
+from efflax._src.losses._common import nonnegative_if_concrete
 from efflax._src.models.lm import GluFeedForward
 from efflax._src.models.lm import TransformerLM
 from efflax._src.nn.attention import MultiHeadAttention
@@ -265,6 +267,13 @@ class CoFiStructure:
                         f"{name}[{group!r}] has sites {got}, expected {sorted(expected[group])}"
                     )
         _checks.same_structure("expected gates", expected, name, masks)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(masks):
+            where = f"{name}{jax.tree_util.keystr(path)}"
+            dtype = getattr(leaf, "dtype", None)
+            if dtype is None:
+                dtype = np.asarray(leaf).dtype  # numbers; a string has kind 'U'
+            if np.dtype(dtype).kind not in "biuf" and not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{where} has dtype {dtype}; gates must be real numbers")
         return masks
 
     @functools.cached_property
@@ -277,8 +286,11 @@ class CoFiStructure:
             "deterministic": jax.jit(lambda a: self._map(lambda g, x: g.deterministic(x), a)),
             "prob_nonzero": jax.jit(lambda a: self._map(lambda g, x: g.prob_nonzero(x), a)),
             "remaining": jax.jit(self._remaining),
+            # Counts in int32: exact, as no partial sum exceeds prunable_size (checked < 2^31).
             "size": jax.jit(
-                lambda m: self._remaining(jax.tree.map(lambda z: (z != 0).astype(jnp.float32), m))
+                lambda m: self._remaining(
+                    jax.tree.map(lambda z: (z != 0).astype(jnp.int32), m), jnp, jnp.int32
+                )
             ),
         }
 
@@ -295,6 +307,7 @@ class CoFiStructure:
 
     def init(self, key: Array) -> dict[str, Any]:
         """``log_alpha`` of every gate, initialised as in CoFi (10, or 0 for FFN units)."""
+        _checks.prng_key("key", key)
         return self._jitted["init"](key)
 
     def clamp(self, log_alpha: Any) -> Any:
@@ -305,6 +318,7 @@ class CoFiStructure:
     def sample(self, log_alpha: Any, key: Array) -> Any:
         """Training-time masks: an independent hard-concrete sample of every gate."""
         self.check(log_alpha, "log_alpha")
+        _checks.prng_key("key", key)
         return self._jitted["sample"](log_alpha, key)
 
     def deterministic(self, log_alpha: Any) -> Any:
@@ -323,31 +337,35 @@ class CoFiStructure:
         """Parameters of the attention layers, FFNs and norms (embeddings and heads excluded)."""
         return int(sum(math.prod(p.shape) for p in self.params if p.kind != "other"))
 
-    def _remaining(self, keep: Any) -> Array:
+    def _remaining(self, keep: Any, xp: Any = jnp, dtype: Any = jnp.float32) -> Array:
         """E[parameters left in the attention layers, FFNs and norms] for independent gates that
-        are non-zero with probabilities ``keep`` (0/1 indicators give the exact count)."""
+        are non-zero with probabilities ``keep`` (0/1 indicators give the exact count).
+
+        ``xp`` and ``dtype``: ``jnp`` and float32 for the (differentiable) expectation; 0/1
+        integer indicators in an integer dtype (``jnp``/int32, ``np``/int64) count exactly.
+        """
         hidden = keep.get("hidden")
         if hidden is not None:
-            hidden_1 = jnp.sum(hidden)
-            hidden_2 = hidden_1**2 + jnp.sum(hidden * (1.0 - hidden))  # E[d'^2]
+            hidden_1 = xp.sum(hidden)
+            hidden_2 = hidden_1**2 + xp.sum(hidden * (1 - hidden))  # E[d'^2]
         site_terms: dict[Path, tuple[Array, Array, int]] = {}
         for site in self.attention:
             k = _key(site.path)
-            p = keep["head"][k] if "head" in keep else jnp.ones(site.num_kv_heads)
-            layer = keep["head_layer"][k] if "head_layer" in keep else jnp.ones(())
-            alive = layer * (1.0 - jnp.prod(1.0 - p))
-            site_terms[site.path] = (layer * jnp.sum(p), alive, site.heads_per_group)
+            p = keep["head"][k] if "head" in keep else xp.ones(site.num_kv_heads, dtype)
+            layer = keep["head_layer"][k] if "head_layer" in keep else xp.ones((), dtype)
+            alive = layer * (1 - xp.prod(1 - p))
+            site_terms[site.path] = (layer * xp.sum(p), alive, site.heads_per_group)
         for site in self.feed_forward:
             k = _key(site.path)
-            p = keep["intermediate"][k] if "intermediate" in keep else jnp.ones(site.units)
-            layer = keep["mlp"][k] if "mlp" in keep else jnp.ones(())
-            alive = layer * (1.0 - jnp.prod(1.0 - p))
-            site_terms[site.path] = (layer * jnp.sum(p), alive, 1)
-        total = jnp.zeros((), jnp.float32)
+            p = keep["intermediate"][k] if "intermediate" in keep else xp.ones(site.units, dtype)
+            layer = keep["mlp"][k] if "mlp" in keep else xp.ones((), dtype)
+            alive = layer * (1 - xp.prod(1 - p))
+            site_terms[site.path] = (layer * xp.sum(p), alive, 1)
+        total = xp.zeros((), dtype)
         for param in self.params:
             if param.kind == "other":
                 continue
-            count = jnp.ones((), jnp.float32)
+            count = xp.ones((), dtype)
             num_embed = 0
             kept_axis = None
             for size, role in zip(param.shape, param.roles, strict=True):
@@ -384,20 +402,42 @@ class CoFiStructure:
         """
         return self._jitted["remaining"](self.prob_nonzero(log_alpha))
 
-    def size(self, masks: Any) -> Array:
+    def size(self, masks: Any) -> int | Array:
         """The number of parameters left under ``masks`` (a gate counts when it is non-zero);
         equals the parameter count of the attention layers, FFNs and norms of
-        ``extract(...)``'s model."""
+        ``extract(...)``'s model.
+
+        Exact at any model size: a Python ``int`` for concrete masks; for traced masks (inside
+        ``jit``/``vmap``) an int32 scalar, which needs ``prunable_size < 2**31`` (or
+        ``jax_enable_x64``).
+        """
         self.check(masks)
+        leaves = jax.tree.leaves(masks)
+        values = [_checks.concrete(leaf) for leaf in leaves]
+        if all(v is not None for v in values):
+            indicators = jax.tree.unflatten(
+                jax.tree.structure(masks), [(v != 0).astype(np.int64) for v in values]
+            )
+            return int(self._remaining(indicators, np, np.int64))
+        if self.prunable_size >= 2**31:
+            raise ValueError(
+                f"size of traced masks counts in int32, but the model has prunable_size="
+                f"{self.prunable_size} >= 2**31 parameters; call it outside jit (concrete masks "
+                "give an exact Python int)"
+            )
         return self._jitted["size"](masks)
 
     def expected_sparsity(self, log_alpha: Any) -> Array:
         """``1 - expected_size / prunable_size``: what the Lagrangian drives to the target."""
         return 1.0 - self.expected_size(log_alpha) / self.prunable_size
 
-    def sparsity(self, masks: Any) -> Array:
-        """The real sparsity of ``masks`` (e.g. the deterministic ones), ``1 - size / prunable``."""
-        return 1.0 - self.size(masks) / self.prunable_size
+    def sparsity(self, masks: Any) -> float | Array:
+        """The real sparsity of ``masks`` (e.g. the deterministic ones), ``1 - size / prunable``
+        (a Python float for concrete masks)."""
+        size = self.size(masks)
+        if isinstance(size, int):
+            return 1.0 - size / self.prunable_size
+        return 1.0 - size.astype(jnp.float32) / self.prunable_size
 
     def layer_exists(self, masks: Any) -> Array:
         """Per layer (``self.layers``), whether its attention layer gate is non-zero (CoFi's
@@ -544,6 +584,22 @@ def cofi_structure(
       ValueError: an unknown group, a group the model has nothing for, a hidden dimension that
         is not the same everywhere, or a parameter whose hidden axis cannot be told.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={_short(model)} must be a flax.linen Module")
+    if rngs is not None and not isinstance(rngs, Mapping):
+        _checks.prng_key("rngs", rngs)
+    elif isinstance(rngs, Mapping):
+        if "params" not in rngs:
+            raise ValueError(f"rngs={rngs!r} needs a 'params' key (or pass one PRNG key)")
+        for name, key in rngs.items():
+            _checks.prng_key(f"rngs[{name!r}]", key)
+    if gate_configs is not None and not isinstance(gate_configs, Mapping):
+        raise ValueError(
+            f"gate_configs={gate_configs!r} must be a dict {{group: {{field: value}}}}, e.g. "
+            "{'intermediate': {'init_mean': 3.0}}"
+        )
+    if groups is not None and not isinstance(groups, str | Sequence):
+        raise ValueError(f"groups={groups!r} must be a sequence of names from {GROUPS}")
     calls: list[tuple[Path, nn.Module]] = []
 
     def record(next_fun, args, kwargs, context):
@@ -595,6 +651,8 @@ def cofi_structure(
         if isinstance(groups, str):
             groups = (groups,)
         groups = tuple(groups)
+        if not groups:
+            raise ValueError(f"groups={groups!r} is empty: name at least one of {GROUPS}")
         for group in groups:
             _checks.one_of("groups", group, GROUPS)
             if group not in available:
@@ -667,10 +725,19 @@ def cofi_structure(
         "mlp": {},
         "hidden": {},
     }
+    fields = {f.name for f in dataclasses.fields(HardConcreteMask)} - {"shape"}
     for group, overrides in dict(gate_configs or {}).items():
         _checks.one_of("gate_configs", group, GROUPS)
+        if not isinstance(overrides, Mapping):
+            raise ValueError(f"gate_configs[{group!r}]={overrides!r} must be a dict of fields")
         if "shape" in overrides:
             raise ValueError(f"gate_configs[{group!r}] cannot set 'shape'")
+        unknown = sorted(str(k) for k in overrides if k not in fields)
+        if unknown:
+            raise ValueError(
+                f"gate_configs[{group!r}] sets {unknown[0]!r}, which is not a HardConcreteMask "
+                f"field (fields: {sorted(fields)})"
+            )
         configs[group] = {**configs[group], **dict(overrides)}
         HardConcreteMask(**configs[group])  # check the fields now
     return CoFiStructure(
@@ -694,8 +761,21 @@ class _MaskPlan:
     norm_paths: frozenset
 
 
+def _check_structure(structure: Any) -> CoFiStructure:
+    if not isinstance(structure, CoFiStructure):
+        raise ValueError(
+            f"structure={_short(structure)} must be a CoFiStructure (from cofi_structure)"
+        )
+    return structure
+
+
+def _short(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _plan(structure: CoFiStructure, masks: Any) -> _MaskPlan:
-    structure.check(masks)
+    _check_structure(structure).check(masks)
     scale_input: dict[Path, tuple[Array, int]] = {}
     scale_output: dict[Path, Array] = {}
     for site in structure.attention:
@@ -777,6 +857,15 @@ def apply_with_layers(
     Returns:
       ``(output, [hidden state of each layer])``.
     """
+    _check_structure(structure)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={_short(model)} must be a flax.linen Module")
+    if not isinstance(variables, Mapping):
+        raise ValueError(
+            f"variables must be a dict such as {{'params': params}}, got {type(variables).__name__}"
+        )
+    if masks is not None:
+        structure.check(masks)
     wanted = frozenset(structure.layers)
 
     def capture(module: nn.Module, method_name: str) -> bool:
@@ -802,7 +891,7 @@ def apply_with_layers(
 # --- layer distillation --------------------------------------------------------------------------
 def default_teacher_layers(num_layers: int) -> tuple[int, ...]:
     """CoFi's distilled teacher layers: ``(2, 5, 8, 11)`` of 12, i.e. every quarter's last."""
-    num_layers = _checks.int_at_least("num_layers", num_layers, 1)
+    num_layers = _validate.int_at_least("num_layers", num_layers, 1)
     if num_layers <= 4:
         return tuple(range(num_layers))
     return tuple(sorted({round((k + 1) * num_layers / 4) - 1 for k in range(4)}))
@@ -841,23 +930,46 @@ def layer_distillation_loss(
       ``(loss, matched student layer per distilled teacher layer)``; a teacher layer with no
       student layer to match (none exists) adds 0 and reports ``len(student_layers)``.
     """
+    student_layers = _layer_list("student_layers", student_layers)
+    teacher_layers = _layer_list("teacher_layers", teacher_layers)
     num_student, num_teacher = len(student_layers), len(teacher_layers)
-    if num_student < 1 or num_teacher < 1:
-        raise ValueError(f"need layers, got {num_student} student and {num_teacher} teacher layers")
+    _checks.function("transform", transform)
+    _checks.boolean("official_indexing", official_indexing)
     if teacher_indices is None:
         teacher_indices = default_teacher_layers(num_teacher)
-    teacher_indices = tuple(teacher_indices)
-    for index in teacher_indices:
-        if not isinstance(index, int | np.integer) or not 0 <= index < num_teacher:
-            raise ValueError(f"teacher_indices={teacher_indices} must index {num_teacher} layers")
-    exists = (
-        jnp.ones((num_student,), bool)
-        if student_exists is None
-        else jnp.asarray(student_exists, bool)
+    if not isinstance(teacher_indices, Sequence) or isinstance(teacher_indices, str | bytes):
+        raise ValueError(f"teacher_indices={teacher_indices!r} must be a sequence of layer indices")
+    teacher_indices = tuple(
+        _validate.index("teacher_indices", i, num_teacher) for i in teacher_indices
     )
-    if exists.shape != (num_student,):
-        raise ValueError(f"student_exists.shape={exists.shape} must be ({num_student},)")
+    if not teacher_indices or any(
+        a >= b for a, b in zip(teacher_indices, teacher_indices[1:], strict=False)
+    ):
+        raise ValueError(
+            f"teacher_indices={teacher_indices} must be increasing indices of the "
+            f"{num_teacher} teacher layers (at least one)"
+        )
+    if student_exists is None:
+        exists = jnp.ones((num_student,), bool)
+    else:
+        exists = _validate.as_array("student_exists", student_exists, ndim=1)
+        if exists.dtype != jnp.bool_ and not jnp.issubdtype(exists.dtype, jnp.integer):
+            raise ValueError(
+                f"student_exists.dtype={exists.dtype} must be bool (e.g. head_layer != 0)"
+            )
+        if exists.shape != (num_student,):
+            raise ValueError(f"student_exists.shape={exists.shape} must be ({num_student},)")
+        exists = exists.astype(bool)
     mapped = [transform(h) for h in student_layers]
+    for j, h in enumerate(mapped):
+        h = _validate.as_array(f"transform(student_layers[{j}])", h, kind="floating")
+        for t in teacher_indices:
+            if h.shape != teacher_layers[t].shape:
+                raise ValueError(
+                    f"transform(student_layers[{j}]).shape={h.shape} must be "
+                    f"teacher_layers[{t}].shape={teacher_layers[t].shape} (the MSE compares "
+                    "them element by element, without broadcasting)"
+                )
     losses = jnp.stack(
         [
             jnp.stack(
@@ -896,6 +1008,18 @@ def layer_distillation_loss(
     return loss, matched
 
 
+def _layer_list(name: str, layers: Any) -> list[Array]:
+    """A non-empty list of floating arrays with at least one axis."""
+    if not isinstance(layers, Sequence) or isinstance(layers, str | bytes):
+        raise ValueError(f"{name} must be a list of per-layer arrays, got {type(layers).__name__}")
+    if not layers:
+        raise ValueError(f"{name} is empty: need at least one layer")
+    return [
+        _validate.as_array(f"{name}[{i}]", h, min_ndim=1, kind="floating", nonempty=True)
+        for i, h in enumerate(layers)
+    ]
+
+
 def cofi_distillation_loss(
     student_logits: Array,
     teacher_logits: Array,
@@ -922,6 +1046,9 @@ def cofi_distillation_loss(
     """
     from efflax._src.losses.distillation import distillation_loss
 
+    nonnegative_if_concrete("logit_weight", logit_weight)
+    nonnegative_if_concrete("layer_weight", layer_weight)
+    teacher_layers = _layer_list("teacher_layers", teacher_layers)
     logit = distillation_loss(
         student_logits, teacher_logits, alpha_kd=logit_weight, temperature=temperature
     )
@@ -959,13 +1086,25 @@ def cofi_optimizer(
     from efflax._src.optim.lagrangian import gradient_ascent
     from efflax._src.optim.lagrangian import project_to_box
 
-    reg = _checks.positive_float("reg_learning_rate", reg_learning_rate)
-    lag = reg if lagrangian_learning_rate is None else lagrangian_learning_rate
-    lag = _checks.positive_float("lagrangian_learning_rate", lag)
-    low, high = log_alpha_range
-    if not _checks.finite_float("log_alpha_range[0]", low) < _checks.finite_float(
-        "log_alpha_range[1]", high
+    if not (
+        callable(getattr(model_tx, "init", None)) and callable(getattr(model_tx, "update", None))
     ):
+        raise ValueError(f"model_tx={_short(model_tx)} must be an optax GradientTransformation")
+    reg = _validate.positive_float("reg_learning_rate", reg_learning_rate)
+    lag = reg if lagrangian_learning_rate is None else lagrangian_learning_rate
+    lag = _validate.positive_float("lagrangian_learning_rate", lag)
+    b1 = _validate.probability("b1", b1, allow_one=False)
+    b2 = _validate.probability("b2", b2, allow_one=False)
+    eps = _validate.positive_float("eps", eps)
+    if (
+        not isinstance(log_alpha_range, Sequence)
+        or isinstance(log_alpha_range, str | bytes)
+        or len(log_alpha_range) != 2
+    ):
+        raise ValueError(f"log_alpha_range={log_alpha_range!r} must be (low, high) with low < high")
+    low = _validate.finite_float("log_alpha_range[0]", log_alpha_range[0])
+    high = _validate.finite_float("log_alpha_range[1]", log_alpha_range[1])
+    if not low < high:
         raise ValueError(f"log_alpha_range={log_alpha_range!r} must be (low, high) with low < high")
     transforms = {
         "model": model_tx,
@@ -1111,9 +1250,21 @@ def extract(
       ValueError: masks that are missing, traced or of the wrong layout, parameters that do not
         match the structure, or masks that remove every hidden feature.
     """
+    _check_structure(structure)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={_short(model)} must be a flax.linen Module")
     if masks is None:
         raise ValueError("masks=None: extraction needs the final gates (structure.deterministic)")
     structure.check(masks)
+    if attributes is not None and not (
+        isinstance(attributes, Mapping)
+        and all(isinstance(c, type) and isinstance(n, Mapping) for c, n in attributes.items())
+    ):
+        raise ValueError(
+            f"attributes={attributes!r} must be a dict {{module class: {{size: attribute name}}}}"
+        )
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a dict of parameters, got {type(params).__name__}")
     concrete = jax.tree.map(_checks.concrete, masks)
     if any(v is None for v in jax.tree.leaves(concrete, is_leaf=lambda x: x is None)):
         raise ValueError("masks are traced: extract outside jit, from concrete gates")

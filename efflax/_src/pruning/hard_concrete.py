@@ -25,7 +25,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from efflax._src import _validate
 from pallas_kernels import _checks
 
 Array = jax.Array
@@ -65,39 +67,54 @@ class HardConcreteMask:
     epsilon: float = 1e-6
 
     def __post_init__(self):
-        if isinstance(self.shape, int) or not isinstance(self.shape, Sequence):
+        if not isinstance(self.shape, Sequence) or isinstance(self.shape, str | bytes):
             raise ValueError(f"shape={self.shape!r} must be a tuple of ints >= 1")
         object.__setattr__(
-            self, "shape", tuple(_checks.int_at_least("shape", s, 1) for s in self.shape)
+            self, "shape", tuple(_validate.int_at_least("shape", s, 1) for s in self.shape)
         )
-        _checks.finite_float("init_mean", self.init_mean)
-        _checks.positive_float("init_std", self.init_std, allow_zero=True)
-        _checks.positive_float("temperature", self.temperature)
-        if not _checks.finite_float("limit_low", self.limit_low) < 0:
+
+        # Every field is stored as a Python float (a 0-d array is accepted and converted), so
+        # the frozen dataclass stays hashable and comparable.
+        def store(name: str, number: float) -> float:
+            object.__setattr__(self, name, number)
+            return number
+
+        store("init_mean", _validate.finite_float("init_mean", self.init_mean))
+        store("init_std", _validate.positive_float("init_std", self.init_std, allow_zero=True))
+        store("temperature", _validate.positive_float("temperature", self.temperature))
+        if not store("limit_low", _validate.finite_float("limit_low", self.limit_low)) < 0:
             raise ValueError(f"limit_low={self.limit_low!r} must be < 0")
-        if not _checks.finite_float("limit_high", self.limit_high) > 1:
+        if not store("limit_high", _validate.finite_float("limit_high", self.limit_high)) > 1:
             raise ValueError(f"limit_high={self.limit_high!r} must be > 1")
-        low = _checks.finite_float("log_alpha_min", self.log_alpha_min)
-        if not low < _checks.finite_float("log_alpha_max", self.log_alpha_max):
+        low = _validate.finite_float("log_alpha_min", self.log_alpha_min)
+        high = _validate.finite_float("log_alpha_max", self.log_alpha_max)
+        if not low < high:
             raise ValueError(
                 f"log_alpha_min={self.log_alpha_min!r} must be < log_alpha_max="
                 f"{self.log_alpha_max!r}"
             )
-        _checks.positive_float("eval_scale", self.eval_scale)
-        _checks.probability("epsilon", self.epsilon, allow_zero=False, allow_one=False)
+        store("log_alpha_min", low)
+        store("log_alpha_max", high)
+        store("eval_scale", _validate.positive_float("eval_scale", self.eval_scale))
+        store(
+            "epsilon",
+            _validate.probability("epsilon", self.epsilon, allow_zero=False, allow_one=False),
+        )
 
     @classmethod
     def from_droprate(cls, shape: Sequence[int], droprate: float = 0.5, **kwargs: Any):
         """Gates initialised at ``log_alpha ~ N(log(1 - p) - log(p), 0.01)`` (CoFi's FFN units)."""
-        p = _checks.probability("droprate", droprate, allow_zero=False, allow_one=False)
-        return cls(shape=tuple(shape), init_mean=math.log(1 - p) - math.log(p), **kwargs)
+        p = _validate.probability("droprate", droprate, allow_zero=False, allow_one=False)
+        if "init_mean" in kwargs:
+            raise ValueError("from_droprate sets init_mean from droprate; pass one of them")
+        return cls(shape=shape, init_mean=math.log(1 - p) - math.log(p), **kwargs)
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
 
     def _check(self, log_alpha: Array) -> Array:
-        log_alpha = jnp.asarray(log_alpha)
+        log_alpha = _validate.as_array("log_alpha", log_alpha, kind="real")
         if log_alpha.shape != self.shape:
             raise ValueError(f"log_alpha.shape={log_alpha.shape} must be {self.shape}")
         return log_alpha
@@ -108,8 +125,19 @@ class HardConcreteMask:
         Raises:
           ValueError: ``shape`` is given and is not the gates' shape.
         """
-        if shape is not None and tuple(shape) != self.shape:
-            raise ValueError(f"shape={tuple(shape)} must be the gates' shape {self.shape}")
+        _checks.prng_key("key", key)
+        if shape is not None and (
+            not isinstance(shape, Sequence)
+            or isinstance(shape, str | bytes)
+            or tuple(shape) != self.shape
+        ):
+            raise ValueError(f"shape={shape!r} must be the gates' shape {self.shape}")
+        try:
+            floating = jnp.issubdtype(dtype, jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(f"dtype={dtype!r} must be a floating-point dtype")
         noise = jax.random.normal(key, self.shape, dtype)
         return (self.init_mean + self.init_std * noise).astype(dtype)
 
@@ -123,6 +151,7 @@ class HardConcreteMask:
         Differentiable in ``log_alpha`` (the gradient is zero where the gate is clipped).
         """
         log_alpha = self._check(log_alpha)
+        _checks.prng_key("key", key)
         dtype = jnp.promote_types(log_alpha.dtype, jnp.float32)
         u = jax.random.uniform(
             key, self.shape, dtype, minval=self.epsilon, maxval=1.0 - self.epsilon
@@ -168,7 +197,7 @@ class HardConcreteMask:
         self, log_alpha: Array, key: Array | None = None, *, deterministic: bool = False
     ) -> Array:
         """:meth:`sample` with ``key``, or :meth:`deterministic` when ``deterministic=True``."""
-        if deterministic:
+        if _checks.boolean("deterministic", deterministic):
             return self.deterministic(log_alpha)
         if key is None:
             raise ValueError("key=None: a training-time mask needs a PRNG key")
@@ -189,17 +218,19 @@ def mask_axis(x: Array, z: Array, axis: int | Sequence[int]) -> Array:
     Raises:
       ValueError: an axis that ``x`` does not have, a repeated axis, or ``z`` of the wrong shape.
     """
-    x, z = jnp.asarray(x), jnp.asarray(z)
-    if isinstance(axis, int):
+    # Soft gates in (0, 1) would be truncated to 0 in an integer array.
+    x = _validate.as_array("x", x, kind="floating")
+    z = _validate.as_array("z", z, kind="real")
+    if isinstance(axis, int | np.integer) and not isinstance(axis, bool):
         axes = (axis,)
-    elif isinstance(axis, Sequence) and not isinstance(axis, str):
+    elif isinstance(axis, Sequence) and not isinstance(axis, str | bytes):
         axes = tuple(axis)
     else:
         raise ValueError(f"axis={axis!r} must be an int or a sequence of ints")
     for a in axes:
-        if not isinstance(a, int) or isinstance(a, bool) or not -x.ndim <= a < x.ndim:
+        if not isinstance(a, int | np.integer) or isinstance(a, bool) or not -x.ndim <= a < x.ndim:
             raise ValueError(f"axis={axis!r} does not exist in an array of shape {x.shape}")
-    axes_norm = tuple(a % x.ndim for a in axes)
+    axes_norm = tuple(int(a) % x.ndim for a in axes)
     if len(set(axes_norm)) != len(axes_norm):
         raise ValueError(f"axis={axis!r} repeats an axis")
     expected = tuple(x.shape[a] for a in axes_norm)

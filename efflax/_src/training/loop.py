@@ -58,6 +58,10 @@ def place_on_mesh(tree: Any, mesh: Any) -> Any:
 
     mesh = auto_axes(mesh)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if isinstance(tree, TrainState):
+        name = "state"
+    else:
+        name = "tree"
     shardings = []
     for path, leaf in leaves:
         sharding = getattr(leaf, "sharding", None)
@@ -79,9 +83,10 @@ def place_on_mesh(tree: Any, mesh: Any) -> Any:
             )
         else:
             shardings.append(replicated(mesh))
-    return distributed.put_global(
+    return distributed._put_global(
         jax.tree.unflatten(treedef, [leaf for _, leaf in leaves]),
         jax.tree.unflatten(treedef, shardings),
+        name,
     )
 
 
@@ -209,7 +214,22 @@ def fit(
         raise ValueError(f"state must be an efflax.training.TrainState, got {type(state).__name__}")
     if not callable(train_step):
         raise ValueError(f"train_step={train_step!r} must be callable (see make_train_step)")
-    if not (hasattr(loader, "__iter__") or hasattr(loader, "iter_from")):
+    _checks.function("eval_fn", eval_fn, optional=True)
+    _checks.boolean("progress", progress)
+    if metrics_path is not None and (
+        not isinstance(metrics_path, str | os.PathLike) or pathlib.Path(metrics_path).is_dir()
+    ):
+        raise ValueError(f"metrics_path={metrics_path!r} must be a file path (str or pathlib.Path)")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, str | os.PathLike):
+        raise ValueError(f"checkpoint_dir={checkpoint_dir!r} must be a path (str or pathlib.Path)")
+    if isinstance(eval_steps, str | bytes) or not isinstance(eval_steps, Iterable):
+        raise ValueError(f"eval_steps={eval_steps!r} must be a list of steps")
+    if isinstance(hooks, str | bytes) or not isinstance(hooks, Iterable):
+        raise ValueError(f"hooks={hooks!r} must be a list of hooks")
+    hooks = list(hooks)
+    if isinstance(loader, str | bytes | Mapping) or not (
+        hasattr(loader, "__iter__") or hasattr(loader, "iter_from")
+    ):
         raise ValueError(f"loader={loader!r} must be an iterable of batches (efflax.data.Loader)")
     if num_steps is None:
         if not hasattr(loader, "__len__"):
@@ -221,7 +241,9 @@ def fit(
         eval_every = _checks.int_at_least("eval_every", eval_every)
     eval_at = set()
     for s in eval_steps:
-        if not (isinstance(s, int | np.integer) and 1 <= s <= num_steps):
+        if not (
+            isinstance(s, int | np.integer) and not isinstance(s, bool) and 1 <= s <= num_steps
+        ):
             raise ValueError(
                 f"eval_steps holds {s!r}; every entry must be a step in [1, {num_steps}]"
             )
@@ -232,10 +254,13 @@ def fit(
         checkpoint_every = _checks.int_at_least("checkpoint_every", checkpoint_every)
         if checkpoint_dir is None:
             raise ValueError(f"{checkpoint_every=} was given without a checkpoint_dir")
-    for hook in hooks:
+    for i, hook in enumerate(hooks):
         every = getattr(hook, "every", None)
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"hook {hook!r} needs an int `every` >= 1, got {every!r}")
+        if not callable(hook) or not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(
+                f"hooks[{i}]={hook!r} must be callable with an int `every` >= 1, got "
+                f"every={every!r}"
+            )
     if batch_size is not None:
         batch_size = _checks.int_at_least("batch_size", batch_size)
     batch_size = batch_size or getattr(loader, "batch_size", None) or 0
@@ -370,7 +395,11 @@ def read_metrics(metrics_path: str | pathlib.Path) -> list[dict[str, Any]]:
     Raises:
       ValueError: a line that is not a JSON object, naming the file and the line number.
     """
+    if not isinstance(metrics_path, str | os.PathLike):
+        raise ValueError(f"metrics_path={metrics_path!r} must be a path (str or pathlib.Path)")
     path = pathlib.Path(metrics_path)
+    if not path.is_file():
+        raise ValueError(f"metrics_path={str(path)!r} is not a file")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -405,6 +434,12 @@ def plot_metrics(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not isinstance(png_path, str | os.PathLike):
+        raise ValueError(f"png_path={png_path!r} must be a path (str or pathlib.Path)")
+    if not isinstance(x, str):
+        raise ValueError(f"x={x!r} must be the name of a record field, e.g. 'step'")
+    if title is not None and not isinstance(title, str):
+        raise ValueError(f"title={title!r} must be a string or None")
     records = read_metrics(metrics_path)
     present = sorted({k for r in records for k in r})
     if keys is None:
@@ -412,8 +447,10 @@ def plot_metrics(
         keys = [k for k in present if k not in skip]
     if isinstance(keys, str):
         raise ValueError(f"keys={keys!r} must be a list of metric names, e.g. [{keys!r}]")
+    if not isinstance(keys, Sequence) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"keys={keys!r} must be a list of metric names")
     if not keys:
-        raise ValueError(f"no metrics to plot in {str(metrics_path)!r}")
+        raise ValueError(f"keys={keys!r}: no metrics to plot in {str(metrics_path)!r}")
     for name, wanted in [("keys", k) for k in keys] + [("x", x)]:
         if not any(wanted in r for r in records):
             raise ValueError(

@@ -71,7 +71,12 @@ def _as_raw_key(rng: Any) -> jax.Array:
 
 
 def _dtype(x: Any) -> np.dtype:
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.dtype(jnp.result_type(x))
+    if hasattr(x, "dtype"):
+        return np.dtype(x.dtype)
+    try:
+        return np.dtype(jnp.result_type(x))
+    except TypeError:  # a string or another object that is not a number
+        return np.dtype(object)
 
 
 def _merge_extra(current: Mapping[str, Any], update: Any, *, source: str) -> dict[str, Any]:
@@ -182,6 +187,7 @@ class TrainState(struct.PyTreeNode):
           extra: new values for some entries of ``state.extra`` (the others are kept).
         """
         new_extra = _merge_extra(self.extra, extra, source="extra")
+        _checks.same_structure("state.params", self.params, "grads", grads)
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **update_kwargs)
         return self.replace(
             step=self.step + 1,
@@ -363,13 +369,30 @@ def cross_entropy_loss_fn(*, x_key: str = "x", y_key: str = "y") -> LossFn:
     is logged as a metric.
     """
 
+    for name, key in (("x_key", x_key), ("y_key", y_key)):
+        if not isinstance(key, str):
+            raise ValueError(f"{name}={key!r} must be a string (a key of the batch dict)")
+
     def loss_fn(params, state, batch, rng):
         del rng
+        if not isinstance(batch, Mapping):
+            raise ValueError(
+                f"the batch must be a dict with {x_key!r} and {y_key!r}, got {type(batch).__name__}"
+            )
         for name, key in (("x_key", x_key), ("y_key", y_key)):
             if key not in batch:
                 raise ValueError(f"{name}={key!r} is not a key of the batch ({sorted(batch)})")
         logits = state.apply_fn({"params": params}, batch[x_key])
+        _checks.array(
+            "the model's output", logits, min_ndim=1, kind="floating", layout="[..., classes]"
+        )
         labels = batch[y_key]
+        _checks.array(f"batch[{y_key!r}]", labels, kind="integer", layout="class ids")
+        if tuple(labels.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"batch[{y_key!r}].shape={tuple(labels.shape)} must be the logits' shape without "
+                f"the class axis, {tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})"
+            )
         # Known only outside jit; inside, an out-of-range label gives a NaN loss.
         _checks.indices_in_range(f"batch[{y_key!r}]", labels, logits.shape[-1])
         loss = optax.softmax_cross_entropy_with_integer_labels(
@@ -406,12 +429,23 @@ def classification_eval_fn(
         different lengths.
     """
     _checks.int_at_least("batch_size", batch_size)
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix={prefix!r} must be a string, e.g. 'test'")
     if not isinstance(arrays, Mapping):
         raise ValueError(f"arrays must be a dict of arrays, got {type(arrays).__name__}")
     for name, key in (("x_key", x_key), ("y_key", y_key)):
+        if not isinstance(key, str):
+            raise ValueError(f"{name}={key!r} must be a string (a key of arrays)")
         if key not in arrays:
             raise ValueError(f"{name}={key!r} is not a key of arrays (keys: {sorted(arrays)})")
     x, y = arrays[x_key], arrays[y_key]
+    for key, value in ((x_key, x), (y_key, y)):
+        if not hasattr(value, "shape"):
+            value = np.asarray(value)
+        if len(value.shape) == 0:
+            raise ValueError(f"arrays[{key!r}] must be an array with one row per example")
+    if np.ndim(y) != 1:
+        raise ValueError(f"arrays[{y_key!r}] has shape {np.shape(y)}; it must be 1-d class ids")
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(
             f"arrays[{x_key!r}] and arrays[{y_key!r}] must be non-empty and of one length, got "
