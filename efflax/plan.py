@@ -8,6 +8,7 @@ from efflax._src.plan.core import abstract_batch
 from efflax._src.plan.core import abstract_train_state
 from efflax._src.plan.core import collectives_of
 from efflax._src.plan.core import compile_for
+from efflax._src.plan.core import extrapolate
 from efflax._src.plan.core import get_target
 from efflax._src.plan.core import matmul_flops
 from efflax._src.plan.core import shard_abstract
@@ -27,6 +28,7 @@ __all__ = [
     "abstract_train_state",
     "collectives_of",
     "compile_for",
+    "extrapolate",
     "get_target",
     "matmul_flops",
     "plan_lm",

@@ -189,3 +189,43 @@ def test_step_on_other_devices_is_refused():
     x = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=cpu)
     with pytest.raises(plan.PlanError, match=r"args\[0\] is placed on devices that are not v5e-8"):
         plan.compile_for(lambda x: x * 2, x, target="v5e-8")
+
+
+def test_every_public_name_imports():
+    import efflax
+
+    assert efflax.plan is plan
+    for name in plan.__all__:
+        assert hasattr(plan, name), name
+
+
+def _fake_plan(layers: int) -> plan.Plan:
+    return plan.Plan(
+        target=plan.get_target("v5e-8"),
+        mesh_shape={"data": 8, "expert": 1, "model": 1},
+        params_bytes=100 * layers,
+        opt_state_bytes=200 * layers,
+        other_argument_bytes=8,
+        argument_bytes=300 * layers + 8,
+        output_bytes=300 * layers,
+        alias_bytes=300 * layers,
+        temp_bytes=1000 + 50 * layers,
+        code_bytes=0,
+        collectives={"all-reduce": (2 * layers, 64 * layers)},
+        flops=1e9 * layers,
+        device_flops=None,
+        estimated_seconds=0.001 * layers,
+        compile_seconds=1.0,
+        versions={},
+    )
+
+
+def test_extrapolation_is_linear_in_depth_and_says_so():
+    deep = plan.extrapolate(_fake_plan(1), _fake_plan(2), (1, 2), 12)
+    expected = _fake_plan(12)
+    assert deep.temp_bytes == expected.temp_bytes and deep.total_bytes == expected.total_bytes
+    assert deep.collectives == {"all-reduce": (24, 768)}
+    assert deep.estimated_seconds == pytest.approx(0.012)
+    assert any(n.startswith("EXTRAPOLATED: compiled at 1 and 2 layers") for n in deep.notes)
+    with pytest.raises(plan.PlanError, match="two increasing layer counts"):
+        plan.extrapolate(_fake_plan(1), _fake_plan(2), (2, 1), 12)

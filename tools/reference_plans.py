@@ -33,37 +33,48 @@ RECORDS = ROOT / "docs" / "plans" / "plans.jsonl"
 SECTION = "plans"
 GiB = 1024**3
 
-# (group, target, config): the group names the comparison a plan belongs to.
+# Compile time grows with depth (minutes per layer on 2 shared cores): plans compile at 1 and
+# 2 layers and extrapolate linearly to the full depth (efflax.plan.plan_lm(depths=...));
+# parameter / optimizer bytes and FLOPs are exact. The baseline is also compiled at full depth
+# (depths None) to measure what the extrapolation misses.
+DEPTHS = (1, 2)
 _S = dict(size="gpt2-small", batch=16, seq=1024)
 _LONG = dict(size="gpt2-small", batch=8, seq=8192)
 _B = dict(size="1b", batch=16, seq=2048)
-PLANS: list[tuple[str, str, LMConfig]] = [
-    ("a: attention kernel", "v5e-8", LMConfig(**_S)),
-    ("a: attention kernel", "h100x8", LMConfig(**_S)),
-    ("a: attention kernel", "h100x8", LMConfig(**_S, attention="pallas")),
-    ("b: Monarch MLP", "v5e-8", LMConfig(**_S, mlp="monarch")),
-    ("b: Monarch MLP", "h100x8", LMConfig(**_S, mlp="monarch")),
-    ("c: MoE", "v5e-8", LMConfig(**_S, mlp="moe-ec", data=1, expert=8)),
-    ("c: MoE", "h100x8", LMConfig(**_S, mlp="moe-ec", data=1, expert=8)),
-    ("c: MoE", "v5e-8", LMConfig(**_S, mlp="moe-top2", data=1, expert=8)),
-    ("d: FLASH, long context", "v5e-8", LMConfig(**_LONG)),
-    ("d: FLASH, long context", "v5e-8", LMConfig(**_LONG, block="flash")),
-    ("weak scaling", "v5e-64", LMConfig(**{**_S, "batch": 128})),
-    ("weak scaling", "v5e-256", LMConfig(**{**_S, "batch": 512})),
-    ("d: FLASH, long context", "h100x8", LMConfig(**_LONG)),
-    ("d: FLASH, long context", "h100x8", LMConfig(**_LONG, block="flash")),
-    ("c: MoE", "h100x8", LMConfig(**_S, mlp="moe-top2", data=1, expert=8)),
-    ("1B", "v5e-8", LMConfig(**_B, model=4)),
-    ("1B", "h100x8", LMConfig(**_B)),
-    ("1B", "h100x8", LMConfig(**_B, attention="pallas")),
-    ("1B", "v5p-8", LMConfig(**_B)),
-    ("1B", "v6e-8", LMConfig(**_B, model=2)),
-    ("weak scaling", "v5e-16", LMConfig(**{**_S, "batch": 32})),
+_MOE = dict(data=1, expert=8)
+# (group, target, config, depths): the group names the comparison a plan belongs to.
+PLANS: list[tuple[str, str, LMConfig, tuple[int, int] | None]] = [
+    ("a: attention kernel", "v5e-8", LMConfig(**_S), DEPTHS),
+    ("a: attention kernel", "h100x8", LMConfig(**_S), DEPTHS),
+    ("a: attention kernel", "h100x8", LMConfig(**_S, attention="pallas"), DEPTHS),
+    ("b: Monarch MLP", "v5e-8", LMConfig(**_S, mlp="monarch"), DEPTHS),
+    ("b: Monarch MLP", "h100x8", LMConfig(**_S, mlp="monarch"), DEPTHS),
+    ("c: MoE", "v5e-8", LMConfig(**_S, mlp="moe-ec", **_MOE), DEPTHS),
+    ("c: MoE", "h100x8", LMConfig(**_S, mlp="moe-ec", **_MOE), DEPTHS),
+    ("c: MoE", "v5e-8", LMConfig(**_S, mlp="moe-top2", **_MOE), DEPTHS),
+    ("d: FLASH, long context", "v5e-8", LMConfig(**_LONG), DEPTHS),
+    ("d: FLASH, long context", "v5e-8", LMConfig(**_LONG, block="flash"), DEPTHS),
+    ("weak scaling", "v5e-64", LMConfig(**{**_S, "batch": 128}), DEPTHS),
+    ("weak scaling", "v5e-256", LMConfig(**{**_S, "batch": 512}), DEPTHS),
+    ("weak scaling", "v5e-16", LMConfig(**{**_S, "batch": 32}), DEPTHS),
+    ("d: FLASH, long context", "h100x8", LMConfig(**_LONG), DEPTHS),
+    ("d: FLASH, long context", "h100x8", LMConfig(**_LONG, block="flash"), DEPTHS),
+    ("c: MoE", "h100x8", LMConfig(**_S, mlp="moe-top2", **_MOE), DEPTHS),
+    ("1B", "v5e-8", LMConfig(**_B, model=4), DEPTHS),
+    ("1B", "h100x8", LMConfig(**_B), DEPTHS),
+    ("1B", "h100x8", LMConfig(**_B, attention="pallas"), DEPTHS),
+    ("1B", "v5p-8", LMConfig(**_B), DEPTHS),
+    ("1B", "v6e-8", LMConfig(**_B, model=2), DEPTHS),
+    ("1B", "h100x16", LMConfig(**{**_B, "batch": 32}), DEPTHS),
+    ("1B", "a100x8", LMConfig(**_B), DEPTHS),
+    ("weak scaling", "v6e-64", LMConfig(**{**_B, "batch": 128}), DEPTHS),
+    ("weak scaling", "v5p-64", LMConfig(**{**_B, "batch": 64}), DEPTHS),
+    ("a: attention kernel", "v5e-8", LMConfig(**_S), None),
 ]
 
 
-def key_of(target: str, config: LMConfig) -> str:
-    return f"{target}|{json.dumps(dataclasses.asdict(config), sort_keys=True)}"
+def key_of(target: str, config: LMConfig, depths: tuple[int, int] | None) -> str:
+    return f"{target}|{json.dumps(dataclasses.asdict(config), sort_keys=True)}|{depths}"
 
 
 def _done() -> dict[str, dict]:
@@ -77,13 +88,14 @@ def _done() -> dict[str, dict]:
     return out
 
 
-def run_one(group: str, target: str, config: LMConfig) -> dict:
+def run_one(group: str, target: str, config: LMConfig, depths: tuple[int, int] | None) -> dict:
     """Child process: compile one plan and return its record (errors recorded, not raised)."""
     from efflax._src.plan import core
     from efflax._src.plan.lm import plan_lm
 
     record = {
-        "key": key_of(target, config),
+        "key": key_of(target, config, depths),
+        "depths": depths,
         "group": group,
         "target": target,
         "config": dataclasses.asdict(config),
@@ -91,7 +103,7 @@ def run_one(group: str, target: str, config: LMConfig) -> dict:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     try:
-        plan = plan_lm(config, target)
+        plan = plan_lm(config, target, depths=depths)
     except core.PlanError as e:
         record["error"] = str(e)
         return record
@@ -117,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     RECORDS.parent.mkdir(parents=True, exist_ok=True)
     done = _done()
-    for index, (group, target, config) in enumerate(PLANS[: args.only]):
-        if key_of(target, config) in done:
+    for index, (group, target, config, depths) in enumerate(PLANS[: args.only]):
+        if key_of(target, config, depths) in done:
             continue
-        print(f"[{index + 1}/{len(PLANS)}] {target}: {config.label}", flush=True)
+        how = "full depth" if depths is None else f"at {depths} layers, extrapolated"
+        print(f"[{index + 1}/{len(PLANS)}] {target}: {config.label} ({how})", flush=True)
         start = time.time()
         try:
             out = subprocess.run(
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 record = {"error": f"exit {out.returncode}: {' | '.join(tail)}"}
         except subprocess.TimeoutExpired:
             record = {"error": f"not compiled within {args.timeout} s"}
-        record.setdefault("key", key_of(target, config))
+        record.setdefault("key", key_of(target, config, depths))
+        record.setdefault("depths", depths)
         record.setdefault("group", group)
         record.setdefault("target", target)
         record.setdefault("config", dataclasses.asdict(config))

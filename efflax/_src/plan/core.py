@@ -670,6 +670,56 @@ class Plan:
         return "\n".join(lines)
 
 
+def extrapolate(shallow: Plan, deeper: Plan, depths: tuple[int, int], depth: int) -> Plan:
+    """A plan at ``depth`` layers from plans compiled at ``depths``, linear in the depth.
+
+    Every compiled figure (XLA's memory figures, collectives, per-device FLOPs, the time
+    estimate) is ``a + b * layers`` through the two compiled points: each layer of a
+    ``TransformerLM`` adds the same parameters, saved activations and collectives. The caller
+    overwrites what it knows exactly at ``depth`` (parameter and optimizer bytes, FLOPs).
+    """
+    low, high = depths
+    if not 0 < low < high:
+        raise PlanError(f"depths={depths} must be two increasing layer counts >= 1")
+    weight = (depth - low) / (high - low)
+
+    def line(a, b):
+        if a is None or b is None:
+            return None
+        return a + (b - a) * weight
+
+    collectives = {}
+    for kind in sorted(set(shallow.collectives) | set(deeper.collectives)):
+        c1, b1 = shallow.collectives.get(kind, (0, 0))
+        c2, b2 = deeper.collectives.get(kind, (0, 0))
+        collectives[kind] = (max(0, round(line(c1, c2))), max(0, round(line(b1, b2))))
+    fields = (
+        "params_bytes",
+        "opt_state_bytes",
+        "other_argument_bytes",
+        "argument_bytes",
+        "output_bytes",
+        "alias_bytes",
+        "temp_bytes",
+        "code_bytes",
+    )
+    plan = dataclasses.replace(
+        deeper,
+        **{name: round(line(getattr(shallow, name), getattr(deeper, name))) for name in fields},
+        collectives=collectives,
+        flops=line(shallow.flops, deeper.flops),
+        device_flops=line(shallow.device_flops, deeper.device_flops),
+        estimated_seconds=line(shallow.estimated_seconds, deeper.estimated_seconds),
+        compile_seconds=shallow.compile_seconds + deeper.compile_seconds,
+        notes=[n for n in deeper.notes],
+    )
+    plan.notes.append(
+        f"EXTRAPOLATED: compiled at {low} and {high} layers, every compiled figure (memory, "
+        f"collectives, time estimate) taken linearly to {depth} layers"
+    )
+    return plan
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 

@@ -54,6 +54,7 @@ class LMConfig:
       num_experts: MoE experts.
       chunk_size: FLASH chunk.
       dtype: compute dtype (parameters and optimizer state stay float32).
+      num_layers: overrides the size's depth.
     """
 
     size: str = "gpt2-small"
@@ -69,6 +70,7 @@ class LMConfig:
     num_experts: int = 8
     chunk_size: int = 256
     dtype: str = "bfloat16"
+    num_layers: int | None = None
 
     def check(self) -> None:
         for name, value, allowed in (
@@ -92,6 +94,8 @@ class LMConfig:
     @property
     def label(self) -> str:
         parts = [self.size, f"b{self.batch}", f"s{self.seq}"]
+        if self.num_layers is not None:
+            parts.insert(1, f"L{self.num_layers}")
         if self.block == "flash":
             parts.append(f"flash-c{self.chunk_size}")
         else:
@@ -214,7 +218,7 @@ def build_model(config: LMConfig, target: core.Target, mesh: Any) -> nn.Module:
 
     return TransformerLM(
         vocab_size=dims["vocab_size"],
-        num_layers=dims["num_layers"],
+        num_layers=dims["num_layers"] if config.num_layers is None else config.num_layers,
         d_model=dims["d_model"],
         num_heads=dims["num_heads"],
         mlp_hidden=hidden,
@@ -235,17 +239,49 @@ def plan_lm(
     config: LMConfig,
     target: str | core.Target,
     *,
+    depths: tuple[int, int] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> core.Plan:
     """Compiles one AdamW training step of ``config`` for ``target`` and returns its plan.
 
+    Args:
+      config: the model, batch and mesh.
+      target: a name from ``efflax.plan.TARGETS``.
+      depths: compile at these two layer counts only and extrapolate the compiled figures
+        linearly to the full depth (compile time grows with depth: minutes per layer on a
+        small CPU). Parameter and optimizer bytes and FLOPs stay exact; the plan says so.
+      progress: called with a line before and after each compile.
+
     Example:
       >>> print(plan_lm(LMConfig("gpt2-small", batch=16, seq=1024, model=1), "v5e-8"))
     """
-    from efflax._src.training.state import make_train_step
-
     target = core.get_target(target)
     config.check()
+    if depths is None:
+        return _plan_lm(config, target, progress)
+    depth = SIZES[config.size]["num_layers"] if config.num_layers is None else config.num_layers
+    low, high = depths
+    plans = [
+        _plan_lm(dataclasses.replace(config, num_layers=n), target, progress) for n in (low, high)
+    ]
+    plan = core.extrapolate(plans[0], plans[1], (low, high), depth)
+    # Exact at full depth without compiling: the abstract state's shards and the traced FLOPs.
+    exact = _plan_lm(dataclasses.replace(config, num_layers=depth), target, progress, trace=True)
+    plan.params_bytes = exact["params"]
+    plan.opt_state_bytes = exact["opt_state"]
+    plan.other_argument_bytes = exact["other"]
+    plan.flops = exact["flops"]
+    return plan
+
+
+def _plan_lm(
+    config: LMConfig,
+    target: core.Target,
+    progress: Callable[[str], None] | None,
+    trace: bool = False,
+) -> Any:
+    from efflax._src.training.state import make_train_step
+
     mesh = core.target_mesh(target, data=config.data, expert=config.expert, model=config.model)
     model = build_model(config, target, mesh)
     tokens = jax.ShapeDtypeStruct((config.batch, config.seq), jnp.int32)
@@ -261,6 +297,12 @@ def plan_lm(
     }
     batch = core.abstract_batch(shapes, mesh)
     step = make_train_step(_loss_fn)
+    if trace:
+        args = (state, batch)
+        core._check_on_target(args, target)
+        with core._lowering_context(target, args):
+            flops, _ = core.matmul_flops(jax.make_jaxpr(step)(*args))
+        return {**core._categorise(args), "flops": flops}
     return core.compile_for(
         step, state, batch, target=target, progress=progress, label=config.label
     )
