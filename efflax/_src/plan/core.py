@@ -628,8 +628,10 @@ class Plan:
             if self.fits
             else f"DOES NOT FIT: {_gib(-self.headroom_bytes)} over"
         )
+        extrapolated = any(n.startswith("EXTRAPOLATED") for n in self.notes)
         lines = [
-            f"plan for {t.name}: {t.chips} x {t.chip} ({t.topology}), mesh {mesh}",
+            f"plan for {t.name}: {t.chips} x {t.chip} ({t.topology}), mesh {mesh}"
+            + (" [extrapolated in depth: see the note]" if extrapolated else ""),
             "memory per device (what XLA allocates for the compiled step):",
             f"  parameters        {_gib(self.params_bytes)}",
             f"  optimizer state   {_gib(self.opt_state_bytes)}",
