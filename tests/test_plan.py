@@ -229,3 +229,27 @@ def test_extrapolation_is_linear_in_depth_and_says_so():
     assert any(n.startswith("EXTRAPOLATED: compiled at 1 and 2 layers") for n in deep.notes)
     with pytest.raises(plan.PlanError, match="two increasing layer counts"):
         plan.extrapolate(_fake_plan(1), _fake_plan(2), (2, 1), 12)
+
+
+def test_libtpu_out_of_memory_message_is_read():
+    message = (
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+        "hbm. Used 17.13G of 15.75G hbm. Exceeded hbm capacity by 1.38G."
+    )
+    assert core._out_of_memory(message) == ("used", int(17.13 * 2**30))
+    newer = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+        "memory required for HLO temporaries (36.00G) exceeds available HBM (15.75G)."
+    )
+    assert core._out_of_memory(newer) == ("temp", 36 * 2**30)
+    assert core._out_of_memory("INTERNAL: something else") is None
+
+
+def test_a_step_that_cannot_fit_is_a_plan_that_says_so():
+    _toolchain("tpu")
+    mesh = plan.target_mesh("v5e-8")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    x = jax.ShapeDtypeStruct((9 * 2**30,), jnp.bfloat16, sharding=replicated)  # 18 GiB a chip
+    p = plan.compile_for(lambda x: x * 2, x, target="v5e-8", progress=lambda line: None)
+    assert not p.fits and p.headroom_bytes < -2 * 2**30
+    assert "DOES NOT FIT" in str(p)

@@ -10,7 +10,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PLOTS = ROOT / "docs" / "plans"
 GiB = 1024**3
 SECTION = "plans"
-_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_SHORT = {
+    "all-reduce": "AR",
+    "all-gather": "AG",
+    "reduce-scatter": "RS",
+    "all-to-all": "A2A",
+    "collective-permute": "CP",
+}
 
 
 def _gib(n: float | None) -> str:
@@ -157,8 +163,8 @@ def write(records: list[dict], plans: list[tuple[Any, ...]], key_of: Callable[..
         + ". Per device: *state* = parameters + optimizer state (exact, from the sharded "
         "abstract state), *temp* = XLA's temporaries, *total* = what XLA allocates (arguments + "
         "outputs not donated + temporaries + code) against the chip's memory; *collectives* = "
-        "ops and result MiB per device per step in the partitioned program (aR all-reduce, aG "
-        "all-gather, rs reduce-scatter, ato all-to-all); *TFLOPs* = matrix-product FLOPs of the "
+        "ops and result MiB per device per step in the partitioned program (AR all-reduce, AG "
+        "all-gather, RS reduce-scatter, A2A all-to-all, CP collective-permute); *TFLOPs* = matrix-product FLOPs of the "
         "whole step, all chips (Pallas kernels without a cost estimate are not counted); "
         "*time* = XLA's own cost-model estimate of the step on TPU and the MFU it implies (not a "
         "measurement; XLA gives none for GPU targets).",

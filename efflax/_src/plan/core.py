@@ -546,6 +546,7 @@ class Plan:
         is not usable (see ``notes``).
       compile_seconds: wall time of the compile here.
       notes: what a reader must know about the figures.
+      complete: False when the compiler stopped (out of memory): only the memory is known.
     """
 
     target: Target
@@ -565,6 +566,7 @@ class Plan:
     compile_seconds: float
     versions: dict[str, str]
     notes: list[str] = dataclasses.field(default_factory=list)
+    complete: bool = True
 
     @property
     def total_bytes(self) -> int:
@@ -618,6 +620,7 @@ class Plan:
             "compile_seconds": self.compile_seconds,
             "versions": self.versions,
             "notes": list(self.notes),
+            "complete": self.complete,
         }
 
     def __str__(self) -> str:
@@ -642,7 +645,9 @@ class Plan:
             f"  temporaries       {_gib(self.temp_bytes)}",
             f"  total             {_gib(self.total_bytes)} of {_gib(t.hbm_bytes)}: {verdict}",
         ]
-        if self.collectives:
+        if not self.complete:
+            lines.append("collectives per step: unknown (the compile stopped)")
+        elif self.collectives:
             lines.append("collectives per step (per device; ops in loop bodies counted once):")
             for kind, (count, nbytes) in self.collectives.items():
                 lines.append(f"  {kind:20s} {count:4d} ops  {nbytes / 2**20:10.1f} MiB")
@@ -714,6 +719,7 @@ def extrapolate(shallow: Plan, deeper: Plan, depths: tuple[int, int], depth: int
         estimated_seconds=line(shallow.estimated_seconds, deeper.estimated_seconds),
         compile_seconds=shallow.compile_seconds + deeper.compile_seconds,
         notes=[n for n in deeper.notes],
+        complete=shallow.complete and deeper.complete,
     )
     plan.notes.append(
         f"EXTRAPOLATED: compiled at {low} and {high} layers, every compiled figure (memory, "
@@ -761,6 +767,62 @@ def _check_on_target(args: Sequence[Any], target: Target) -> dict[str, int]:
         _divisibility(where, tuple(leaf.shape), sharding.spec, sharding.mesh, None)
         mesh_shape = mesh_shape or dict(sharding.mesh.shape)
     return mesh_shape or {}
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _out_of_memory(message: str) -> tuple[str, int] | None:
+    """What libtpu's out-of-memory refusal says a program needs: ``('temp', bytes)`` (HLO
+    temporaries) or ``('used', bytes)`` (everything); None for another error."""
+    if "Ran out of memory" not in message:
+        return None
+    for kind, pattern in (
+        ("temp", r"memory required for HLO temporaries \(([0-9.]+)([KMGT]?)\)"),
+        ("used", r"Used ([0-9.]+)([KMGT]?) of [0-9.]+[KMGT]? hbm"),
+    ):
+        found = re.search(pattern, message)
+        if found:
+            return kind, int(float(found.group(1)) * _UNITS[found.group(2)])
+    return None
+
+
+def _refused_plan(
+    target: Target,
+    mesh_shape: dict[str, int],
+    arg_sizes: dict[str, int],
+    refusal: tuple[str, int],
+    flops: float | None,
+) -> Plan:
+    """The plan of a program libtpu refused to compile for lack of memory."""
+    arguments = sum(arg_sizes.values())
+    kind, nbytes = refusal
+    temp = nbytes if kind == "temp" else max(0, nbytes - arguments)
+    return Plan(
+        target=target,
+        mesh_shape=mesh_shape,
+        params_bytes=arg_sizes["params"],
+        opt_state_bytes=arg_sizes["opt_state"],
+        other_argument_bytes=arg_sizes["other"],
+        argument_bytes=arguments,
+        output_bytes=0,
+        alias_bytes=0,
+        temp_bytes=temp,
+        code_bytes=0,
+        collectives={},
+        flops=flops,
+        device_flops=None,
+        estimated_seconds=None,
+        compile_seconds=0.0,
+        versions=_versions(),
+        notes=[
+            f"libtpu refused the program for lack of memory (its figure: "
+            f"{'temporaries' if kind == 'temp' else 'total'} {_gib(nbytes)} per chip); "
+            "the arguments are counted from their shards, nothing for outputs; collectives "
+            "and step time are unknown (the compile stopped)"
+        ],
+        complete=False,
+    )
 
 
 def _lowering_context(target: Target, args: Sequence[Any]) -> Any:
@@ -835,17 +897,32 @@ def compile_for(
     mesh_text = " x ".join(f"{k} {v}" for k, v in mesh_shape.items())
     say(f"[plan] compiling {label} for {target.name} (mesh {mesh_text}); large steps take minutes")
     notes: list[str] = []
+    arg_sizes = _categorise(abstract_args)
     try:
         with _lowering_context(target, abstract_args):
             traced_flops, flop_caveats = matmul_flops(jax.make_jaxpr(jitted)(*abstract_args))
             lowered = jitted.lower(*abstract_args)
-        compiled = lowered.compile()
     except PlanError:
         raise
     except Exception as e:
         raise PlanError(
-            f"{label} does not compile for {target.name}: {type(e).__name__}: {_xla_message(e)}"
+            f"{label} cannot be traced for {target.name}: {type(e).__name__}: {_xla_message(e)}"
         ) from None
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        refusal = _out_of_memory(str(e))
+        if refusal is None:
+            raise PlanError(
+                f"{label} does not compile for {target.name}: {type(e).__name__}: {_xla_message(e)}"
+            ) from None
+        plan = _refused_plan(target, mesh_shape, arg_sizes, refusal, flops or traced_flops)
+        plan.compile_seconds = time.perf_counter() - start
+        say(
+            f"[plan] {label} on {target.name}: does NOT fit ({_gib(-plan.headroom_bytes)} over; "
+            "libtpu stopped the compile)"
+        )
+        return plan
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     try:
@@ -876,7 +953,6 @@ def compile_for(
             "devices together, before XLA partitions or rematerialises anything"
             + "".join(f"; {c}" for c in flop_caveats)
         )
-    arg_sizes = _categorise(abstract_args)
     plan = Plan(
         target=target,
         mesh_shape=mesh_shape,
