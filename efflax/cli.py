@@ -86,6 +86,15 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--num-experts", type=int, default=8)
     plan.add_argument("--nblocks", type=int, default=4, help="Monarch blocks")
     plan.add_argument("--chunk-size", type=int, default=256, help="FLASH chunk")
+    plan.add_argument(
+        "--depths",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("L1", "L2"),
+        help="compile at L1 and L2 layers only and extrapolate linearly to the full depth "
+        "(much faster; parameter bytes and FLOPs stay exact, the report says so)",
+    )
     plan.add_argument("--json", default=None, help="also write the plan as JSON to this file")
 
 
@@ -121,7 +130,9 @@ def _plan(args) -> int:
         chunk_size=args.chunk_size,
     )
     try:
-        plan = plan_lm(config, args.target)
+        plan = plan_lm(
+            config, args.target, depths=None if args.depths is None else tuple(args.depths)
+        )
     except core.PlanError as e:
         print(f"efflax plan: {e}", file=sys.stderr)
         return 2

@@ -15,12 +15,14 @@ BENCHMARKS.md and plots in ``docs/plans/*.png``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", type=int, default=None, help="run the first N plans")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per plan")
+    parser.add_argument("--jobs", type=int, default=1, help="plans compiled at once")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md and plots")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,9 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     RECORDS.parent.mkdir(parents=True, exist_ok=True)
     done = _done()
-    for index, (group, target, config, depths) in enumerate(PLANS[: args.only]):
-        if key_of(target, config, depths) in done:
-            continue
+    todo = [
+        (index, plan)
+        for index, plan in enumerate(PLANS[: args.only])
+        if key_of(*plan[1:]) not in done
+    ]
+    lock = threading.Lock()
+
+    def run(index: int, plan: tuple) -> None:
+        group, target, config, depths = plan
         how = "full depth" if depths is None else f"at {depths} layers, extrapolated"
         print(f"[{index + 1}/{len(PLANS)}] {target}: {config.label} ({how})", flush=True)
         start = time.time()
@@ -157,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         record.setdefault("config", dataclasses.asdict(config))
         record.setdefault("label", config.label)
         record["wall_seconds"] = round(time.time() - start)
-        with RECORDS.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(record.get("report") or f"ERROR {record['error']}", flush=True)
+        with lock:
+            with RECORDS.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(record.get("report") or f"ERROR {record['error']}", flush=True)
+
+    # Plans are independent processes; --jobs of them share the machine.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda item: run(*item), todo))
     return 0
 
 
