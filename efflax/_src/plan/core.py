@@ -77,6 +77,7 @@ class Target:
       hbm_bytes: memory per chip the compiled program must fit in.
       peak_flops: dense bf16 FLOP/s per chip (for MFU).
       interconnect: chip-to-chip links, for the report.
+      hbm_bandwidth: HBM bytes/s per chip (for the roofline bound).
       gpu_spec: the ``GpuTargetConfig`` file (GPU targets).
       device_kind: ``device_kind`` of the compile-only devices.
     """
@@ -88,6 +89,7 @@ class Target:
     hbm_bytes: int
     peak_flops: float
     interconnect: str
+    hbm_bandwidth: float = 0.0
     gpu_spec: str | None = None
     device_kind: str | None = None
 
@@ -100,9 +102,19 @@ class Target:
         return math.prod(int(n) for n in dims)
 
 
-_V5E = dict(chip="TPU v5e", hbm_bytes=int(15.75 * GiB), peak_flops=197e12, interconnect="ICI")
-_V5P = dict(chip="TPU v5p", hbm_bytes=95 * GiB, peak_flops=459e12, interconnect="ICI")
-_V6E = dict(chip="TPU v6e", hbm_bytes=32 * GiB, peak_flops=918e12, interconnect="ICI")
+_V5E = dict(
+    chip="TPU v5e",
+    hbm_bytes=int(15.75 * GiB),
+    peak_flops=197e12,
+    interconnect="ICI",
+    hbm_bandwidth=819e9,
+)
+_V5P = dict(
+    chip="TPU v5p", hbm_bytes=95 * GiB, peak_flops=459e12, interconnect="ICI", hbm_bandwidth=2765e9
+)
+_V6E = dict(
+    chip="TPU v6e", hbm_bytes=32 * GiB, peak_flops=918e12, interconnect="ICI", hbm_bandwidth=1640e9
+)
 # device_memory_size of tools/gpu_specs/*.txtpb (XLA's own GPU spec files): 79.1 GiB.
 _H100 = dict(
     chip="NVIDIA H100 SXM",
@@ -547,6 +559,7 @@ class Plan:
       compile_seconds: wall time of the compile here.
       notes: what a reader must know about the figures.
       complete: False when the compiler stopped (out of memory): only the memory is known.
+      bytes_accessed: XLA's count of memory traffic per device (TPU), for ``roofline_seconds``.
     """
 
     target: Target
@@ -567,6 +580,18 @@ class Plan:
     versions: dict[str, str]
     notes: list[str] = dataclasses.field(default_factory=list)
     complete: bool = True
+    bytes_accessed: float | None = None
+
+    @property
+    def roofline_seconds(self) -> float | None:
+        """A lower bound on the step time: XLA's per-device FLOPs at peak or its bytes accessed
+        at HBM bandwidth, whichever is slower (communication and overheads ignored; TPU)."""
+        if not self.device_flops or not self.bytes_accessed or not self.target.hbm_bandwidth:
+            return None
+        return max(
+            self.device_flops / self.target.peak_flops,
+            self.bytes_accessed / self.target.hbm_bandwidth,
+        )
 
     @property
     def total_bytes(self) -> int:
@@ -617,6 +642,8 @@ class Plan:
             "device_flops": self.device_flops,
             "estimated_seconds": self.estimated_seconds,
             "mfu": self.mfu,
+            "bytes_accessed": self.bytes_accessed,
+            "roofline_seconds": self.roofline_seconds,
             "compile_seconds": self.compile_seconds,
             "versions": self.versions,
             "notes": list(self.notes),
@@ -669,6 +696,14 @@ class Plan:
                     else ""
                 )
             )
+        roofline = self.roofline_seconds
+        if roofline is not None:
+            bound = self.flops / t.chips / (roofline * t.peak_flops) if self.flops else None
+            lines.append(
+                f"roofline bound (XLA's per-device FLOPs at peak, bytes at {t.hbm_bandwidth / 1e9:.0f}"
+                f" GB/s; no communication) >= {roofline * 1e3:.2f} ms"
+                + (f", so MFU <= {100 * bound:.0f}%" if bound else "")
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         lines.append(
             f"compiled in {self.compile_seconds:.0f} s with "
@@ -716,6 +751,7 @@ def extrapolate(shallow: Plan, deeper: Plan, depths: tuple[int, int], depth: int
         collectives=collectives,
         flops=line(shallow.flops, deeper.flops),
         device_flops=line(shallow.device_flops, deeper.device_flops),
+        bytes_accessed=line(shallow.bytes_accessed, deeper.bytes_accessed),
         estimated_seconds=line(shallow.estimated_seconds, deeper.estimated_seconds),
         compile_seconds=shallow.compile_seconds + deeper.compile_seconds,
         notes=[n for n in deeper.notes],
@@ -931,9 +967,10 @@ def compile_for(
         cost = None
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
-    device_flops = estimated = None
+    device_flops = estimated = bytes_accessed = None
     if cost:
         device_flops = float(cost.get("flops", 0.0)) or None
+        bytes_accessed = float(cost.get("bytes accessed", 0.0)) or None
         raw = cost.get("optimal_seconds")
         if raw is not None:
             raw = float(raw)
@@ -969,6 +1006,7 @@ def compile_for(
         device_flops=device_flops,
         estimated_seconds=estimated,
         compile_seconds=seconds,
+        bytes_accessed=bytes_accessed,
         versions=_versions(),
         notes=notes,
     )
