@@ -48,7 +48,7 @@ def _row(record: dict) -> str:
     if "error" in record:
         return (
             f"| {record['target']} | {config['size']} b{config['batch']} s{config['seq']} | "
-            f"{variant} | | {how} | not planned: {record['error'][:160]} | | | | | | |"
+            f"{variant} | | {how} | not planned: {record['error'][:160]} | | | | | | | |"
         )
     fits = (
         "yes"
@@ -63,8 +63,19 @@ def _row(record: dict) -> str:
         f"| {_gib(record['temp_bytes'])} | {_gib(record['total_bytes'])} | {fits} "
         f"| {_collectives(record)} | {record['flops'] / 1e12:.1f} "
         f"| {'-' if time_ms is None else f'{time_ms * 1e3:.0f}'}"
-        f"{'' if mfu is None else f' ({100 * mfu:.0f}%)'} |"
+        f"{'' if mfu is None else f' ({100 * mfu:.0f}%)'} | {_roofline(record)} |"
     )
+
+
+def _roofline(record: dict) -> str:
+    seconds = record.get("roofline_seconds")
+    if not seconds:
+        return "-"
+    bound = record["flops"] / record["chips"] / (seconds * _PEAK.get(record["chip"], 1))
+    return f"{seconds * 1e3:.0f} (<= {100 * bound:.0f}%)"
+
+
+_PEAK = {"TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12}
 
 
 def _plot(records: list[dict]) -> list[str]:
@@ -167,7 +178,10 @@ def write(records: list[dict], plans: list[tuple[Any, ...]], key_of: Callable[..
         "all-gather, RS reduce-scatter, A2A all-to-all, CP collective-permute); *TFLOPs* = matrix-product FLOPs of the "
         "whole step, all chips (Pallas kernels without a cost estimate are not counted); "
         "*time* = XLA's own cost-model estimate of the step on TPU and the MFU it implies (not a "
-        "measurement; XLA gives none for GPU targets).",
+        "measurement; XLA gives none for GPU targets, and for every GPT-2-size step here it "
+        "came out negative, so it is not shown); *roofline* = a lower bound on the TPU step "
+        "time, XLA's per-device FLOPs at peak or its bytes accessed at HBM bandwidth, whichever "
+        "is slower, with no communication, and the MFU ceiling it implies.",
         "",
         "**How deep the compiles are**: on these 2 shared cores a 12-layer step takes ~6-30 min "
         "to compile, so most plans (*extrap.*) compile the model at 1 and 2 layers and take every "
@@ -176,14 +190,14 @@ def write(records: list[dict], plans: list[tuple[Any, ...]], key_of: Callable[..
         "compare them with the extrapolated row of the same configuration.",
         "",
         "| target | model | variant | mesh d x e x m | depth | state GiB | temp GiB | total "
-        "GiB | fits? | collectives | TFLOPs | time ms (MFU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "GiB | fits? | collectives | TFLOPs | XLA time ms (MFU) | roofline ms (MFU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     group = None
     for record in ordered:
         if record["group"] != group:
             group = record["group"]
-            lines.append(f"| **{group}** | | | | | | | | | | | |")
+            lines.append(f"| **{group}** | | | | | | | | | | | | |")
         lines.append(_row(record))
     lines.append("")
     for name in plots:
