@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, default=None, help="run the first N plans")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per plan")
     parser.add_argument("--jobs", type=int, default=1, help="plans compiled at once")
+    parser.add_argument(
+        "--pick", default=None, help="comma-separated plan numbers (1-based) to run, in order"
+    )
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md and plots")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -137,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         for index, plan in enumerate(PLANS[: args.only])
         if key_of(*plan[1:]) not in done
     ]
+    if args.pick:
+        wanted = [int(n) - 1 for n in args.pick.split(",")]
+        todo = sorted(
+            (item for item in todo if item[0] in wanted), key=lambda i: wanted.index(i[0])
+        )
     lock = threading.Lock()
 
     def run(index: int, plan: tuple) -> None:
