@@ -22,7 +22,8 @@ STAMP_XLA := $(VENV_XLA)/.installed-stamp
 VENV_GPUCHECK := .venv-gpucheck
 STAMP_GPUCHECK := $(VENV_GPUCHECK)/.installed-stamp
 
-.PHONY: demo test test-latest test-newest lint bench gpu-check tpu-check gpu-bench clean pins
+.PHONY: demo test test-latest test-newest lint bench gpu-check tpu-check gpu-bench clean pins \
+	plan-env plan-check plans
 
 $(STAMP): pyproject.toml constraints/py311.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +75,21 @@ gpu-check: $(STAMP_GPUCHECK) $(STAMP_XLA)
 # devices, no TPU), a sharded v5e:2x4 step, and the tpu-check section of BENCHMARKS.md.
 tpu-check: $(STAMP_XLA)
 	JAX_PLATFORMS=cpu $(VENV_XLA)/bin/python tools/tpu_check.py
+
+# `efflax plan` compiles for TPU slices and GPU hosts without them: its toolchain is .venv-xla.
+plan-env: $(STAMP_XLA)
+	@echo "plan toolchain ready: JAX_PLATFORMS=cpu $(VENV_XLA)/bin/efflax plan --target v5e-8"
+
+# tests/test_plan.py on that toolchain; a compile test that would skip fails here instead.
+plan-check: $(STAMP_XLA)
+	JAX_PLATFORMS=cpu EFFLAX_REQUIRE_PLAN_TARGETS=1 MPLBACKEND=Agg $(VENV_XLA)/bin/python -m pytest \
+		-q -p no:cacheprovider tests/test_plan.py --durations=5
+
+# Not in CI (about an hour on 2 cores): the reference plans, then the "plans" section of
+# BENCHMARKS.md and its plots (tools/reference_plans.py; finished plans are kept and skipped).
+plans: $(STAMP_XLA)
+	JAX_PLATFORMS=cpu $(VENV_XLA)/bin/python tools/reference_plans.py
+	JAX_PLATFORMS=cpu MPLBACKEND=Agg $(VENV_XLA)/bin/python tools/reference_plans.py --write
 
 # Not part of .ci/run: the newest releases of everything, and a report of what that changes
 # (versions vs the pins, failing tests, new spills). Never fails; read its report.

@@ -5,7 +5,8 @@ Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.nn`` (modules), ``efflax.losses`` (distillation, batch entropy, focal losses),
 ``efflax.optim`` (optimizers and probes), ``efflax.pruning`` (structured pruning: CoFi),
 ``efflax.models`` (small reference models), ``efflax.stats`` (estimates with intervals, verdicts),
-``efflax.curves`` (accuracy-vs-time curves); the Pallas kernels are in the sibling package
+``efflax.curves`` (accuracy-vs-time curves), ``efflax.plan`` (compile a step for TPU/GPU
+targets without them: will it fit?); the Pallas kernels are in the sibling package
 ``pallas_kernels``.
 
 The subpackages are imported on first use (``efflax.nn`` imports ``efflax/nn`` when first
@@ -24,6 +25,7 @@ SUBPACKAGES = (
     "models",
     "nn",
     "optim",
+    "plan",
     "pruning",
     "sharding",
     "stats",

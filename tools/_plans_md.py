@@ -1,0 +1,212 @@
+"""The ``plans`` section of BENCHMARKS.md and its plots, from tools/reference_plans.py's records."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PLOTS = ROOT / "docs" / "plans"
+GiB = 1024**3
+SECTION = "plans"
+_SHORT = {
+    "all-reduce": "AR",
+    "all-gather": "AG",
+    "reduce-scatter": "RS",
+    "all-to-all": "A2A",
+    "collective-permute": "CP",
+}
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def _collectives(record: dict) -> str:
+    parts = []
+    for kind, value in sorted(record.get("collectives", {}).items()):
+        short = (
+            kind.replace("all-", "a")
+            .replace("reduce-scatter", "rs")
+            .replace("collective-permute", "cp")
+        )
+        parts.append(f"{short} {value['count']}x {value['bytes'] / 2**20:.0f}M")
+    return ", ".join(parts) or "none"
+
+
+def _row(record: dict) -> str:
+    config = record["config"]
+    variant = (
+        f"FLASH c{config['chunk_size']}"
+        if config["block"] == "flash"
+        else f"attn {config['attention']}, mlp {config['mlp']}"
+    )
+    mesh = record.get("mesh") or {}
+    mesh_text = "x".join(str(mesh.get(a, "?")) for a in ("data", "expert", "model"))
+    how = "full" if record.get("depths") is None else "extrap."
+    if "error" in record:
+        return (
+            f"| {record['target']} | {config['size']} b{config['batch']} s{config['seq']} | "
+            f"{variant} | | {how} | not planned: {record['error'][:160]} | | | | | | | |"
+        )
+    fits = (
+        "yes"
+        if record["fits"]
+        else f"**no** (+{_gib(-(record['hbm_bytes'] - record['total_bytes']))})"
+    )
+    time_ms = record.get("estimated_seconds")
+    mfu = record.get("mfu")
+    return (
+        f"| {record['target']} | {config['size']} b{config['batch']} s{config['seq']} | {variant} "
+        f"| {mesh_text} | {how} | {_gib(record['params_bytes'] + record['opt_state_bytes'])} "
+        f"| {_gib(record['temp_bytes'])} | {_gib(record['total_bytes'])} | {fits} "
+        f"| {_collectives(record)} | {record['flops'] / 1e12:.1f} "
+        f"| {'-' if time_ms is None else f'{time_ms * 1e3:.0f}'}"
+        f"{'' if mfu is None else f' ({100 * mfu:.0f}%)'} | {_roofline(record)} |"
+    )
+
+
+def _roofline(record: dict) -> str:
+    seconds = record.get("roofline_seconds")
+    if not seconds:
+        return "-"
+    bound = record["flops"] / record["chips"] / (seconds * _PEAK.get(record["chip"], 1))
+    return f"{seconds * 1e3:.0f} (<= {100 * bound:.0f}%)"
+
+
+_PEAK = {"TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12}
+
+
+def _plot(records: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    written = []
+    ok = [r for r in records if "error" not in r]
+    # Variants beside their baselines: per-device memory, one bar pair per plan.
+    if ok:
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(ok) + 1.2))
+        names = [f"{r['target']}: {_short(r)}" for r in ok]
+        state = [(r["params_bytes"] + r["opt_state_bytes"]) / GiB for r in ok]
+        temp = [r["temp_bytes"] / GiB for r in ok]
+        ys = range(len(ok))
+        ax.barh(ys, state, label="params + optimizer")
+        ax.barh(ys, temp, left=state, label="temporaries (XLA)")
+        for y, r in zip(ys, ok, strict=True):
+            ax.plot([r["hbm_bytes"] / GiB] * 2, [y - 0.4, y + 0.4], color="k", lw=1)
+        ax.set_yticks(list(ys), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("GiB per device (black tick: the chip's memory)")
+        ax.legend(fontsize=7)
+        ax.set_title("efflax plan: memory per device of one AdamW step", fontsize=9)
+        fig.tight_layout()
+        path = PLOTS / "memory.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    weak = sorted(
+        (r for r in ok if r["group"] == "weak scaling" or _is_weak_baseline(r)),
+        key=lambda r: r["chips"],
+    )
+    weak = [r for r in weak if r["target"].startswith("v5e")]
+    if len(weak) >= 2:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        chips = [r["chips"] for r in weak]
+        axes[0].plot(chips, [r["total_bytes"] / GiB for r in weak], "o-")
+        axes[0].set_ylabel("GiB per chip")
+        comm = [sum(c["bytes"] for c in r["collectives"].values()) / 2**20 for r in weak]
+        axes[1].plot(chips, comm, "o-")
+        axes[1].set_ylabel("collective MiB per chip per step")
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("v5e chips (2 sequences of 1024 per chip)")
+        fig.suptitle("GPT-2-small weak scaling on v5e slices (XLA's compiled figures)", fontsize=9)
+        fig.tight_layout()
+        path = PLOTS / "weak_scaling.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def _is_weak_baseline(record: dict) -> bool:
+    c = record["config"]
+    return (
+        record["target"] == "v5e-8"
+        and c["size"] == "gpt2-small"
+        and c["seq"] == 1024
+        and c["mlp"] == "dense"
+        and c["attention"] == "xla"
+        and c["block"] == "transformer"
+        and record.get("depths") is not None
+    )
+
+
+def _short(record: dict) -> str:
+    c = record["config"]
+    variant = "FLASH" if c["block"] == "flash" else f"{c['attention']}/{c['mlp']}"
+    depth = "" if record.get("depths") is not None else " (full)"
+    return f"{c['size']} b{c['batch']} s{c['seq']} {variant}{depth}"
+
+
+def write(records: list[dict], plans: list[tuple[Any, ...]], key_of: Callable[..., str]) -> None:
+    from experiments._benchmarks_md import write_section
+
+    by_key = {r["key"]: r for r in records}
+    ordered = [by_key[key_of(t, c, d)] for _, t, c, d in plans if key_of(t, c, d) in by_key]
+    missing = [(g, t, c, d) for g, t, c, d in plans if key_of(t, c, d) not in by_key]
+    plots = _plot(ordered)
+    versions = next((r["versions"] for r in ordered if "versions" in r), {})
+    dates = sorted(r["date"] for r in ordered if "date" in r)
+    lines = [
+        f"## Plans: will it fit? (`efflax plan`, 2-core CPU shared with other jobs, "
+        f"{dates[0][:10] if dates else '-'})",
+        "",
+        "One AdamW step (bf16 compute, float32 parameters and Adam state, cross-entropy over the "
+        "vocabulary) of efflax's `TransformerLM`, compiled for each target **without the "
+        "hardware**: `make plans` (tools/reference_plans.py), versions "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ". Per device: *state* = parameters + optimizer state (exact, from the sharded "
+        "abstract state), *temp* = XLA's temporaries, *total* = what XLA allocates (arguments + "
+        "outputs not donated + temporaries + code) against the chip's memory; *collectives* = "
+        "ops and result MiB per device per step in the partitioned program (AR all-reduce, AG "
+        "all-gather, RS reduce-scatter, A2A all-to-all, CP collective-permute); *TFLOPs* = matrix-product FLOPs of the "
+        "whole step, all chips (Pallas kernels without a cost estimate are not counted); "
+        "*time* = XLA's own cost-model estimate of the step on TPU and the MFU it implies (not a "
+        "measurement; XLA gives none for GPU targets, and for every GPT-2-size step here it "
+        "came out negative, so it is not shown); *roofline* = a lower bound on the TPU step "
+        "time, XLA's per-device FLOPs at peak or its bytes accessed at HBM bandwidth, whichever "
+        "is slower, with no communication, and the MFU ceiling it implies.",
+        "",
+        "**How deep the compiles are**: on these 2 shared cores a 12-layer step takes ~6-30 min "
+        "to compile, so most plans (*extrap.*) compile the model at 1 and 2 layers and take every "
+        "compiled figure linearly to the full depth (`plan_lm(..., depths=(1, 2))`); state "
+        "bytes and FLOPs are exact at full depth. Rows marked *full* compiled all layers; "
+        "compare them with the extrapolated row of the same configuration.",
+        "",
+        "| target | model | variant | mesh d x e x m | depth | state GiB | temp GiB | total "
+        "GiB | fits? | collectives | TFLOPs | XLA time ms (MFU) | roofline ms (MFU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    group = None
+    for record in ordered:
+        if record["group"] != group:
+            group = record["group"]
+            lines.append(f"| **{group}** | | | | | | | | | | | | |")
+        lines.append(_row(record))
+    lines.append("")
+    for name in plots:
+        lines.append(f"![{name}](docs/plans/{name})")
+    if missing:
+        lines += ["", "Not run in this session (compile time on 2 shared cores):", ""]
+        lines += [
+            f"- {t}: {c.label}{' (full depth)' if d is None else ''} ({g})"
+            for g, t, c, d in missing
+        ]
+    write_section(SECTION, "\n".join(lines))
+    print(f"wrote the '{SECTION}' section of BENCHMARKS.md ({len(ordered)} plans, plots {plots})")
