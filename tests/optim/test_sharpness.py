@@ -473,7 +473,13 @@ def test_hvp_through_every_implementation_matches_the_xla_model():
     """Inside the probes' forward_mode_autodiff() every op picks an implementation that jax.jvp
     can cross (cuDNN attention is a custom_vjp; a chunked XLA Monarch call too, outside it), with
     the same numbers as the XLA path."""
-    assert set(ATTENTION_OP.implementations) == {"xla", "pallas_triton", "cudnn", "reference"}
+    assert set(ATTENTION_OP.implementations) == {
+        "xla",
+        "pallas_triton",
+        "cudnn",
+        "pallas_mosaic_tpu",
+        "reference",
+    }
     assert set(MONARCH_OP.implementations) == {"xla", "pallas_triton", "reference"}
     batch = _lm_batch()
     params = nn.unbox(jax.jit(_Stack().init)(jax.random.key(4), batch["x"])["params"])

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _compat
 from pallas_kernels.attention import ATTENTION_OP
 from pallas_kernels.attention import dot_product_attention
 from pallas_kernels.attention.base import check_arguments
@@ -216,9 +217,7 @@ def test_refusals_when_compiled_for_tpu():
 def _tpu_abstract_mesh():
     """Tracing for a v5e chip from the CPU: Mosaic asks the device for its TPU generation, and
     'auto' picks the implementation of the platform the mesh's devices belong to."""
-    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    return jax.sharding.use_abstract_mesh(mesh)
+    return _compat.abstract_platform("tpu", "TPU v5 lite")
 
 
 def test_auto_picks_the_tpu_kernels_under_a_tpu_mesh_and_falls_through():
