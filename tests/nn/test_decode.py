@@ -144,7 +144,10 @@ def test_past_the_cache_under_jit_drops_zeroes_and_flags(decoder):
         if "index" in jax.tree_util.keystr(path):
             assert int(a) == LENGTH + 1 and int(b) == LENGTH
         else:
-            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+            # Written from the same token by programs of other shapes: equal up to rounding.
+            np.testing.assert_allclose(
+                a, b, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+            )
     # Past the end the mixing output is zero: attention alone gives zeros (no bias), a GAU
     # block its residual input.
     if decoder.kind == "mha":

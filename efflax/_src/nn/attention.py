@@ -431,6 +431,15 @@ class MultiHeadAttention(nn.Module):
         if not self.rope and (positions is not None or kv_positions is not None):
             raise ValueError("positions/kv_positions are only used with rope=True")
 
+        if self.decode and self.has_variable("cache", "cached_key"):
+            # The decode contract's checks, before any work (the cache is read, not written).
+            cache_batch, cache_length = self.get_variable("cache", "cached_key").shape[:2]
+            _decode.check_step(
+                "inputs_q", inputs_q.shape, cache_batch=cache_batch, cache_length=cache_length
+            )
+            index = self.get_variable("cache", "cache_index")
+            _decode.check_position("inputs_q", index, q_len, cache_length)
+
         dropout_rng = None
         if self.dropout_rate > 0.0:
             deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
@@ -528,19 +537,14 @@ class MultiHeadAttention(nn.Module):
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        batch, q_len = query.shape[:2]
+        q_len = query.shape[1]
         if not initialized:
             if self.rope:
                 positions = jnp.arange(q_len)
                 query = apply_rotary_embedding(query, positions, base=self.rope_base)
                 key = apply_rotary_embedding(key, positions, base=self.rope_base)
             return query, key, value, None
-        cache_batch, max_length = cached_key.value.shape[:2]
-        _decode.check_step(
-            "inputs_q", (batch, q_len), cache_batch=cache_batch, cache_length=max_length
-        )
-        index = cache_index.value
-        _decode.check_position("inputs_q", index, q_len, max_length)
+        index = cache_index.value  # the step was checked against the cache in __call__
         if self.rope:
             positions = index + jnp.arange(q_len)
             query = apply_rotary_embedding(query, positions, base=self.rope_base)

@@ -226,6 +226,12 @@ class GatedAttentionUnit(_GAUSettings):
             raise ValueError("decode=True needs causal=True (a non-causal unit sees the future)")
         if decode and padding_mask is not None:
             raise ValueError("padding_mask is not supported with decode=True")
+        if decode and self.has_variable("cache", "index"):
+            # The decode contract's checks, before any work (the cache is read, not written).
+            cache_length = self.get_variable("cache", "length").shape[0]
+            cache_batch = self.get_variable("cache", "keys").shape[0]
+            _decode.check_step("x", x.shape, cache_batch=cache_batch, cache_length=cache_length)
+            _decode.check_position("x", self.get_variable("cache", "index"), seq_len, cache_length)
         dtype = x.dtype if self.dtype is None else self.dtype
         mixed = self.chunk_size is not None
 
@@ -364,13 +370,6 @@ class GatedAttentionUnit(_GAUSettings):
 
         window = cache["keys"].value.shape[1]
         cache_length = cache["length"].value.shape[0]
-        _decode.check_step(
-            "x",
-            (batch, length),
-            cache_batch=cache["keys"].value.shape[0],
-            cache_length=cache_length,
-        )
-        _decode.check_position("x", cache["index"].value, length, cache_length)
         quad_scale, lin_scale = self._scales(window, cache_length)
         slots = jnp.arange(window)
 
