@@ -5,6 +5,11 @@ import os
 import sys
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The sharding examples (guides/nnx.md) use a mesh of 8 devices: 8 CPU devices, as the tests do.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 sys.path.insert(0, os.path.abspath(".."))
 
 project = "efflax"
