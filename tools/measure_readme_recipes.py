@@ -29,7 +29,9 @@ STEPS_PER_EPOCH = 4000 // 128
 def _state(seed: int, tx) -> TrainState:
     model = efflax.models.CNN1D()
     params = nn.unbox(model.init(jax.random.key(seed), np.zeros((1, 40), np.float32))["params"])
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=jax.random.key(seed + 1))
+    return TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx, rng=jax.random.key(seed + 1)
+    )
 
 
 def _baseline(seed):
@@ -49,7 +51,9 @@ def _saf(seed):
     def loss_fn(params, state, batch, rng):
         logits = state.apply_fn({"params": params}, batch["x"])
         task = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-        loss, buffer, metrics = saf.loss(task, logits, state.extra["saf"], batch["index"], state.step)
+        loss, buffer, metrics = saf.loss(
+            task, logits, state.extra["saf"], batch["index"], state.step
+        )
         return loss, LossOutput(metrics=metrics, extra={"saf": buffer})
 
     return state, saf.with_index_check(make_train_step(loss_fn))
