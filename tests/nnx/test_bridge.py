@@ -179,3 +179,21 @@ def test_public_names():
     assert "nnx" in dir(efflax)
     for name in ("to_nnx", "shard", "logical_shardings"):
         assert hasattr(efflax.nnx, name)
+
+
+def test_importing_efflax_nnx_starts_no_backend():
+    import subprocess
+    import sys
+
+    script = (
+        "from jax._src import xla_bridge\n"
+        "def refuse(*a, **k):\n"
+        "    raise SystemExit('a JAX backend was initialised at import time')\n"
+        "xla_bridge.backends = refuse\n"
+        "import efflax.nnx\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
