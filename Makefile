@@ -12,6 +12,9 @@ PIP_QUIET := --quiet --disable-pip-version-check
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Python 3.11: the documentation toolchain and the wheel build (constraints/docs.txt on py311.txt).
+VENV_DOCS := .venv-docs
+STAMP_DOCS := $(VENV_DOCS)/.installed-stamp
 # Python 3.12: the newest JAX set known to pass (constraints/py312.txt).
 VENV_LATEST := .venv-latest
 STAMP_LATEST := $(VENV_LATEST)/.installed-stamp
@@ -23,12 +26,17 @@ VENV_GPUCHECK := .venv-gpucheck
 STAMP_GPUCHECK := $(VENV_GPUCHECK)/.installed-stamp
 
 .PHONY: demo test test-latest test-newest lint bench gpu-check tpu-check gpu-bench clean pins \
-	plan-env plan-check plans
+	plan-env plan-check plans docs wheel-check
 
 $(STAMP): pyproject.toml constraints/py311.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints/py311.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(STAMP_DOCS): pyproject.toml constraints/py311.txt constraints/docs.txt
+	test -x $(VENV_DOCS)/bin/python || $(PYTHON) -m venv $(VENV_DOCS)
+	$(VENV_DOCS)/bin/python -m pip install $(PIP_QUIET) -c constraints/py311.txt -c constraints/docs.txt -e '.[docs]'
+	touch $(STAMP_DOCS)
 
 $(STAMP_LATEST): pyproject.toml constraints/py312.txt
 	test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs Python >= 3.12"; exit 1; }
@@ -90,6 +98,19 @@ plan-check: $(STAMP_XLA)
 plans: $(STAMP_XLA)
 	JAX_PLATFORMS=cpu $(VENV_XLA)/bin/python tools/reference_plans.py
 	JAX_PLATFORMS=cpu MPLBACKEND=Agg $(VENV_XLA)/bin/python tools/reference_plans.py --write
+
+# The documentation site (docs/, Sphinx + MyST): warnings are errors, and every ```{doctest}```
+# example of every page runs (CONTRIBUTING.md, "Documentation: why Sphinx").
+docs: $(STAMP_DOCS)
+	rm -rf docs/_build
+	MPLBACKEND=Agg $(VENV_DOCS)/bin/sphinx-build -W --keep-going -q -d docs/_build/doctrees -b html docs docs/_build/html
+	MPLBACKEND=Agg $(VENV_DOCS)/bin/sphinx-build -W --keep-going -q -d docs/_build/doctrees -b doctest docs docs/_build/doctest
+	@echo "docs: docs/_build/html/index.html"
+
+# The wheel as a user gets it: built, installed into a clean venv outside the repository
+# (with constraints/py311.txt), and the README quickstart run there.
+wheel-check: $(STAMP_DOCS)
+	PYTHON="$(PYTHON)" tools/wheel_check.sh $(VENV_DOCS)/bin/python
 
 # Not part of .ci/run: the newest releases of everything, and a report of what that changes
 # (versions vs the pins, failing tests, new spills). Never fails; read its report.

@@ -2,7 +2,7 @@
 
 Subpackages: ``efflax.data`` (offline datasets), ``efflax.training`` (harness),
 ``efflax.sharding`` (meshes and logical axes), ``efflax.distributed`` (multi-host runs),
-``efflax.nn`` (modules), ``efflax.losses`` (distillation, batch entropy, focal losses),
+``efflax.nn`` (modules), ``efflax.nnx`` (the modules from Flax NNX), ``efflax.losses`` (distillation, batch entropy, focal losses),
 ``efflax.optim`` (optimizers and probes), ``efflax.pruning`` (structured pruning: CoFi),
 ``efflax.models`` (small reference models), ``efflax.stats`` (estimates with intervals, verdicts),
 ``efflax.curves`` (accuracy-vs-time curves), ``efflax.plan`` (compile a step for TPU/GPU
@@ -24,6 +24,7 @@ SUBPACKAGES = (
     "losses",
     "models",
     "nn",
+    "nnx",
     "optim",
     "plan",
     "pruning",

@@ -8,14 +8,51 @@ import os
 import sys
 
 
+def _launch(argv: list[str]) -> int:
+    """``efflax launch -n N [--cpu-devices D] [--timeout S] -- CMD ...``: N local processes.
+
+    A usage error (no command, ``-n 0``, a negative timeout) prints the usage and exits 2,
+    before any process starts.
+    """
+    parser = argparse.ArgumentParser(
+        prog="efflax launch",
+        usage="efflax launch -n N [--cpu-devices D] [--timeout S] -- CMD [ARGS ...]",
+        description="Run CMD as N processes of one multi-process run on this machine "
+        "(coordinator on 127.0.0.1; each process gets EFFLAX_PROCESS_ID etc.).",
+    )
+    parser.add_argument("-n", "--num-processes", type=int, required=True, metavar="N")
+    parser.add_argument("--cpu-devices", type=int, default=None, metavar="D")
+    parser.add_argument("--timeout", type=float, default=None, metavar="S")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command to run: efflax launch -n 2 -- python train.py")
+    if args.num_processes < 1:
+        parser.error(f"-n must be at least 1, got {args.num_processes}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        parser.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    from efflax._src.distributed import launch
+
+    codes = launch(
+        command,
+        num_processes=args.num_processes,
+        cpu_devices=args.cpu_devices,
+        timeout=args.timeout,
+    )
+    failed = [c for c in codes if c != 0]
+    if failed:
+        print(f"efflax launch: exit codes {codes}", file=sys.stderr)
+    return failed[0] if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["launch"]:
-        # `efflax launch -n N -- CMD ...`: N local processes of one multi-process run.
-        from efflax._src.distributed import main as launch_main
-
-        return launch_main(argv[1:])
+        return _launch(argv[1:])
     parser = argparse.ArgumentParser(prog="efflax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered experiments")

@@ -60,17 +60,45 @@ def _process_count() -> int:
     return jax.process_count()
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Silences TFDS while it generates a local dataset: nothing is downloaded, so its
+    "Downloading and preparing dataset ..." line, its progress bars and absl's warning about a
+    missing ``dataset_info.json`` (the normal state of a first use) would only mislead."""
+    import logging
+
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    absl_logger = logging.getLogger("absl")
+    level, active = absl_logger.level, tqdm_utils._active
+    absl_logger.setLevel(logging.ERROR)
+    tqdm_utils.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+        tqdm_utils.display_progress_bar(active)
+
+
 def _prepared_builder(cls, config, root: pathlib.Path, name: str):
     """The builder, created and (if needed) prepared while holding the dataset's lock.
 
     The lock is taken before the builder exists: a builder created while another process
     prepares the data reads an incomplete directory and reports no splits.
     """
-    with _lock(root / f".{name}-{config.name}.lock"):
+    with _lock(root / f".{name}-{config.name}.lock"), _quiet_tfds():
         builder = cls(config=config, data_dir=str(root), file_format="array_record")
         if not builder.is_prepared():
-            print(f"efflax: preparing {name}/{config.name} in {root} (first use)", flush=True)
+            print(
+                f"efflax: preparing {name}/{config.name} in {root} "
+                "(first use; generated locally, nothing is downloaded) ...",
+                end="",
+                flush=True,
+            )
+            # TFDS prints its download banner unconditionally: this builder downloads nothing.
+            builder._log_download_bytes = builder._log_download_done = lambda: None
             builder.download_and_prepare()
+            print(" done", flush=True)
     return builder
 
 
