@@ -18,8 +18,10 @@ from efflax._src.training.multiseed import fit_seeds
 from efflax._src.training.multiseed import num_seeds
 from efflax._src.training.multiseed import per_seed
 from efflax._src.training.multiseed import per_seed_curve
+from efflax._src.training.multiseed import plot_arms
 from efflax._src.training.multiseed import seed_key
 from efflax._src.training.multiseed import seed_state
+from efflax._src.training.multiseed import seeds_eval
 from efflax._src.training.multiseed import seeds_eval_fn
 from efflax._src.training.multiseed import seeds_step
 from efflax._src.training.multiseed import stack_arms

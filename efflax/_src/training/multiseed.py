@@ -315,6 +315,41 @@ class SplitLoader:
 # --- evaluation and results ----------------------------------------------------------------------
 
 
+def seeds_eval(
+    metrics_fn: Callable[[Callable, Any], Mapping[str, jax.Array]],
+    *,
+    prefix: str = "test",
+    params_of: Callable[[TrainState], Any] | None = None,
+) -> Callable[[TrainState], dict[str, float]]:
+    """``eval_fn(state)`` of a stacked (or arms) state from a one-seed ``metrics_fn``.
+
+    ``metrics_fn(apply_fn, params) -> {name: scalar}`` is vmapped over the seeds and jitted
+    once per model. Returns ``{prefix/name: mean over seeds, prefix/name/seed_i: ...}``; with
+    arms, ``prefix/<arm>/name/seed_i``. ``params_of`` picks what to evaluate of one arm's
+    stacked state (default its ``params``; an EMA: ``lambda s: s.extra['ema']``).
+    """
+    cache: dict[Any, Callable] = {}
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for arm, one_arm in _arms(state):
+            fn = cache.get(one_arm.apply_fn)
+            if fn is None:
+                fn = cache[one_arm.apply_fn] = jax.jit(
+                    jax.vmap(lambda p, apply_fn=one_arm.apply_fn: metrics_fn(apply_fn, p))
+                )
+            params = params_of(one_arm) if params_of else one_arm.params
+            values = jax.device_get(fn(params))
+            base = prefix if arm is None else f"{prefix}/{arm}"
+            for metric in sorted(values):
+                out[f"{base}/{metric}"] = float(np.mean(values[metric]))
+                for i, value in enumerate(values[metric]):
+                    out[seed_key(f"{base}/{metric}", i)] = float(value)
+        return out
+
+    return evaluate
+
+
 def seeds_eval_fn(
     arrays: Mapping[str, Any],
     *,
@@ -322,53 +357,22 @@ def seeds_eval_fn(
     x_key: str = "x",
     y_key: str = "y",
     params_of: Callable[[TrainState], Any] | None = None,
-    apply: Callable[[Any, Any, jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState], dict[str, float]]:
-    """``eval_fn(state)`` of a stacked (or arms) state: every seed's loss and accuracy on a split.
+    """Every seed's classification ``accuracy`` and ``loss`` on a whole split (:func:`seeds_eval`).
 
-    One vmapped forward over the whole split per arm. Returns ``{prefix/accuracy,
-    prefix/loss}`` (means over seeds) and per seed ``prefix/accuracy/seed_i``; with arms,
-    ``prefix/<arm>/accuracy/seed_i``.
-
-    Args:
-      arrays: the split (``efflax.data.load_arrays``).
-      params_of: what to evaluate of one arm's stacked state (default its ``params``; an EMA:
-        ``lambda s: s.extra['ema']``).
-      apply: ``apply(apply_fn, params_of_one_seed, x) -> logits`` (default
-        ``apply_fn({'params': p}, x)``).
+    One vmapped forward ``apply_fn({'params': p}, arrays[x_key])`` over the split per arm.
     """
     for name, key in (("x_key", x_key), ("y_key", y_key)):
         if key not in arrays:
             raise ValueError(f"{name}={key!r} is not a key of arrays (keys: {sorted(arrays)})")
     x, y = jnp.asarray(arrays[x_key]), jnp.asarray(arrays[y_key])
-    cache: dict[Any, Callable] = {}
 
-    def forward(apply_fn):
-        fn = cache.get(apply_fn)
-        if fn is None:
+    def metrics_fn(apply_fn, params):
+        logits = apply_fn({"params": params}, x).astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y), "loss": loss}
 
-            def one(params):
-                out = apply(apply_fn, params, x) if apply else apply_fn({"params": params}, x)
-                logits = out.astype(jnp.float32)
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-                return loss, jnp.mean(jnp.argmax(logits, -1) == y)
-
-            fn = cache[apply_fn] = jax.jit(jax.vmap(one))
-        return fn
-
-    def evaluate(state: TrainState) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for arm, one_arm in _arms(state):
-            params = params_of(one_arm) if params_of else one_arm.params
-            losses, accuracies = jax.device_get(forward(one_arm.apply_fn)(params))
-            base = prefix if arm is None else f"{prefix}/{arm}"
-            for metric, values in (("accuracy", accuracies), ("loss", losses)):
-                out[f"{base}/{metric}"] = float(np.mean(values))
-                for i, value in enumerate(values):
-                    out[seed_key(f"{base}/{metric}", i)] = float(value)
-        return out
-
-    return evaluate
+    return seeds_eval(metrics_fn, prefix=prefix, params_of=params_of)
 
 
 def _count(record: Mapping[str, Any], key: str) -> int:
@@ -485,3 +489,41 @@ def fit_seeds(
     fit_kwargs.setdefault("progress", False)
     state, history = fit(state, step, batches, **fit_kwargs)
     return SeedRun(state, history, seeds)
+
+
+def plot_arms(
+    path: Any,
+    history: Sequence[Mapping[str, Any]],
+    finals: Mapping[str, Sequence[float]],
+    *,
+    key: str = "test/{arm}/accuracy",
+    ylabel: str = "test accuracy (%)",
+    title: str = "",
+    scale: float = 100.0,
+) -> None:
+    """Two panels: every arm's seed-mean curve of ``key`` and its final per-seed values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for arm in finals:
+        points = [(r["step"], r[key.format(arm=arm)]) for r in history if key.format(arm=arm) in r]
+        left.plot([p[0] for p in points], [scale * p[1] for p in points], marker=".", label=arm)
+    left.set(xlabel="step", ylabel=ylabel)
+    left.legend(fontsize=8)
+    for i, values in enumerate(finals.values()):
+        values = scale * np.asarray(values)
+        right.scatter(np.full(len(values), i), values, alpha=0.6, s=18)
+        sd = values.std(ddof=1) if len(values) > 1 else 0
+        right.errorbar(i + 0.15, values.mean(), yerr=sd, fmt="o", color="black", capsize=4)
+    right.set_xticks(range(len(finals)), list(finals), rotation=15, fontsize=8)
+    right.set(ylabel=ylabel, title="final, per seed (black: mean +- sd)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
