@@ -129,8 +129,8 @@ def train(cfg: Config, out_dir: pathlib.Path):
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)
-    run, counts, num_steps = train(cfg, out_dir)
-    finals = {arm: run.per_seed(f"test/{arm}/accuracy") for arm in ARMS}
+    trained, counts, num_steps = train(cfg, out_dir)
+    finals = {arm: trained.per_seed(f"test/{arm}/accuracy") for arm in ARMS}
     points = {arm: 100 * np.asarray(v) for arm, v in finals.items()}
     for arm, v in points.items():
         print(f"{arm}: {v.mean():.2f}% (per seed {np.round(v, 1).tolist()})", flush=True)
@@ -167,7 +167,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     )
     plot_arms(
         out_dir / "cyclical_focal.png",
-        run.history,
+        trained.history,
         finals,
         ylabel="balanced test accuracy (%)",
         title=f"MNIST-1D MLP, train classes {counts[0]}..{counts[-1]} (ratio {cfg.imbalance_ratio:g})",
