@@ -169,3 +169,14 @@ def test_stack_and_unstack_round_trip():
         stack_states([states[0], seed_state(MODEL, optax.adam(1e-2), seed=1, example=EXAMPLE)])
     with pytest.raises(ValueError, match="at least one"):
         stack_states([])
+
+
+def test_the_docstring_example_runs(tmp_path):
+    lines = fit_seeds.__doc__.split("Example")[1].splitlines()[1:]
+    code = "\n".join(line.strip()[4:] for line in lines if line.strip()[:4] in (">>> ", "... "))
+    code = code.replace("num_steps=1000", "num_steps=6").replace("/tmp/mlp_seeds", str(tmp_path))
+    code = code.replace('run.estimate("test/accuracy")', 'estimate = run.estimate("test/accuracy")')
+    scope = {}
+    exec(code, scope)  # noqa: S102 - the example is this file's own fixed text
+    assert isinstance(scope["estimate"], Estimate) and scope["estimate"].n == 5
+    assert (tmp_path / "6").is_dir()  # the checkpoint of the final step

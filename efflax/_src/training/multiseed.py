@@ -20,19 +20,7 @@ Metric keys, one format everywhere: ``<name>/seed_<i>`` per seed (``i`` indexes 
 to ``<name>``, the mean over seeds; with arms ``<name>`` is ``<split>/<arm>/<metric>``
 (``train/ce/loss/seed_0``, ``test/ce/accuracy``), without arms ``<split>/<metric>``.
 
-Example (any linen classifier and any ``efflax.data`` loader):
-  >>> import optax
-  >>> from efflax import data, models, training
-  >>> model, tx = models.MLP(features=(100, 100)), optax.adam(1e-2)
-  >>> run = training.fit_seeds(
-  ...     lambda seed: training.seed_state(model, tx, seed=seed, example=np.zeros((1, 40))),
-  ...     training.cross_entropy_loss_fn(),
-  ...     lambda seed: data.load("mnist1d", "train", 100, seed=seed, epochs=None),
-  ...     seeds=range(5), num_steps=1000,
-  ...     eval_fn=training.seeds_eval_fn(data.load_arrays("mnist1d", "test")),
-  ...     checkpoint_dir="/tmp/mlp_seeds")          # resumes exactly if interrupted
-  >>> run.estimate("test/accuracy")                  # efflax.stats.Estimate over the 5 seeds
-  >>> run.per_seed("test/accuracy")                  # np.array of 5 values
+Example: :func:`fit_seeds`.
 """
 
 from __future__ import annotations
@@ -461,6 +449,20 @@ def fit_seeds(
 
     Returns:
       A :class:`SeedRun`.
+
+    Example (any linen classifier, any ``efflax.data`` loader; arms: dicts by arm name):
+      >>> import numpy as np, optax
+      >>> from efflax import data, models, training
+      >>> model, tx = models.MLP(features=(100, 100)), optax.adam(1e-2)
+      >>> run = training.fit_seeds(
+      ...     lambda seed: training.seed_state(model, tx, seed=seed, example=np.zeros((1, 40))),
+      ...     training.cross_entropy_loss_fn(),
+      ...     lambda seed: data.load("mnist1d", "train", 100, seed=seed, epochs=None),
+      ...     seeds=range(5), num_steps=1000,
+      ...     eval_fn=training.seeds_eval_fn(data.load_arrays("mnist1d", "test")),
+      ...     checkpoint_dir="/tmp/mlp_seeds")          # resumes exactly if interrupted
+      >>> run.estimate("test/accuracy")                  # efflax.stats.Estimate over the 5 seeds
+      >>> run.per_seed("test/accuracy")                  # np.array of 5 values
     """
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
