@@ -54,6 +54,7 @@ from efflax.training import seeds_eval_fn
 from efflax.training import seeds_step
 from efflax.training import stack_states
 
+EXAMPLE = np.zeros((1, 40), np.float32)  # one MNIST-1D signal, to initialise on
 VARIANTS = ("dense", "monarch", "monarch_then_dense")
 ACCURACY_TOLERANCE = 2.0  # points below dense that still count as "about dense quality"
 
@@ -111,6 +112,10 @@ def _size(cfg: Config) -> dict:
     return {} if cfg.num_samples is None else {"num_samples": cfg.num_samples}
 
 
+def _loader(cfg: Config, seed: int) -> data.Loader:
+    return data.load("mnist1d", "train", cfg.batch_size, seed=seed, epochs=None, **_size(cfg))
+
+
 def _result(history: list[dict], state) -> dict:
     return {
         "params": sum(x[0].size for x in jax.tree.leaves(state.params)),
@@ -123,22 +128,13 @@ def train_variants(cfg: Config) -> dict[str, dict]:
     """Dense; Monarch; and Monarch-then-dense, branched from the Monarch run at the switch (the
     same run up to there), all seeds at once. Returns per-seed accuracies and curves."""
     dense_model, sparse_model = _models(cfg)
-    loaders = [
-        data.load("mnist1d", "train", cfg.batch_size, seed=s, epochs=None, **_size(cfg))
-        for s in cfg.seeds
-    ]
-    loader = SeedLoader(loaders)
+    loader = SeedLoader([_loader(cfg, s) for s in cfg.seeds])
     eval_fn = seeds_eval_fn(data.load_arrays("mnist1d", "test", **_size(cfg)))
     fit_kwargs = dict(eval_fn=eval_fn, eval_every=max(cfg.steps // 20, 1), progress=False)
     switch = ReverseSparsification(cfg.steps, cfg.dense_fraction).switch_step
 
     def start(model, tx):
-        state = stack_states(
-            [
-                seed_state(model, tx, seed=s, example=np.zeros((1, 40), np.float32))
-                for s in cfg.seeds
-            ]
-        )
+        state = stack_states([seed_state(model, tx, seed=s, example=EXAMPLE) for s in cfg.seeds])
         step = seeds_step(make_train_step(cross_entropy_loss_fn(), jit=False))
         return state, step
 
@@ -183,14 +179,9 @@ def step_times(cfg: Config) -> dict:
     fns = {}
     for name, model in zip(("dense", "monarch"), _models(cfg), strict=True):
         tx = optax.adam(_schedule(cfg))
-        holder = {"state": seed_state(model, tx, seed=0, example=np.zeros((1, 40), np.float32))}
+        holder = {"state": seed_state(model, tx, seed=0, example=EXAMPLE)}
         step = make_train_step(cross_entropy_loss_fn())
-        batch = jax.tree.map(
-            jnp.asarray,
-            data.load(
-                "mnist1d", "train", cfg.batch_size, seed=0, epochs=None, **_size(cfg)
-            ).batch_at(0),
-        )
+        batch = jax.tree.map(jnp.asarray, _loader(cfg, 0).batch_at(0))
 
         def call(step=step, holder=holder, batch=batch):
             holder["state"], metrics = step(holder["state"], batch)

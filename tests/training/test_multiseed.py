@@ -116,6 +116,8 @@ def test_per_seed_metric_keys_and_estimates(tmp_path, test_arrays):
     estimate = run.estimate("test/accuracy", scale=100)
     assert isinstance(estimate, Estimate) and estimate.n == len(SEEDS)
     assert estimate.value == pytest.approx(100 * np.mean(run.per_seed("test/accuracy")))
+    both = run.estimates("test/accuracy", "test/loss")
+    assert both["test/accuracy"] == run.estimate("test/accuracy") and both["test/loss"].n == 3
     steps, curve = per_seed_curve(run.history, "test/accuracy")
     assert steps.tolist() == [6, 12] and curve.shape == (len(SEEDS), 2)
     with pytest.raises(ValueError, match="no record"):

@@ -411,6 +411,10 @@ class SeedRun:
         """``efflax.stats.mean_interval`` of ``scale * per_seed(key)``."""
         return stats.mean_interval(scale * self.per_seed(key), confidence=confidence)
 
+    def estimates(self, *keys: str, scale: float = 1.0) -> dict[str, stats.Estimate]:
+        """An :meth:`estimate` per key: what ``efflax.experiment.Verdict(estimates=...)`` takes."""
+        return {key: self.estimate(key, scale=scale) for key in keys}
+
     def paired(self, key: str, baseline: str, *, scale: float = 1.0, confidence: float = 0.95):
         """``efflax.stats.paired_difference`` of ``key`` minus ``baseline``, paired by seed."""
         return stats.paired_difference(
