@@ -288,7 +288,7 @@ def _timings_path(out: pathlib.Path) -> pathlib.Path:
     return out / "timings.json"
 
 
-# Seconds per experiment of a `make demo` on 2 idle cores (--jobs 2), for the first ETA of a run
+# Seconds per experiment of a `make demo` (see its _note), for the first ETA of a run
 # into a fresh directory; a run into a directory with timings.json uses its own last times.
 _REFERENCE_TIMES = (
     pathlib.Path(__file__).resolve().parent.parent / "experiments" / "reference_times.json"
@@ -304,7 +304,7 @@ def _previous_times(out: pathlib.Path, mode: str) -> dict[str, float]:
 
 
 def _reference_times(mode: str) -> dict[str, float]:
-    """Seconds per experiment of the shipped reference run (2 idle cores), by mode."""
+    """Seconds per experiment of experiments/reference_times.json, by mode."""
     try:
         return {k: float(v) for k, v in json.loads(_REFERENCE_TIMES.read_text())[mode].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -317,7 +317,7 @@ def _expected_line(
     """One line: how long the run should take, and where that number comes from."""
     known, source = previous, "the last run into this directory"
     if not all(n in known for n in names):
-        known, source = _reference_times(mode), "a reference run on 2 idle cores"
+        known, source = _reference_times(mode), "experiments/reference_times.json"
     missing = [n for n in names if n not in known]
     if len(missing) == len(names):
         return "expected time: unknown (no earlier run of these experiments)"

@@ -102,7 +102,7 @@ def test_expected_time_line_before_the_first_experiment(monkeypatch, tmp_path):
     monkeypatch.setattr(experiment, "_REFERENCE_TIMES", reference)
     line = experiment._expected_line(["a", "b", "c"], {"a"}, {}, "quick", 2)
     # "a" (timing-sensitive) alone, "b" and "c" side by side: 60 + (40 + 20) / 2.
-    assert line.startswith("expected time: about 1:30 (from a reference run on 2 idle cores")
+    assert line.startswith("expected time: about 1:30 (from experiments/reference_times.json")
     line = experiment._expected_line(["a", "d"], set(), {}, "quick", 1)
     assert "about 1:00" in line and "1 experiment(s) without a time not counted" in line
     assert "unknown" in experiment._expected_line(["d"], set(), {}, "quick", 1)
