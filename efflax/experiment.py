@@ -176,6 +176,24 @@ def write_metrics(out_dir: pathlib.Path | str, metrics: Mapping[str, Any]) -> pa
     return path
 
 
+def compilation_cache_dir(out: pathlib.Path | str) -> pathlib.Path:
+    """Where ``run_experiments`` keeps JAX's persistent compilation cache: ``$JAX_COMPILATION_CACHE_DIR``
+    if set, else ``<out>/.jax_cache`` (shared by every experiment of the run and by later runs
+    into the same directory: a program compiled once is loaded, not compiled, the next time)."""
+    return pathlib.Path(
+        os.environ.get("JAX_COMPILATION_CACHE_DIR") or pathlib.Path(out) / ".jax_cache"
+    )
+
+
+def _use_compilation_cache(cache_dir: pathlib.Path) -> None:
+    """This process caches every compiled program in ``cache_dir`` (numerics are unchanged)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _env_with_host_devices(count: int) -> dict[str, str]:
     """The environment with XLA's host device count set, unless the user already set one."""
     env = dict(os.environ)
@@ -205,6 +223,7 @@ class _Child:
         self.verdict_path.unlink(missing_ok=True)
         command = [sys.executable, "-m", "efflax.experiment", experiment.name]
         command += ["--out", str(exp_dir)] + (["--quick"] if quick else [])
+        command += ["--cache", str(compilation_cache_dir(exp_dir.parent))]
         env = _env_with_host_devices(experiment.cpu_devices)
         env.setdefault("MPLBACKEND", "Agg")
         env["PYTHONUNBUFFERED"] = "1"
@@ -269,12 +288,44 @@ def _timings_path(out: pathlib.Path) -> pathlib.Path:
     return out / "timings.json"
 
 
+# Seconds per experiment of a `make demo` (see its _note), for the first ETA of a run
+# into a fresh directory; a run into a directory with timings.json uses its own last times.
+_REFERENCE_TIMES = (
+    pathlib.Path(__file__).resolve().parent.parent / "experiments" / "reference_times.json"
+)
+
+
 def _previous_times(out: pathlib.Path, mode: str) -> dict[str, float]:
     """Seconds per experiment of the last run of this mode in ``out`` (for the ETA)."""
     try:
         return {k: float(v) for k, v in json.loads(_timings_path(out).read_text())[mode].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
+
+
+def _reference_times(mode: str) -> dict[str, float]:
+    """Seconds per experiment of experiments/reference_times.json, by mode."""
+    try:
+        return {k: float(v) for k, v in json.loads(_REFERENCE_TIMES.read_text())[mode].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _expected_line(
+    names: list[str], alone: set[str], previous: dict[str, float], mode: str, jobs: int
+) -> str:
+    """One line: how long the run should take, and where that number comes from."""
+    known, source = previous, "the last run into this directory"
+    if not all(n in known for n in names):
+        known, source = _reference_times(mode), "experiments/reference_times.json"
+    missing = [n for n in names if n not in known]
+    if len(missing) == len(names):
+        return "expected time: unknown (no earlier run of these experiments)"
+    # Timing-sensitive experiments run alone; the others share the machine `jobs` at a time.
+    total = sum(known.get(n, 0.0) for n in names if n in alone)
+    total += sum(known.get(n, 0.0) for n in names if n not in alone) / max(jobs, 1)
+    more = f"; {len(missing)} experiment(s) without a time not counted" if missing else ""
+    return f"expected time: about {_clock(total)} (from {source}; more on a busy machine{more})"
 
 
 def _save_times(out: pathlib.Path, mode: str, results: list[Result]) -> None:
@@ -300,7 +351,10 @@ def _eta(pending: list[str], running: dict[str, float], done: list[Result], prev
 
 
 def machine_description() -> str:
-    """The machine in a few words: CPU model and count, accelerator, JAX version."""
+    """The machine in a few words: CPU model and count, accelerator, JAX version.
+
+    The one description of efflax: reports, experiments and the GPU benchmark tables use it.
+    """
     cpu = platform.processor() or platform.machine()
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -313,7 +367,10 @@ def machine_description() -> str:
 
     backend = jax.default_backend()
     kinds = sorted({d.device_kind for d in jax.devices()})
-    accelerator = "no accelerator" if backend == "cpu" else f"{backend}: {', '.join(kinds)}"
+    count = jax.device_count()
+    accelerator = (
+        "no accelerator" if backend == "cpu" else f"{backend}: {count} x {', '.join(kinds)}"
+    )
     return (
         f"{os.cpu_count()} CPU cores ({cpu}), {accelerator}; {platform.system()} "
         f"{platform.machine()}, Python {platform.python_version()}, JAX {jax.__version__}"
@@ -380,6 +437,8 @@ def run_experiments(
     total = len(names)
     index = {name: i + 1 for i, name in enumerate(names)}
     print(f"efflax reproduce ({mode}): {total} experiment(s) on {machine}", flush=True)
+    alone = {n for n in names if registry[n].timing_sensitive}
+    print(_expected_line(names, alone, previous, mode, jobs if isolate else 1), flush=True)
     start = time.perf_counter()
     done: list[Result] = []
     running: dict[str, _Child] = {}
@@ -573,7 +632,10 @@ def _child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("name")
     parser.add_argument("--out", required=True, help="the experiment's own output directory")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cache", help="JAX's persistent compilation cache directory")
     args = parser.parse_args(argv)
+    if args.cache:
+        _use_compilation_cache(pathlib.Path(args.cache))
     verdict = _run_one(args.name, pathlib.Path(args.out), quick=args.quick)
     print(verdict.line(), flush=True)
 

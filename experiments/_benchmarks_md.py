@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import datetime
 import pathlib
-import platform
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
 def machine_description() -> str:
-    """The host and, when JAX sees one, the accelerator (for the 'machine' line of a table)."""
-    host = f"{platform.node() or 'host'} ({platform.machine()}, {platform.processor() or 'cpu'})"
-    try:
-        import jax
+    """``efflax.experiment.machine_description`` (the one description), imported when called:
+    gpu-check imports this module in a venv that has JAX but not all of efflax's dependencies."""
+    from efflax.experiment import machine_description as describe
 
-        devices = jax.devices()
-        kind = devices[0].device_kind if devices else "none"
-        return f"{len(devices)} x {kind} ({jax.default_backend()}), jax {jax.__version__}, {host}"
-    # What a missing or broken JAX raises (no jax; a backend that cannot start): the table
-    # still gets a machine line. Anything else is a bug and propagates.
-    except (ImportError, RuntimeError) as e:  # pragma: no cover
-        return f"{host} (jax unavailable: {e})"
+    return describe()
 
 
 def today() -> str:

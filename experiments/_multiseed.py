@@ -1,4 +1,6 @@
-"""Several seeds (and several methods) trained in one jitted step: decisive verdicts on a CPU.
+"""What distillation still uses of its own multi-run set-up (the rest is efflax.training.fit_seeds).
+
+Several seeds (and several methods) trained in one jitted step: decisive verdicts on a CPU.
 
 A claim such as "USI beats labels-only by 1 point" needs an interval over seeds, and one small
 model per process cannot keep two CPU cores busy. Here the parameters of every seed (and every
@@ -12,7 +14,6 @@ order); arms with the same seed share init and data, so their differences are pa
 from __future__ import annotations
 
 from collections.abc import Callable
-from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -27,32 +28,6 @@ def init_stacked(init: Callable[[jax.Array], Any], seeds: Sequence[int], *, salt
     """``init(key)`` for every seed, stacked on a leading axis (boxed metadata removed)."""
     keys = jnp.stack([jax.random.key(1000 * salt + s) for s in seeds])
     return nn.unbox(jax.jit(jax.vmap(init))(keys))
-
-
-class SeedBatches:
-    """Splits each batch of ``loader`` into ``num_seeds`` slices: arrays ``[seeds, b, ...]``.
-
-    Keeps ``iter_from`` (exact resume in ``fit``) and ``batch_size`` of the wrapped loader.
-    """
-
-    def __init__(self, loader: Any, num_seeds: int, transform: Callable | None = None):
-        if loader.batch_size % num_seeds:
-            raise ValueError(f"batch_size={loader.batch_size} must divide into {num_seeds} seeds")
-        self.loader = loader
-        self.num_seeds = num_seeds
-        self.batch_size = loader.batch_size
-        self.transform = transform
-
-    def _split(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = dict(self.transform(batch) if self.transform else batch)
-        return {k: v.reshape(self.num_seeds, -1, *v.shape[1:]) for k, v in batch.items()}
-
-    def iter_from(self, step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        for batch in self.loader.iter_from(step):
-            yield self._split(batch)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self.iter_from(0)
 
 
 def per_seed_accuracy(
@@ -99,55 +74,3 @@ def final_per_seed(history: Sequence[Mapping[str, Any]], prefix: str, arm: str) 
         if keys:
             return [float(record[k]) for k in keys]
     raise ValueError(f"no per-seed values of {prefix}/{arm} in the history")
-
-
-def curves(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """``(steps, values)`` of ``key`` over the records that have it."""
-    points = [(r["step"], r[key]) for r in history if key in r]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def plot_arms(
-    path: Any,
-    history: Sequence[Mapping[str, Any]],
-    finals: Mapping[str, Sequence[float]],
-    *,
-    prefix: str = "test",
-    ylabel: str = "test accuracy (%)",
-    title: str = "",
-    scale: float = 100.0,
-) -> None:
-    """Two panels: the seed-mean curve of every arm, and every arm's final per-seed values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for arm in finals:
-        steps, values = curves(history, f"{prefix}/{arm}")
-        left.plot(steps, [scale * v for v in values], marker=".", label=arm)
-    left.set_xlabel("step")
-    left.set_ylabel(ylabel)
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    for i, values in enumerate(finals.values()):
-        values = scale * np.asarray(values)
-        right.scatter(np.full(len(values), i), values, alpha=0.6, s=18)
-        right.errorbar(
-            i + 0.15,
-            values.mean(),
-            yerr=values.std(ddof=1) if len(values) > 1 else 0,
-            fmt="o",
-            color="black",
-            capsize=4,
-        )
-    right.set_xticks(range(len(finals)), list(finals), rotation=15, fontsize=8)
-    right.set_ylabel(ylabel)
-    right.set_title("final, per seed (black: mean +- sd)", fontsize=9)
-    right.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

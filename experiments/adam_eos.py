@@ -36,10 +36,11 @@ from efflax.stats import Estimate
 from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import mean_interval
+from efflax.stats import offset
 from efflax.stats import seeds_to_decide
 from efflax.training import fit
 from efflax.training import make_train_step
-from experiments import _setups
+from efflax.training import seed_state
 
 HIDDEN = (200, 200)
 NUM_EXAMPLES = 1000
@@ -79,7 +80,7 @@ def load_data(num_examples: int = NUM_EXAMPLES) -> dict[str, np.ndarray]:
     """The first ``num_examples`` MNIST-1D training examples: x [N, 40], one-hot y [N, 10]."""
     arrays = data.load_arrays("mnist1d", "train")
     x = np.asarray(arrays["x"][:num_examples], np.float32)
-    y = np.eye(_setups.NUM_CLASSES, dtype=np.float32)[arrays["y"][:num_examples]]
+    y = np.eye(10, dtype=np.float32)[arrays["y"][:num_examples]]
     return {"x": x, "y": y}
 
 
@@ -112,7 +113,7 @@ class _RawSharpness:
 
 def train(model, tx, probe, *, seed: int, steps: int, arrays, step_fn) -> list[dict]:
     """One full-batch run with ``fit``; returns its records (the probe's values among them)."""
-    state = _setups.make_state(model, tx, seed=seed)
+    state = seed_state(model, tx, seed=seed, example=np.zeros((1, 40), np.float32))
     _, history = fit(
         state,
         step_fn,
@@ -208,7 +209,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         raw = [second_half(h, "sharpness").mean() for h in histories] if cfg["raw"] else []
         ratio = mean_interval(ratios)
         estimates[f"precond_sharpness_over_38_lr_at_lr_{lr:g}"] = ratio
-        statuses.append(decide(_setups.offset(ratio, 1.0), TOLERANCE, direction="within"))
+        statuses.append(decide(offset(ratio, 1.0), TOLERANCE, direction="within"))
         runs[name] = {
             "optimizer": "adam",
             "learning_rate": lr,
@@ -258,7 +259,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     for (key, e), st in zip(list(estimates.items())[:-1], statuses, strict=True):
         text = f"lr {key.rsplit('_', 1)[-1]}: {e.format('.3f')} x 38/lr"
         if st == "INCONCLUSIVE":
-            need = seeds_to_decide(_setups.offset(e, 1.0), TOLERANCE, direction="within")
+            need = seeds_to_decide(offset(e, 1.0), TOLERANCE, direction="within")
             text += f" (undecided, ~{need} seeds)"
         parts.append(text)
     measured = (

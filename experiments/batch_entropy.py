@@ -38,14 +38,10 @@ from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
+from efflax.training import SplitLoader
 from efflax.training import TrainState
-from efflax.training import fit
-from efflax.training import make_train_step
-from experiments._multiseed import SeedBatches
-from experiments._multiseed import curves
-from experiments._multiseed import final_per_seed
-from experiments._multiseed import init_stacked
-from experiments._multiseed import per_seed_accuracy
+from efflax.training import fit_seeds
+from efflax.training import seeds_eval_fn
 
 ARMS = ("ce", "lbe")
 
@@ -95,81 +91,64 @@ def _is_hidden_input(module: nn.Module) -> bool:
 
 def train_depth(cfg: Config, depth: int, out_dir: pathlib.Path):
     """Both arms, every seed, one vmapped step; the arms of a seed share init and data."""
-    model = MLP(features=(cfg.width,) * depth)
-    num_seeds = len(cfg.seeds)
+    model, tx = MLP(features=(cfg.width,) * depth), optax.adam(cfg.learning_rate)
 
-    def init(key):
-        params = model.init(key, jnp.zeros((1, 40)))["params"]
-        return torch_default_init(nn.unbox(params), jax.random.fold_in(key, 1))
+    def make_state(arm):
+        def state_of(seed):
+            key = jax.random.key(1000 * depth + seed)
+            params = nn.unbox(model.init(key, jnp.zeros((1, 40)))["params"])
+            params = {"model": torch_default_init(params, jax.random.fold_in(key, 1))}
+            if arm == "lbe":
+                params["alpha"] = jnp.full((depth,), cfg.alpha_init, jnp.float32)
+            return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=key)
 
-    seed_params = init_stacked(init, cfg.seeds, salt=depth)
-    alphas = jnp.full((num_seeds, depth), cfg.alpha_init, jnp.float32)
-    params = {
-        "ce": {"model": seed_params},
-        # A copy: the step donates its buffers, and one buffer cannot be donated twice.
-        "lbe": {"model": jax.tree.map(jnp.copy, seed_params), "alpha": alphas},
-    }
+        return state_of
 
-    def forward(p, x):
-        logits, acts = capture_activations(
-            model.apply, {"params": p}, x, select=_is_hidden_input, where="inputs"
-        )
-        return logits, [batch_entropy(a) for a in acts.values()]
+    def make_loss(arm):
+        def loss_fn(params, state, batch, rng):
+            logits, acts = capture_activations(
+                model.apply, {"params": params["model"]}, batch["x"], select=_is_hidden_input,
+                where="inputs",
+            )  # fmt: skip
+            entropies = [batch_entropy(a) for a in acts.values()]
+            loss = ce = soft_target_cross_entropy(logits, batch["y"])
+            if arm == "lbe":
+                loss = lbe_loss(
+                    ce, entropies, params["alpha"], beta=cfg.beta, alpha_min=cfg.alpha_min
+                )
+            metrics = {
+                "ce": ce,
+                "entropy_last": entropies[-1],
+                "entropy_mean": jnp.mean(jnp.stack(entropies)),
+            }
+            if arm == "lbe":
+                metrics["alpha_mean"] = jnp.mean(jnp.abs(params["alpha"]))
+            return loss, LossOutput(metrics=metrics)
 
-    def run_loss(p, x, y, regularise):
-        logits, entropies = forward(p["model"], x)
-        ce = soft_target_cross_entropy(logits, y)
-        loss = ce
-        if regularise:
-            loss = lbe_loss(ce, entropies, p["alpha"], beta=cfg.beta, alpha_min=cfg.alpha_min)
-        return loss, (ce, entropies[-1], jnp.mean(jnp.stack(entropies)))
+        return loss_fn
 
-    def loss_fn(params, state, batch, rng):
-        del rng
-        x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
-        total, metrics = 0.0, {}
-        for arm in ARMS:
-            losses, (ce, h_last, h_mean) = jax.vmap(
-                lambda p, xx, yy, arm=arm: run_loss(p, xx, yy, arm == "lbe")
-            )(params[arm], x, y)
-            total = total + jnp.sum(losses)  # independent runs: each gets its own gradient
-            metrics.update(
-                {
-                    f"ce_{arm}": jnp.mean(ce),
-                    f"entropy_last_{arm}": jnp.mean(h_last),
-                    f"entropy_mean_{arm}": jnp.mean(h_mean),
-                }
-            )
-        metrics["alpha_mean"] = jnp.mean(jnp.abs(params["lbe"]["alpha"]))
-        return total, LossOutput(metrics=metrics)
-
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=params,
-        tx=optax.adam(cfg.learning_rate),
-        rng=jax.random.key(depth),
-    )
-    loader = data.load("mnist1d", "train", cfg.batch_size * num_seeds, seed=depth, epochs=None)
-    eval_fn = per_seed_accuracy(
-        lambda p, x: model.apply({"params": p}, x),
-        data.load_arrays("mnist1d", "test"),
-        list(ARMS),
-        params_of=lambda params: {arm: params[arm]["model"] for arm in ARMS},
-    )
+    loader = data.load("mnist1d", "train", cfg.batch_size * len(cfg.seeds), seed=depth, epochs=None)
     metrics_path = out_dir / f"depth{depth}.jsonl"
     metrics_path.unlink(missing_ok=True)
-    _, history = fit(
-        state,
-        make_train_step(loss_fn),
-        SeedBatches(loader, num_seeds),
+    run = fit_seeds(
+        {arm: make_state(arm) for arm in ARMS},
+        {arm: make_loss(arm) for arm in ARMS},
+        SplitLoader(loader, len(cfg.seeds)),
+        seeds=cfg.seeds,
         num_steps=cfg.steps,
-        eval_fn=eval_fn,
+        eval_fn=seeds_eval_fn(
+            data.load_arrays("mnist1d", "test"), params_of=lambda s: s.params["model"]
+        ),
         eval_every=max(cfg.steps // 6, 1),
         log_every=max(cfg.steps // 30, 1),
         metrics_path=metrics_path,
-        progress=False,
     )
-    return history
+    return run
+
+
+def _curve(history, key):
+    points = [(r["step"], r[key]) for r in history if key in r]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def _plot(path: pathlib.Path, histories: dict[int, list], cfg: Config) -> None:
@@ -182,11 +161,11 @@ def _plot(path: pathlib.Path, histories: dict[int, list], cfg: Config) -> None:
     for depth, history in histories.items():
         for arm, style in (("ce", "--"), ("lbe", "-")):
             label = f"depth {depth} {arm.upper()}"
-            steps, acc = curves(history, f"test/{arm}")
+            steps, acc = _curve(history, f"test/{arm}/accuracy")
             axes[0].plot(steps, [100 * a for a in acc], style, marker=".", label=label)
-            steps, ce = curves(history, f"train/ce_{arm}")
+            steps, ce = _curve(history, f"train/{arm}/ce")
             axes[1].plot(steps, ce, style, label=label)
-            steps, h = curves(history, f"train/entropy_last_{arm}")
+            steps, h = _curve(history, f"train/{arm}/entropy_last")
             axes[2].plot(steps, h, style, label=label)
     axes[0].axhline(cfg.trained_bar, color="gray", lw=0.8)
     axes[0].axhline(cfg.chance_bar, color="gray", lw=0.8, ls=":")
@@ -215,10 +194,10 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
     histories, results, statuses, estimates, undecided = {}, {}, {}, {}, {}
     for depth in cfg.depths:
-        history = train_depth(cfg, depth, out_dir)
-        histories[depth] = history
+        trained = train_depth(cfg, depth, out_dir)
+        histories[depth] = trained.history
         for arm in ARMS:
-            values = [100 * v for v in final_per_seed(history, "test", arm)]
+            values = [100 * v for v in trained.per_seed(f"test/{arm}/accuracy")]
             results[f"depth{depth}_{arm}"] = values
             print(f"depth {depth} {arm}: test accuracy {np.round(values, 1).tolist()}", flush=True)
         plain = mean_interval(results[f"depth{depth}_ce"])
@@ -234,7 +213,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
                 undecided[name] = seeds_to_decide(estimate, threshold, direction=direction)
     _plot(out_dir / "batch_entropy.png", histories, cfg)
     last = {
-        f"depth{d}_{arm}": curves(h, f"train/entropy_last_{arm}")[1][-1]
+        f"depth{d}_{arm}": _curve(h, f"train/{arm}/entropy_last")[1][-1]
         for d, h in histories.items()
         for arm in ARMS
     }

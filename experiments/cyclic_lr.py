@@ -44,10 +44,15 @@ from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import paired_difference
 from efflax.stats import seeds_to_decide
+from efflax.training import SeedLoader
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import make_train_step
+from efflax.training import per_seed
 from efflax.training import read_metrics
-from experiments import _setups
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
+from efflax.training import seeds_step
+from efflax.training import stack_states
 
 METRIC = "test/accuracy"
 TOLERANCE_POINTS = 1.0  # the claim: within 1 accuracy point at every budget
@@ -100,17 +105,19 @@ def train(
       each point for all seeds together, compilation and evaluation excluded.
     """
     model, tx = CNN1D(), optax.adam(schedule)
-    states = [_setups.make_state(model, tx, seed=s) for s in config.seeds]
-    state = _setups.stack_states(states)
-    step = _setups.vmap_seeds(make_train_step(cross_entropy_loss_fn(), jit=False), state)
-    loaders = [_setups.mnist1d_loader(config.batch_size, seed=s) for s in config.seeds]
-    eval_fn = _setups.seed_eval_fn(data.load_arrays("mnist1d", "test"))
+    example = np.zeros((1, 40), np.float32)
+    state = stack_states([seed_state(model, tx, seed=s, example=example) for s in config.seeds])
+    step = seeds_step(make_train_step(cross_entropy_loss_fn(), jit=False))
+    loaders = [
+        data.load("mnist1d", "train", config.batch_size, seed=s, epochs=None) for s in config.seeds
+    ]
+    eval_fn = seeds_eval_fn(data.load_arrays("mnist1d", "test"))
     if metrics_path is not None:
         metrics_path.unlink(missing_ok=True)
     points = cyclic_points(
         state,
         step,
-        _setups.SeedLoader(loaders),
+        SeedLoader(loaders),
         eval_fn,
         budgets=eval_steps,
         metric=METRIC,
@@ -123,7 +130,7 @@ def train(
         losses = [r["train/loss"] for r in history if "train/loss" in r and r["step"] <= budget]
         train_loss.append(losses[-1] if losses else np.nan)
     return {
-        "accuracy": np.stack([_setups.per_seed([p], METRIC) for p in points], axis=1),
+        "accuracy": np.stack([per_seed([p], METRIC) for p in points], axis=1),
         "train_loss": np.array(train_loss),
         "train_time": np.array([p["train_time"] for p in points]),
     }

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -36,15 +34,11 @@ from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import paired_difference
 from efflax.stats import seeds_to_decide
-from efflax.training import LossOutput
-from efflax.training import TrainState
-from efflax.training import fit
-from efflax.training import make_train_step
-from experiments._multiseed import SeedBatches
-from experiments._multiseed import final_per_seed
-from experiments._multiseed import init_stacked
-from experiments._multiseed import per_seed_accuracy
-from experiments._multiseed import plot_arms
+from efflax.training import SplitLoader
+from efflax.training import fit_seeds
+from efflax.training import plot_arms
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
 
 ARMS = ("ce", "focal", "cyclical_focal")
 
@@ -94,55 +88,37 @@ def train(cfg: Config, out_dir: pathlib.Path):
     # steps (its examples then come from different loader epochs, each freshly shuffled).
     steps_per_epoch = loader.num_examples // cfg.batch_size
     num_steps = cfg.epochs * steps_per_epoch
-    seed_params = init_stacked(lambda k: model.init(k, jnp.zeros((1, 40)))["params"], cfg.seeds)
-    # One copy per arm: the step donates its buffers, and one buffer cannot be donated twice.
-    params = {arm: jax.tree.map(jnp.copy, seed_params) for arm in ARMS}
+    tx = optax.adam(optax.cosine_decay_schedule(cfg.learning_rate, num_steps))
+    example = np.zeros((1, 40), np.float32)
 
-    def apply(p, x):
-        return model.apply({"params": p}, x)
+    def make_loss(arm):  # CFL with the README defaults: gamma_pos = gamma_neg = 2, gamma_hc = 3
+        def loss_fn(params, state, batch, rng):
+            logits, y, eps = (
+                state.apply_fn({"params": params}, batch["x"]),
+                batch["y"],
+                cfg.label_smoothing,
+            )
+            if arm != "cyclical_focal":
+                return focal_loss(logits, y, gamma=2.0 * (arm == "focal"), label_smoothing=eps)
+            epoch = state.step // steps_per_epoch  # traced: one compilation for every epoch
+            return cyclical_focal_loss(logits, y, epoch, num_epochs=cfg.epochs, label_smoothing=eps)
 
-    def losses_of(arm, logits, y, epoch):
-        eps = cfg.label_smoothing
-        if arm == "ce":
-            return focal_loss(logits, y, gamma=0.0, label_smoothing=eps)
-        if arm == "focal":
-            return focal_loss(logits, y, gamma=2.0, label_smoothing=eps)
-        return cyclical_focal_loss(
-            logits, y, epoch, num_epochs=cfg.epochs, label_smoothing=eps
-        )  # README defaults: gamma_pos = gamma_neg = 2, gamma_hc = 3, factor 4
+        return loss_fn
 
-    def loss_fn(params, state, batch, rng):
-        del rng
-        x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
-        epoch = state.step // steps_per_epoch  # traced: one compilation for every epoch
-        total, metrics = 0.0, {}
-        for arm in ARMS:
-            logits = jax.vmap(apply)(params[arm], x)
-            losses = jax.vmap(lambda lg, yy, arm=arm: losses_of(arm, lg, yy, epoch))(logits, y)
-            total = total + jnp.sum(losses)  # independent runs: each gets its own gradient
-            metrics[f"loss_{arm}"] = jnp.mean(losses)
-        return total, LossOutput(metrics=metrics)
-
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=params,
-        tx=optax.adam(optax.cosine_decay_schedule(cfg.learning_rate, num_steps)),
-        rng=jax.random.key(0),
-    )
     metrics_path = out_dir / "train.jsonl"
     metrics_path.unlink(missing_ok=True)
-    _, history = fit(
-        state,
-        make_train_step(loss_fn),
-        SeedBatches(loader, num_seeds),
+    run = fit_seeds(
+        dict.fromkeys(ARMS, lambda seed: seed_state(model, tx, seed=seed, example=example)),
+        {arm: make_loss(arm) for arm in ARMS},
+        SplitLoader(loader, num_seeds),
+        seeds=cfg.seeds,
         num_steps=num_steps,
-        eval_fn=per_seed_accuracy(apply, data.load_arrays("mnist1d", "test"), list(ARMS)),
+        eval_fn=seeds_eval_fn(data.load_arrays("mnist1d", "test")),
         eval_every=max(num_steps // 8, 1),
         log_every=steps_per_epoch,
         metrics_path=metrics_path,
-        progress=False,
     )
-    return history, counts, num_steps
+    return run, counts, num_steps
 
 
 @register(
@@ -153,8 +129,8 @@ def train(cfg: Config, out_dir: pathlib.Path):
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)
-    history, counts, num_steps = train(cfg, out_dir)
-    finals = {arm: final_per_seed(history, "test", arm) for arm in ARMS}
+    trained, counts, num_steps = train(cfg, out_dir)
+    finals = {arm: trained.per_seed(f"test/{arm}/accuracy") for arm in ARMS}
     points = {arm: 100 * np.asarray(v) for arm, v in finals.items()}
     for arm, v in points.items():
         print(f"{arm}: {v.mean():.2f}% (per seed {np.round(v, 1).tolist()})", flush=True)
@@ -191,7 +167,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     )
     plot_arms(
         out_dir / "cyclical_focal.png",
-        history,
+        trained.history,
         finals,
         ylabel="balanced test accuracy (%)",
         title=f"MNIST-1D MLP, train classes {counts[0]}..{counts[-1]} (ratio {cfg.imbalance_ratio:g})",

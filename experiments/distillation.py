@@ -38,15 +38,15 @@ from efflax.stats import decide
 from efflax.stats import paired_difference
 from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
+from efflax.training import SplitLoader
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import fit
 from efflax.training import make_train_step
-from experiments._multiseed import SeedBatches
+from efflax.training import plot_arms
 from experiments._multiseed import final_per_seed
 from experiments._multiseed import init_stacked
 from experiments._multiseed import per_seed_accuracy
-from experiments._multiseed import plot_arms
 
 # arm -> (use the labels, alpha_kd, temperature)
 ARMS = {
@@ -177,7 +177,7 @@ def train_students(cfg: Config, teacher, teacher_params, out_dir: pathlib.Path):
     _, history = fit(
         state,
         make_train_step(loss_fn),
-        SeedBatches(loader, num_seeds),
+        SplitLoader(loader, num_seeds),
         num_steps=cfg.student_steps,
         eval_fn=eval_fn,
         eval_every=max(cfg.student_steps // 8, 1),
@@ -236,6 +236,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         out_dir / "distillation.png",
         history,
         finals,
+        key="test/{arm}",
         title=f"MNIST-1D MLP students of a CNN teacher ({100 * teacher_acc:.1f}%)",
     )
     measured = (

@@ -26,9 +26,10 @@ from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import seeds_to_decide
 from efflax.training import cross_entropy_loss_fn
-from efflax.training import fit
-from efflax.training import make_train_step
-from experiments import _setups
+from efflax.training import fit_seeds
+from efflax.training import per_seed_curve
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
 
 PUBLISHED = {"mlp": 0.68, "cnn": 0.94}
 TOLERANCE = 0.05  # accuracy points below the published value that still count as reproduced
@@ -43,24 +44,18 @@ def train_model(
     Returns:
       the final test accuracy per seed, and the history of ``fit``.
     """
-    model = MODELS[name]()
-    tx = optax.adam(learning_rate)
-    states = [_setups.make_state(model, tx, seed=s) for s in seeds]
-    state = _setups.stack_states(states)
-    step = _setups.vmap_seeds(make_train_step(cross_entropy_loss_fn(), jit=False), state)
-    loader = _setups.SeedLoader([_setups.mnist1d_loader(batch_size, seed=s) for s in seeds])
-    eval_fn = _setups.seed_eval_fn(data.load_arrays("mnist1d", "test"))
-    _, history = fit(
-        state,
-        step,
-        loader,
+    model, tx = MODELS[name](), optax.adam(learning_rate)
+    run = fit_seeds(
+        lambda seed: seed_state(model, tx, seed=seed, example=np.zeros((1, 40), np.float32)),
+        cross_entropy_loss_fn(),
+        lambda seed: data.load("mnist1d", "train", batch_size, seed=seed, epochs=None),
+        seeds=seeds,
         num_steps=steps,
-        eval_fn=eval_fn,
+        eval_fn=seeds_eval_fn(data.load_arrays("mnist1d", "test")),
         eval_every=max(steps // 10, 1),
         log_every=max(steps // 20, 1),
-        progress=False,
     )
-    return _setups.per_seed(history, "test/accuracy"), history
+    return run.per_seed("test/accuracy"), run.history
 
 
 def _plot(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
@@ -71,7 +66,7 @@ def _plot(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for i, (name, history) in enumerate(histories.items()):
-        steps, acc = _setups.per_seed_curve(history, "test/accuracy")
+        steps, acc = per_seed_curve(history, "test/accuracy")
         for row in acc:
             axes[0].plot(steps, 100 * row, color=f"C{i}", alpha=0.3, lw=0.8)
         axes[0].plot(steps, 100 * acc.mean(0), color=f"C{i}", label=f"{name.upper()} (mean)")

@@ -45,9 +45,9 @@ from efflax.stats import decide
 from efflax.stats import ratio_interval
 from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
-from efflax.training import fit
-from efflax.training import make_train_step
-from experiments import _setups
+from efflax.training import fit_seeds
+from efflax.training import seed_state
+from efflax.training import seeds_eval
 
 VARIANTS = ("dense", "top1", "top2", "expert_choice")
 MASK_ID = 256  # inputs: 256 byte values + the mask token
@@ -169,19 +169,12 @@ def make_eval_fn(cfg: Config):
     tokens = data.load_arrays("stdlib_text", "validation")["tokens"]
     tokens = jnp.asarray(tokens[: cfg.eval_examples, : cfg.seq_len].astype(np.int32))
     inputs, positions = _masked(tokens, jax.random.key(12345), num_masked(cfg))
-    cache = {}
-
-    def eval_fn(state) -> dict[str, float]:
-        if state.apply_fn not in cache:
-            one = lambda params: _masked_ce(
-                state.apply_fn({"params": params}, inputs, positions), tokens, positions
-            )
-            cache[state.apply_fn] = jax.jit(jax.vmap(one))
-        losses = np.asarray(cache[state.apply_fn](state.params))
-        per_seed = {f"val/mlm/{i}": float(v) for i, v in enumerate(losses)}
-        return {"val/mlm": float(losses.mean()), **per_seed}
-
-    return eval_fn
+    return seeds_eval(
+        lambda apply_fn, params: {
+            "mlm": _masked_ce(apply_fn({"params": params}, inputs, positions), tokens, positions)
+        },
+        prefix="val",
+    )
 
 
 def train_variant(variant: str, cfg: Config, eval_fn) -> dict:
@@ -192,23 +185,18 @@ def train_variant(variant: str, cfg: Config, eval_fn) -> dict:
         0.0, cfg.learning_rate, cfg.steps // 20, cfg.steps, cfg.learning_rate / 10
     )
     tx = optax.adamw(schedule, weight_decay=1e-4)
-    states = [_setups.make_state(model, tx, seed=s, example=example) for s in cfg.seeds]
-    state = _setups.stack_states(states)
-    step = _setups.vmap_seeds(make_train_step(make_loss_fn(cfg), jit=False), state)
-    loaders = [
-        data.load("stdlib_text", "train", cfg.batch_size, seed=s, epochs=None) for s in cfg.seeds
-    ]
-    _, history = fit(
-        state,
-        step,
-        _setups.SeedLoader(loaders),
+    run = fit_seeds(
+        lambda seed: seed_state(model, tx, seed=seed, example=example),
+        make_loss_fn(cfg),
+        lambda seed: data.load("stdlib_text", "train", cfg.batch_size, seed=seed, epochs=None),
+        seeds=cfg.seeds,
         num_steps=cfg.steps,
         eval_fn=eval_fn,
         eval_every=cfg.eval_every,
         log_every=cfg.eval_every,
-        progress=False,
     )
-    steps, curves = _setups.per_seed_curve(history, "val/mlm")
+    history = run.history
+    steps, curves = run.curve("val/mlm")
     return {"steps": steps, "curves": curves, "history": history}
 
 

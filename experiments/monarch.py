@@ -43,11 +43,18 @@ from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import paired_difference
 from efflax.stats import ratio_interval
+from efflax.training import SeedLoader
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import fit
 from efflax.training import make_train_step
-from experiments import _setups
+from efflax.training import per_seed
+from efflax.training import per_seed_curve
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
+from efflax.training import seeds_step
+from efflax.training import stack_states
 
+EXAMPLE = np.zeros((1, 40), np.float32)  # one MNIST-1D signal, to initialise on
 VARIANTS = ("dense", "monarch", "monarch_then_dense")
 ACCURACY_TOLERANCE = 2.0  # points below dense that still count as "about dense quality"
 
@@ -105,11 +112,15 @@ def _size(cfg: Config) -> dict:
     return {} if cfg.num_samples is None else {"num_samples": cfg.num_samples}
 
 
+def _loader(cfg: Config, seed: int) -> data.Loader:
+    return data.load("mnist1d", "train", cfg.batch_size, seed=seed, epochs=None, **_size(cfg))
+
+
 def _result(history: list[dict], state) -> dict:
     return {
         "params": sum(x[0].size for x in jax.tree.leaves(state.params)),
-        "test_accuracy": 100 * _setups.per_seed(history, "test/accuracy"),
-        "curve": _setups.per_seed_curve(history, "test/accuracy"),
+        "test_accuracy": 100 * per_seed(history, "test/accuracy"),
+        "curve": per_seed_curve(history, "test/accuracy"),
     }
 
 
@@ -117,15 +128,14 @@ def train_variants(cfg: Config) -> dict[str, dict]:
     """Dense; Monarch; and Monarch-then-dense, branched from the Monarch run at the switch (the
     same run up to there), all seeds at once. Returns per-seed accuracies and curves."""
     dense_model, sparse_model = _models(cfg)
-    loaders = [_setups.mnist1d_loader(cfg.batch_size, seed=s, **_size(cfg)) for s in cfg.seeds]
-    loader = _setups.SeedLoader(loaders)
-    eval_fn = _setups.seed_eval_fn(data.load_arrays("mnist1d", "test", **_size(cfg)))
+    loader = SeedLoader([_loader(cfg, s) for s in cfg.seeds])
+    eval_fn = seeds_eval_fn(data.load_arrays("mnist1d", "test", **_size(cfg)))
     fit_kwargs = dict(eval_fn=eval_fn, eval_every=max(cfg.steps // 20, 1), progress=False)
     switch = ReverseSparsification(cfg.steps, cfg.dense_fraction).switch_step
 
     def start(model, tx):
-        state = _setups.stack_states([_setups.make_state(model, tx, seed=s) for s in cfg.seeds])
-        step = _setups.vmap_seeds(make_train_step(cross_entropy_loss_fn(), jit=False), state)
+        state = stack_states([seed_state(model, tx, seed=s, example=EXAMPLE) for s in cfg.seeds])
+        step = seeds_step(make_train_step(cross_entropy_loss_fn(), jit=False))
         return state, step
 
     results = {}
@@ -159,7 +169,7 @@ def train_variants(cfg: Config) -> dict[str, dict]:
     results["monarch_then_dense"] = _result(head + tail, dense_state)
     results["monarch_then_dense"]["switch_step"] = switch
     results["monarch_then_dense"]["test_loss_change_at_switch"] = [
-        after[f"test/loss/{i}"] - before[f"test/loss/{i}"] for i in range(len(cfg.seeds))
+        after[f"test/loss/seed_{i}"] - before[f"test/loss/seed_{i}"] for i in range(len(cfg.seeds))
     ]
     return results
 
@@ -168,11 +178,10 @@ def step_times(cfg: Config) -> dict:
     """Single-seed train steps of dense and Monarch, timed round-robin (wall and CPU)."""
     fns = {}
     for name, model in zip(("dense", "monarch"), _models(cfg), strict=True):
-        holder = {"state": _setups.make_state(model, optax.adam(_schedule(cfg)), seed=0)}
+        tx = optax.adam(_schedule(cfg))
+        holder = {"state": seed_state(model, tx, seed=0, example=EXAMPLE)}
         step = make_train_step(cross_entropy_loss_fn())
-        batch = jax.tree.map(
-            jnp.asarray, _setups.mnist1d_loader(cfg.batch_size, seed=0, **_size(cfg)).batch_at(0)
-        )
+        batch = jax.tree.map(jnp.asarray, _loader(cfg, 0).batch_at(0))
 
         def call(step=step, holder=holder, batch=batch):
             holder["state"], metrics = step(holder["state"], batch)

@@ -42,8 +42,8 @@ from efflax.stats import Estimate
 from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import mean_interval
+from efflax.stats import offset
 from efflax.stats import ratio_interval
-from experiments import _setups
 
 NUM_CLIENTS = 20
 NUM_FEATURES = 64
@@ -292,10 +292,8 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         ),
     }
     statuses = {
-        "proxskip_slope": decide(
-            _setups.offset(estimates["proxskip_slope"], 0.5), 0.2, direction="within"
-        ),
-        "gd_slope": decide(_setups.offset(estimates["gd_slope"], 1.0), 0.2, direction="within"),
+        "proxskip_slope": decide(offset(estimates["proxskip_slope"], 0.5), 0.2, direction="within"),
+        "gd_slope": decide(offset(estimates["gd_slope"], 1.0), 0.2, direction="within"),
         "ratio": decide(list(estimates.values())[2], required_ratio, direction=">="),
     }
     _plot(out_dir, results, kappas, tolerance, slopes)

@@ -55,9 +55,15 @@ from efflax.stats import paired_difference
 from efflax.stats import ratio_interval
 from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
+from efflax.training import SeedLoader
 from efflax.training import fit
 from efflax.training import make_train_step
-from experiments import _setups
+from efflax.training import per_seed
+from efflax.training import per_seed_curve
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
+from efflax.training import seeds_step
+from efflax.training import stack_states
 
 METHODS = ("sgd", "sam", "saf", "mesa")
 PAPER_OVERHEAD = {"sgd": 1.0, "sam": 2.0, "saf": 1.007, "mesa": 1.15}  # ImageNet, RN-50
@@ -176,7 +182,7 @@ def make_method(
                 out["saf"] = _saf(cfg, num_examples, steps_per_epoch).init()
             return out
 
-        return _setups.make_state(model, tx, seed=seed, extra=extra)
+        return seed_state(model, tx, seed=seed, extra=extra, example=np.zeros((1, 40), np.float32))
 
     def make_step():
         # SAM: the SGD loss; the optimizer takes the gradient at the perturbed point itself.
@@ -220,14 +226,14 @@ def measure_sharpness(state, train: dict, cfg: Config) -> dict[str, np.ndarray]:
 
 def train_method(method: str, cfg: Config, train: dict, test: dict) -> dict[str, Any]:
     loaders = [data.Loader(train, cfg.batch_size, seed=s, epochs=cfg.epochs) for s in cfg.seeds]
-    loader = _setups.SeedLoader(loaders)
+    loader = SeedLoader(loaders)
     make_state, make_step = make_method(method, cfg, loader.num_examples, loader.steps_per_epoch)
     total = cfg.epochs * loader.steps_per_epoch
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, total)
-    state = _setups.stack_states([make_state(s, schedule) for s in cfg.seeds])
-    step = _setups.vmap_seeds(make_step(), state)
-    ema_eval = _setups.seed_eval_fn(test, params_of=ema_params)
-    raw_eval = _setups.seed_eval_fn(test, prefix="raw")
+    state = stack_states([make_state(s, schedule) for s in cfg.seeds])
+    step = seeds_step(make_step())
+    ema_eval = seeds_eval_fn(test, params_of=ema_params)
+    raw_eval = seeds_eval_fn(test, prefix="raw")
 
     def eval_fn(state):
         return {**ema_eval(state), **raw_eval(state)}
@@ -242,9 +248,9 @@ def train_method(method: str, cfg: Config, train: dict, test: dict) -> dict[str,
         progress=False,
     )
     return {
-        "test_accuracy": 100 * _setups.per_seed(history, "test/accuracy"),
-        "raw_test_accuracy": 100 * _setups.per_seed(history, "raw/accuracy"),
-        "curve": _setups.per_seed_curve(history, "test/accuracy"),
+        "test_accuracy": 100 * per_seed(history, "test/accuracy"),
+        "raw_test_accuracy": 100 * per_seed(history, "raw/accuracy"),
+        "curve": per_seed_curve(history, "test/accuracy"),
         **measure_sharpness(state, train, cfg),
     }
 

@@ -35,15 +35,11 @@ from efflax.stats import combine_statuses
 from efflax.stats import decide
 from efflax.stats import paired_difference
 from efflax.stats import seeds_to_decide
-from efflax.training import LossOutput
-from efflax.training import TrainState
-from efflax.training import fit
-from efflax.training import make_train_step
-from experiments._multiseed import SeedBatches
-from experiments._multiseed import final_per_seed
-from experiments._multiseed import init_stacked
-from experiments._multiseed import per_seed_accuracy
-from experiments._multiseed import plot_arms
+from efflax.training import SplitLoader
+from efflax.training import fit_seeds
+from efflax.training import plot_arms
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
 
 ARMS = ("plain", "merger")
 
@@ -131,68 +127,37 @@ def xla_forward_flops(model: ViT, params, batch: int = 64) -> float:
 
 
 def train(cfg: Config, out_dir: pathlib.Path):
+    """Both arms, every seed, one vmapped step; the arms of a seed share data (and their seed)."""
     train_arrays, test_arrays = load_digits_split(cfg.test_fraction)
     models = {arm: _model(cfg, arm == "merger") for arm in ARMS}
-    num_seeds = len(cfg.seeds)
-    params = {
-        arm: init_stacked(
-            lambda k, model=model: model.init(k, jnp.zeros((1, 8, 8)))["params"], cfg.seeds
-        )
-        for arm, model in models.items()
-    }
-
-    def loss_fn(params, state, batch, rng):
-        del rng
-        x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
-        total, metrics = 0.0, {}
-        for arm, model in models.items():
-
-            def one(p, xx, yy, model=model):
-                return soft_target_cross_entropy(model.apply({"params": p}, xx), yy)
-
-            losses = jax.vmap(one)(params[arm], x, y)
-            total = total + jnp.sum(losses)  # independent runs: each gets its own gradient
-            metrics[f"loss_{arm}"] = jnp.mean(losses)
-        return total, LossOutput(metrics=metrics)
-
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, warmup_steps=cfg.steps // 20, decay_steps=cfg.steps
     )
-    state = TrainState.create(
-        apply_fn=models["plain"].apply,
-        params=params,
-        tx=optax.adamw(schedule, weight_decay=cfg.weight_decay),
-        rng=jax.random.key(0),
-    )
-    loader = data.Loader(train_arrays, cfg.batch_size * num_seeds, seed=5, epochs=None)
+    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    example = np.zeros((1, 8, 8), np.float32)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def apply(arm, p, x):
-        return models[arm].apply({"params": p}, x)
+    def loss_fn(params, state, batch, rng):
+        return soft_target_cross_entropy(state.apply_fn({"params": params}, batch["x"]), batch["y"])
 
-    evals = {
-        arm: per_seed_accuracy(functools.partial(apply, arm), test_arrays, [arm]) for arm in ARMS
-    }
-
-    def eval_fn(state):
-        return {k: v for fn in evals.values() for k, v in fn(state).items()}
-
+    loader = data.Loader(train_arrays, cfg.batch_size * len(cfg.seeds), seed=5, epochs=None)
     metrics_path = out_dir / "train.jsonl"
     metrics_path.unlink(missing_ok=True)
-    state, history = fit(
-        state,
-        make_train_step(loss_fn),
-        SeedBatches(loader, num_seeds),
+    run = fit_seeds(
+        {
+            arm: lambda s, m=m: seed_state(m, tx, seed=s, example=example)
+            for arm, m in models.items()
+        },
+        loss_fn,
+        SplitLoader(loader, len(cfg.seeds)),
+        seeds=cfg.seeds,
         num_steps=cfg.steps,
-        eval_fn=eval_fn,
+        eval_fn=seeds_eval_fn(test_arrays),
         eval_every=max(cfg.steps // 6, 1),
         log_every=max(cfg.steps // 20, 1),
         metrics_path=metrics_path,
-        progress=False,
     )
-    one_seed = {arm: jax.tree.map(lambda v: v[0], state.params[arm]) for arm in ARMS}
-    flops = {arm: xla_forward_flops(models[arm], one_seed[arm]) for arm in ARMS}
-    return history, flops
+    flops = {arm: xla_forward_flops(models[arm], run.seed(0, arm).params) for arm in ARMS}
+    return run, flops
 
 
 @register(
@@ -203,8 +168,8 @@ def train(cfg: Config, out_dir: pathlib.Path):
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)
-    history, flops = train(cfg, out_dir)
-    finals = {arm: final_per_seed(history, "test", arm) for arm in ARMS}
+    trained, flops = train(cfg, out_dir)
+    finals = {arm: trained.per_seed(f"test/{arm}/accuracy") for arm in ARMS}
     points = {arm: 100 * np.asarray(v) for arm, v in finals.items()}
     for arm, v in points.items():
         print(f"{arm}: {v.mean():.2f}% (per seed {np.round(v, 1).tolist()})", flush=True)
@@ -238,7 +203,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     )
     plot_arms(
         out_dir / "token_merging.png",
-        history,
+        trained.history,
         finals,
         title=(
             f"ViT d={cfg.d_model} on 8x8 digits: 16 tokens vs merged to {cfg.merged_tokens} "

@@ -51,7 +51,9 @@ from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import make_train_step
-from experiments import _setups
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
+from efflax.training import stack_states
 from experiments import moe_routing
 from experiments import saf
 
@@ -116,7 +118,7 @@ class Family:
 def run_family(family: Family, seeds: tuple[int, ...]) -> dict[str, list[list[dict]]]:
     """Every method x seed trained in lockstep; the points of each run, by method."""
     schedule = family.cycles.schedule()
-    evaluate = _setups.single_seed_eval(family.eval_fn)
+    evaluate = lambda state: family.eval_fn(stack_states([state]))
     runs = {}
     for method in family.methods:
         step = jax.jit(method.make_step(), donate_argnums=(0,))  # one compilation per method
@@ -187,13 +189,13 @@ def monarch_family(quick: bool) -> Family:
     def method(name: str) -> Method:
         def make_state(seed: int, schedule: optax.Schedule):
             tx = txs.setdefault((name, id(schedule)), optax.adam(schedule))
-            return _setups.make_state(models[name], tx, seed=seed)
+            return seed_state(models[name], tx, seed=seed, example=np.zeros((1, 40), np.float32))
 
         return Method(
             name,
             make_state,
             lambda: make_train_step(cross_entropy_loss_fn(), jit=False),
-            lambda seed: _setups.mnist1d_loader(batch_size, seed=seed),
+            lambda seed: data.load("mnist1d", "train", batch_size, seed=seed, epochs=None),
         )
 
     cycles = Cycles(2e-3, 40, 2, 20) if quick else Cycles(2e-3, 100, 5, 50)
@@ -202,7 +204,7 @@ def monarch_family(quick: bool) -> Family:
         f"MNIST-1D MLP 40-{width}x3-10: dense vs Monarch (nblocks {nblocks})",
         [method("dense"), method("monarch")],
         cycles,
-        _setups.seed_eval_fn(data.load_arrays("mnist1d", "test")),
+        seeds_eval_fn(data.load_arrays("mnist1d", "test")),
         "test/accuracy",
         True,
         "dense",
@@ -220,7 +222,7 @@ def moe_family(quick: bool) -> Family:
     def method(name: str) -> Method:
         def make_state(seed: int, schedule: optax.Schedule):
             tx = txs.setdefault((name, id(schedule)), optax.adamw(schedule, weight_decay=1e-4))
-            return _setups.make_state(models[name], tx, seed=seed, example=example)
+            return seed_state(models[name], tx, seed=seed, example=example)
 
         return Method(
             name,
@@ -268,7 +270,7 @@ def saf_family(quick: bool) -> Family:
         "MNIST-1D CNN: SGD vs SAM vs SAF vs MESA (EMA evaluation)",
         [method(m) for m in saf.METHODS],
         cycles,
-        _setups.seed_eval_fn(test, params_of=saf.ema_params),
+        seeds_eval_fn(test, params_of=saf.ema_params),
         "test/accuracy",
         True,
         "sgd",

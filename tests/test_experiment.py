@@ -86,10 +86,33 @@ def test_eta_uses_the_previous_run_times(tmp_path, monkeypatch, capsys):
     )
     (tmp_path / "timings.json").write_text('{"quick": {"fast": 30, "tie": 95}}')
     experiment.run_experiments(None, out=tmp_path, quick=True, isolate=False)
-    first = capsys.readouterr().out.splitlines()[1]
-    assert first.startswith("=== [1/2] fast") and first.endswith("ETA 2:05")
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[1]
+        == "expected time: about 2:05 (from the last run into this directory; more on a busy machine)"
+    )
+    assert lines[2].startswith("=== [1/2] fast") and lines[2].endswith("ETA 2:05")
     # The times of this run replace the old ones.
     assert '"tie": 95' not in (tmp_path / "timings.json").read_text()
+
+
+def test_expected_time_line_before_the_first_experiment(monkeypatch, tmp_path):
+    reference = tmp_path / "reference.json"
+    reference.write_text('{"quick": {"a": 60, "b": 40, "c": 20}}')
+    monkeypatch.setattr(experiment, "_REFERENCE_TIMES", reference)
+    line = experiment._expected_line(["a", "b", "c"], {"a"}, {}, "quick", 2)
+    # "a" (timing-sensitive) alone, "b" and "c" side by side: 60 + (40 + 20) / 2.
+    assert line.startswith("expected time: about 1:30 (from experiments/reference_times.json")
+    line = experiment._expected_line(["a", "d"], set(), {}, "quick", 1)
+    assert "about 1:00" in line and "1 experiment(s) without a time not counted" in line
+    assert "unknown" in experiment._expected_line(["d"], set(), {}, "quick", 1)
+
+
+def test_children_share_one_compilation_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert experiment.compilation_cache_dir(tmp_path) == tmp_path / ".jax_cache"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert experiment.compilation_cache_dir(tmp_path) == tmp_path / "mine"
 
 
 def test_eta_falls_back_to_the_mean_so_far():

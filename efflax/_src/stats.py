@@ -43,6 +43,7 @@ __all__ = [
     "combine_statuses",
     "decide",
     "mean_interval",
+    "offset",
     "paired_difference",
     "ratio_interval",
     "seeds_to_decide",
@@ -362,3 +363,17 @@ def combine_statuses(statuses: Sequence[Status]) -> Status:
     if "FAIL" in statuses:
         return "FAIL"
     return "PASS" if all(s == "PASS" for s in statuses) else "INCONCLUSIVE"
+
+
+def offset(estimate: Estimate, target: float) -> Estimate:
+    """``estimate - target`` (value, interval and samples shifted).
+
+    ``decide(offset(ratio, 1.0), 0.1, direction='within')`` decides ``|ratio - 1| <= 0.1``.
+    """
+    return dataclasses.replace(
+        estimate,
+        value=estimate.value - target,
+        low=estimate.low - target,
+        high=estimate.high - target,
+        samples=tuple(s - target for s in estimate.samples),
+    )

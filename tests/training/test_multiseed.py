@@ -1,0 +1,184 @@
+"""Many seeds (and arms) as one program: efflax.training.fit_seeds and its pieces."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from efflax import data
+from efflax.models import MLP
+from efflax.stats import Estimate
+from efflax.training import LossOutput
+from efflax.training import SplitLoader
+from efflax.training import cross_entropy_loss_fn
+from efflax.training import fit
+from efflax.training import fit_seeds
+from efflax.training import make_train_step
+from efflax.training import per_seed
+from efflax.training import per_seed_curve
+from efflax.training import seed_key
+from efflax.training import seed_state
+from efflax.training import seeds_eval_fn
+from efflax.training import stack_states
+from efflax.training import unstack_state
+
+MODEL = MLP(features=(16,))
+TX = optax.adam(1e-2)
+EXAMPLE = np.zeros((1, 40), np.float32)
+SEEDS = (3, 5, 8)
+STEPS = 12
+
+
+def _make_state(seed):
+    return seed_state(MODEL, TX, seed=seed, example=EXAMPLE)
+
+
+def _loader(seed):
+    return data.load("mnist1d", "train", 16, seed=seed, epochs=None)
+
+
+def _noisy_loss(params, state, batch, rng):
+    """Uses the step's key, so resume and per-seed keys must be exact."""
+    logits = state.apply_fn({"params": params}, batch["x"])
+    logits = logits + 0.1 * jax.random.normal(rng, logits.shape)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, LossOutput(metrics={"logit_mean": logits.mean()})
+
+
+@pytest.fixture(scope="module")
+def test_arrays():
+    arrays = data.load_arrays("mnist1d", "test")
+    return {k: v[:200] for k, v in arrays.items()}
+
+
+def _leaves_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
+
+
+def _run(seeds, test_arrays, **kwargs):
+    options = {"num_steps": STEPS, "eval_fn": seeds_eval_fn(test_arrays), "log_every": 4}
+    return fit_seeds(_make_state, _noisy_loss, _loader, seeds=seeds, **{**options, **kwargs})
+
+
+def test_n_seeds_at_once_equal_n_single_seed_runs_bit_exactly(test_arrays):
+    together = _run(SEEDS, test_arrays)
+    for i, seed in enumerate(SEEDS):
+        alone = _run([seed], test_arrays)
+        assert _leaves_equal(together.seed(i), alone.seed(0)), f"seed {seed} differs"
+        assert together.per_seed("test/accuracy")[i] == alone.per_seed("test/accuracy")[0]
+        assert together.per_seed("train/loss")[i] == alone.per_seed("train/loss")[0]
+
+
+def test_each_seed_matches_a_plain_unvmapped_fit(test_arrays):
+    together = _run(SEEDS, test_arrays)
+    for i, seed in enumerate(SEEDS):
+        state, _ = fit(
+            _make_state(seed),
+            make_train_step(_noisy_loss),
+            _loader(seed),
+            num_steps=STEPS,
+            progress=False,
+        )
+        for a, b in zip(
+            jax.tree.leaves(together.seed(i).params), jax.tree.leaves(state.params), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert int(together.seed(i).step) == STEPS
+
+
+def test_resume_mid_run_is_exact(tmp_path, test_arrays):
+    whole = _run(SEEDS, test_arrays)
+    ckpt = tmp_path / "ckpt"
+    first = _run(SEEDS, test_arrays, checkpoint_dir=ckpt, num_steps=5)
+    assert int(first.state.step) == 5
+    resumed = _run(SEEDS, test_arrays, checkpoint_dir=ckpt)
+    assert int(resumed.state.step) == STEPS
+    assert resumed.history[0]["step"] > 5  # it continued, it did not start again
+    assert _leaves_equal(whole.state, resumed.state)
+    np.testing.assert_array_equal(
+        whole.per_seed("test/accuracy"), resumed.per_seed("test/accuracy")
+    )
+
+
+def test_per_seed_metric_keys_and_estimates(tmp_path, test_arrays):
+    run = _run(SEEDS, test_arrays, metrics_path=tmp_path / "m.jsonl", eval_every=6)
+    last = run.history[-1]
+    for name in ("train/loss", "train/logit_mean", "test/accuracy", "test/loss"):
+        values = [last[seed_key(name, i)] for i in range(len(SEEDS))]
+        assert seed_key(name, len(SEEDS)) not in last
+        assert last[name] == pytest.approx(np.mean(values), rel=1e-5)
+        np.testing.assert_array_equal(run.per_seed(name), values)
+    assert len(set(run.per_seed("test/loss"))) == len(SEEDS)  # the seeds differ
+    estimate = run.estimate("test/accuracy", scale=100)
+    assert isinstance(estimate, Estimate) and estimate.n == len(SEEDS)
+    assert estimate.value == pytest.approx(100 * np.mean(run.per_seed("test/accuracy")))
+    both = run.estimates("test/accuracy", "test/loss")
+    assert both["test/accuracy"] == run.estimate("test/accuracy") and both["test/loss"].n == 3
+    steps, curve = per_seed_curve(run.history, "test/accuracy")
+    assert steps.tolist() == [6, 12] and curve.shape == (len(SEEDS), 2)
+    with pytest.raises(ValueError, match="no record"):
+        per_seed(run.history, "test/nothing")
+
+
+def test_arms_train_together_and_pair_by_seed(test_arrays):
+    arms = {"adam": _make_state, "sgd": lambda s: seed_state(MODEL, SGD, seed=s, example=EXAMPLE)}
+    run = fit_seeds(
+        arms,
+        cross_entropy_loss_fn(),
+        _loader,
+        seeds=SEEDS,
+        num_steps=STEPS,
+        eval_fn=seeds_eval_fn(test_arrays),
+        log_every=STEPS,
+    )
+    last = run.history[-1]
+    for key in ("train/adam/loss", "train/sgd/accuracy", "test/adam/accuracy", "test/sgd/loss"):
+        assert seed_key(key, len(SEEDS) - 1) in last and key in last
+    # Each arm equals that arm trained alone (the arms of one step do not mix).
+    alone = fit_seeds(
+        arms["sgd"], cross_entropy_loss_fn(), _loader, seeds=SEEDS, num_steps=STEPS, log_every=STEPS
+    )
+    assert _leaves_equal(run.arm("sgd").params, alone.state.params)
+    difference = run.paired("test/adam/accuracy", "test/sgd/accuracy")
+    assert isinstance(difference, Estimate) and difference.n == len(SEEDS)
+
+
+SGD = optax.sgd(0.1)
+
+
+def test_split_loader_gives_each_seed_a_slice():
+    loader = data.load("mnist1d", "train", 12, seed=0, epochs=None)
+    split = SplitLoader(loader, 3)
+    batch = next(split.iter_from(4))
+    whole = loader.batch_at(4)
+    assert batch["x"].shape == (3, 4, 40)
+    np.testing.assert_array_equal(batch["x"][1], whole["x"][4:8])
+    with pytest.raises(ValueError, match="divide"):
+        SplitLoader(loader, 5)
+
+
+def test_stack_and_unstack_round_trip():
+    states = [_make_state(s) for s in SEEDS]
+    stacked = stack_states(states)
+    assert int(stacked.step) == 0 and stacked.step.shape == ()
+    for i, state in enumerate(states):
+        assert _leaves_equal(unstack_state(stacked, i), state)
+    with pytest.raises(ValueError, match="one model and one optimizer"):
+        stack_states([states[0], seed_state(MODEL, optax.adam(1e-2), seed=1, example=EXAMPLE)])
+    with pytest.raises(ValueError, match="at least one"):
+        stack_states([])
+
+
+def test_the_docstring_example_runs(tmp_path):
+    lines = fit_seeds.__doc__.split("Example")[1].splitlines()[1:]
+    code = "\n".join(line.strip()[4:] for line in lines if line.strip()[:4] in (">>> ", "... "))
+    code = code.replace("num_steps=1000", "num_steps=6").replace("/tmp/mlp_seeds", str(tmp_path))
+    code = code.replace('run.estimate("test/accuracy")', 'estimate = run.estimate("test/accuracy")')
+    scope = {}
+    exec(code, scope)  # noqa: S102 - the example is this file's own fixed text
+    assert isinstance(scope["estimate"], Estimate) and scope["estimate"].n == 5
+    assert (tmp_path / "6").is_dir()  # the checkpoint of the final step
