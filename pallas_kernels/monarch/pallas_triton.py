@@ -62,6 +62,16 @@ _MIN_DOT_DIM = 16
 # Per-thread register budget (of 255) the chooser allows the float32 accumulators and
 # on-chip intermediates; the rest is for addresses, loaded tiles and the pipeline.
 _ACC_REGISTERS = 64
+# The same budget for the CUDA-core (multiply-and-reduce, rank < 16) kernels. ptxas holds these
+# 128-thread kernels to 64 registers on sm_90a (its occupancy target: 65,536 / (128 * 8)) and
+# spills rather than exceed it: with the full budget, jax 0.12.1's Triton spilled 4 B in
+# monarch_weight_grad at 8192 -> 8192, nblocks 64 (64 registers; 0 B with jax 0.12.0.1), and
+# monarch_chain sat at exactly 64. Half the budget halves the largest product tile
+# ([rows, rank, out] float32): measured with jax 0.12.1 (tools/gpu_check.py, which records the
+# registers of every kernel), the CUDA-core kernels then use at most 56 registers on H100 (8192
+# -> 8192, nblocks 64; 32-48 elsewhere) and spill nothing on H100 or A100: 8 registers, one
+# more 2-row product tile's worth, below the 64 where ptxas starts to spill.
+_CUDA_CORE_REGISTERS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +214,8 @@ def default_block_sizes(
         block_rank = _pow2_at_most(rank, 32)
         # accumulator [rows, block_out] (+ [rows, block_rank, block_out] products off the dot)
         per_out = rows_tile * (1 if use_dot else 1 + block_rank)
-        block_out = _pow2_at_most(width_out, max(16, _ACC_REGISTERS * threads // per_out))
+        budget = _ACC_REGISTERS if use_dot else _CUDA_CORE_REGISTERS
+        block_out = _pow2_at_most(width_out, max(16, budget * threads // per_out))
         return BlockSizes(
             block_rows=rows_tile,
             block_in=block_in,
@@ -220,7 +231,8 @@ def default_block_sizes(
     block_rank = _pow2_at_most(rank, 32)
     rows_tile = rows_tile if use_dot else 16
     per_out = block_rank * (1 if use_dot else 1 + rows_tile)
-    wg_out = _pow2_at_most(width_out, max(16, _ACC_REGISTERS * threads // per_out))
+    budget = _ACC_REGISTERS if use_dot else _CUDA_CORE_REGISTERS
+    wg_out = _pow2_at_most(width_out, max(16, budget * threads // per_out))
     return BlockSizes(
         block_rows=rows_tile,
         block_in=block_in,

@@ -263,7 +263,8 @@ def test_chooser_keeps_accumulators_small_and_rows_wgmma_sized():
             )
             threads = 32 * bs.num_warps
             per_out = bs.block_rows * (1 if rank >= 16 else 1 + bs.block_rank)
-            assert bs.block_out * per_out / threads <= 64, (width_out, rank, bs)
+            budget = 64 if rank >= 16 else 32  # CUDA-core kernels: half (ptxas caps at 64)
+            assert bs.block_out * per_out / threads <= budget, (width_out, rank, bs)
             assert bs.block_rows == (64 if rank >= 16 else 32) and bs.num_warps == 4
     gemm = default_block_sizes("gemm", rows=8192, width_in=1024, rank=0, width_out=1024)
     assert (gemm.block_rows, gemm.block_out, gemm.num_warps) == (128, 128, 8)
