@@ -229,7 +229,10 @@ def default_block_sizes(
     # 'outer': accumulator [wg_block_out, block_rank], intermediate [block_rows, block_rank];
     # 64-row tiles so that both dots have an M of >= 64 (wgmma) where the rows allow
     block_rank = _pow2_at_most(rank, 32)
-    rows_tile = rows_tile if use_dot else 16
+    # CUDA-core: 8-row tiles. With 16, jax 0.12.0.1 put monarch_weight_grad at ptxas's
+    # 64-register cap on H100 (8192 -> 8192, nblocks 64; 0.12.1 spilled 4 B there before the
+    # halved budget); with 8 both versions measure 55 (A100: 56), no spill.
+    rows_tile = rows_tile if use_dot else 8
     per_out = block_rank * (1 if use_dot else 1 + rows_tile)
     budget = _ACC_REGISTERS if use_dot else _CUDA_CORE_REGISTERS
     wg_out = _pow2_at_most(width_out, max(16, budget * threads // per_out))
