@@ -358,6 +358,11 @@ def test_attention_refuses(data):
 
 def _mixed_chunk64(qq, qk, v, lq, lk, *, chunk, causal, quad_scale, lin_scale, bias, key_mask):
     t = qq.shape[1]
+    # masked positions are padding: the op computes them from zeroed inputs
+    real = np.asarray(key_mask)[..., None]
+    qq, qk, v = (np.where(real, f64(x), 0.0) for x in (qq, qk, v))
+    if lq is not None:
+        lq, lk = (np.where(real, f64(x), 0.0) for x in (lq, lk))
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
     same = (i // chunk) == (j // chunk)
     order = (j <= i) if causal else np.ones((t, t), bool)
