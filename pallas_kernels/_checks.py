@@ -31,6 +31,7 @@ __all__ = [
     "probability",
     "same_structure",
     "scalar_if_concrete",
+    "traced_scalar",
 ]
 
 
@@ -57,6 +58,19 @@ def scalar_if_concrete(name: str, value: Any) -> float | None:
     return float(array)
 
 
+def traced_scalar(name: str, value: Any) -> jax.Array:
+    """A traced ``value`` as a float32 scalar, if it is a 0-d real (integer or floating) tracer;
+    for hyperparameters an op can take at run time (checks on its value cannot run)."""
+    dtype = getattr(value, "dtype", None)
+    if (
+        getattr(value, "ndim", None) != 0
+        or dtype is None
+        or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    ):
+        raise ValueError(f"{name}={value!r} must be a real scalar")
+    return jnp.asarray(value, jnp.float32)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -68,15 +82,28 @@ def int_at_least(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def _real_scalar(value: Any) -> float | None:
+    """``value`` as a float if it is one real number known now: a Python/NumPy number or a
+    concrete 0-d NumPy/JAX array of an integer or floating dtype (not a bool); else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if not hasattr(value, "dtype") or getattr(value, "ndim", None) != 0:
+        return None
+    array = concrete(value)
+    if array is None or array.dtype.kind not in "iuf":
+        return None
+    return float(array)
+
+
 def finite_float(name: str, value: Any) -> float:
-    """``value`` as a float, if it is a finite real number (not a bool)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(float(value))
-    ):
+    """``value`` as a float, if it is a finite real number (not a bool): a Python or NumPy
+    number, or a concrete 0-d NumPy/JAX array such as ``jnp.float32(0.3)``."""
+    number = _real_scalar(value)
+    if number is None or not math.isfinite(number):
         raise ValueError(f"{name}={value!r} must be a finite number")
-    return float(value)
+    return number
 
 
 def positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels import _checks
@@ -62,8 +63,8 @@ class Mask:
     Attributes:
       causal: query ``i`` sees keys ``j <= i`` (top-left aligned), or ``j <= q_offset + i``.
       q_offset: with ``causal``, the int32 scalar position of the first query, or None.
-      segment_ids: ``(q_ids [batch, q_len], kv_ids [batch, kv_len])`` int32: equal ids see
-        each other.
+      segment_ids: ``(q_ids [batch, q_len], kv_ids [batch, kv_len])``, int32 (int64 only when
+        traced with ``jax_enable_x64``): equal ids see each other.
       dense: bool rank 4, broadcastable to ``[batch, heads, q_len, kv_len]`` (the ``mask=``
         argument).
       block_mask: bool ``[heads or 1, q_blocks, kv_blocks]`` tiles of ``block_shape``.
@@ -246,7 +247,25 @@ def _segment_ids(segment_ids: Any, batch: int, q_len: int, kv_len: int):
             raise ValueError(f"{name}.shape={_shape(ids)} must be {shape}")
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"{name}.dtype={ids.dtype} must be an integer type")
-        pair.append(jnp.asarray(ids).astype(jnp.int32))
+        if jnp.dtype(ids.dtype).itemsize <= 4:
+            # int8..int32/uint32 -> int32 is one-to-one (uint32 wraps, but equal ids stay
+            # equal and different ones different), so equality is unchanged
+            pair.append(jnp.asarray(ids).astype(jnp.int32))
+            continue
+        values = _checks.concrete(ids)
+        if values is None:
+            # traced 64-bit ids (jax_enable_x64): compared as they are, never wrapped
+            pair.append(ids)
+            continue
+        info = np.iinfo(np.int32)
+        outside = values[(values < info.min) | (values > info.max)]
+        if outside.size:
+            raise ValueError(
+                f"{name} ({ids.dtype}) holds {outside.size} values outside the int32 range, "
+                f"such as {outside.reshape(-1)[:3].tolist()}; segment ids are compared as "
+                "int32, where they would wrap (2**32 would equal 0): use ids that fit int32"
+            )
+        pair.append(jnp.asarray(values.astype(np.int32)))
     return tuple(pair)
 
 
@@ -371,6 +390,10 @@ def check_arguments(
     causal = _checks.boolean("causal", causal)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
+    elif _checks.concrete(sm_scale) is None:
+        # traced (e.g. a learned temperature): the XLA path and the reference take it as an
+        # array; the kernels need it at trace time and refuse the call
+        sm_scale = _checks.traced_scalar("sm_scale", sm_scale)
     else:
         sm_scale = _checks.positive_float("sm_scale", sm_scale)
     block_mask, block_shape = _block_mask(block_mask, block_shape, num_heads, q_len, kv_len)

@@ -50,6 +50,8 @@ class CudnnAttention(AttentionImplementation):
         batch, q_len, kv_len, num_heads, num_kv_heads, head_dim = call.shape
         query, key, value, bias = call.query, call.key, call.value, call.bias
         causal, q_offset = call.mask.causal, call.mask.q_offset
+        if not isinstance(call.sm_scale, float):
+            raise Unsupported("jax.nn's cuDNN attention needs sm_scale known at trace time")
         if jnp.dtype(query.dtype) not in _DTYPES:
             raise Unsupported(f"cuDNN attention needs bfloat16 or float16, not {query.dtype}")
         if head_dim % 8 or head_dim > _max_head_dim():

@@ -394,6 +394,10 @@ class PallasTritonAttention(AttentionImplementation):
         block_mask, block_shape = mask.block_mask, mask.block_shape
         if not isinstance(call.sm_scale, float):
             raise Unsupported("the kernel needs sm_scale known at trace time (a Python number)")
+        if mask.segment_ids is not None and any(
+            jnp.dtype(ids.dtype).itemsize > 4 for ids in mask.segment_ids
+        ):
+            raise Unsupported("the kernel compares int32 segment ids; these are traced 64-bit")
         if mask.dense is not None:
             raise Unsupported(
                 "a dense boolean mask cannot be tiled; pass causal=, segment_ids= or a block_mask"

@@ -69,7 +69,12 @@ def _softmax(call: AttentionCall) -> tuple[jax.Array, jax.Array | None, jax.Arra
     total = jnp.sum(weights, axis=-1, keepdims=True)
     if visible is not None:
         total = total + jnp.float32(1e-30)  # >= 1 where a key is seen; 0 / 1e-30 = 0 elsewhere
-    return weights / total, poisoned, None if visible is None else value
+    weights = weights / total
+    if visible is not None:
+        # Also in the backward pass: a masked weight's cotangent (dO . v, which may overflow for
+        # a huge masked value) is selected away, never multiplied by a zero weight.
+        weights = jnp.where(visible, weights, 0.0)
+    return weights, poisoned, None if visible is None else value
 
 
 def attention_weights(call: AttentionCall) -> jax.Array:

@@ -80,8 +80,10 @@ def mixed_chunk_attention(
       lin_scale: multiplies the linear term (e.g. ``1 / chunk_size`` or ``1 / seq``).
       bias: ``[chunk_size, chunk_size]`` float, added to the scaled scores inside ``relu^2``
         (a relative-position bias, the same for every chunk); differentiable.
-      key_mask: ``[batch, seq]`` bool, True for real tokens; masked keys get zero weight in both
-        terms. Outputs at masked query positions are computed like any other.
+      key_mask: ``[batch, seq]`` bool, True for real tokens; masked positions are padding:
+        masked keys get zero weight in both terms, and nothing a masked position holds (NaN and
+        inf included) reaches a real output or gradient. Outputs at masked positions are
+        computed from zeroed inputs (not meaningful) and their gradients are zero.
       implementation: ``'auto'`` (the Pallas Triton kernel on a GPU, the Mosaic TPU kernel on
         a TPU, each falling through to XLA; XLA elsewhere), ``'pallas_triton'`` (alias
         ``'pallas'``), ``'pallas_mosaic_tpu'``, ``'xla'``, ``'reference'``, or a configured

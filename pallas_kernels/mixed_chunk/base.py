@@ -49,10 +49,11 @@ class MixedChunkCall:
       value: ``[batch, seq, e]``.
       lin_q, lin_k: ``[batch, seq, s_lin]``, or both None (no linear term).
       bias: ``[chunk_size, chunk_size]`` float, or None.
-      key_mask: ``[batch, seq]`` bool (True = real token), or None.
+      key_mask: ``[batch, seq]`` bool (True = real token), or None. Where it is False, the
+        inputs above already hold zeros (whatever the caller passed there).
       chunk_size: tokens per chunk, ``<= seq`` (a longer one is cut to ``seq``).
       causal: the causal variant.
-      quad_scale, lin_scale: finite floats.
+      quad_scale, lin_scale: finite floats, or traced float32 scalars.
     """
 
     quad_q: jax.Array
@@ -133,8 +134,8 @@ def check_arguments(
     chunk_size = _checks.int_at_least("chunk_size", chunk_size, 1)
     if not isinstance(causal, bool):
         raise ValueError(f"causal={causal!r} must be a bool")
-    quad_scale = _checks.finite_float("quad_scale", quad_scale)
-    lin_scale = _checks.finite_float("lin_scale", lin_scale)
+    quad_scale = _scale("quad_scale", quad_scale)
+    lin_scale = _scale("lin_scale", lin_scale)
 
     if bias is not None:
         if getattr(bias, "shape", None) != (chunk_size, chunk_size):
@@ -157,6 +158,15 @@ def check_arguments(
         chunk_size = seq_len
         if bias is not None:
             bias = bias[:seq_len, :seq_len]
+    if key_mask is not None:
+        # Masked positions are padding: whatever they hold (NaN and inf included) must reach
+        # no real output or gradient. Selected away here, once, for every implementation:
+        # `where` (never a multiplication by the mask, 0 * NaN = NaN), so no gradient reaches
+        # them either.
+        quad_q, quad_k, value, lin_q, lin_k = (
+            None if x is None else jnp.where(key_mask[..., None], x, jnp.zeros((), x.dtype))
+            for x in (quad_q, quad_k, value, lin_q, lin_k)
+        )
     return MixedChunkCall(
         quad_q=quad_q,
         quad_k=quad_k,
@@ -170,6 +180,14 @@ def check_arguments(
         quad_scale=quad_scale,
         lin_scale=lin_scale,
     )
+
+
+def _scale(name: str, value: Any) -> Any:
+    """A finite float, or a traced float32 scalar (the XLA path and the reference take one;
+    the Pallas kernel needs the number at trace time and refuses the call)."""
+    if _checks.concrete(value) is None:
+        return _checks.traced_scalar(name, value)
+    return _checks.finite_float(name, value)
 
 
 def mask_values(value: jax.Array, key_mask: jax.Array | None) -> jax.Array:

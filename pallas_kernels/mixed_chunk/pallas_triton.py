@@ -225,6 +225,8 @@ class PallasTritonMixedChunk(MixedChunkImplementation):
         check_interpret(self.interpret)  # validates without asking JAX for a backend
 
     def __call__(self, call: MixedChunkCall) -> jax.Array:
+        if not isinstance(call.quad_scale, float) or not isinstance(call.lin_scale, float):
+            raise Unsupported("the kernel needs quad_scale and lin_scale known at trace time")
         interpret = resolve_interpret(self.interpret)
         if not interpret:
             widths = {"quad_q": call.quad_q.shape[-1]}

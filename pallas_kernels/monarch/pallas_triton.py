@@ -3,8 +3,8 @@
 Dao, Chen, Sohoni, Desai, Poli, Grogan, Liu, Rao, Rudra, Re: "Monarch: Expressive Structured
 Matrices for Efficient and Accurate Training", arXiv 2204.00595 (ICML 2022).
 
-Two paths, chosen per shape (both need ``r % k == 0``, t = r // k, the number of intermediate
-channels linking one input block to one output block):
+Two paths, chosen per shape (t = r // k when ``r % k == 0``: the number of intermediate
+channels linking one input block to one output block; other shapes take the staged path):
 
 - **fused** (small blocks, t <= 32 and blocks narrower than 512): output block ``a`` receives from
   input block ``j`` exactly the t channels ``w1[j, a*t:(a+1)*t]``, so
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,16 @@ _MIN_DOT_DIM = 16
 # Per-thread register budget (of 255) the chooser allows the float32 accumulators and
 # on-chip intermediates; the rest is for addresses, loaded tiles and the pipeline.
 _ACC_REGISTERS = 64
+# The same budget for the CUDA-core (multiply-and-reduce, rank < 16) kernels. ptxas holds these
+# 128-thread kernels to 64 registers on sm_90a (its occupancy target: 65,536 / (128 * 8)) and
+# spills rather than exceed it: with the full budget, jax 0.12.1's Triton spilled 4 B in
+# monarch_weight_grad at 8192 -> 8192, nblocks 64 (64 registers; 0 B with jax 0.12.0.1), and
+# monarch_chain sat at exactly 64. Half the budget halves the largest product tile
+# ([rows, rank, out] float32): measured with jax 0.12.1 (tools/gpu_check.py, which records the
+# registers of every kernel), the CUDA-core kernels then use at most 56 registers on H100 (8192
+# -> 8192, nblocks 64; 32-48 elsewhere) and spill nothing on H100 or A100: 8 registers, one
+# more 2-row product tile's worth, below the 64 where ptxas starts to spill.
+_CUDA_CORE_REGISTERS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,20 +131,32 @@ def _tile(block: int | None, dim: int, name: str) -> int:
     if block is None or block >= dim:
         return dim
     if dim % block:
-        raise ValueError(f"{name}={block} must divide the size it tiles, {dim}")
+        raise ValueError(
+            f"{name}={block} must divide the size it tiles, {dim}: pass block sizes that divide "
+            "the factor widths, or block_sizes=None (tiles chosen per shape)"
+        )
     return block
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
-    """The largest power of two <= min(n, cap) (n itself when n is a power of two <= cap)."""
-    return 1 << (min(n, cap).bit_length() - 1)
+    """A tile for a width ``n`` that divides it: ``n`` itself when ``n <= cap``, else the
+    largest power of two ``<= cap`` dividing ``n`` (for a power-of-two ``n``: ``min(n, cap)``).
+
+    Widths that are not powers of two (48, 96, 24, ...) thus get dividing tiles; they run in
+    interpret mode (the compiled Triton path refuses them, and ``'auto'`` runs XLA there).
+    """
+    if n <= cap:
+        return n
+    return math.gcd(n, 1 << (cap.bit_length() - 1))
 
 
 def use_staged(w1_shape, w2_shape) -> bool:
-    """Whether the staged (two GEMM) path serves these factor shapes by default."""
+    """Whether the staged (two GEMM) path serves these factor shapes by default: large blocks,
+    or ``r % k != 0`` (the fused kernel pairs each output block with ``r / k`` channels of every
+    input block; the staged path's permutation takes any ``l * r == k * q``)."""
     k, _, p = w1_shape
     _, s, r = w2_shape
-    return r // k > 32 or max(p, s) >= 512
+    return r % k != 0 or r // k > 32 or max(p, s) >= 512
 
 
 def default_block_sizes(
@@ -191,7 +214,8 @@ def default_block_sizes(
         block_rank = _pow2_at_most(rank, 32)
         # accumulator [rows, block_out] (+ [rows, block_rank, block_out] products off the dot)
         per_out = rows_tile * (1 if use_dot else 1 + block_rank)
-        block_out = _pow2_at_most(width_out, max(16, _ACC_REGISTERS * threads // per_out))
+        budget = _ACC_REGISTERS if use_dot else _CUDA_CORE_REGISTERS
+        block_out = _pow2_at_most(width_out, max(16, budget * threads // per_out))
         return BlockSizes(
             block_rows=rows_tile,
             block_in=block_in,
@@ -205,9 +229,13 @@ def default_block_sizes(
     # 'outer': accumulator [wg_block_out, block_rank], intermediate [block_rows, block_rank];
     # 64-row tiles so that both dots have an M of >= 64 (wgmma) where the rows allow
     block_rank = _pow2_at_most(rank, 32)
-    rows_tile = rows_tile if use_dot else 16
+    # CUDA-core: 8-row tiles. With 16, jax 0.12.0.1 put monarch_weight_grad at ptxas's
+    # 64-register cap on H100 (8192 -> 8192, nblocks 64; 0.12.1 spilled 4 B there before the
+    # halved budget); with 8 both versions measure 55 (A100: 56), no spill.
+    rows_tile = rows_tile if use_dot else 8
     per_out = block_rank * (1 if use_dot else 1 + rows_tile)
-    wg_out = _pow2_at_most(width_out, max(16, _ACC_REGISTERS * threads // per_out))
+    budget = _ACC_REGISTERS if use_dot else _CUDA_CORE_REGISTERS
+    wg_out = _pow2_at_most(width_out, max(16, budget * threads // per_out))
     return BlockSizes(
         block_rows=rows_tile,
         block_in=block_in,
@@ -516,9 +544,9 @@ class PallasTritonMonarch(MonarchImplementation):
         kernel and shape).
       interpret: Pallas interpret mode (None: interpret on CPU, compiled on GPU).
 
-    Refuses (:class:`~pallas_kernels.op.Unsupported`) factor shapes with ``r % k != 0`` and,
-    when compiled, block sizes that are not powers of two (Triton tiles); ``'auto'`` then runs
-    the XLA path. Reverse-mode only (custom VJP with Pallas backward kernels): inside
+    Takes every factor shape the op accepts in interpret mode (``r % k != 0`` runs the staged
+    path); compiled, it refuses (:class:`~pallas_kernels.op.Unsupported`) factor widths that
+    are not powers of two (Triton tiles), and ``'auto'`` then runs the XLA path. Reverse-mode only (custom VJP with Pallas backward kernels): inside
     :func:`~pallas_kernels.op.forward_mode_autodiff` the op substitutes the XLA path.
     """
 
@@ -536,22 +564,23 @@ class PallasTritonMonarch(MonarchImplementation):
         x2d, w1, w2 = call.x2d, call.w1, call.w2
         k, q, p = w1.shape
         l, s, r = w2.shape
-        if r % k:
-            raise Unsupported(
-                f"the Pallas Monarch kernels need r % k == 0; got w1.shape={tuple(w1.shape)}, "
-                f"w2.shape={tuple(w2.shape)} (r={r}, k={k})"
-            )
         interpret = resolve_interpret(self.interpret)
         if not interpret and not has_triton_backend():
             raise Unsupported("this JAX has no Pallas Triton backend (removed after 0.12?)")
-        if not interpret and not all(_is_pow2(d) for d in (p, q, s, r, r // k)):
+        if not interpret and not all(_is_pow2(d) for d in (p, q, s, r)):
             raise Unsupported(
-                "compiled Triton tiles need power-of-two block sizes; got "
-                f"w1.shape={tuple(w1.shape)}, w2.shape={tuple(w2.shape)}"
+                "compiled Triton tiles need power-of-two factor widths; got "
+                f"w1.shape={tuple(w1.shape)}, w2.shape={tuple(w2.shape)} (use "
+                "implementation='xla', or interpret=True)"
             )
         staged = self.block_sizes.staged if self.block_sizes is not None else None
         if staged is None:
             staged = use_staged(w1.shape, w2.shape)
+        if not staged and r % k:
+            raise Unsupported(
+                f"the fused kernel needs r % k == 0; got w1.shape={tuple(w1.shape)}, "
+                f"w2.shape={tuple(w2.shape)} (r={r}, k={k}): use BlockSizes(staged=None or True)"
+            )
         if staged:
             return _staged(x2d, w1, w2, self.block_sizes, interpret)
         return _fused_monarch(x2d, w1, w2, self.block_sizes, interpret)

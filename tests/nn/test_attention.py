@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
 from efflax._src.nn.attention import PADDING_SEGMENT_ID
 from efflax.nn import MultiHeadAttention
 from efflax.nn import apply_rotary_embedding
@@ -77,11 +78,32 @@ def test_drop_in_matches_flax_dot_product_attention(case):
         kwargs |= dict(dropout_rate=0.3, dropout_rng=jax.random.key(5), broadcast_dropout=False)
     ours = fast_jit(lambda q, k, v: dot_product_attention(q, k, v, **kwargs))(q, k, v)
     theirs = fast_jit(lambda q, k, v: nn.dot_product_attention(q, k, v, **kwargs))(q, k, v)
-    if case == "padding":
-        # Padded queries see no key: efflax gives zeros there, Flax the mean of all values.
-        np.testing.assert_array_equal(ours[1, 11:], 0.0)
-        ours, theirs = ours * REAL[..., None, None], theirs * REAL[..., None, None]
+    # "padding": padded queries see no key; the drop-in gives Flax's mean of the values there
     chex.assert_trees_all_close(ours, theirs, **F32)
+
+
+@pytest.mark.parametrize("extra", ["", "dropout", "bias"])
+def test_drop_in_gives_flax_numbers_on_rows_that_see_no_key(extra):
+    """A padded batch under causal + padding masks: padded queries see no key. As an
+    `attention_fn` the drop-in gives Flax's values and gradients there (the mean of the values,
+    after Flax's dropout); the op itself gives zeros."""
+    q, k, v = qkv(12)
+    mask = nn.combine_masks(nn.make_causal_mask(jnp.ones((BATCH, SEQ))), flax_masks()["padding"])
+    kwargs = {"mask": mask}
+    if extra == "dropout":
+        kwargs |= dict(dropout_rate=0.3, dropout_rng=jax.random.key(13))
+    if extra == "bias":
+        kwargs["bias"] = normal(14, (BATCH, HEADS, SEQ, SEQ))
+
+    def value_and_grads(attention):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, **kwargs)))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    ours = fast_jit(lambda: value_and_grads(dot_product_attention))()
+    theirs = fast_jit(lambda: value_and_grads(nn.dot_product_attention))()
+    chex.assert_trees_all_close(ours, theirs, **F32)
+    op_rows = pallas_kernels.dot_product_attention(q, k, v, mask=mask != 0)[1, 11:]
+    np.testing.assert_array_equal(op_rows, 0.0)
 
 
 def test_drop_in_inside_flax_module_matches_flax():

@@ -676,3 +676,39 @@ def test_bad_inputs_raise(overrides, message):
 def test_bad_configuration_raises(make, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
+
+
+def test_scalar_arrays_and_traced_scales():
+    """A concrete 0-d JAX/NumPy scale is a number like the Python float; a traced one runs on
+    the XLA path and the reference (the kernel needs it at trace time and says so)."""
+    q, k, v = _small_inputs()
+    want = dot_product_attention(q, k, v, sm_scale=0.3)
+    for scale in (jnp.float32(0.3), np.float32(0.3), jnp.asarray(0.3)):
+        chex.assert_trees_all_close(dot_product_attention(q, k, v, sm_scale=scale), want)
+    traced = jax.jit(lambda s: dot_product_attention(q, k, v, sm_scale=s))(0.3)
+    chex.assert_trees_all_close(traced, want, rtol=1e-6, atol=1e-6)
+    auto_on_gpu = jax.jit(
+        lambda s: ATTENTION_OP(_normalised(q, k, v, sm_scale=s, causal=True), backend="gpu")
+    )
+    chex.assert_trees_all_close(
+        auto_on_gpu(0.3), dot_product_attention(q, k, v, sm_scale=0.3, causal=True), atol=1e-6
+    )
+    with pytest.raises(ValueError, match="pallas_triton: the kernel needs sm_scale known"):
+        jax.jit(lambda s: dot_product_attention(q, k, v, sm_scale=s, implementation="pallas"))(0.3)
+    for bad in (jnp.asarray(True), jnp.ones(2), -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sm_scale"):
+            dot_product_attention(q, k, v, sm_scale=bad)
+
+
+def test_64_bit_segment_ids_never_wrap():
+    """int64 ids outside int32 would wrap (2**32 -> 0, seeing segment 0's keys): refused."""
+    q, k, v = _small_inputs()
+    ids = np.zeros((2, 16), np.int64)
+    ids[:, 8:] = 2**32
+    with pytest.raises(ValueError, match="outside the int32 range.*4294967296"):
+        dot_product_attention(q, k, v, segment_ids=ids)
+    in_range = np.where(np.arange(16) < 8, 0, 5).astype(np.int64)[None].repeat(2, 0)
+    chex.assert_trees_all_close(
+        dot_product_attention(q, k, v, segment_ids=in_range),
+        dot_product_attention(q, k, v, segment_ids=in_range.astype(np.int32)),
+    )

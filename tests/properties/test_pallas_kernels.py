@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from _hyp import INVALID
 from _hyp import VALID
 from _hyp import assert_close
@@ -357,6 +358,11 @@ def test_attention_refuses(data):
 
 def _mixed_chunk64(qq, qk, v, lq, lk, *, chunk, causal, quad_scale, lin_scale, bias, key_mask):
     t = qq.shape[1]
+    # masked positions are padding: the op computes them from zeroed inputs
+    real = np.asarray(key_mask)[..., None]
+    qq, qk, v = (np.where(real, f64(x), 0.0) for x in (qq, qk, v))
+    if lq is not None:
+        lq, lk = (np.where(real, f64(x), 0.0) for x in (lq, lk))
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
     same = (i // chunk) == (j // chunk)
     order = (j <= i) if causal else np.ones((t, t), bool)
@@ -492,3 +498,125 @@ def test_mixed_chunk_refuses(data):
         from pallas_kernels import mixed_chunk
 
         refused(lambda: mixed_chunk.PallasTritonMixedChunk(block_sizes="x"), "block_sizes")
+
+
+# --------------------------------------------------------------------------------------------
+# Masked positions reach nothing: every implementation of every masked op
+# --------------------------------------------------------------------------------------------
+
+# What a masked (padded) position may hold; none of it may reach a real output or gradient.
+# (A finite value near float32's max is left out: products of it overflow inside the kernels'
+# backward tiles before the mask selects them away.)
+POISONS = [float("nan"), float("inf"), -float("inf"), 1e4]
+
+
+def _masked_implementations(family):
+    """Every implementation in the op's table that runs here (the Pallas kernels in interpret
+    mode off a GPU; cuDNN only on a GPU)."""
+    names = list(family.implementations)
+    if not pk._compat.is_gpu():
+        names = [n for n in names if family.implementations[n].platforms in (None, ("cpu",))]
+    return names
+
+
+def _poisoned(x, where, poison):
+    """``x`` with the positions ``where`` (``[batch, seq]`` bool) replaced by ``poison``."""
+    where = where.reshape(where.shape + (1,) * (x.ndim - 2))
+    return jnp.where(where, jnp.asarray(poison, x.dtype), x)
+
+
+def _real_values_and_grads(fn, inputs, real_rows, real_cols):
+    """Outputs at real query rows and the gradients (of a fixed weighting of those outputs)
+    at real positions: ``real_rows`` for the query-side inputs, ``real_cols`` otherwise."""
+    out, vjp = jax.vjp(fn, *inputs)
+    cotangent = jnp.asarray(normal(99, out.shape), out.dtype)
+    cotangent = _poisoned(cotangent, ~real_rows, 0.0)
+    grads = vjp(cotangent)
+    return out, grads
+
+
+def _assert_masked_positions_reach_nothing(clean, dirty, rows, cols_of_input):
+    (out_c, grads_c), (out_d, grads_d) = clean, dirty
+    assert_close(np.asarray(out_d)[rows], f64(np.asarray(out_c)[rows]), rtol=1e-6, atol=1e-6)
+    for g_c, g_d, cols in zip(grads_c, grads_d, cols_of_input, strict=True):
+        assert_close(np.asarray(g_d)[cols], f64(np.asarray(g_c)[cols]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", _masked_implementations(pk.ATTENTION_OP))
+@props(4)
+@given(seeds, st.sampled_from(POISONS), st.booleans())
+def test_attention_masked_positions_reach_nothing(implementation, seed, poison, causal):
+    """Padded keys/values and padded queries (segment-id padding, with and without a causal
+    mask) may hold NaN, inf or huge values: the outputs at real queries and the gradients at
+    real positions are those of clean inputs, for every implementation."""
+    batch, seq, heads, kv_heads, head_dim = 2, 12, 2, 1, 8
+    lengths = np.array([seq, 7])
+    real = np.arange(seq)[None, :] < lengths[:, None]
+    q_ids = jnp.asarray(np.where(real, 0, 1), jnp.int32)  # padded queries see no key
+    kv_ids = jnp.asarray(np.where(real, 0, 2), jnp.int32)  # padded keys: seen by nobody
+    q = jnp.asarray(normal(seed, (batch, seq, heads, head_dim)))
+    k = jnp.asarray(normal(seed + 1, (batch, seq, kv_heads, head_dim)))
+    v = jnp.asarray(normal(seed + 2, (batch, seq, kv_heads, head_dim)))
+    impl = pk.ATTENTION_OP.get(implementation)
+    if isinstance(impl, pk.PallasTritonAttention) and not pk._compat.is_gpu():
+        impl = pk.PallasTritonAttention(interpret=True)
+    fn = jax.jit(
+        lambda q, k, v: pk.dot_product_attention(
+            q, k, v, causal=causal, segment_ids=(q_ids, kv_ids), implementation=impl
+        )
+    )
+    real_j = jnp.asarray(real)
+    clean = _real_values_and_grads(fn, (q, k, v), real_j, real_j)
+    dirty_inputs = tuple(_poisoned(x, ~real_j, poison) for x in (q, k, v))
+    dirty = _real_values_and_grads(fn, dirty_inputs, real_j, real_j)
+    _assert_masked_positions_reach_nothing(clean, dirty, real, (real, real, real))
+
+
+@pytest.mark.parametrize("implementation", _masked_implementations(pk.mixed_chunk.MIXED_CHUNK_OP))
+@props(4)
+@given(
+    seeds,
+    st.sampled_from(POISONS),
+    st.booleans(),
+    st.sampled_from(["quad_k", "lin_k", "value", "quad_q", "lin_q", "all"]),
+)
+def test_mixed_chunk_masked_positions_reach_nothing(implementation, seed, poison, causal, where):
+    """A masked key (``key_mask`` False) holding NaN, inf or a huge value in ``quad_k``,
+    ``lin_k``, ``value`` (or its ``quad_q``/``lin_q``) changes no output at a real position
+    and no gradient at one, for every implementation."""
+    batch, seq, s, e, chunk = 2, 10, 8, 8, 4
+    lengths = np.array([seq, 6])
+    real = np.arange(seq)[None, :] < lengths[:, None]
+    names = ("quad_q", "quad_k", "value", "lin_q", "lin_k")
+    inputs = tuple(
+        jnp.asarray(normal(seed + i, (batch, seq, e if n == "value" else s)))
+        for i, n in enumerate(names)
+    )
+    bias = jnp.asarray(normal(seed + 9, (chunk, chunk)))
+    impl = pk.mixed_chunk.MIXED_CHUNK_OP.get(implementation)
+    if isinstance(impl, pk.mixed_chunk.PallasTritonMixedChunk) and not pk._compat.is_gpu():
+        impl = pk.mixed_chunk.PallasTritonMixedChunk(interpret=True)
+    key_mask = jnp.asarray(real)
+    fn = jax.jit(
+        lambda qq, qk, v, lq, lk: pk.mixed_chunk_attention(
+            qq,
+            qk,
+            v,
+            lq,
+            lk,
+            chunk_size=chunk,
+            causal=causal,
+            quad_scale=0.5,
+            lin_scale=0.25,
+            bias=bias,
+            key_mask=key_mask,
+            implementation=impl,
+        )
+    )
+    clean = _real_values_and_grads(fn, inputs, key_mask, key_mask)
+    dirty_inputs = tuple(
+        _poisoned(x, ~key_mask, poison) if where in (n, "all") else x
+        for n, x in zip(names, inputs, strict=True)
+    )
+    dirty = _real_values_and_grads(fn, dirty_inputs, key_mask, key_mask)
+    _assert_masked_positions_reach_nothing(clean, dirty, real, (real,) * 5)

@@ -35,7 +35,9 @@ from flax import linen as nn
 from efflax._src.nn import _decode
 from pallas_kernels import _checks
 from pallas_kernels.attention import api as attention_op
+from pallas_kernels.attention.base import AttentionCall
 from pallas_kernels.attention.base import check_arguments
+from pallas_kernels.attention.base import dropout_keep_mask
 from pallas_kernels.attention.xla import attention_weights
 from pallas_kernels.op import Implementation
 
@@ -99,9 +101,13 @@ def dot_product_attention(
     ``nn.MultiHeadDotProductAttention(..., attention_fn=efflax.nn.dot_product_attention)``
     passes its mask, dropout and precision here and they are all honoured (Flax silently drops
     the arguments an ``attention_fn`` does not accept, so an incomplete signature would ignore a
-    causal mask). The numbers equal ``flax.linen.dot_product_attention``'s, except that a query
-    that sees no key gets zeros (Flax: the mean of all values) and a masked-out key holding NaN
-    or inf has no influence (Flax, like ``jax.nn``, returns NaN there).
+    causal mask). The numbers (values and gradients) equal ``flax.linen.dot_product_attention``'s,
+    including on a query that sees no key (e.g. a padded query under causal + padding masks),
+    which gets Flax's mean of all values (with Flax's dropout of those weights); the one
+    difference: a masked-out key holding NaN or inf has no influence on a query that sees some
+    other key (Flax, like ``jax.nn``, returns NaN there). ``MultiHeadAttention`` and the op
+    (``pallas_kernels.dot_product_attention``) give such a query zeros and zero gradients
+    instead.
 
     Args:
       query: ``[*batch, q_len, num_heads, head_dim]``.
@@ -193,14 +199,49 @@ def dot_product_attention(
         broadcast_dropout=broadcast_dropout,
         precision=precision,
     )
-    if module is not None:
-        weights = attention_weights(check_arguments(query, key, value, **op_arguments))
-        weights = weights.reshape(*batch_shape, *weights.shape[1:]).astype(query.dtype)
-        module.sow("intermediates", "attention_weights", weights)
     out = attention_op.dot_product_attention(
         query, key, value, **op_arguments, implementation=implementation
     )
+    if module is not None or mask is not None or segment_ids is not None:
+        call = check_arguments(query, key, value, **op_arguments)
+        out = _flax_rows_that_see_no_key(call, out)
+        if module is not None:
+            weights = attention_weights(call)
+            weights = weights.reshape(*batch_shape, *weights.shape[1:]).astype(query.dtype)
+            module.sow("intermediates", "attention_weights", weights)
     return out.reshape(*batch_shape, *out.shape[1:])
+
+
+def _flax_rows_that_see_no_key(call: AttentionCall, out: Array) -> Array:
+    """``out`` with the rows whose query sees no key replaced by Flax's numbers there.
+
+    Flax replaces masked scores by a large negative number, so such a row's softmax is uniform:
+    the mean of all values (after Flax's dropout of those weights, drawn the same way), with
+    gradients to the values only. The op gives zeros there; ``where`` selects Flax's row (and
+    its gradients) instead.
+    """
+    batch, q_len, kv_len, num_heads, num_kv_heads, head_dim = call.shape
+    visible = call.mask.elements(q_len, kv_len)
+    if visible is None:
+        return out
+    empty = ~jnp.any(visible, axis=-1)  # [b or 1, heads or 1, q]
+    values = call.value.astype(jnp.float32)
+    if call.dropout_rate > 0.0:
+        keep = dropout_keep_mask(
+            call.dropout_rng,
+            call.dropout_rate,
+            (batch, num_heads, q_len, kv_len),
+            call.broadcast_dropout,
+        )
+        weights = keep.astype(jnp.float32) / ((1.0 - call.dropout_rate) * kv_len)
+        weights = jnp.broadcast_to(weights, (batch, num_heads, q_len, kv_len))
+        weights = weights.reshape(batch, num_kv_heads, call.group, q_len, kv_len)
+        fallback = jnp.einsum("bhgqk,bkhd->bqhgd", weights, values, precision="highest")
+        fallback = fallback.reshape(batch, q_len, num_heads, head_dim)
+    else:
+        fallback = jnp.repeat(jnp.mean(values, axis=1), call.group, axis=1)[:, None]
+    empty = jnp.broadcast_to(empty, (batch, num_heads, q_len)).transpose(0, 2, 1)[..., None]
+    return jnp.where(empty, fallback.astype(out.dtype), out)
 
 
 def segment_ids_with_padding(
@@ -289,6 +330,11 @@ def apply_rotary_embedding(x: Array, positions: Array, *, base: float = 10_000.0
 
 class MultiHeadAttention(nn.Module):
     """Multi-head (GQA/MQA) attention with rotary embeddings, masks, dropout and a KV cache.
+
+    A query that sees no key (e.g. a padded query under ``causal`` and ``padding_mask`` with
+    segment ids) gets zeros and zero gradients, as the op defines it; Flax's
+    ``MultiHeadDotProductAttention`` gives the mean of the values there (and so does
+    :func:`dot_product_attention`, the drop-in ``attention_fn``).
 
     Attributes:
       num_heads: query heads.
