@@ -76,10 +76,12 @@ def _is_int(value: Any) -> bool:
 
 
 def int_at_least(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int, if it is an integer (not a bool) ``>= minimum``."""
-    if not _is_int(value) or value < minimum:
+    """``value`` as an int, if it is an integer (not a bool, not a float) ``>= minimum``; a
+    concrete 0-d integer array counts."""
+    number = as_number(value)
+    if not _is_int(number) or number < minimum:
         raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-    return int(value)
+    return int(number)
 
 
 def _real_scalar(value: Any) -> float | None:
@@ -254,3 +256,52 @@ def _raw_key_shape() -> tuple[int, ...]:
 def _short(value: Any) -> str:
     text = " ".join(repr(value).split())
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def as_number(value: Any) -> Any:
+    """The Python number a concrete 0-d real (not bool) JAX/NumPy array holds; else ``value``."""
+    if isinstance(value, jax.Array | np.ndarray | np.generic) and np.ndim(value) == 0:
+        array = concrete(value)
+        if array is not None and array.dtype.kind in "iuf":
+            return array.item()
+    return value
+
+
+def index(name: str, value: Any, size: int) -> int:
+    """``value`` as an int in ``[0, size)`` (a bool is not an index)."""
+    number = as_number(value)
+    if (
+        isinstance(number, bool)
+        or not isinstance(number, numbers.Integral)
+        or not 0 <= number < size
+    ):
+        raise ValueError(f"{name}={value!r} must be an int in [0, {size})")
+    return int(number)
+
+
+def as_array(name: str, value: Any, **array_checks: Any) -> Any:
+    """``value`` as an array (lists, tuples and numbers converted), then ``array``.
+
+    Keyword arguments are those of ``array`` (``ndim``, ``min_ndim``, ``kind``,
+    ``nonempty``, ``layout``). A string, ``None``, a dict or a ragged list is refused.
+    """
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        if isinstance(value, str | bytes) or value is None or isinstance(value, dict):
+            raise ValueError(f"{name} must be an array, got {type(value).__name__}")
+        try:
+            # numpy first: it tells strings and objects apart without JAX's dtype warnings.
+            kind = np.asarray(value).dtype.kind
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            kind = "f"  # a list of traced values: JAX converts it below
+        except (TypeError, ValueError):
+            kind = "O"
+        try:
+            if kind not in "biufc":
+                raise TypeError
+            value = jnp.asarray(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{name} must be an array, got a {type(value).__name__} that is not one "
+                "(ragged, or not numbers)"
+            ) from None
+    return array(name, value, **array_checks)

@@ -59,10 +59,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflax._src import _validate
 from efflax._src.stats import Estimate
 from efflax._src.stats import mean_interval
 from efflax._src.timing import timed_call
+from pallas_kernels import _checks
 
 __all__ = [
     "Curve",
@@ -105,8 +105,8 @@ def _check_budgets(budgets: Iterable[int]) -> list[int]:
     budgets = list(budgets)
     for b in budgets:
         # A float budget is refused, not truncated (int(99.9) would evaluate at step 99).
-        _validate.int_at_least("budgets", b, 1)
-    budgets = [int(_validate.as_number(b)) for b in budgets]
+        _checks.int_at_least("budgets", b, 1)
+    budgets = [int(_checks.as_number(b)) for b in budgets]
     if (
         not budgets
         or budgets[0] < 1
@@ -325,7 +325,7 @@ class Curve:
                         f"curve {self.name!r}: {field}[{i}]={e!r} must be an efflax.stats.Estimate"
                     )
         object.__setattr__(
-            self, "steps", tuple(_validate.int_at_least("steps", s, 1) for s in self.steps)
+            self, "steps", tuple(_checks.int_at_least("steps", s, 1) for s in self.steps)
         )
         if not isinstance(self.metric_name, str):
             raise ValueError(f"metric_name={self.metric_name!r} must be a string")
@@ -374,7 +374,7 @@ class Curve:
                             f"runs[{r}][{i}] has no {key!r} ({what}); its keys: {sorted(point)}"
                         )
         steps = [
-            tuple(_validate.int_at_least(f"runs[{r}] step", p["step"], 1) for p in run)
+            tuple(_checks.int_at_least(f"runs[{r}] step", p["step"], 1) for p in run)
             for r, run in enumerate(runs)
         ]
         if len(set(steps)) != 1:
@@ -394,7 +394,7 @@ class Curve:
 
     def best_by(self, seconds: float) -> int | None:
         """Index of the best point reached within ``seconds`` of training (mean times)."""
-        number = _validate.as_number(seconds)
+        number = _checks.as_number(seconds)
         if isinstance(number, bool) or not isinstance(number, int | float) or math.isnan(number):
             raise ValueError(f"seconds={seconds!r} must be a number (inf for no limit)")
         seconds = float(number)
@@ -551,7 +551,7 @@ def plot(
     curves = _check_family(curves)
     if not isinstance(title, str):
         raise ValueError(f"title={title!r} must be a string")
-    metric_scale = _validate.finite_float("metric_scale", metric_scale)
+    metric_scale = _checks.finite_float("metric_scale", metric_scale)
     if metric_scale == 0:
         raise ValueError("metric_scale=0 would draw every point at 0")
     if metric_label is not None and not isinstance(metric_label, str):

@@ -26,7 +26,6 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from efflax._src import _validate
 from pallas_kernels import _checks
 from pallas_kernels import _compat
 from pallas_kernels._compat import shard_map  # noqa: F401 - re-exported as efflax.sharding.shard_map
@@ -165,10 +164,10 @@ def make_mesh(
             raise ValueError(f"devices[{i}]={device!r} must be a jax device (from jax.devices())")
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices={devices!r} lists a device twice")
-    expert = _validate.int_at_least("expert", expert)
-    model = _validate.int_at_least("model", model)
+    expert = _checks.int_at_least("expert", expert)
+    model = _checks.int_at_least("model", model)
     if data is not None:
-        data = _validate.int_at_least("data", data)
+        data = _checks.int_at_least("data", data)
     if dcn is not None:
         if isinstance(dcn, str | bytes) or not isinstance(dcn, Sequence):
             raise ValueError(
@@ -322,7 +321,7 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
 
 def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Sharding of an array whose leading axis is the batch."""
-    ndim = _validate.int_at_least("ndim", ndim)
+    ndim = _checks.int_at_least("ndim", ndim)
     mesh = check_mesh(mesh)
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 

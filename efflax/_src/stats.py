@@ -29,7 +29,6 @@ from typing import Literal
 import numpy as np
 from scipy import stats as _scipy_stats
 
-from efflax._src import _validate
 from pallas_kernels import _checks
 
 Status = Literal["PASS", "FAIL", "INCONCLUSIVE"]
@@ -73,21 +72,21 @@ class Estimate:
         # Fields are stored as Python numbers (a 0-d JAX/NumPy array is converted), so an
         # Estimate formats, compares and serialises the same whatever it was built from.
         for name in ("value", "low", "high"):
-            number = _validate.as_number(getattr(self, name))
+            number = _checks.as_number(getattr(self, name))
             if isinstance(number, bool) or not isinstance(number, numbers.Real):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a number")
             number = float(number)
             if math.isnan(number):
                 raise ValueError(f"{name}={number!r}: an estimate cannot be NaN")
             object.__setattr__(self, name, number)
-        object.__setattr__(self, "n", _validate.int_at_least("n", self.n))
+        object.__setattr__(self, "n", _checks.int_at_least("n", self.n))
         object.__setattr__(self, "confidence", _check_confidence(self.confidence))
         if isinstance(self.samples, str | bytes) or not isinstance(self.samples, Sequence):
             raise ValueError(f"samples={self.samples!r} must be a sequence of numbers")
         object.__setattr__(
             self,
             "samples",
-            tuple(_validate.finite_float(f"samples[{i}]", s) for i, s in enumerate(self.samples)),
+            tuple(_checks.finite_float(f"samples[{i}]", s) for i, s in enumerate(self.samples)),
         )
         if not self.low <= self.value <= self.high:
             raise ValueError(
@@ -128,7 +127,7 @@ def _samples(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_confidence(confidence: float) -> float:
-    number = _validate.finite_float("confidence", confidence)
+    number = _checks.finite_float("confidence", confidence)
     if not 0.0 < number < 1.0:
         raise ValueError(f"confidence={confidence!r} must be in (0, 1)")
     return number
@@ -232,12 +231,12 @@ def bootstrap_interval(
     """Percentile-bootstrap interval of ``statistic`` (deterministic for a given seed)."""
     _check_confidence(confidence)
     _checks.function("statistic", statistic)
-    num_resamples = _validate.int_at_least("num_resamples", num_resamples)
-    seed = _validate.int_at_least("seed", seed, 0)
+    num_resamples = _checks.int_at_least("num_resamples", num_resamples)
+    seed = _checks.int_at_least("seed", seed, 0)
     x = _samples(samples, "samples")
 
     def apply(values: np.ndarray) -> float:
-        result = _validate.as_number(np.asarray(statistic(values)))
+        result = _checks.as_number(np.asarray(statistic(values)))
         if isinstance(result, bool) or not isinstance(result, numbers.Real):
             raise ValueError(
                 f"statistic={statistic!r} must return one real number, got {_short(result)}"
@@ -274,7 +273,7 @@ def decide(estimate: Estimate, threshold: float, *, direction: Direction = ">=")
       direction: ``'>='``, ``'<='`` or ``'within'``.
     """
     _check_estimate(estimate)
-    threshold = _validate.finite_float("threshold", threshold)
+    threshold = _checks.finite_float("threshold", threshold)
     _check_direction(direction)
     if direction == ">=":
         if estimate.low >= threshold:
@@ -326,11 +325,11 @@ def seeds_to_decide(
     there are too few samples to estimate the spread.
     """
     _check_estimate(estimate)
-    threshold = _validate.finite_float("threshold", threshold)
+    threshold = _checks.finite_float("threshold", threshold)
     _check_direction(direction)
     if direction == "within" and threshold < 0:
         raise ValueError(f"threshold={threshold!r} must be >= 0 for direction='within'")
-    max_seeds = _validate.int_at_least("max_seeds", max_seeds, 2)
+    max_seeds = _checks.int_at_least("max_seeds", max_seeds, 2)
     x = np.asarray(estimate.samples, dtype=np.float64)
     if x.size < 2:
         return None

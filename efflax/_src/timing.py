@@ -24,7 +24,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from efflax._src import _validate
 from pallas_kernels import _checks
 
 
@@ -70,13 +69,13 @@ def interleaved_times(
     Returns:
       name -> :class:`Times` (wall seconds per call, one per round, with ``.cpu``).
     """
-    rounds = _validate.int_at_least("rounds", rounds, 1)
-    warmup = _validate.int_at_least("warmup", warmup, 0)
-    repeat = _validate.int_at_least("repeat", repeat, 1)
-    min_rounds = _validate.int_at_least("min_rounds", min_rounds, 1)
+    rounds = _checks.int_at_least("rounds", rounds, 1)
+    warmup = _checks.int_at_least("warmup", warmup, 0)
+    repeat = _checks.int_at_least("repeat", repeat, 1)
+    min_rounds = _checks.int_at_least("min_rounds", min_rounds, 1)
     rotate = _checks.boolean("rotate", rotate)
     if max_seconds is not None:
-        max_seconds = _validate.positive_float("max_seconds", max_seconds)
+        max_seconds = _checks.positive_float("max_seconds", max_seconds)
     if not isinstance(fns, Mapping) or not fns:
         raise ValueError(f"fns must be a non-empty dict name -> (fn, args), got {fns!r}")
     for name, entry in fns.items():

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflax._src import _validate
 from pallas_kernels import _checks
 
 
@@ -29,7 +28,7 @@ def positive_if_concrete(name: str, value: Any) -> None:
 def check_logits(name: str, logits: jax.Array) -> jax.Array:
     """``logits`` (a list is converted) as a floating ``[batch, classes]`` array with at least
     one row and class (the mean over an empty batch is NaN)."""
-    return _validate.as_array(
+    return _checks.as_array(
         name, logits, ndim=2, kind="floating", nonempty=True, layout="[batch, classes]"
     )
 
@@ -42,7 +41,7 @@ def targets_as_probabilities(
     Out-of-range class ids and negative soft targets are refused when the labels are known at
     trace time; traced ones cannot be checked (an out-of-range id gives an all-zero row).
     """
-    labels = _validate.as_array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
+    labels = _checks.as_array("labels", labels, kind="real", layout="[batch] or [batch, classes]")
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != (batch,):
             raise ValueError(

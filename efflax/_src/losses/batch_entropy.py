@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflax._src import _validate
 from efflax._src.losses._common import nonnegative_if_concrete
 from pallas_kernels import _checks
 
@@ -51,7 +50,7 @@ def batch_entropy(activations: jax.Array) -> jax.Array:
     Raises:
       ValueError: a batch of fewer than 2 examples (the variance is undefined).
     """
-    activations = _validate.as_array(
+    activations = _checks.as_array(
         "activations", activations, min_ndim=1, kind="real", layout="[batch, ...]"
     )
     if activations.shape[0] < 2:
@@ -79,11 +78,11 @@ def _entropies(entropies: Sequence[jax.Array] | jax.Array) -> jax.Array:
         if len(entropies) == 0:
             raise ValueError("entropies is empty: regularise at least one layer")
         for i, h in enumerate(entropies):
-            h = _validate.as_array(f"entropies[{i}]", h, kind="real")
+            h = _checks.as_array(f"entropies[{i}]", h, kind="real")
             if h.ndim != 0:
                 raise ValueError(f"entropies[{i}].shape={h.shape} must be a scalar")
         entropies = jnp.stack([jnp.asarray(h) for h in entropies])
-    entropies = _validate.as_array(
+    entropies = _checks.as_array(
         "entropies", entropies, ndim=1, kind="real", nonempty=True, layout="[layers]"
     )
     return entropies.astype(jnp.float32)
@@ -104,7 +103,7 @@ def lbe_penalty(
       A float32 scalar.
     """
     entropies = _entropies(entropies)
-    alphas = _validate.as_array("alphas", alphas, ndim=1, kind="real", layout="[layers]")
+    alphas = _checks.as_array("alphas", alphas, ndim=1, kind="real", layout="[layers]")
     if alphas.shape != entropies.shape:
         raise ValueError(
             f"alphas.shape={alphas.shape} must be ({entropies.shape[0]},): one target per "
@@ -142,7 +141,7 @@ def lbe_loss(
       A float32 scalar.
     """
     nonnegative_if_concrete("beta", beta)
-    task_loss = _validate.as_array("task_loss", task_loss, kind="real")
+    task_loss = _checks.as_array("task_loss", task_loss, kind="real")
     if task_loss.ndim != 0:
         raise ValueError(f"task_loss.shape={task_loss.shape} must be a scalar (reduce it)")
     penalty = lbe_penalty(entropies, alphas, alpha_min=alpha_min)

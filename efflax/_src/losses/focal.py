@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from efflax._src import _validate
 from efflax._src.losses._common import check_logits
 from efflax._src.losses._common import nonnegative_if_concrete
 from pallas_kernels import _checks
@@ -35,7 +34,7 @@ __all__ = ["cyclical_focal_loss", "cyclical_focal_schedule", "focal_loss"]
 
 def _check_labels(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = check_logits("logits", logits)
-    labels = _validate.as_array("labels", labels, layout="[batch]")
+    labels = _checks.as_array("labels", labels, layout="[batch]")
     if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != logits.shape[:1]:
         raise ValueError(
             f"labels (shape {labels.shape}, dtype {labels.dtype}) must be integer class ids "
@@ -61,7 +60,7 @@ def _weighted_nll(
     logits: jax.Array, labels: jax.Array, weights_fn, label_smoothing: float
 ) -> jax.Array:
     """``-mean_b sum_c ytilde_c lp_c w_c`` with ``w = weights_fn(p, one_hot)``."""
-    label_smoothing = _validate.probability("label_smoothing", label_smoothing, allow_one=False)
+    label_smoothing = _checks.probability("label_smoothing", label_smoothing, allow_one=False)
     num_classes = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
@@ -137,8 +136,8 @@ def cyclical_focal_schedule(epoch: Any, *, num_epochs: int, factor: float = 4.0)
     Returns:
       A float32 scalar in ``[0, 1]``.
     """
-    num_epochs = _validate.int_at_least("num_epochs", num_epochs, 2)
-    factor = _validate.finite_float("factor", factor)
+    num_epochs = _checks.int_at_least("num_epochs", num_epochs, 2)
+    factor = _checks.finite_float("factor", factor)
     if factor < 1:
         raise ValueError(f"factor={factor!r} must be >= 1")
     _check_epoch(epoch)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from efflax._src import _validate
 from efflax._src.losses._common import targets_as_probabilities
 from pallas_kernels import _checks
 
@@ -31,10 +30,10 @@ def _prepare(
     x: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float
 ) -> tuple[jax.Array, jax.Array]:
     """``(x as an array, smoothed float32 targets [batch, num_classes])``."""
-    num_classes = _validate.int_at_least("num_classes", num_classes, 1)
-    label_smoothing = _validate.probability("label_smoothing", label_smoothing, allow_one=False)
+    num_classes = _checks.int_at_least("num_classes", num_classes, 1)
+    label_smoothing = _checks.probability("label_smoothing", label_smoothing, allow_one=False)
     # An empty batch or a zero-length axis has nothing to mix (and CutMix no box to draw).
-    x = _validate.as_array("x", x, min_ndim=2, kind="real", nonempty=True, layout="[batch, ...]")
+    x = _checks.as_array("x", x, min_ndim=2, kind="real", nonempty=True, layout="[batch, ...]")
     targets = targets_as_probabilities(labels, num_classes, x.shape[0], batch_of="x")
     return x, targets * (1.0 - label_smoothing) + label_smoothing / num_classes
 
@@ -66,7 +65,7 @@ def mixup(
       ``(mixed inputs, float32 soft targets [batch, num_classes])``; target rows sum to 1.
     """
     _checks.prng_key("key", key)
-    alpha = _validate.positive_float("alpha", alpha)
+    alpha = _checks.positive_float("alpha", alpha)
     x, targets = _prepare(x, labels, num_classes, label_smoothing)
     # An integer x would round the mixing weight to 0 or 1: mix in floating point.
     _checks.array("x", x, kind="floating")
@@ -133,7 +132,7 @@ def cutmix(
       ``(mixed inputs, float32 soft targets [batch, num_classes])``.
     """
     _checks.prng_key("key", key)
-    alpha = _validate.positive_float("alpha", alpha)
+    alpha = _checks.positive_float("alpha", alpha)
     x, targets = _prepare(x, labels, num_classes, label_smoothing)
     if spatial_axes is not None and not isinstance(spatial_axes, Sequence):
         raise ValueError(f"spatial_axes={spatial_axes!r} must be a sequence of axes, e.g. (1,)")
@@ -173,9 +172,9 @@ def mix_batch(
       ``(mixed inputs, float32 soft targets [batch, num_classes])``.
     """
     _checks.prng_key("key", key)
-    switch_prob = _validate.probability("switch_prob", switch_prob)
-    _validate.positive_float("mixup_alpha", mixup_alpha)
-    _validate.positive_float("cutmix_alpha", cutmix_alpha)
+    switch_prob = _checks.probability("switch_prob", switch_prob)
+    _checks.positive_float("mixup_alpha", mixup_alpha)
+    _checks.positive_float("cutmix_alpha", cutmix_alpha)
     switch_key, mixup_key, cutmix_key = jax.random.split(key, 3)
     common = dict(num_classes=num_classes, label_smoothing=label_smoothing)
     x_mixup, t_mixup = mixup(mixup_key, x, labels, alpha=mixup_alpha, **common)

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from efflax._src import _validate
 from pallas_kernels import _checks
 
 Array = jax.Array
@@ -59,9 +58,9 @@ class LagrangianSparsity:
                 raise ValueError(f"target={self.target!r} must be a scalar")
             target = _checks.probability("target", target.item(), allow_one=False)
         object.__setattr__(
-            self, "warmup_steps", _validate.int_at_least("warmup_steps", self.warmup_steps, 0)
+            self, "warmup_steps", _checks.int_at_least("warmup_steps", self.warmup_steps, 0)
         )
-        start = _validate.probability("start", self.start, allow_one=False)
+        start = _checks.probability("start", self.start, allow_one=False)
         object.__setattr__(self, "start", start)
         if target is not None and start > target:
             raise ValueError(f"start={self.start!r} must be <= target={self.target!r}")
@@ -97,13 +96,13 @@ class LagrangianSparsity:
             )
         lambdas = {}
         for name in ("lambda_1", "lambda_2"):
-            value = _validate.as_array(f"multipliers[{name!r}]", multipliers[name], kind="real")
+            value = _checks.as_array(f"multipliers[{name!r}]", multipliers[name], kind="real")
             if value.ndim != 0:
                 raise ValueError(
                     f"multipliers[{name!r}].shape={value.shape} must be a scalar (from init())"
                 )
             lambdas[name] = value
-        sparsity = _validate.as_array("expected_sparsity", expected_sparsity, kind="real")
+        sparsity = _checks.as_array("expected_sparsity", expected_sparsity, kind="real")
         if sparsity.ndim != 0:
             raise ValueError(f"expected_sparsity.shape={sparsity.shape} must be a scalar")
         known = _checks.concrete(sparsity)
@@ -166,8 +165,8 @@ def project_to_box(lower: float, upper: float) -> optax.GradientTransformation:
     Raises:
       ValueError: ``lower >= upper`` or a bound that is not finite.
     """
-    low = _validate.finite_float("lower", lower)
-    high = _validate.finite_float("upper", upper)
+    low = _checks.finite_float("lower", lower)
+    high = _checks.finite_float("upper", upper)
     if not low < high:
         raise ValueError(f"lower={lower!r} must be < upper={upper!r}")
 

@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from efflax._src import _validate
 from efflax._src.distributed import addressable_values
 from pallas_kernels import _checks
 
@@ -279,10 +278,10 @@ def trajectory_loss(
     """
     _check_temperature(temperature)
     # The batch mean over an empty batch (or the softmax over no classes) would be NaN.
-    logits = _validate.as_array(
+    logits = _checks.as_array(
         "logits", logits, min_ndim=1, kind="floating", nonempty=True, layout="[..., classes]"
     )
-    target_logits = _validate.as_array(
+    target_logits = _checks.as_array(
         "target_logits", target_logits, min_ndim=1, kind="floating", nonempty=True
     )
     if jnp.shape(logits) != jnp.shape(target_logits):
@@ -375,9 +374,9 @@ class SAF:
 
     def __post_init__(self) -> None:
         logits_buffer_bytes(self.num_examples, self.num_classes, self.lag, self.dtype)
-        _validate.int_at_least("steps_per_epoch", self.steps_per_epoch)
-        _validate.positive_float("lam", self.lam, allow_zero=True)
-        _validate.positive_float("temperature", self.temperature)
+        _checks.int_at_least("steps_per_epoch", self.steps_per_epoch)
+        _checks.positive_float("lam", self.lam, allow_zero=True)
+        _checks.positive_float("temperature", self.temperature)
         _check_epochs(self.start_epoch, self.end_epoch, minimum=0)
         if self.start_epoch < self.lag - 1:
             raise ValueError(
@@ -542,10 +541,10 @@ class MESA:
     ema_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        _validate.int_at_least("steps_per_epoch", self.steps_per_epoch)
-        _validate.probability("decay", self.decay)
-        _validate.positive_float("lam", self.lam, allow_zero=True)
-        _validate.positive_float("temperature", self.temperature)
+        _checks.int_at_least("steps_per_epoch", self.steps_per_epoch)
+        _checks.probability("decay", self.decay)
+        _checks.positive_float("lam", self.lam, allow_zero=True)
+        _checks.positive_float("temperature", self.temperature)
         _check_epochs(self.start_epoch, self.end_epoch, minimum=-1)
         try:
             ema_dtype = jnp.dtype(self.ema_dtype)

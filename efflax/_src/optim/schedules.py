@@ -26,7 +26,7 @@ from typing import Any
 
 import optax
 
-from efflax._src import _validate
+from pallas_kernels import _checks
 
 __all__ = [
     "cycle_end_steps",
@@ -57,11 +57,11 @@ def cycle_lengths(
       >>> cycle_lengths(10, cycle_multiplier=1.5, num_cycles=4)
       [10, 15, 23, 34]
     """
-    first_cycle_steps = _validate.int_at_least("first_cycle_steps", first_cycle_steps, 1)
-    num_cycles = _validate.int_at_least("num_cycles", num_cycles, 1)
+    first_cycle_steps = _checks.int_at_least("first_cycle_steps", first_cycle_steps, 1)
+    num_cycles = _checks.int_at_least("num_cycles", num_cycles, 1)
     # A 0-d JAX/NumPy scalar counts as the number it holds.
-    cycle_multiplier = _validate.as_number(cycle_multiplier)
-    if _validate.finite_float("cycle_multiplier", cycle_multiplier) < 1:
+    cycle_multiplier = _checks.as_number(cycle_multiplier)
+    if _checks.finite_float("cycle_multiplier", cycle_multiplier) < 1:
         raise ValueError(f"{cycle_multiplier=} must be >= 1")
     # Exact integer arithmetic when possible, so that 2**40 * T0 has no float error.
     if float(cycle_multiplier).is_integer():
@@ -73,7 +73,7 @@ def cycle_lengths(
 
 
 def _check_warmup(warmup_steps: int, lengths: Sequence[int]) -> int:
-    warmup_steps = _validate.int_at_least("warmup_steps", warmup_steps, 0)
+    warmup_steps = _checks.int_at_least("warmup_steps", warmup_steps, 0)
     if warmup_steps > sum(lengths):
         raise ValueError(
             f"{warmup_steps=} is longer than the {sum(lengths)} annealing steps of the "
@@ -173,8 +173,8 @@ def exponential_cyclic_cosine_schedule(
         first_cycle_steps, cycle_multiplier=cycle_multiplier, num_cycles=num_cycles
     )
     warmup_steps = _check_warmup(warmup_steps, lengths)
-    peak_value = _validate.positive_float("peak_value", peak_value)
-    end_value = _validate.finite_float("end_value", end_value)
+    peak_value = _checks.positive_float("peak_value", peak_value)
+    end_value = _checks.finite_float("end_value", end_value)
     if not 0 <= end_value <= peak_value:
         raise ValueError(f"{end_value=} must be in [0, peak_value={peak_value}]")
 

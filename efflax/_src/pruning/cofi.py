@@ -66,7 +66,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from efflax._src import _validate
 from efflax._src.losses._common import nonnegative_if_concrete
 from efflax._src.models.lm import GluFeedForward
 from efflax._src.models.lm import TransformerLM
@@ -891,7 +890,7 @@ def apply_with_layers(
 # --- layer distillation --------------------------------------------------------------------------
 def default_teacher_layers(num_layers: int) -> tuple[int, ...]:
     """CoFi's distilled teacher layers: ``(2, 5, 8, 11)`` of 12, i.e. every quarter's last."""
-    num_layers = _validate.int_at_least("num_layers", num_layers, 1)
+    num_layers = _checks.int_at_least("num_layers", num_layers, 1)
     if num_layers <= 4:
         return tuple(range(num_layers))
     return tuple(sorted({round((k + 1) * num_layers / 4) - 1 for k in range(4)}))
@@ -940,7 +939,7 @@ def layer_distillation_loss(
     if not isinstance(teacher_indices, Sequence) or isinstance(teacher_indices, str | bytes):
         raise ValueError(f"teacher_indices={teacher_indices!r} must be a sequence of layer indices")
     teacher_indices = tuple(
-        _validate.index("teacher_indices", i, num_teacher) for i in teacher_indices
+        _checks.index("teacher_indices", i, num_teacher) for i in teacher_indices
     )
     if not teacher_indices or any(
         a >= b for a, b in zip(teacher_indices, teacher_indices[1:], strict=False)
@@ -952,7 +951,7 @@ def layer_distillation_loss(
     if student_exists is None:
         exists = jnp.ones((num_student,), bool)
     else:
-        exists = _validate.as_array("student_exists", student_exists, ndim=1)
+        exists = _checks.as_array("student_exists", student_exists, ndim=1)
         if exists.dtype != jnp.bool_ and not jnp.issubdtype(exists.dtype, jnp.integer):
             raise ValueError(
                 f"student_exists.dtype={exists.dtype} must be bool (e.g. head_layer != 0)"
@@ -962,7 +961,7 @@ def layer_distillation_loss(
         exists = exists.astype(bool)
     mapped = [transform(h) for h in student_layers]
     for j, h in enumerate(mapped):
-        h = _validate.as_array(f"transform(student_layers[{j}])", h, kind="floating")
+        h = _checks.as_array(f"transform(student_layers[{j}])", h, kind="floating")
         for t in teacher_indices:
             if h.shape != teacher_layers[t].shape:
                 raise ValueError(
@@ -1015,7 +1014,7 @@ def _layer_list(name: str, layers: Any) -> list[Array]:
     if not layers:
         raise ValueError(f"{name} is empty: need at least one layer")
     return [
-        _validate.as_array(f"{name}[{i}]", h, min_ndim=1, kind="floating", nonempty=True)
+        _checks.as_array(f"{name}[{i}]", h, min_ndim=1, kind="floating", nonempty=True)
         for i, h in enumerate(layers)
     ]
 
@@ -1090,20 +1089,20 @@ def cofi_optimizer(
         callable(getattr(model_tx, "init", None)) and callable(getattr(model_tx, "update", None))
     ):
         raise ValueError(f"model_tx={_short(model_tx)} must be an optax GradientTransformation")
-    reg = _validate.positive_float("reg_learning_rate", reg_learning_rate)
+    reg = _checks.positive_float("reg_learning_rate", reg_learning_rate)
     lag = reg if lagrangian_learning_rate is None else lagrangian_learning_rate
-    lag = _validate.positive_float("lagrangian_learning_rate", lag)
-    b1 = _validate.probability("b1", b1, allow_one=False)
-    b2 = _validate.probability("b2", b2, allow_one=False)
-    eps = _validate.positive_float("eps", eps)
+    lag = _checks.positive_float("lagrangian_learning_rate", lag)
+    b1 = _checks.probability("b1", b1, allow_one=False)
+    b2 = _checks.probability("b2", b2, allow_one=False)
+    eps = _checks.positive_float("eps", eps)
     if (
         not isinstance(log_alpha_range, Sequence)
         or isinstance(log_alpha_range, str | bytes)
         or len(log_alpha_range) != 2
     ):
         raise ValueError(f"log_alpha_range={log_alpha_range!r} must be (low, high) with low < high")
-    low = _validate.finite_float("log_alpha_range[0]", log_alpha_range[0])
-    high = _validate.finite_float("log_alpha_range[1]", log_alpha_range[1])
+    low = _checks.finite_float("log_alpha_range[0]", log_alpha_range[0])
+    high = _checks.finite_float("log_alpha_range[1]", log_alpha_range[1])
     if not low < high:
         raise ValueError(f"log_alpha_range={log_alpha_range!r} must be (low, high) with low < high")
     transforms = {

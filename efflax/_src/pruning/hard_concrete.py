@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflax._src import _validate
 from pallas_kernels import _checks
 
 Array = jax.Array
@@ -70,7 +69,7 @@ class HardConcreteMask:
         if not isinstance(self.shape, Sequence) or isinstance(self.shape, str | bytes):
             raise ValueError(f"shape={self.shape!r} must be a tuple of ints >= 1")
         object.__setattr__(
-            self, "shape", tuple(_validate.int_at_least("shape", s, 1) for s in self.shape)
+            self, "shape", tuple(_checks.int_at_least("shape", s, 1) for s in self.shape)
         )
 
         # Every field is stored as a Python float (a 0-d array is accepted and converted), so
@@ -79,15 +78,15 @@ class HardConcreteMask:
             object.__setattr__(self, name, number)
             return number
 
-        store("init_mean", _validate.finite_float("init_mean", self.init_mean))
-        store("init_std", _validate.positive_float("init_std", self.init_std, allow_zero=True))
-        store("temperature", _validate.positive_float("temperature", self.temperature))
-        if not store("limit_low", _validate.finite_float("limit_low", self.limit_low)) < 0:
+        store("init_mean", _checks.finite_float("init_mean", self.init_mean))
+        store("init_std", _checks.positive_float("init_std", self.init_std, allow_zero=True))
+        store("temperature", _checks.positive_float("temperature", self.temperature))
+        if not store("limit_low", _checks.finite_float("limit_low", self.limit_low)) < 0:
             raise ValueError(f"limit_low={self.limit_low!r} must be < 0")
-        if not store("limit_high", _validate.finite_float("limit_high", self.limit_high)) > 1:
+        if not store("limit_high", _checks.finite_float("limit_high", self.limit_high)) > 1:
             raise ValueError(f"limit_high={self.limit_high!r} must be > 1")
-        low = _validate.finite_float("log_alpha_min", self.log_alpha_min)
-        high = _validate.finite_float("log_alpha_max", self.log_alpha_max)
+        low = _checks.finite_float("log_alpha_min", self.log_alpha_min)
+        high = _checks.finite_float("log_alpha_max", self.log_alpha_max)
         if not low < high:
             raise ValueError(
                 f"log_alpha_min={self.log_alpha_min!r} must be < log_alpha_max="
@@ -95,16 +94,16 @@ class HardConcreteMask:
             )
         store("log_alpha_min", low)
         store("log_alpha_max", high)
-        store("eval_scale", _validate.positive_float("eval_scale", self.eval_scale))
+        store("eval_scale", _checks.positive_float("eval_scale", self.eval_scale))
         store(
             "epsilon",
-            _validate.probability("epsilon", self.epsilon, allow_zero=False, allow_one=False),
+            _checks.probability("epsilon", self.epsilon, allow_zero=False, allow_one=False),
         )
 
     @classmethod
     def from_droprate(cls, shape: Sequence[int], droprate: float = 0.5, **kwargs: Any):
         """Gates initialised at ``log_alpha ~ N(log(1 - p) - log(p), 0.01)`` (CoFi's FFN units)."""
-        p = _validate.probability("droprate", droprate, allow_zero=False, allow_one=False)
+        p = _checks.probability("droprate", droprate, allow_zero=False, allow_one=False)
         if "init_mean" in kwargs:
             raise ValueError("from_droprate sets init_mean from droprate; pass one of them")
         return cls(shape=shape, init_mean=math.log(1 - p) - math.log(p), **kwargs)
@@ -114,7 +113,7 @@ class HardConcreteMask:
         return math.prod(self.shape)
 
     def _check(self, log_alpha: Array) -> Array:
-        log_alpha = _validate.as_array("log_alpha", log_alpha, kind="real")
+        log_alpha = _checks.as_array("log_alpha", log_alpha, kind="real")
         if log_alpha.shape != self.shape:
             raise ValueError(f"log_alpha.shape={log_alpha.shape} must be {self.shape}")
         return log_alpha
@@ -219,8 +218,8 @@ def mask_axis(x: Array, z: Array, axis: int | Sequence[int]) -> Array:
       ValueError: an axis that ``x`` does not have, a repeated axis, or ``z`` of the wrong shape.
     """
     # Soft gates in (0, 1) would be truncated to 0 in an integer array.
-    x = _validate.as_array("x", x, kind="floating")
-    z = _validate.as_array("z", z, kind="real")
+    x = _checks.as_array("x", x, kind="floating")
+    z = _checks.as_array("z", z, kind="real")
     if isinstance(axis, int | np.integer) and not isinstance(axis, bool):
         axes = (axis,)
     elif isinstance(axis, Sequence) and not isinstance(axis, str | bytes):
