@@ -26,11 +26,7 @@ def _gib(n: float | None) -> str:
 def _collectives(record: dict) -> str:
     parts = []
     for kind, value in sorted(record.get("collectives", {}).items()):
-        short = (
-            kind.replace("all-", "a")
-            .replace("reduce-scatter", "rs")
-            .replace("collective-permute", "cp")
-        )
+        short = _SHORT.get(kind, kind)
         parts.append(f"{short} {value['count']}x {value['bytes'] / 2**20:.0f}M")
     return ", ".join(parts) or "none"
 
@@ -76,6 +72,31 @@ def _roofline(record: dict) -> str:
 
 
 _PEAK = {"TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12}
+
+
+# What the plans of 2026-12-07 showed (read from the table above; rewrite when it changes).
+FINDINGS = """
+What these plans say (GPT-2-small, batch 16 x 1024, data-parallel over 8 chips):
+
+- **(a) efflax's attention kernel on 8 H100s is not partitioned.** With the Pallas
+  FlashAttention kernel the step needs less memory (total 4.59 vs 5.46 GiB per GPU: no
+  `[S, S]` scores kept) but the partitioned program gains 60 all-gathers moving 1.46 GiB per GPU
+  per step: XLA's SPMD partitioner cannot split a Pallas custom call, so it gathers q, k, v (and
+  their gradients) of the whole global batch onto every GPU, and every GPU computes the attention
+  of all 16 sequences. The kernel needs a `shard_map` over the batch axes (or a
+  `custom_partitioning` rule) before it is used data-parallel. (Its FLOPs are not in the count:
+  the kernel declares no cost estimate.)
+- **(b) Monarch MLP (4 blocks)**: parameters + Adam state 2.13 -> 1.48 GiB per chip, matmul
+  FLOPs 16.8 -> 11.1 TFLOP per step, gradient all-reduce 363 -> 252-303 MiB; temporaries do
+  not shrink (activations dominate them).
+- **(c) Expert-choice MoE, 8 experts over 8 chips**: 48 all-to-alls (two per layer forward,
+  two backward) moving 288 MiB per chip per step, the gradient all-reduce shrinks to 202 MiB
+  (expert weights are not replicated). Each expert is a quarter-width GELU MLP, so this MoE has
+  fewer parameters than the dense SwiGLU: compare communication, not quality.
+- **XLA's own TPU step-time estimate is unusable here**: `optimal_seconds` came out negative
+  (-64 to -92 s) for every GPT-2-width program, even at 1 and 2 layers, so no XLA time or MFU is
+  shown; the roofline bound (XLA's FLOPs and bytes per chip) is the usable lower bound.
+"""
 
 
 def _plot(records: list[dict]) -> list[str]:
@@ -199,7 +220,7 @@ def write(records: list[dict], plans: list[tuple[Any, ...]], key_of: Callable[..
             group = record["group"]
             lines.append(f"| **{group}** | | | | | | | | | | | | |")
         lines.append(_row(record))
-    lines.append("")
+    lines += ["", FINDINGS.strip(), ""]
     for name in plots:
         lines.append(f"![{name}](docs/plans/{name})")
     if missing:
