@@ -118,11 +118,14 @@ def _plot(records: list[dict]) -> list[str]:
         ax.barh(ys, state, label="params + optimizer")
         ax.barh(ys, temp, left=state, label="temporaries (XLA)")
         for y, r in zip(ys, ok, strict=True):
-            ax.plot([r["hbm_bytes"] / GiB] * 2, [y - 0.4, y + 0.4], color="k", lw=1)
+            total = r["total_bytes"] / GiB
+            ax.text(
+                total, y, f" {total:.1f} of {r['hbm_bytes'] / GiB:.4g} GiB", va="center", fontsize=6
+            )
         ax.set_yticks(list(ys), names, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("GiB per device (black tick: the chip's memory)")
+        ax.set_xlim(0, 1.35 * max(r["total_bytes"] / GiB for r in ok))
+        ax.set_xlabel("GiB per device (label: total of the chip's memory)")
         ax.legend(fontsize=7)
         ax.set_title("efflax plan: memory per device of one AdamW step", fontsize=9)
         fig.tight_layout()
