@@ -99,6 +99,13 @@ What these plans say (GPT-2-small, batch 16 x 1024, data-parallel over 8 chips):
   are the same on 8, 64 and 256 chips; what grows with the slice is the all-reduce's span
   (its time on ICI is not in any figure here). The roofline bound is 65 ms per step (MFU at
   most 16%): XLA counts 53 GB of memory traffic per chip per step, which bounds it, not FLOPs.
+- **(d) Long context, 8 x 8192 tokens on v5e-8 with XLA attention does not fit**: 42.8 GiB per
+  chip against 15.75 GiB; its 40.5 GiB of temporaries are about what 12 layers of float32
+  `[S, S]` attention scores take (12 x 12 heads x 8192^2 x 4 B = 36 GiB). FLASH blocks (chunk
+  256) at the same length fit: 9.5 GiB per v5e chip, 8.8 GiB per H100, at half the matmul FLOPs.
+- **1B (24 x 2048), 16 x 2048 tokens**: on v5e-8 with 4-way tensor parallelism it needs 26.9 GiB
+  per chip (does not fit); on 8 H100s data-parallel 51.5 GiB per GPU (fits); with efflax's
+  attention kernel 42.0 GiB but 168 all-gathers moving 15 GiB per GPU per step (see (a)).
 - **XLA's own TPU step-time estimate is unusable here**: `optimal_seconds` came out negative
   (-64 to -92 s) for every GPT-2-width program, even at 1 and 2 layers, so no XLA time or MFU is
   shown; the roofline bound (XLA's FLOPs and bytes per chip) is the usable lower bound.
@@ -153,6 +160,7 @@ def _plot(records: list[dict]) -> list[str]:
         axes[1].plot(chips, comm, "o-")
         axes[1].set_ylabel("collective MiB per chip per step")
         for ax in axes:
+            ax.set_ylim(0, 1.25 * max(max(line.get_ydata()) for line in ax.get_lines()))
             ax.set_xscale("log", base=2)
             ax.set_xlabel("v5e chips (2 sequences of 1024 per chip)")
         fig.suptitle("GPT-2-small weak scaling on v5e slices (XLA's compiled figures)", fontsize=9)
