@@ -26,11 +26,7 @@ def _gib(n: float | None) -> str:
 def _collectives(record: dict) -> str:
     parts = []
     for kind, value in sorted(record.get("collectives", {}).items()):
-        short = (
-            kind.replace("all-", "a")
-            .replace("reduce-scatter", "rs")
-            .replace("collective-permute", "cp")
-        )
+        short = _SHORT.get(kind, kind)
         parts.append(f"{short} {value['count']}x {value['bytes'] / 2**20:.0f}M")
     return ", ".join(parts) or "none"
 
@@ -78,6 +74,44 @@ def _roofline(record: dict) -> str:
 _PEAK = {"TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12}
 
 
+# What the plans of 2026-12-07 showed (read from the table above; rewrite when it changes).
+FINDINGS = """
+What these plans say (GPT-2-small, batch 16 x 1024, data-parallel over 8 chips):
+
+- **(a) efflax's attention kernel on 8 H100s is not partitioned.** With the Pallas
+  FlashAttention kernel the step needs less memory (total 4.59 vs 5.46 GiB per GPU: no
+  `[S, S]` scores kept) but the partitioned program gains 60 all-gathers moving 1.46 GiB per GPU
+  per step: XLA's SPMD partitioner cannot split a Pallas custom call, so it gathers q, k, v (and
+  their gradients) of the whole global batch onto every GPU, and every GPU computes the attention
+  of all 16 sequences. The kernel needs a `shard_map` over the batch axes (or a
+  `custom_partitioning` rule) before it is used data-parallel. (Its FLOPs are not in the count:
+  the kernel declares no cost estimate.)
+- **(b) Monarch MLP (4 blocks)**: parameters + Adam state 2.13 -> 1.48 GiB per chip, matmul
+  FLOPs 16.8 -> 11.1 TFLOP per step, gradient all-reduce 363 -> 252-303 MiB; temporaries do
+  not shrink (activations dominate them).
+- **(c) Expert-choice MoE, 8 experts over 8 chips**: 48 all-to-alls (two per layer forward,
+  two backward) moving 288 MiB per chip per step, the gradient all-reduce shrinks to 202 MiB
+  (expert weights are not replicated). Each expert is a quarter-width GELU MLP, so this MoE has
+  fewer parameters than the dense SwiGLU: compare communication, not quality. Top-2 routing
+  (causal, GShard) moves more: 360 MiB per chip per step in the same 48 all-to-alls.
+- **Weak scaling on v5e (2 sequences of 1024 per chip, data-parallel)**: per-chip memory
+  (4.62 GiB) and per-chip collective bytes (one 363 MiB gradient all-reduce result per step)
+  are the same on 8, 64 and 256 chips; what grows with the slice is the all-reduce's span
+  (its time on ICI is not in any figure here). The roofline bound is 65 ms per step (MFU at
+  most 16%): XLA counts 53 GB of memory traffic per chip per step, which bounds it, not FLOPs.
+- **(d) Long context, 8 x 8192 tokens on v5e-8 with XLA attention does not fit**: 42.8 GiB per
+  chip against 15.75 GiB; its 40.5 GiB of temporaries are about what 12 layers of float32
+  `[S, S]` attention scores take (12 x 12 heads x 8192^2 x 4 B = 36 GiB). FLASH blocks (chunk
+  256) at the same length fit: 9.5 GiB per v5e chip, 8.8 GiB per H100, at half the matmul FLOPs.
+- **1B (24 x 2048), 16 x 2048 tokens**: on v5e-8 with 4-way tensor parallelism it needs 26.9 GiB
+  per chip (does not fit); on 8 H100s data-parallel 51.5 GiB per GPU (fits); with efflax's
+  attention kernel 42.0 GiB but 168 all-gathers moving 15 GiB per GPU per step (see (a)).
+- **XLA's own TPU step-time estimate is unusable here**: `optimal_seconds` came out negative
+  (-64 to -92 s) for every GPT-2-width program, even at 1 and 2 layers, so no XLA time or MFU is
+  shown; the roofline bound (XLA's FLOPs and bytes per chip) is the usable lower bound.
+"""
+
+
 def _plot(records: list[dict]) -> list[str]:
     import matplotlib
 
@@ -97,11 +131,14 @@ def _plot(records: list[dict]) -> list[str]:
         ax.barh(ys, state, label="params + optimizer")
         ax.barh(ys, temp, left=state, label="temporaries (XLA)")
         for y, r in zip(ys, ok, strict=True):
-            ax.plot([r["hbm_bytes"] / GiB] * 2, [y - 0.4, y + 0.4], color="k", lw=1)
+            total = r["total_bytes"] / GiB
+            ax.text(
+                total, y, f" {total:.1f} of {r['hbm_bytes'] / GiB:.4g} GiB", va="center", fontsize=6
+            )
         ax.set_yticks(list(ys), names, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("GiB per device (black tick: the chip's memory)")
+        ax.set_xlim(0, 1.35 * max(r["total_bytes"] / GiB for r in ok))
+        ax.set_xlabel("GiB per device (label: total of the chip's memory)")
         ax.legend(fontsize=7)
         ax.set_title("efflax plan: memory per device of one AdamW step", fontsize=9)
         fig.tight_layout()
@@ -123,6 +160,7 @@ def _plot(records: list[dict]) -> list[str]:
         axes[1].plot(chips, comm, "o-")
         axes[1].set_ylabel("collective MiB per chip per step")
         for ax in axes:
+            ax.set_ylim(0, 1.25 * max(max(line.get_ydata()) for line in ax.get_lines()))
             ax.set_xscale("log", base=2)
             ax.set_xlabel("v5e chips (2 sequences of 1024 per chip)")
         fig.suptitle("GPT-2-small weak scaling on v5e slices (XLA's compiled figures)", fontsize=9)
@@ -199,7 +237,7 @@ def write(records: list[dict], plans: list[tuple[Any, ...]], key_of: Callable[..
             group = record["group"]
             lines.append(f"| **{group}** | | | | | | | | | | | | |")
         lines.append(_row(record))
-    lines.append("")
+    lines += ["", FINDINGS.strip(), ""]
     for name in plots:
         lines.append(f"![{name}](docs/plans/{name})")
     if missing:

@@ -86,6 +86,9 @@ def _done() -> dict[str, dict]:
     for line in RECORDS.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
+            # A failed retry (e.g. a duplicate run stopped by hand) never hides a finished plan.
+            if "error" in record and "error" not in out.get(record["key"], {"error": ""}):
+                continue
             out[record["key"]] = record
     return out
 
