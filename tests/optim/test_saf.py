@@ -579,7 +579,7 @@ def _readme_script(snippet_index):
 
     readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     quickstart = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
-    section = readme[readme.index("### SAF, MESA or SAM in the same loop") :].split("\n## ")[0]
+    section = readme[readme.index("### SAM, SAF or MESA in the quickstart") :].split("\n## ")[0]
     snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)[snippet_index]
     line = next(l for l in quickstart.splitlines() if l.startswith("train_step = "))
     assert "epochs=20" in quickstart
@@ -591,7 +591,7 @@ def test_readme_saf_snippet_runs_in_the_quickstart_loop():
 
     assert len(load_arrays("mnist1d", "train")["y"]) == 4000  # the snippet's num_examples
     scope = {}
-    exec(compile(_readme_script(0), "README.md", "exec"), scope)
+    exec(compile(_readme_script(1), "README.md", "exec"), scope)
     state, metrics = scope["state"], scope["metrics"]
     # One epoch of 31 batches of 128 wrote 3968 examples' logits into slot 0, nothing else.
     written = np.abs(np.asarray(state.extra["saf"].logits)).sum(-1) > 0
@@ -601,7 +601,7 @@ def test_readme_saf_snippet_runs_in_the_quickstart_loop():
 
 def test_readme_mesa_snippet_runs_in_the_quickstart_loop():
     scope = {}
-    exec(compile(_readme_script(1), "README.md", "exec"), scope)
+    exec(compile(_readme_script(2), "README.md", "exec"), scope)
     state, metrics = scope["state"], scope["metrics"]
     mesa_state = state.extra["mesa"]
     assert int(mesa_state.count) == 31 and "trajectory_loss" in metrics

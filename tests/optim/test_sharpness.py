@@ -480,7 +480,12 @@ def test_hvp_through_every_implementation_matches_the_xla_model():
         "pallas_mosaic_tpu",
         "reference",
     }
-    assert set(MONARCH_OP.implementations) == {"xla", "pallas_triton", "reference"}
+    assert set(MONARCH_OP.implementations) == {
+        "xla",
+        "pallas_triton",
+        "pallas_mosaic_tpu",
+        "reference",
+    }
     batch = _lm_batch()
     params = nn.unbox(jax.jit(_Stack().init)(jax.random.key(4), batch["x"])["params"])
     vector = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
