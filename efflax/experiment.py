@@ -30,8 +30,12 @@ from typing import Protocol
 import numpy as np
 
 from efflax._src.stats import STATUSES
+from efflax._src.stats import Direction
 from efflax._src.stats import Estimate
 from efflax._src.stats import Status
+from efflax._src.stats import combine_statuses
+from efflax._src.stats import decide
+from efflax._src.stats import seeds_to_decide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +178,147 @@ def write_metrics(out_dir: pathlib.Path | str, metrics: Mapping[str, Any]) -> pa
     path = out_dir / "metrics.json"
     path.write_text(json.dumps(_to_jsonable(metrics), indent=2, sort_keys=True) + "\n")
     return path
+
+
+class Claims:
+    """The claims one experiment decides, and the :class:`Verdict` they add up to.
+
+    Each :meth:`check` decides ``estimate <direction> threshold`` with
+    :func:`efflax.stats.decide`, keeps the estimate and, when the interval cannot decide, how many
+    seeds would (:func:`efflax.stats.seeds_to_decide`). :meth:`require` records a yes/no check
+    (an exactness bound, a finite loss). :meth:`report` decides a comparison that is shown but
+    not part of the verdict (e.g. "better", where the claim is "at least as good").
+    :meth:`verdict` writes ``metrics.json`` (the caller's metrics plus every status, estimate and
+    seeds-to-decide) and returns the combined verdict::
+
+        claims = Claims()
+        claims.check("lbe_trains", run.estimate("test/lbe/accuracy", scale=100), 30.0)
+        return claims.verdict(out_dir, claim="LBE trains", measured="...", metrics={...})
+    """
+
+    def __init__(self):
+        self.statuses: dict[str, Status] = {}
+        self.estimates: dict[str, Estimate] = {}
+        self.seeds_to_decide: dict[str, int | None] = {}
+        self.reported: dict[str, Status] = {}
+
+    def _name(self, name: str) -> str:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name={name!r} must be a non-empty string")
+        if name in self.statuses or name in self.reported:
+            raise ValueError(f"claim {name!r} decided twice")
+        return name
+
+    def check(
+        self, name: str, estimate: Estimate, threshold: float, direction: Direction = ">="
+    ) -> Status:
+        """Decides ``estimate <direction> threshold`` as part of the verdict; returns the status."""
+        name = self._name(name)
+        status = decide(estimate, threshold, direction=direction)
+        self.statuses[name], self.estimates[name] = status, estimate
+        if status == "INCONCLUSIVE":
+            self.seeds_to_decide[name] = seeds_to_decide(estimate, threshold, direction=direction)
+        return status
+
+    def require(self, name: str, ok: bool, estimate: Estimate | None = None) -> Status:
+        """A yes/no part of the verdict: PASS if ``ok`` else FAIL (``estimate`` is kept)."""
+        name = self._name(name)
+        self.statuses[name] = "PASS" if bool(ok) else "FAIL"
+        if estimate is not None:
+            self.estimates[name] = estimate
+        return self.statuses[name]
+
+    def report(
+        self, name: str, estimate: Estimate, threshold: float, direction: Direction = ">="
+    ) -> Status:
+        """Decides a comparison that is reported (``metrics.json``) but not part of the verdict."""
+        name = self._name(name)
+        self.reported[name] = decide(estimate, threshold, direction=direction)
+        self.estimates[name] = estimate
+        return self.reported[name]
+
+    @property
+    def status(self) -> Status:
+        return combine_statuses(list(self.statuses.values()))
+
+    def verdict(
+        self,
+        out_dir: pathlib.Path | str,
+        *,
+        claim: str,
+        measured: str,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Verdict:
+        """Writes ``out_dir/metrics.json`` and returns the verdict of every :meth:`check`."""
+        if not self.statuses:
+            raise ValueError("no claim checked: call check() or require() before verdict()")
+        undecided = {k: v for k, v in self.seeds_to_decide.items() if v is not None}
+        if undecided:
+            measured += f"; seeds to decide: {undecided}"
+        write_metrics(
+            out_dir,
+            {
+                **dict(metrics or {}),
+                "statuses": self.statuses,
+                "reported_statuses": self.reported,
+                "seeds_to_decide": self.seeds_to_decide,
+                "estimates": self.estimates,
+            },
+        )
+        return Verdict(claim, measured, self.status, dict(self.estimates))
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One panel of :func:`plot_panels`: labelled ``(x, y)`` series, axis labels and scales.
+
+    Attributes:
+      title: the panel's title.
+      series: ``{label: (x, y)}``; a 2-D ``y`` ``[seeds, points]`` plots its seed mean.
+      xlabel, ylabel: axis labels.
+      xscale, yscale: ``'linear'`` or ``'log'``.
+      hlines: horizontal reference lines (thresholds).
+      style: ``{label: matplotlib format string}`` (e.g. ``'--'``); default ``'.-'``.
+    """
+
+    title: str
+    series: Mapping[str, tuple[Any, Any]]
+    xlabel: str = "step"
+    ylabel: str = ""
+    xscale: str = "linear"
+    yscale: str = "linear"
+    hlines: tuple[float, ...] = ()
+    style: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def plot_panels(path: pathlib.Path | str, panels: list[Panel], *, title: str = "") -> pathlib.Path:
+    """Saves the panels side by side as one PNG at ``path``; returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("panels=[] : nothing to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label, (x, y) in panel.series.items():
+            y = np.asarray(y, dtype=np.float64)
+            ax.plot(np.asarray(x), y.mean(axis=0) if y.ndim == 2 else y,
+                    panel.style.get(label, ".-"), label=label)  # fmt: skip
+        for value in panel.hlines:
+            ax.axhline(value, color="gray", lw=0.8, ls=":")
+        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.set(xscale=panel.xscale, yscale=panel.yscale)
+        ax.grid(alpha=0.3)
+        if len(panel.series) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return pathlib.Path(path)
 
 
 def compilation_cache_dir(out: pathlib.Path | str) -> pathlib.Path:

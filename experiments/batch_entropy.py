@@ -25,18 +25,17 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.losses import batch_entropy
 from efflax.losses import capture_activations
 from efflax.losses import lbe_loss
 from efflax.losses import soft_target_cross_entropy
 from efflax.models import MLP
-from efflax.stats import combine_statuses
-from efflax.stats import decide
-from efflax.stats import mean_interval
-from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
 from efflax.training import SplitLoader
 from efflax.training import TrainState
@@ -146,42 +145,28 @@ def train_depth(cfg: Config, depth: int, out_dir: pathlib.Path):
     return run
 
 
-def _curve(history, key):
-    points = [(r["step"], r[key]) for r in history if key in r]
-    return [p[0] for p in points], [p[1] for p in points]
+def _plot(path: pathlib.Path, runs: dict, cfg: Config) -> None:
+    def series(key, scale=1.0):
+        curves = {
+            (d, arm): run.curve(key.format(arm=arm)) for d, run in runs.items() for arm in ARMS
+        }
+        return {f"depth {d} {arm.upper()}": (x, scale * y) for (d, arm), (x, y) in curves.items()}
 
-
-def _plot(path: pathlib.Path, histories: dict[int, list], cfg: Config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for depth, history in histories.items():
-        for arm, style in (("ce", "--"), ("lbe", "-")):
-            label = f"depth {depth} {arm.upper()}"
-            steps, acc = _curve(history, f"test/{arm}/accuracy")
-            axes[0].plot(steps, [100 * a for a in acc], style, marker=".", label=label)
-            steps, ce = _curve(history, f"train/{arm}/ce")
-            axes[1].plot(steps, ce, style, label=label)
-            steps, h = _curve(history, f"train/{arm}/entropy_last")
-            axes[2].plot(steps, h, style, label=label)
-    axes[0].axhline(cfg.trained_bar, color="gray", lw=0.8)
-    axes[0].axhline(cfg.chance_bar, color="gray", lw=0.8, ls=":")
-    for ax, title in zip(
-        axes,
-        ("test accuracy (%), mean of seeds", "train cross-entropy", "batch entropy, last hidden"),
-        strict=True,
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Vanilla ReLU MLPs (width {cfg.width}) on MNIST-1D, with and without LBE")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    style = {f"depth {d} {arm.upper()}": "--" if arm == "ce" else "-" for d in runs for arm in ARMS}
+    plot_panels(
+        path,
+        [
+            Panel(
+                "test accuracy (%), mean of seeds",
+                series("test/{arm}/accuracy", 100.0),
+                hlines=(cfg.trained_bar, cfg.chance_bar),
+                style=style,
+            ),  # fmt: skip
+            Panel("train cross-entropy", series("train/{arm}/ce"), style=style),
+            Panel("batch entropy, last hidden", series("train/{arm}/entropy_last"), style=style),
+        ],
+        title=f"Vanilla ReLU MLPs (width {cfg.width}) on MNIST-1D, with and without LBE",
+    )
 
 
 @register(
@@ -191,70 +176,35 @@ def _plot(path: pathlib.Path, histories: dict[int, list], cfg: Config) -> None:
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
-    out_dir = pathlib.Path(out_dir)
-    histories, results, statuses, estimates, undecided = {}, {}, {}, {}, {}
-    for depth in cfg.depths:
-        trained = train_depth(cfg, depth, out_dir)
-        histories[depth] = trained.history
+    runs = {depth: train_depth(cfg, depth, pathlib.Path(out_dir)) for depth in cfg.depths}
+    claims, parts, last = Claims(), [], {}
+    for depth, trained in runs.items():
         for arm in ARMS:
-            values = [100 * v for v in trained.per_seed(f"test/{arm}/accuracy")]
-            results[f"depth{depth}_{arm}"] = values
+            values = 100 * trained.per_seed(f"test/{arm}/accuracy")
             print(f"depth {depth} {arm}: test accuracy {np.round(values, 1).tolist()}", flush=True)
-        plain = mean_interval(results[f"depth{depth}_ce"])
-        lbe = mean_interval(results[f"depth{depth}_lbe"])
-        checks = {
-            f"depth{depth}_ce_at_chance": (plain, cfg.chance_bar, "<="),
-            f"depth{depth}_lbe_trains": (lbe, cfg.trained_bar, ">="),
-        }
-        for name, (estimate, threshold, direction) in checks.items():
-            estimates[name] = estimate
-            statuses[name] = decide(estimate, threshold, direction=direction)
-            if statuses[name] == "INCONCLUSIVE":
-                undecided[name] = seeds_to_decide(estimate, threshold, direction=direction)
-    _plot(out_dir / "batch_entropy.png", histories, cfg)
-    last = {
-        f"depth{d}_{arm}": _curve(h, f"train/{arm}/entropy_last")[1][-1]
-        for d, h in histories.items()
-        for arm in ARMS
-    }
-    write_metrics(
-        out_dir,
-        {
-            "config": dataclasses.asdict(cfg),
-            "test_accuracy_percent": results,
-            "final_batch_entropy_last_hidden": last,
-            "statuses": statuses,
-            "seeds_to_decide": undecided,
-            "estimates": {k: dataclasses.asdict(v) for k, v in estimates.items()},
-        },
-    )
-    parts = []
-    for depth in cfg.depths:
+            last[f"depth{depth}_{arm}"] = trained.curve(f"train/{arm}/entropy_last")[1][
+                :, -1
+            ].mean()
+        plain = trained.estimate("test/ce/accuracy", scale=100)
+        lbe = trained.estimate("test/lbe/accuracy", scale=100)
+        claims.check(f"depth{depth}_ce_at_chance", plain, cfg.chance_bar, "<=")
+        claims.check(f"depth{depth}_lbe_trains", lbe, cfg.trained_bar, ">=")
         parts.append(
-            f"depth {depth}: CE {estimates[f'depth{depth}_ce_at_chance'].format('.1f')}% "
-            f"(last-layer batch entropy {last[f'depth{depth}_ce']:.3f}), LBE "
-            f"{estimates[f'depth{depth}_lbe_trains'].format('.1f')}% "
+            f"depth {depth}: CE {plain.format('.1f')}% (last-layer batch entropy "
+            f"{last[f'depth{depth}_ce']:.3f}), LBE {lbe.format('.1f')}% "
             f"(entropy {last[f'depth{depth}_lbe']:.3f})"
         )
-    measured = f"width {cfg.width}, {cfg.steps} steps: " + "; ".join(parts)
-    if undecided:
-        measured += f"; seeds to decide: {undecided}"
-    return Verdict(
+    _plot(pathlib.Path(out_dir) / "batch_entropy.png", runs, cfg)
+    return claims.verdict(
+        out_dir,
         claim=(
             f"vanilla deep ReLU MLPs stay at chance (<= {cfg.chance_bar:.0f}%) with CE and train "
             f"(>= {cfg.trained_bar:.0f}%) with LBE"
         ),
-        measured=measured,
-        status=combine_statuses(list(statuses.values())),
-        estimates=estimates,
+        measured=f"width {cfg.width}, {cfg.steps} steps: " + "; ".join(parts),
+        metrics={"config": cfg, "final_batch_entropy_last_hidden": last},
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("batch_entropy")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("batch_entropy")

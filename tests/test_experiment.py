@@ -1,5 +1,6 @@
 """The reproduction report, progress lines and scheduling of ``efflax reproduce`` (no training)."""
 
+import json
 import re
 
 import numpy as np
@@ -149,3 +150,45 @@ def test_clock_format():
     assert experiment._clock(5) == "0:05"
     assert experiment._clock(125.4) == "2:05"
     assert experiment._clock(3723) == "1:02:03"
+
+
+def test_claims_decide_keep_estimates_and_write_metrics(tmp_path):
+    claims = experiment.Claims()
+    high = mean_interval([40.0, 41.0, 42.0, 40.5])
+    wide = mean_interval([5.0, 25.0, 10.0, 20.0])
+    assert claims.check("trains", high, 30.0) == "PASS"
+    assert claims.check("near", wide, 14.0, "<=") == "INCONCLUSIVE"
+    assert claims.report("better", high, 45.0) == "FAIL"  # reported only: not in the verdict
+    assert claims.require("exact", True) == "PASS"
+    verdict = claims.verdict(tmp_path, claim="c", measured="m", metrics={"config": {"a": 1}})
+    assert verdict.status == "INCONCLUSIVE"
+    assert set(verdict.estimates) == {"trains", "near", "better"}
+    assert "seeds to decide" in verdict.measured
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["config"] == {"a": 1}
+    assert written["statuses"] == {"trains": "PASS", "near": "INCONCLUSIVE", "exact": "PASS"}
+    assert written["reported_statuses"] == {"better": "FAIL"}
+    assert written["seeds_to_decide"]["near"] > 4
+    assert claims.require("broken", False) == "FAIL"
+    assert claims.status == "FAIL"
+
+
+def test_claims_refuse_a_name_twice_and_an_empty_verdict(tmp_path):
+    claims = experiment.Claims()
+    with pytest.raises(ValueError, match="no claim checked"):
+        claims.verdict(tmp_path, claim="c", measured="m")
+    claims.check("x", mean_interval([1.0, 2.0]), 0.0)
+    with pytest.raises(ValueError, match="'x' decided twice"):
+        claims.report("x", mean_interval([1.0, 2.0]), 0.0)
+
+
+def test_plot_panels_writes_one_png_and_refuses_nothing_to_plot(tmp_path):
+    steps = np.arange(5)
+    panels = [
+        experiment.Panel("a", {"one": (steps, steps**2), "seeds": (steps, np.ones((3, 5)))}),
+        experiment.Panel("b", {"x": (steps + 1, steps + 1)}, xscale="log", hlines=(2.0,)),
+    ]
+    path = experiment.plot_panels(tmp_path / "p.png", panels, title="t")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="nothing to plot"):
+        experiment.plot_panels(tmp_path / "q.png", [])

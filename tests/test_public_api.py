@@ -151,7 +151,16 @@ PUBLIC = {
         "ratio_interval",
         "seeds_to_decide",
     ],
-    "efflax.experiment": ["Verdict", "register", "write_metrics", "discover", "cli_main"],
+    "efflax.experiment": [
+        "Claims",
+        "Panel",
+        "Verdict",
+        "cli_main",
+        "discover",
+        "plot_panels",
+        "register",
+        "write_metrics",
+    ],
     "efflax.cli": ["main"],
     "pallas_kernels": [
         "ATTENTION_OP",
