@@ -12,6 +12,7 @@ from efflax._src.curves import summary
 from efflax._src.curves import winners
 from efflax._src.timing import ProgramStats
 from efflax._src.timing import Times
+from efflax._src.timing import alone
 from efflax._src.timing import interleaved_times
 from efflax._src.timing import program_stats
 from efflax._src.timing import timed_call
@@ -23,6 +24,7 @@ __all__ = [
     "Segment",
     "TimedEval",
     "Times",
+    "alone",
     "cyclic_points",
     "interleaved_cyclic_points",
     "interleaved_times",

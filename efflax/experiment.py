@@ -8,6 +8,7 @@ function with :func:`register`. ``run`` writes ``metrics.json`` and at least one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -16,6 +17,7 @@ import os
 import pathlib
 import pkgutil
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +38,7 @@ from efflax._src.stats import Status
 from efflax._src.stats import combine_statuses
 from efflax._src.stats import decide
 from efflax._src.stats import seeds_to_decide
+from efflax._src.timing import ALONE_DIR_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,7 @@ class Experiment:
     description: str
     module: str
     cpu_devices: int = 1
-    timing_sensitive: bool = True
+    timing_sensitive: bool | str = True
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -113,12 +116,16 @@ def register(
         experiment asks for 8). Each experiment runs in its own process, so the others keep
         one device: XLA splits a CPU's threads between simulated devices, which slows and
         distorts the timings of single-device experiments.
-      timing_sensitive: the verdict depends on measured time. ``efflax reproduce --jobs N``
-        runs such an experiment alone; experiments whose verdicts depend only on steps,
-        losses, accuracies or memory analysis (``False``) may share the machine with another.
+      timing_sensitive: whether the verdict depends on measured time. ``True``: ``efflax
+        reproduce --jobs N`` runs the experiment alone. ``'sections'``: it measures time only
+        through :mod:`efflax.curves`' timers (or inside :func:`efflax.curves.alone`), so it
+        shares the machine and reproduce pauses the other experiments while it times.
+        ``False``: the verdict depends only on steps, losses, accuracies or memory analysis.
     """
     if cpu_devices < 1:
         raise ValueError(f"{cpu_devices=} must be >= 1")
+    if timing_sensitive not in (True, False, "sections"):
+        raise ValueError(f"{timing_sensitive=} must be True, False or 'sections'")
 
     def decorator(run: RunFn) -> RunFn:
         existing = _REGISTRY.get(name)
@@ -127,9 +134,7 @@ def register(
         if existing is not None and len(modules) > 1 and "__main__" not in modules:
             raise ValueError(f"experiment {name!r} registered twice ({existing.module})")
         doc = description or (run.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Experiment(
-            name, run, doc, run.__module__, cpu_devices, bool(timing_sensitive)
-        )
+        _REGISTRY[name] = Experiment(name, run, doc, run.__module__, cpu_devices, timing_sensitive)
         return run
 
     return decorator
@@ -361,7 +366,9 @@ class Result(NamedTuple):
 class _Child:
     """One experiment running in its own Python process; output prefixed and kept in a log."""
 
-    def __init__(self, experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool):
+    def __init__(
+        self, experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool, alone_dir: pathlib.Path
+    ):
         self.experiment = experiment
         self.exp_dir = exp_dir
         self.verdict_path = exp_dir / "verdict.json"
@@ -372,6 +379,7 @@ class _Child:
         env = _env_with_host_devices(experiment.cpu_devices)
         env.setdefault("MPLBACKEND", "Agg")
         env["PYTHONUNBUFFERED"] = "1"
+        env[ALONE_DIR_ENV] = str(alone_dir)
         self.start = time.perf_counter()
         self.process = subprocess.Popen(
             command,
@@ -408,6 +416,53 @@ class _Child:
             return Result(self.experiment.name, None, seconds, error, cpu)
         verdict = Verdict.from_json(json.loads(self.verdict_path.read_text()))
         return Result(self.experiment.name, verdict, seconds, "", cpu)
+
+
+class _Arbiter:
+    """Gives one experiment process at a time the machine while it times (see
+    :func:`efflax.curves.alone`): the other processes are paused with ``SIGSTOP`` until it is
+    done, then resumed with ``SIGCONT``. Requests are served in the order they were made."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob("*.*"):
+            stale.unlink()
+        self.holder: int | None = None
+        self.paused: set[int] = set()
+
+    def update(self, pids: set[int]) -> None:
+        """Ends a finished turn and starts the next; ``pids``: the running experiment processes."""
+        if self.holder is not None:
+            if self.holder in pids and (self.dir / f"{self.holder}.request").exists():
+                self._pause(pids - {self.holder})  # a process started since
+                return
+            (self.dir / f"{self.holder}.request").unlink(missing_ok=True)
+            self.resume_all()
+            (self.dir / f"{self.holder}.granted").unlink(missing_ok=True)
+            self.holder = None
+        requests = sorted(self.dir.glob("*.request"), key=lambda p: p.stat().st_mtime_ns)
+        for request in requests:
+            pid = int(request.stem)
+            if pid not in pids:
+                request.unlink(missing_ok=True)
+                continue
+            self._pause(pids - {pid})
+            self.holder = pid
+            (self.dir / f"{pid}.granted").touch()
+            return
+
+    def _pause(self, pids: set[int]) -> None:
+        for pid in pids - self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            self.paused.add(pid)
+
+    def resume_all(self) -> None:
+        for pid in self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.paused.clear()
 
 
 def _run_in_process(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool) -> Result:
@@ -529,13 +584,18 @@ def _load_average() -> str:
         return "n/a"
 
 
+def _runs_alone(experiment: Experiment) -> bool:
+    return experiment.timing_sensitive is True
+
+
 def _may_start(candidate: Experiment, running: list[Experiment], jobs: int) -> bool:
-    """Whether ``candidate`` may start beside ``running``: timing-sensitive ones run alone."""
+    """Whether ``candidate`` may start beside ``running``: ``timing_sensitive=True`` ones run
+    alone (``'sections'`` ones share the machine: the others are paused while they time)."""
     if not running:
         return True
-    if len(running) >= jobs or candidate.timing_sensitive:
+    if len(running) >= jobs or _runs_alone(candidate):
         return False
-    return not any(e.timing_sensitive for e in running)
+    return not any(_runs_alone(e) for e in running)
 
 
 def run_experiments(
@@ -558,9 +618,9 @@ def run_experiments(
       quick: the CPU-minute sizes.
       isolate: run each experiment in its own process (with its ``cpu_devices``); ``False``
         runs them in this process, on whatever devices it has.
-      jobs: with ``isolate``, how many experiments may run at once. Only experiments registered
-        with ``timing_sensitive=False`` share the machine; a timing-sensitive one always runs
-        alone.
+      jobs: with ``isolate``, how many experiments may run at once. Experiments registered
+        with ``timing_sensitive=True`` run alone; ``'sections'`` ones share the machine, and the
+        others are paused while they time (:func:`efflax.curves.alone`).
 
     Returns:
       A :class:`Result` ``(name, verdict or None on error, seconds, error message)`` per
@@ -582,16 +642,18 @@ def run_experiments(
     total = len(names)
     index = {name: i + 1 for i, name in enumerate(names)}
     print(f"efflax reproduce ({mode}): {total} experiment(s) on {machine}", flush=True)
-    alone = {n for n in names if registry[n].timing_sensitive}
+    alone = {n for n in names if _runs_alone(registry[n])}
     print(_expected_line(names, alone, previous, mode, jobs if isolate else 1), flush=True)
     start = time.perf_counter()
     done: list[Result] = []
     running: dict[str, _Child] = {}
     pending = list(names)
     if isolate and jobs > 1:
-        # The experiments that may share the machine first (in pairs), the timing-sensitive ones
-        # after them, one at a time: no slot waits on a timing-sensitive one in between.
-        pending.sort(key=lambda n: registry[n].timing_sensitive)
+        # The experiments that may share the machine first, longest first (fewer idle slots at
+        # the end), the ones that run alone after them: no slot waits on one in between.
+        expected = {**_reference_times(mode), **previous}
+        pending.sort(key=lambda n: (_runs_alone(registry[n]), -expected.get(n, 0.0)))
+    arbiter = _Arbiter(out / ".alone") if isolate else None
 
     def progress(text: str, starting: str | None = None) -> None:
         now = time.perf_counter()
@@ -616,29 +678,42 @@ def run_experiments(
             f"CPU {result.cpu_seconds:.0f} s)"
         )
 
-    while pending or running:
-        if isolate:
-            while pending and _may_start(
-                registry[pending[0]], [c.experiment for c in running.values()], jobs
-            ):
+    try:
+        while pending or running:
+            if isolate:
+                while (
+                    pending
+                    and arbiter.holder is None
+                    and _may_start(
+                        registry[pending[0]], [c.experiment for c in running.values()], jobs
+                    )
+                ):
+                    name = pending.pop(0)
+                    exp_dir = out / name
+                    exp_dir.mkdir(parents=True, exist_ok=True)
+                    progress(f"=== [{index[name]}/{total}] {name} ({mode}) -> {exp_dir}", name)
+                    running[name] = _Child(
+                        registry[name], exp_dir, quick=quick, alone_dir=arbiter.dir
+                    )
+                for name, child in list(running.items()):
+                    result = child.poll()
+                    if result is not None:
+                        del running[name]
+                        finished(result)
+                arbiter.update({c.process.pid for c in running.values()})
+                if running:
+                    time.sleep(0.02)
+            else:
                 name = pending.pop(0)
                 exp_dir = out / name
                 exp_dir.mkdir(parents=True, exist_ok=True)
                 progress(f"=== [{index[name]}/{total}] {name} ({mode}) -> {exp_dir}", name)
-                running[name] = _Child(registry[name], exp_dir, quick=quick)
-            for name, child in list(running.items()):
-                result = child.poll()
-                if result is not None:
-                    del running[name]
-                    finished(result)
-            if running:
-                time.sleep(0.2)
-        else:
-            name = pending.pop(0)
-            exp_dir = out / name
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            progress(f"=== [{index[name]}/{total}] {name} ({mode}) -> {exp_dir}", name)
-            finished(_run_in_process(registry[name], exp_dir, quick=quick))
+                finished(_run_in_process(registry[name], exp_dir, quick=quick))
+    finally:  # never leave a paused process behind (an interrupt, an error here)
+        if arbiter is not None:
+            arbiter.resume_all()
+        for child in running.values():
+            child.process.terminate()
     total_seconds = time.perf_counter() - start
     results = sorted(done, key=lambda r: index[r.name])
     print(f"efflax reproduce: {total} experiment(s) in {_clock(total_seconds)}", flush=True)

@@ -450,7 +450,11 @@ def _timing(forwards: dict, x, rounds: int) -> dict[str, list[float]]:
     return interleaved_times(fns, rounds=rounds)
 
 
-@register("cofi", description="CoFi pruning of a pretrained byte-level encoder vs small models")
+@register(
+    "cofi",
+    description="CoFi pruning of a pretrained byte-level encoder vs small models",
+    timing_sensitive="sections",  # times only through efflax.curves.interleaved_times
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

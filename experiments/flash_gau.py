@@ -317,7 +317,11 @@ def _to_decide(n: int | None, unit: str) -> str:
     return f"~{n} {unit} would decide it"
 
 
-@register("flash_gau", description="FLASH vs quadratic GAU: linear-time training, byte-LM quality")
+@register(
+    "flash_gau",
+    description="FLASH vs quadratic GAU: linear-time training, byte-LM quality",
+    timing_sensitive="sections",  # times only through efflax.curves.interleaved_times
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

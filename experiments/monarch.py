@@ -223,7 +223,11 @@ def _plot(results: dict, speedup, out_dir: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-@register("monarch", description="Monarch vs dense vs Monarch-then-dense MLP on MNIST-1D")
+@register(
+    "monarch",
+    description="Monarch vs dense vs Monarch-then-dense MLP on MNIST-1D",
+    timing_sensitive="sections",  # times only through efflax.curves.interleaved_times
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)

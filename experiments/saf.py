@@ -347,7 +347,11 @@ def _plot(results: dict, estimates: dict, png: pathlib.Path) -> None:
     plt.close(fig)
 
 
-@register("saf", description="SAF/MESA vs SGD and SAM on MNIST-1D: sharpness, accuracy, cost")
+@register(
+    "saf",
+    description="SAF/MESA vs SGD and SAM on MNIST-1D: sharpness, accuracy, cost",
+    timing_sensitive="sections",  # times only through efflax.curves.interleaved_times
+)
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
     out_dir = pathlib.Path(out_dir)

@@ -306,6 +306,7 @@ def _plot(results: dict[str, dict], path: pathlib.Path) -> None:
 @register(
     "tradeoff_curves",
     description="accuracy-vs-time curves per family (Monarch, SAF/MESA/SAM, MoE routing)",
+    timing_sensitive="sections",  # times only through efflax.curves.interleaved_cyclic_points
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)

@@ -43,6 +43,28 @@ def run_a(out_dir, *, quick):
 def run_b(out_dir, *, quick):
     return _run(out_dir, quick=quick, name="b")
 
+@register("fake_timer", timing_sensitive="sections")
+def run_timer(out_dir, *, quick):
+    import json, time
+    from efflax.curves import alone
+    time.sleep(0.6)  # the ticker runs meanwhile
+    with alone():
+        t0 = time.time()
+        time.sleep(1.0)
+        t1 = time.time()
+    (pathlib.Path(out_dir) / "window.json").write_text(json.dumps([t0, t1]))
+    return _run(out_dir, quick=quick, name="timer")
+
+@register("fake_ticker", timing_sensitive=False)
+def run_ticker(out_dir, *, quick):
+    import json, time
+    ticks = []
+    for _ in range(500):
+        ticks.append(time.time())
+        time.sleep(0.004)
+    (pathlib.Path(out_dir) / "ticks.json").write_text(json.dumps(ticks))
+    return _run(out_dir, quick=quick, name="ticker")
+
 @register("fake_crash")
 def run_crash(out_dir, *, quick):
     sys.exit(3)
@@ -80,6 +102,33 @@ def test_reproduce_runs_each_experiment_in_its_own_process_two_at_a_time(fake_ex
     assert printed.index("=== [2/2] fake_b") < printed.index("--- [1/2]")
     assert "[fake_a] claim: accuracy >= 0.9" in printed
     assert re.search(r"--- \[\d/2\] fake_b: PASS \(\d+ s, CPU \d+ s\)", printed)
+
+
+def test_other_experiments_are_paused_while_one_times(fake_experiments):
+    import json
+
+    out = fake_experiments
+    argv = ["reproduce", "fake_timer", "fake_ticker", "--quick", "--jobs", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    t0, t1 = json.loads((out / "fake_timer" / "window.json").read_text())
+    ticks = json.loads((out / "fake_ticker" / "ticks.json").read_text())
+    # The ticker ran before and after the timed second, and not inside it.
+    assert any(t < t0 for t in ticks) and any(t > t1 for t in ticks)
+    assert not [t for t in ticks if t0 + 0.05 < t < t1 - 0.05]
+    assert not list((out / ".alone").iterdir())  # the handshake files are gone
+
+
+def test_alone_outside_reproduce_does_nothing(monkeypatch):
+    from efflax.curves import alone
+
+    monkeypatch.delenv("EFFLAX_ALONE_DIR", raising=False)
+    with alone(), alone():
+        pass
+
+
+def test_register_refuses_an_unknown_timing_mode():
+    with pytest.raises(ValueError, match="timing_sensitive='yes'"):
+        experiment.register("x", timing_sensitive="yes")
 
 
 def test_a_crashing_experiment_process_is_reported(fake_experiments):

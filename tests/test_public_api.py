@@ -96,6 +96,7 @@ PUBLIC = {
         "Segment",
         "TimedEval",
         "Times",
+        "alone",
         "cyclic_points",
         "interleaved_cyclic_points",
         "interleaved_times",

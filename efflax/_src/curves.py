@@ -61,6 +61,7 @@ import numpy as np
 
 from efflax._src.stats import Estimate
 from efflax._src.stats import mean_interval
+from efflax._src.timing import alone
 from efflax._src.timing import timed_call
 from pallas_kernels import _checks
 
@@ -257,37 +258,38 @@ def interleaved_cyclic_points(
     firsts = {n: batches[n](0) for n in names}
     for n in names:  # compile outside the clock
         jax.block_until_ready(runs[n][1](jax.tree.map(jnp.copy, states[n]), firsts[n]))
-    seconds = dict.fromkeys(names, 0.0)
-    cpu_seconds = dict.fromkeys(names, 0.0)
-    points: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    ends = set(budgets)
-    for step in range(budgets[-1]):
-        shift = step % len(names)
-        for n in names[shift:] + names[:shift]:
-            batch = firsts.pop(n) if step == 0 else batches[n](step)
-            (states[n], _), wall, cpu = timed_call(runs[n][1], states[n], batch)
-            seconds[n] += wall
-            cpu_seconds[n] += cpu
-        if step + 1 in ends:
-            for n in names:
-                values = runs[n][3](states[n])
-                if not isinstance(values, Mapping):
-                    raise ValueError(
-                        f"eval_fn of {n!r} returned {type(values).__name__}; it must return a "
-                        "dict of named metrics"
+    with alone():  # the timed training: the other processes of efflax reproduce paused
+        seconds = dict.fromkeys(names, 0.0)
+        cpu_seconds = dict.fromkeys(names, 0.0)
+        points: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+        ends = set(budgets)
+        for step in range(budgets[-1]):
+            shift = step % len(names)
+            for n in names[shift:] + names[:shift]:
+                batch = firsts.pop(n) if step == 0 else batches[n](step)
+                (states[n], _), wall, cpu = timed_call(runs[n][1], states[n], batch)
+                seconds[n] += wall
+                cpu_seconds[n] += cpu
+            if step + 1 in ends:
+                for n in names:
+                    values = runs[n][3](states[n])
+                    if not isinstance(values, Mapping):
+                        raise ValueError(
+                            f"eval_fn of {n!r} returned {type(values).__name__}; it must return a "
+                            "dict of named metrics"
+                        )
+                    values = dict(values)
+                    if metric not in values:
+                        raise ValueError(f"eval_fn of {n!r} did not return {metric=}")
+                    points[n].append(
+                        {
+                            **values,
+                            "step": step + 1,
+                            "train_time": seconds[n],
+                            "train_cpu_time": cpu_seconds[n],
+                        }
                     )
-                values = dict(values)
-                if metric not in values:
-                    raise ValueError(f"eval_fn of {n!r} did not return {metric=}")
-                points[n].append(
-                    {
-                        **values,
-                        "step": step + 1,
-                        "train_time": seconds[n],
-                        "train_cpu_time": cpu_seconds[n],
-                    }
-                )
-    return points
+        return points
 
 
 @dataclasses.dataclass(frozen=True)

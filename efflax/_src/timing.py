@@ -14,9 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import pathlib
 import re
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -25,6 +29,61 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _checks
+
+ALONE_DIR_ENV = "EFFLAX_ALONE_DIR"
+_GRANT_TIMEOUT_S = 1800.0
+_alone_depth = 0
+
+
+@contextlib.contextmanager
+def alone():
+    """While inside, this process has the machine to itself under ``efflax reproduce``.
+
+    ``efflax reproduce --jobs N`` runs experiments side by side; an experiment registered with
+    ``timing_sensitive='sections'`` times only inside this context (every timer of
+    :mod:`efflax.curves` enters it), and reproduce pauses (``SIGSTOP``) every other experiment
+    process while it is inside, resuming them (``SIGCONT``) when it leaves. One process at a
+    time holds it; the others wait for their turn. Outside ``efflax reproduce`` (no
+    ``$EFFLAX_ALONE_DIR``) and when nested, it does nothing.
+
+    The handshake is two files in ``$EFFLAX_ALONE_DIR``: this process creates
+    ``<pid>.request`` and waits for reproduce to create ``<pid>.granted`` (the others are paused
+    by then); on exit it removes the request and waits until the grant is withdrawn.
+    """
+    global _alone_depth
+    directory = os.environ.get(ALONE_DIR_ENV)
+    if not directory or _alone_depth:
+        _alone_depth += 1
+        try:
+            yield
+        finally:
+            _alone_depth -= 1
+        return
+    request = pathlib.Path(directory) / f"{os.getpid()}.request"
+    granted = request.with_suffix(".granted")
+    request.touch()
+    if not _wait_for(granted.exists):
+        warnings.warn(
+            f"no grant in {_GRANT_TIMEOUT_S:.0f} s from efflax reproduce ({granted}): timing "
+            "beside other processes",
+            stacklevel=3,
+        )
+    _alone_depth = 1
+    try:
+        yield
+    finally:
+        _alone_depth = 0
+        request.unlink(missing_ok=True)
+        _wait_for(lambda: not granted.exists())
+
+
+def _wait_for(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + _GRANT_TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def timed_call(fn: Callable, *args) -> tuple[object, float, float]:
@@ -89,8 +148,8 @@ def interleaved_times(
             raise ValueError(f"fns[{name!r}]={entry!r} must be (function, tuple of arguments)")
     names = list(fns)
     times = {name: Times() for name in names}
-    start = time.perf_counter()
-    for round_ in range(warmup + rounds):
+
+    def one_round(round_: int) -> None:
         shift = round_ % len(names) if rotate else 0
         for name in names[shift:] + names[:shift]:
             fn, args = fns[name]
@@ -98,10 +157,17 @@ def interleaved_times(
             if round_ >= warmup:
                 times[name].append(wall / repeat)
                 times[name].cpu.append(cpu / repeat)
-        done = round_ + 1 - warmup
-        if max_seconds is not None and done >= min_rounds:
-            if time.perf_counter() - start > max_seconds:
-                break
+
+    if warmup:  # the first warm-up round (compilation) beside the other processes
+        one_round(0)
+    with alone():
+        start = time.perf_counter()
+        for round_ in range(min(warmup, 1), warmup + rounds):
+            one_round(round_)
+            done = round_ + 1 - warmup
+            if max_seconds is not None and done >= min_rounds:
+                if time.perf_counter() - start > max_seconds:
+                    break
     return times
 
 
