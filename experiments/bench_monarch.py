@@ -45,6 +45,8 @@ from pallas_kernels import monarch_matmul
 from pallas_kernels import monarch_matmul_reference
 from pallas_kernels import monarch_to_dense
 from pallas_kernels._compat import is_gpu
+from pallas_kernels.monarch.reference import einsum
+from pallas_kernels.monarch.reference import einsum32
 
 
 def nblocks_for(n: int, nblocks: str | int) -> int:
@@ -57,6 +59,40 @@ def nblocks_for(n: int, nblocks: str | int) -> int:
 def _rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def products_only(w1_shape, w2_shape, tokens: int, dtype):
+    """The XLA path's products alone: the step's 7 batched einsums (forward 2, the recomputed
+    first product, backward 4) on inputs already in block-major layout, with no layout copies.
+    Dense time over this time is the speed-up the products allow: the bound that layout work
+    (``[rows, blocks*width] <-> [blocks, rows, width]`` and the permutation) eats into."""
+    k, q, p = w1_shape
+    l, s, r = w2_shape
+
+    def products(xt, xt_again, dyt, w1, w2):
+        h = einsum("jcp,jqp->jcq", xt, w1)
+        z = h.reshape(l, tokens, r)  # a bitcast stands in for the permutation (no copy)
+        y = einsum("lcr,lsr->lcs", z, w2)
+        # recomputed in the backward (from a second buffer: XLA would merge it with h)
+        z2 = einsum("jcp,jqp->jcq", xt_again, w1).reshape(l, tokens, r)
+        dw2 = einsum32("lcs,lcr->lsr", dyt, z2)
+        dh = einsum("lcs,lsr->lcr", dyt, w2).reshape(k, tokens, q)
+        dw1 = einsum32("jcq,jcp->jqp", dh, xt)
+        dx = einsum("jcq,jqp->jcp", dh, w1)
+        return y, dw1, dw2, dx
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    xt = jax.random.normal(keys[0], (k, tokens, p), jnp.float32).astype(dtype)
+    args = (
+        xt,
+        xt + 0,
+        jax.random.normal(keys[1], (l, tokens, s), jnp.float32).astype(dtype),
+        jax.random.normal(keys[2], w1_shape, jnp.float32).astype(dtype),
+        jax.random.normal(keys[3], w2_shape, jnp.float32).astype(dtype),
+    )
+    step = jax.jit(products)
+    assert program_stats(step, *args).dots >= 7, "the products-only program lost a product"
+    return step, args
 
 
 def bench(sizes=(1024, 4096), nblocks_options=(4, "sqrt"), tokens: int = 2048, *, rounds=9):
@@ -110,6 +146,8 @@ def bench(sizes=(1024, 4096), nblocks_options=(4, "sqrt"), tokens: int = 2048, *
                 assert program_stats(step, *args).dots >= 6, f"the {name} step lost a product"
                 steps[name] = (step, args)
                 row[f"{name}_rel_err"] = err
+            if not on_gpu and chunk is not None:
+                steps["products"] = products_only(w1_shape, w2_shape, tokens, dtype)
             times = interleaved_times(steps, rounds=rounds)
             dense_wall, dense_cpu = (
                 statistics.median(times["dense"]),
@@ -117,6 +155,10 @@ def bench(sizes=(1024, 4096), nblocks_options=(4, "sqrt"), tokens: int = 2048, *
             )
             row["dense_ms"], row["dense_cpu_ms"] = dense_wall * 1e3, dense_cpu * 1e3
             row["rounds"] = len(times["dense"])
+            if "products" in times:
+                products_cpu = statistics.median(times["products"].cpu)
+                row["products_cpu_ms"] = products_cpu * 1e3
+                row["products_bound"] = dense_cpu / products_cpu
             for name in paths:
                 wall, cpu = statistics.median(times[name]), statistics.median(times[name].cpu)
                 row[f"{name}_ms"], row[f"{name}_cpu_ms"] = wall * 1e3, cpu * 1e3
@@ -128,7 +170,14 @@ def bench(sizes=(1024, 4096), nblocks_options=(4, "sqrt"), tokens: int = 2048, *
                     f"dense {dense_wall * 1e3:.1f} ms (cpu {dense_cpu * 1e3:.1f}): "
                     f"{dense_wall / wall:.2f}x wall, {dense_cpu / cpu:.2f}x cpu time; FLOP ratio "
                     f"{row['flop_ratio']:.0f} (timed {row['timed_flop_ratio']:.1f}), efficiency "
-                    f"{row[f'{name}_efficiency']:.2f}",
+                    f"{row[f'{name}_efficiency']:.2f}"
+                    + (
+                        f"; products alone {row['products_cpu_ms']:.1f} ms cpu "
+                        f"(bound {row['products_bound']:.2f}x, layout work "
+                        f"{1 - row['products_cpu_ms'] / (cpu * 1e3):.0%} of the step)"
+                        if name == "xla" and "products_bound" in row
+                        else ""
+                    ),
                     flush=True,
                 )
             rows.append(row)
@@ -140,6 +189,7 @@ def markdown_table(rows: list[dict]) -> str:
     header = ["n", "nblocks", "FLOP ratio", "timed FLOP ratio", "dense step ms (cpu)"]
     for p in paths:
         header += [f"{p} step ms (cpu)", "x wall", "x cpu time", "efficiency"]
+    header += ["products alone ms (cpu)", "x bound"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
@@ -156,6 +206,10 @@ def markdown_table(rows: list[dict]) -> str:
                 f"{r[f'{p}_cpu_speedup']:.2f}",
                 f"{r[f'{p}_efficiency']:.2f}",
             ]
+        if "products_bound" in r:
+            cells += [f"{r['products_cpu_ms']:.1f}", f"{r['products_bound']:.2f}"]
+        else:
+            cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

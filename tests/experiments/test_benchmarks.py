@@ -74,3 +74,10 @@ def test_bench_moe_steps_keep_their_products():
     assert {"dense", "expert_choice/gather", "top2/einsum"} <= names
     dense = next(row for row in rows if row[1] == "dense")
     assert dense[5] == 1.0  # FLOP ratio of the dense step to itself, from XLA's count
+
+
+def test_bench_monarch_products_alone_keep_all_seven_products():
+    step, args = bench_monarch.products_only((4, 16, 16), (4, 16, 16), 32, jnp.float32)
+    assert program_stats(step, *args).dots >= 7
+    y, dw1, dw2, dx = step(*args)
+    assert y.shape == (4, 32, 16) and dw1.shape == (4, 16, 16) and dx.shape == (4, 32, 16)
