@@ -1,8 +1,22 @@
 """Registry of paper-reproduction experiments, run by ``efflax reproduce``.
 
-An experiment is a module in ``experiments/`` that decorates a ``run(out_dir, *, quick)``
-function with :func:`register`. ``run`` writes ``metrics.json`` and at least one PNG into
-``out_dir`` and returns a :class:`Verdict`: the paper's claim next to what this run measured.
+An experiment is a module in ``experiments/`` (or a user's module named in
+``$EFFLAX_EXPERIMENT_MODULES``) that decorates a ``run(out_dir, *, quick)`` function with
+:func:`register`. ``run`` writes ``metrics.json`` and at least one PNG into ``out_dir`` and
+returns a :class:`Verdict`: the paper's claim next to what this run measured. The pieces an
+experiment is made of live in the library: :func:`efflax.training.fit_seeds` trains every seed
+and arm as one program, :class:`Claims` turns its estimates into the verdict (and writes
+``metrics.json``), :func:`plot_panels` draws the curves, and :mod:`efflax.curves`' timers measure
+time (under ``efflax reproduce`` alone on the machine: see :func:`efflax.curves.alone`)::
+
+    @register("my_claim", timing_sensitive=False)
+    def run(out_dir, *, quick):
+        seeds = fit_seeds(make_state, loss_fn, loader, seeds=range(4), num_steps=300,
+                          eval_fn=seeds_eval_fn(test_arrays), eval_every=100)
+        claims = Claims()
+        accuracy = seeds.estimate("test/accuracy", scale=100)
+        claims.check("accuracy", accuracy, 90.0)  # PASS / FAIL / INCONCLUSIVE
+        return claims.verdict(out_dir, claim="accuracy >= 90%", measured=accuracy.format(".1f"))
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from efflax._src.stats import combine_statuses
 from efflax._src.stats import decide
 from efflax._src.stats import seeds_to_decide
 from efflax._src.timing import ALONE_DIR_ENV
+from efflax._src.timing import ALONE_PARENT_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,6 +395,7 @@ class _Child:
         env.setdefault("MPLBACKEND", "Agg")
         env["PYTHONUNBUFFERED"] = "1"
         env[ALONE_DIR_ENV] = str(alone_dir)
+        env[ALONE_PARENT_ENV] = str(os.getpid())
         self.start = time.perf_counter()
         self.process = subprocess.Popen(
             command,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from pallas_kernels import _checks
 
 ALONE_DIR_ENV = "EFFLAX_ALONE_DIR"
+ALONE_PARENT_ENV = "EFFLAX_ALONE_PARENT"  # the pid of the efflax reproduce that grants turns
 _GRANT_TIMEOUT_S = 1800.0
 _alone_depth = 0
 
@@ -52,6 +53,8 @@ def alone():
     """
     global _alone_depth
     directory = os.environ.get(ALONE_DIR_ENV)
+    if directory and os.environ.get(ALONE_PARENT_ENV) != str(os.getppid()):
+        directory = None  # a process the experiment started: reproduce does not know its pid
     if not directory or _alone_depth:
         _alone_depth += 1
         try:
