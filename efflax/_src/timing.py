@@ -45,7 +45,8 @@ def alone():
     :mod:`efflax.curves` enters it), and reproduce pauses (``SIGSTOP``) every other experiment
     process while it is inside, resuming them (``SIGCONT``) when it leaves. One process at a
     time holds it; the others wait for their turn. Outside ``efflax reproduce`` (no
-    ``$EFFLAX_ALONE_DIR``) and when nested, it does nothing.
+    ``$EFFLAX_ALONE_DIR``), in a process an experiment started itself, and when nested, it does
+    nothing.
 
     The handshake is two files in ``$EFFLAX_ALONE_DIR``: this process creates
     ``<pid>.request`` and waits for reproduce to create ``<pid>.granted`` (the others are paused
