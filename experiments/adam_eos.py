@@ -24,20 +24,20 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.models import MLP
 from efflax.optim import SharpnessProbe
 from efflax.optim import adam_stability_threshold
 from efflax.optim import gd_stability_threshold
 from efflax.optim import sharpness
 from efflax.stats import Estimate
-from efflax.stats import combine_statuses
-from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import offset
-from efflax.stats import seeds_to_decide
 from efflax.training import fit
 from efflax.training import make_train_step
 from efflax.training import seed_state
@@ -132,42 +132,31 @@ def second_half(history: list[dict], key: str) -> np.ndarray:
 
 
 def plot(runs: dict, out_dir: pathlib.Path) -> pathlib.Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for k, (name, run) in enumerate(runs.items()):
-        color = f"C{k}" if run["optimizer"] == "adam" else "k"
+    """Preconditioned sharpness (Adam), raw sharpness and training loss of every run."""
+    precond, raw, loss, hlines = {}, {}, {}, ([], [])
+    for name, run in runs.items():
+        adam = run["optimizer"] == "adam"
         for i, history in enumerate(run["histories"]):
-            label = name if i == 0 else None
-            key = "sharpness" if run["optimizer"] == "gd" else "preconditioned_sharpness"
-            probes = [r for r in history if key in r]
-            steps = [r["step"] for r in probes]
-            if run["optimizer"] == "adam":
-                values = [r["preconditioned_sharpness"] for r in probes]
-                axes[0].plot(steps, values, color=color, alpha=0.7, label=label)
-            if probes and "sharpness" in probes[0]:  # the raw sharpness (full size, and GD)
-                raw = [r["sharpness"] for r in probes]
-                axes[1].plot(steps, raw, color=color, alpha=0.7, label=label)
-            losses = [(r["step"], r["train/loss"]) for r in history if "train/loss" in r]
-            axes[2].plot(*zip(*losses, strict=True), color=color, alpha=0.7, label=label)
-        target = axes[0] if run["optimizer"] == "adam" else axes[1]
-        target.axhline(run["threshold"], color=color, linestyle="--")
-    axes[0].set(
-        title="Adam: preconditioned sharpness vs 38/lr (dashed)", xlabel="step", yscale="log"
-    )
-    axes[1].set(title="raw sharpness (GD: vs 2/lr, dashed)", xlabel="step", yscale="log")
-    axes[2].set(title="training loss (full batch)", xlabel="step", yscale="log")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "adam_eos.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            label = f"{name} seed {i}"
+            if adam:
+                precond[label] = _curve(history, "preconditioned_sharpness")
+            if any("sharpness" in r for r in history):  # the raw sharpness (full size, and GD)
+                raw[label] = _curve(history, "sharpness")
+            loss[label] = _curve(history, "train/loss")
+        hlines[0 if adam else 1].append(run["threshold"])
+    return plot_panels(
+        out_dir / "adam_eos.png",
+        [
+            Panel("Adam: preconditioned sharpness vs 38/lr (dotted)", precond,
+                  yscale="log", hlines=tuple(hlines[0])),
+            Panel("raw sharpness (GD: vs 2/lr, dotted)", raw, yscale="log", hlines=tuple(hlines[1])),
+            Panel("training loss (full batch)", loss, yscale="log"),
+        ],
+    )  # fmt: skip
+
+
+def _curve(history: list[dict], key: str) -> tuple[list, list]:
+    return [r["step"] for r in history if key in r], [r[key] for r in history if key in r]
 
 
 @register(
@@ -185,7 +174,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     step_fn = make_train_step(lambda params, state, batch, rng: loss_fn(params, batch))
     runs: dict[str, dict] = {}
     estimates: dict[str, Estimate] = {}
-    statuses = []
+    claims = Claims()
     start = time.perf_counter()
     for lr in cfg["adam_lrs"]:
         name = f"adam lr={lr:g}"
@@ -209,7 +198,12 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         raw = [second_half(h, "sharpness").mean() for h in histories] if cfg["raw"] else []
         ratio = mean_interval(ratios)
         estimates[f"precond_sharpness_over_38_lr_at_lr_{lr:g}"] = ratio
-        statuses.append(decide(offset(ratio, 1.0), TOLERANCE, direction="within"))
+        claims.check(
+            f"precond_sharpness_over_38_lr_minus_1_at_lr_{lr:g}",
+            offset(ratio, 1.0),
+            TOLERANCE,
+            "within",
+        )
         runs[name] = {
             "optimizer": "adam",
             "learning_rate": lr,
@@ -242,45 +236,31 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         "histories": histories,
     }
     print(f"{name}: sharpness / (2/lr) = {gd_ratio.format('.3f')}", flush=True)
-    status = combine_statuses(statuses)
     plot(runs, out_dir)
-    write_metrics(
-        out_dir,
-        {
-            "config": cfg,
-            "lanczos_steps": LANCZOS_STEPS,
-            "tolerance": TOLERANCE,
-            "seconds": time.perf_counter() - start,
-            "estimates": estimates,
-            "runs": runs,
-        },
-    )
-    parts = []
-    for (key, e), st in zip(list(estimates.items())[:-1], statuses, strict=True):
-        text = f"lr {key.rsplit('_', 1)[-1]}: {e.format('.3f')} x 38/lr"
-        if st == "INCONCLUSIVE":
-            need = seeds_to_decide(offset(e, 1.0), TOLERANCE, direction="within")
-            text += f" (undecided, ~{need} seeds)"
-        parts.append(text)
+    parts = [
+        f"lr {key.rsplit('_', 1)[-1]}: {e.format('.3f')} x 38/lr"
+        for key, e in list(estimates.items())[:-1]
+    ]
     measured = (
         "; ".join(parts)
         + f"; GD lr {GD_LR:g}: raw sharpness {gd_ratio.format('.3f')} x 2/lr (context, not "
         f"part of the verdict); second-half means of probes every {cfg['probe_every']} steps "
         f"over {cfg['steps']} Adam / {cfg['gd_steps']} GD steps, {len(cfg['seeds'])} seeds"
     )
-    return Verdict(
+    return claims.verdict(
+        out_dir,
         claim="full-batch Adam's preconditioned sharpness hovers at 38/lr (within 10%)",
         measured=measured,
-        status=status,
-        estimates=estimates,
+        metrics={
+            "config": cfg,
+            "lanczos_steps": LANCZOS_STEPS,
+            "tolerance": TOLERANCE,
+            "seconds": time.perf_counter() - start,
+            "sharpness_ratios": estimates,
+            "runs": runs,
+        },
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("adam_eos")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("adam_eos")

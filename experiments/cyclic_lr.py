@@ -32,18 +32,17 @@ import optax
 
 from efflax import data
 from efflax.curves import cyclic_points
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.models import CNN1D
 from efflax.optim import cycle_end_steps
 from efflax.optim import exponential_cyclic_cosine_schedule
-from efflax.stats import Estimate
-from efflax.stats import combine_statuses
-from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import paired_difference
-from efflax.stats import seeds_to_decide
 from efflax.training import SeedLoader
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import make_train_step
@@ -136,72 +135,25 @@ def train(
     }
 
 
-def _plot(
-    budgets: list[int],
-    acc_cyclic: np.ndarray,
-    acc_dedicated: np.ndarray,
-    gaps: list[Estimate],
-    schedules: dict[str, tuple[np.ndarray, np.ndarray]],
-    png_path: pathlib.Path,
-    *,
-    title: str,
-) -> None:
-    """Accuracy per budget (both ways, every seed faint), the paired gap, the schedules."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
-    ax = axes[0]
-    for name, acc, color in (
-        ("cyclic (one run, cycle ends)", acc_cyclic, "C0"),
-        ("dedicated warmup+cosine runs", acc_dedicated, "C1"),
-    ):
-        for row in acc:
-            ax.plot(budgets, 100 * row, color=color, alpha=0.2, lw=0.8)
-        estimates = [mean_interval(100 * acc[:, i]) for i in range(len(budgets))]
-        ax.errorbar(
-            budgets,
-            [e.value for e in estimates],
-            yerr=np.array([[e.value - e.low, e.high - e.value] for e in estimates]).T,
-            marker="o",
-            capsize=3,
-            color=color,
-            label=name,
-        )
-    ax.set(xscale="log", xlabel="training budget (steps)", ylabel="test accuracy (%)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    ax.errorbar(
-        budgets,
-        [g.value for g in gaps],
-        yerr=np.array([[g.value - g.low, g.high - g.value] for g in gaps]).T,
-        marker="o",
-        capsize=3,
-        color="k",
-    )
-    ax.axhspan(-TOLERANCE_POINTS, TOLERANCE_POINTS, color="g", alpha=0.1, label="claim: within 1")
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(
-        xscale="log",
-        xlabel="training budget (steps)",
-        ylabel="cyclic - dedicated (points)",
-        title="paired by seed, 95% interval",
-    )
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    for name, (steps, values) in schedules.items():
-        ax.plot(steps, values, label=name, lw=1)
-    ax.set(xlabel="step", ylabel="learning rate")
-    ax.legend(fontsize=7)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+def _plot(budgets, acc_cyclic, acc_dedicated, gaps, schedules, png_path, *, title: str) -> None:
+    """Mean accuracy per budget both ways, the paired gap (value), the schedules."""
+    accuracy = {
+        "cyclic (one run, cycle ends)": (budgets, 100 * acc_cyclic),
+        "dedicated warmup+cosine runs": (budgets, 100 * acc_dedicated),
+    }
+    gap = {"cyclic - dedicated": (budgets, [g.value for g in gaps])}
+    plot_panels(
+        png_path,
+        [
+            Panel("test accuracy, mean of seeds", accuracy, xlabel="training budget (steps)",
+                  ylabel="test accuracy (%)", xscale="log"),
+            Panel("paired by seed (claim: >= -1)", gap, xlabel="training budget (steps)",
+                  ylabel="cyclic - dedicated (points)", xscale="log",
+                  hlines=(-TOLERANCE_POINTS, 0.0, TOLERANCE_POINTS)),
+            Panel("schedules", schedules, ylabel="learning rate", style=dict.fromkeys(schedules, "-")),
+        ],
+        title=title,
+    )  # fmt: skip
 
 
 def _cyclic_schedule(config: Config) -> optax.Schedule:
@@ -259,16 +211,19 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     ]
     # The claim is one-sided ("nearly as good"): not worse by more than 1 point. Whether the
     # two differ at all (either way) is reported beside it.
-    statuses = [decide(g, -TOLERANCE_POINTS, direction=">=") for g in gaps]
-    within = [decide(g, TOLERANCE_POINTS, direction="within") for g in gaps]
-    status = combine_statuses(statuses)
+    claims = Claims()
+    for b, g in zip(budgets, gaps, strict=True):
+        claims.check(f"gap_points_at_{b}_steps", g, -TOLERANCE_POINTS)
+    within = [
+        claims.report(f"within_1_point_at_{b}_steps", g, TOLERANCE_POINTS, "within")
+        for b, g in zip(budgets, gaps, strict=True)
+    ]
     gap = gaps[-1]
     longer_gain = paired_difference(100 * longer["accuracy"][:, 0], 100 * acc_dedicated[:, -1])
     cyclic_vs_longer = paired_difference(100 * acc_cyclic[:, -1], 100 * longer["accuracy"][:, 0])
     step_ratio = longest / sum(budgets)
     time_ratio = cyclic["train_time"][-1] / sum(d["train_time"][0] for d in dedicated)
-    estimates = {
-        **{f"gap_points_at_{b}_steps": g for b, g in zip(budgets, gaps, strict=True)},
+    context = {
         f"dedicated_gain_points_{2 * longest}_vs_{longest}_steps": longer_gain,
         f"cyclic_{longest}_minus_dedicated_{2 * longest}_points": cyclic_vs_longer,
         f"cyclic_accuracy_at_{longest}_steps": mean_interval(100 * acc_cyclic[:, -1]),
@@ -309,11 +264,6 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             f"({cyclic_vs_longer.format('+.2f')} points): not explained by undertrained "
             "dedicated runs (the restarts help at this budget)"
         )
-    undecided = [
-        f"{b}: ~{seeds_to_decide(g, -TOLERANCE_POINTS, direction='>=')} seeds"
-        for b, g, st in zip(budgets, gaps, statuses, strict=True)
-        if st == "INCONCLUSIVE"
-    ]
     better = [b for b, g in zip(budgets, gaps, strict=True) if g.low > 0]
     far_better = [
         b for b, g, w in zip(budgets, gaps, within, strict=True) if w == "FAIL" and g.value > 0
@@ -330,7 +280,6 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         + ", ".join(f"{b}: {g.format('+.2f')}" for b, g in zip(budgets, gaps, strict=True))
         + f". At {longest} steps the gap is {nature}. "
         + better_text
-        + (f"Undecided budgets would need {', '.join(undecided)}. " if undecided else "")
         + f"Cost of the one run / all dedicated runs: {step_ratio:.2f} in steps "
         f"(the claim's cost; {time_ratio:.2f} in measured time of these seed-batched runs)"
     )
@@ -353,10 +302,17 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         out_dir / "accuracy_vs_budget.png",
         title=f"MNIST-1D CNN, Adam, {len(config.seeds)} seeds: Portes et al. 2022",
     )
-    write_metrics(
+    claims.require("cost_ratio_steps", step_ratio <= MAX_COST_RATIO)
+    return claims.verdict(
         out_dir,
-        {
-            "config": dataclasses.asdict(config),
+        claim=(
+            "one cyclic run's end-of-cycle accuracy is nearly as good as a dedicated run's "
+            "(not worse by more than 1 point, 95% interval, paired by seed) at every budget, at "
+            "the cost of the longest budget alone (about half of all runs)"
+        ),
+        measured=measured,
+        metrics={
+            "config": config,
             "budgets_steps": budgets,
             "accuracy_cyclic": acc_cyclic,
             "accuracy_dedicated": acc_dedicated,
@@ -368,27 +324,10 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             "train_time_dedicated_s": [d["train_time"][0] for d in dedicated],
             "cost_ratio_steps": step_ratio,
             "cost_ratio_time_seed_batched": time_ratio,
-            "estimates": estimates,
-            "statuses": dict(zip(map(str, budgets), statuses, strict=True)),
+            "context_estimates": context,
         },
     )
-    return Verdict(
-        claim=(
-            "one cyclic run's end-of-cycle accuracy is nearly as good as a dedicated run's "
-            "(not worse by more than 1 point, 95% interval, paired by seed) at every budget, at "
-            "the cost of the longest budget alone (about half of all runs)"
-        ),
-        measured=measured,
-        status=status if step_ratio <= MAX_COST_RATIO else "FAIL",
-        estimates=estimates,
-    )
-
-
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("cyclic_lr")
 
 
 if __name__ == "__main__":
-    main()
+    cli_main("cyclic_lr")

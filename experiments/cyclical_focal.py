@@ -24,16 +24,13 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.experiment import Claims
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.losses import cyclical_focal_loss
 from efflax.losses import focal_loss
 from efflax.models import MLP
-from efflax.stats import combine_statuses
-from efflax.stats import decide
-from efflax.stats import paired_difference
-from efflax.stats import seeds_to_decide
 from efflax.training import SplitLoader
 from efflax.training import fit_seeds
 from efflax.training import plot_arms
@@ -128,75 +125,45 @@ def train(cfg: Config, out_dir: pathlib.Path):
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
-    out_dir = pathlib.Path(out_dir)
-    trained, counts, num_steps = train(cfg, out_dir)
+    trained, counts, num_steps = train(cfg, pathlib.Path(out_dir))
     finals = {arm: trained.per_seed(f"test/{arm}/accuracy") for arm in ARMS}
-    points = {arm: 100 * np.asarray(v) for arm, v in finals.items()}
-    for arm, v in points.items():
-        print(f"{arm}: {v.mean():.2f}% (per seed {np.round(v, 1).tolist()})", flush=True)
-    vs_ce = paired_difference(points["cyclical_focal"], points["ce"])
-    vs_focal = paired_difference(points["cyclical_focal"], points["focal"])
-    statuses = {
-        "cfl_minus_ce": decide(vs_ce, -cfg.margin, direction=">="),
-        "cfl_minus_focal": decide(vs_focal, -cfg.margin, direction=">="),
-    }
-    undecided = {
-        name: seeds_to_decide(e, -cfg.margin, direction=">=")
-        for name, e in (("cfl_minus_ce", vs_ce), ("cfl_minus_focal", vs_focal))
-        if statuses[name] == "INCONCLUSIVE"
-    }
-    better = {
-        "cfl_better_than_ce": decide(vs_ce, 0.0, direction=">="),
-        "cfl_better_than_focal": decide(vs_focal, 0.0, direction=">="),
-    }
-    write_metrics(
-        out_dir,
-        {
-            "config": dataclasses.asdict(cfg),
-            "train_class_counts": counts,
-            "steps": num_steps,
-            "test_accuracy": finals,
-            "statuses": statuses,
-            "better_than_statuses": better,
-            "seeds_to_decide": undecided,
-            "estimates": {
-                "cfl_minus_ce": dataclasses.asdict(vs_ce),
-                "cfl_minus_focal": dataclasses.asdict(vs_focal),
-            },
-        },
-    )
+    for arm, v in finals.items():
+        print(f"{arm}: {100 * v.mean():.2f}% (per seed {np.round(100 * v, 1).tolist()})")
+    vs_ce = trained.paired("test/cyclical_focal/accuracy", "test/ce/accuracy", scale=100)
+    vs_focal = trained.paired("test/cyclical_focal/accuracy", "test/focal/accuracy", scale=100)
+    claims = Claims()
+    claims.check("cfl_minus_ce", vs_ce, -cfg.margin)
+    claims.check("cfl_minus_focal", vs_focal, -cfg.margin)
+    better_ce = claims.report("cfl_better_than_ce", vs_ce, 0.0)
+    better_focal = claims.report("cfl_better_than_focal", vs_focal, 0.0)
     plot_arms(
-        out_dir / "cyclical_focal.png",
+        pathlib.Path(out_dir) / "cyclical_focal.png",
         trained.history,
         finals,
         ylabel="balanced test accuracy (%)",
         title=f"MNIST-1D MLP, train classes {counts[0]}..{counts[-1]} (ratio {cfg.imbalance_ratio:g})",
     )
-    measured = (
-        f"{len(cfg.seeds)} seeds, {cfg.epochs} epochs, train counts {counts}: CE "
-        f"{points['ce'].mean():.1f}%, focal {points['focal'].mean():.1f}%, cyclical focal "
-        f"{points['cyclical_focal'].mean():.1f}%; CFL - CE {vs_ce.format('.2f')} pt "
-        f"[better: {better['cfl_better_than_ce']}], CFL - focal {vs_focal.format('.2f')} pt "
-        f"[better: {better['cfl_better_than_focal']}]"
-    )
-    if undecided:
-        measured += f"; seeds to decide: {undecided}"
-    return Verdict(
+    means = {arm: f"{100 * v.mean():.1f}%" for arm, v in finals.items()}
+    return claims.verdict(
+        out_dir,
         claim=(
             f"cyclical focal loss at least as good as CE and focal loss on imbalanced data "
             f"(margin {cfg.margin} point; the paper claims better)"
         ),
-        measured=measured,
-        status=combine_statuses(list(statuses.values())),
-        estimates={"cfl_minus_ce": vs_ce, "cfl_minus_focal": vs_focal},
+        measured=(
+            f"{len(cfg.seeds)} seeds, {cfg.epochs} epochs, train counts {counts}: CE "
+            f"{means['ce']}, focal {means['focal']}, cyclical focal {means['cyclical_focal']}; "
+            f"CFL - CE {vs_ce.format('.2f')} pt [better: {better_ce}], CFL - focal "
+            f"{vs_focal.format('.2f')} pt [better: {better_focal}]"
+        ),
+        metrics={
+            "config": cfg,
+            "train_class_counts": counts,
+            "steps": num_steps,
+            "test_accuracy": finals,
+        },
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("cyclical_focal")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("cyclical_focal")

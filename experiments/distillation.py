@@ -26,27 +26,24 @@ import optax
 from flax import linen as nn
 
 from efflax import data
+from efflax.experiment import Claims
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.losses import distillation_loss
 from efflax.losses import soft_target_cross_entropy
 from efflax.models import CNN1D
 from efflax.models import MLP
-from efflax.stats import combine_statuses
-from efflax.stats import decide
-from efflax.stats import paired_difference
-from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
+from efflax.training import SeedRun
 from efflax.training import SplitLoader
 from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import fit
+from efflax.training import fit_seeds
 from efflax.training import make_train_step
 from efflax.training import plot_arms
-from experiments._multiseed import final_per_seed
-from experiments._multiseed import init_stacked
-from experiments._multiseed import per_seed_accuracy
+from efflax.training import seeds_eval
 
 # arm -> (use the labels, alpha_kd, temperature)
 ARMS = {
@@ -116,76 +113,67 @@ def train_teacher(cfg: Config, out_dir: pathlib.Path) -> tuple[CNN1D, dict, floa
     return teacher, state.params, float(history[-1]["test/accuracy"])
 
 
-def train_students(cfg: Config, teacher, teacher_params, out_dir: pathlib.Path):
-    """Every arm and seed in one vmapped step; arms with the same seed share init and data."""
-    student = MLP(features=(100, 100))
-    num_seeds, num_arms = len(cfg.seeds), len(ARMS)
-    seed_params = init_stacked(lambda k: student.init(k, jnp.zeros((1, 40)))["params"], cfg.seeds)
-    # Runs are arm-major: run a * num_seeds + s is arm a, seed s.
-    params = jax.tree.map(lambda v: jnp.concatenate([v] * num_arms), seed_params)
+def train_students(cfg: Config, teacher, teacher_params, out_dir: pathlib.Path) -> SeedRun:
+    """Every seed in one vmapped step; a seed's state holds its four students stacked by arm
+    (one initialisation, one augmented batch, one teacher forward pass for all four).
+
+    The step's loss is the sum of the students' losses, so each student gets exactly its own
+    gradient (and Adam, elementwise, its own update). The augmentation key of seed ``i`` at a
+    step is the ``i``-th of ``split(fold_in(key(7), step), seeds)``.
+    """
+    student, num_seeds = MLP(features=(100, 100)), len(cfg.seeds)
+    tx = optax.adam(_schedule(cfg.student_lr, cfg.student_steps))
     use_labels, alpha_kd, temperature = (
-        jnp.repeat(jnp.asarray(column, jnp.float32), num_seeds)
-        for column in zip(*ARMS.values(), strict=True)
+        jnp.asarray(column, jnp.float32) for column in zip(*ARMS.values(), strict=True)
     )
+    init = jax.jit(jax.vmap(lambda key: student.init(key, jnp.zeros((1, 40)))["params"]))
+    keys = jnp.stack([jax.random.key(s) for s in cfg.seeds])
+    seed_params = jax.tree.map(np.asarray, nn.unbox(init(keys)))
 
-    def apply_student(p, x):
-        return student.apply({"params": p}, x)
+    def make_state(seed: int) -> TrainState:
+        i = cfg.seeds.index(seed)
+        params = jax.tree.map(lambda v: np.stack([v[i]] * len(ARMS)), seed_params)
+        return TrainState.create(
+            apply_fn=student.apply, params=params, tx=tx, rng=jax.random.key(7), extra={"i": i}
+        )
 
-    def one_run(p, x, teacher_logits, y, use_labels, alpha_kd, temperature):
-        logits = apply_student(p, x)
+    def one_student(p, x, teacher_logits, y, use_labels, alpha_kd, temperature):
+        logits = student.apply({"params": p}, x)
         # The KD term from distillation_loss's KD-only mode, plus the label term where the arm
         # uses labels: exactly distillation_loss(logits, teacher_logits, y, ...) for those arms.
         kd = distillation_loss(logits, teacher_logits, alpha_kd=alpha_kd, temperature=temperature)
         return use_labels * soft_target_cross_entropy(logits, y) + kd
 
     def loss_fn(params, state, batch, rng):
-        keys = jax.random.split(rng, num_seeds)
-        aug = jax.vmap(lambda k, x: augment(k, x, max_shift=cfg.max_shift, noise=cfg.noise))
-        x = aug(keys, jnp.asarray(batch["x"]))  # [seeds, b, 40]: teacher and students share it
-        teacher_logits = jax.vmap(lambda v: teacher.apply({"params": teacher_params}, v))(x)
-        tile = lambda v: jnp.concatenate([v] * num_arms)  # noqa: E731
-        losses = jax.vmap(one_run)(
-            params,
-            tile(x),
-            tile(teacher_logits),
-            tile(jnp.asarray(batch["y"])),
-            use_labels,
-            alpha_kd,
-            temperature,
+        key = jax.random.split(state.step_rng(), num_seeds)[state.extra["i"]]
+        x = augment(key, jnp.asarray(batch["x"]), max_shift=cfg.max_shift, noise=cfg.noise)
+        teacher_logits = teacher.apply({"params": teacher_params}, x)  # on the students' batch
+        losses = jax.vmap(one_student, in_axes=(0, None, None, None, 0, 0, 0))(
+            params, x, teacher_logits, jnp.asarray(batch["y"]), use_labels, alpha_kd, temperature
         )
-        # The sum of independent runs' losses: each run gets exactly its own gradient.
-        per_arm = losses.reshape(num_arms, num_seeds).mean(-1)
-        metrics = {f"loss_{arm}": per_arm[i] for i, arm in enumerate(ARMS)}
+        metrics = {f"loss_{arm}": losses[i] for i, arm in enumerate(ARMS)}
         return jnp.sum(losses), LossOutput(metrics=metrics)
 
-    def by_arm(params):
-        return {
-            arm: jax.tree.map(lambda v, i=i: v[i * num_seeds : (i + 1) * num_seeds], params)
-            for i, arm in enumerate(ARMS)
-        }
+    test = data.load_arrays("mnist1d", "test")
+    x_test, y_test = jnp.asarray(test["x"]), jnp.asarray(test["y"])
 
-    state = TrainState.create(
-        apply_fn=student.apply,
-        params=params,
-        tx=optax.adam(_schedule(cfg.student_lr, cfg.student_steps)),
-        rng=jax.random.key(7),
-    )
+    def accuracies(apply_fn, params):
+        logits = jax.vmap(lambda p: apply_fn({"params": p}, x_test))(params)
+        correct = jnp.mean(jnp.argmax(logits, -1) == y_test, axis=-1)
+        return {f"{arm}/accuracy": correct[i] for i, arm in enumerate(ARMS)}
+
     loader = data.load("mnist1d", "train", cfg.batch_size * num_seeds, seed=1, epochs=None)
-    eval_fn = per_seed_accuracy(
-        apply_student, data.load_arrays("mnist1d", "test"), list(ARMS), params_of=by_arm
-    )
-    _, history = fit(
-        state,
-        make_train_step(loss_fn),
+    return fit_seeds(
+        make_state,
+        loss_fn,
         SplitLoader(loader, num_seeds),
+        seeds=cfg.seeds,
         num_steps=cfg.student_steps,
-        eval_fn=eval_fn,
+        eval_fn=seeds_eval(accuracies),
         eval_every=max(cfg.student_steps // 8, 1),
         log_every=max(cfg.student_steps // 20, 1),
         metrics_path=out_dir / "students.jsonl",
-        progress=False,
     )
-    return history
 
 
 @register(
@@ -200,72 +188,48 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         (out_dir / name).unlink(missing_ok=True)
     teacher, teacher_params, teacher_acc = train_teacher(cfg, out_dir)
     print(f"teacher CNN: test accuracy {100 * teacher_acc:.1f}%", flush=True)
-    history = train_students(cfg, teacher, teacher_params, out_dir)
-    finals = {arm: final_per_seed(history, "test", arm) for arm in ARMS}
-    points = {arm: 100 * np.asarray(v) for arm, v in finals.items()}
-    for arm, v in points.items():
-        print(f"{arm}: {v.mean():.2f}% (per seed {np.round(v, 1).tolist()})", flush=True)
-
-    gain = paired_difference(points["usi"], points["labels"])
-    kd_gap = paired_difference(points["kd_only"], points["usi"])
-    t4_gain = paired_difference(points["usi_t4"], points["usi"])
-    checks = {
-        "usi_minus_labels": (gain, 1.0, ">="),
-        "kd_only_minus_usi": (kd_gap, 1.0, "within"),
-        "t4_minus_t1": (t4_gain, 0.5, "<="),
+    trained = train_students(cfg, teacher, teacher_params, out_dir)
+    finals = {arm: trained.per_seed(f"test/{arm}/accuracy") for arm in ARMS}
+    for arm, v in finals.items():
+        print(f"{arm}: {100 * v.mean():.2f}% (per seed {np.round(100 * v, 1).tolist()})")
+    estimates = {
+        "usi_minus_labels": trained.paired("test/usi/accuracy", "test/labels/accuracy", scale=100),
+        "kd_only_minus_usi": trained.paired(
+            "test/kd_only/accuracy", "test/usi/accuracy", scale=100
+        ),
+        "t4_minus_t1": trained.paired("test/usi_t4/accuracy", "test/usi/accuracy", scale=100),
     }
-    statuses = {name: decide(e, t, direction=d) for name, (e, t, d) in checks.items()}
-    undecided = {
-        name: seeds_to_decide(e, t, direction=d)
-        for name, (e, t, d) in checks.items()
-        if statuses[name] == "INCONCLUSIVE"
-    }
-    status = combine_statuses(list(statuses.values()))
-    write_metrics(
-        out_dir,
-        {
-            "config": dataclasses.asdict(cfg),
-            "teacher_test_accuracy": teacher_acc,
-            "test_accuracy": finals,
-            "statuses": statuses,
-            "seeds_to_decide": undecided,
-            "estimates": {name: dataclasses.asdict(e) for name, (e, _, _) in checks.items()},
-        },
-    )
+    claims = Claims()
+    for (name, estimate), (threshold, direction) in zip(
+        estimates.items(), ((1.0, ">="), (1.0, "within"), (0.5, "<=")), strict=True
+    ):
+        claims.check(name, estimate, threshold, direction)
     plot_arms(
         out_dir / "distillation.png",
-        history,
+        trained.history,
         finals,
-        key="test/{arm}",
         title=f"MNIST-1D MLP students of a CNN teacher ({100 * teacher_acc:.1f}%)",
     )
-    measured = (
-        f"teacher {100 * teacher_acc:.1f}%; students (n={len(cfg.seeds)} seeds, "
-        f"{cfg.student_steps} steps): labels {points['labels'].mean():.1f}%, "
-        f"USI {points['usi'].mean():.1f}%, KD-only {points['kd_only'].mean():.1f}%, "
-        f"USI T=4 {points['usi_t4'].mean():.1f}%; USI - labels {gain.format('.2f')} pt "
-        f"[{statuses['usi_minus_labels']}], KD-only - USI {kd_gap.format('.2f')} pt "
-        f"[{statuses['kd_only_minus_usi']}], T=4 - T=1 {t4_gain.format('.2f')} pt "
-        f"[{statuses['t4_minus_t1']}]"
-    )
-    if undecided:
-        measured += f"; seeds to decide: {undecided}"
-    return Verdict(
+    means = {arm: f"{100 * v.mean():.1f}%" for arm, v in finals.items()}
+    gain, kd_gap, t4_gain = estimates.values()
+    statuses = claims.statuses
+    return claims.verdict(
+        out_dir,
         claim=(
             "USI (CE + 5 KL, T=1) >= labels-only + 1 point; KD-only within 1 point of USI; "
             "T=4 not better than T=1 by > 0.5 point"
         ),
-        measured=measured,
-        status=status,
-        estimates={"usi_minus_labels": gain, "kd_only_minus_usi": kd_gap, "t4_minus_t1": t4_gain},
+        measured=(
+            f"teacher {100 * teacher_acc:.1f}%; students (n={len(cfg.seeds)} seeds, "
+            f"{cfg.student_steps} steps): labels {means['labels']}, USI {means['usi']}, "
+            f"KD-only {means['kd_only']}, USI T=4 {means['usi_t4']}; USI - labels "
+            f"{gain.format('.2f')} pt [{statuses['usi_minus_labels']}], KD-only - USI "
+            f"{kd_gap.format('.2f')} pt [{statuses['kd_only_minus_usi']}], T=4 - T=1 "
+            f"{t4_gain.format('.2f')} pt [{statuses['t4_minus_t1']}]"
+        ),
+        metrics={"config": cfg, "teacher_test_accuracy": teacher_acc, "test_accuracy": finals},
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("distillation")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("distillation")

@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.nn import dot_product_attention
 from efflax.stats import Estimate
-from efflax.stats import combine_statuses
-from efflax.stats import decide
 from efflax.stats import mean_interval
 from pallas_kernels import flash_attention
 from pallas_kernels import flash_attention_reference
@@ -140,30 +141,24 @@ def _slope(lengths, values) -> Estimate:
 
 
 def _plot(path: pathlib.Path, lengths, pallas, xla, scores) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mib = 2.0**20
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.loglog(lengths, np.array(xla) / mib, "o-", label="XLA attention")
-    ax.loglog(lengths, np.array(pallas) / mib, "s-", label="Pallas FlashAttention")
-    ax.loglog(lengths, np.array(scores) / mib, "k--", label="one S x S float32 score matrix")
-    ax.set_xlabel("sequence length S")
-    ax.set_ylabel("compiled temporary memory (MiB)")
-    b, h, d = MEMORY_SHAPE.values()
-    ax.set_title(
-        f"Attention fwd+bwd memory (batch {b}, {h} heads, head_dim {d}, causal)", fontsize=10
-    )
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(lengths), [str(n) for n in lengths])
-    ax.minorticks_off()
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    mib, (b, h, d) = 2.0**20, MEMORY_SHAPE.values()
+    series = {
+        "XLA attention": (lengths, np.array(xla) / mib),
+        "Pallas FlashAttention": (lengths, np.array(pallas) / mib),
+        "one S x S float32 score matrix": (lengths, np.array(scores) / mib),
+    }
+    style = {"XLA attention": "o-", "Pallas FlashAttention": "s-"}
+    style["one S x S float32 score matrix"] = "k--"
+    title = f"Attention fwd+bwd memory (batch {b}, {h} heads, head_dim {d}, causal)"
+    plot_panels(
+        path,
+        [
+            Panel(
+                title, series, xlabel="sequence length S",
+                ylabel="compiled temporary memory (MiB)", xscale="log", yscale="log", style=style,
+            )
+        ],
+    )  # fmt: skip
 
 
 @register(
@@ -211,23 +206,44 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     }
     for name, r in low_precision.items():
         estimates[f"{name}_worst_rel_err"] = mean_interval(r["rel_err_per_draw"])
+    claims = Claims()
     statuses = {
-        "exact": decide(estimates["f32_worst_rel_err"], EXACT_REL_TOL["float32"], direction="<="),
-        "linear": decide(slope_pallas, 1.25, direction="<="),
-        "quadratic": decide(slope_xla, 1.5, direction=">="),
+        "exact": claims.check(
+            "f32_worst_rel_err", estimates["f32_worst_rel_err"], EXACT_REL_TOL["float32"], "<="
+        ),
+        "linear": claims.check("pallas_memory_slope", slope_pallas, 1.25, "<="),
+        "quadratic": claims.check("xla_memory_slope", slope_xla, 1.5, ">="),
         **{
-            f"{name} exact": decide(
-                estimates[f"{name}_worst_rel_err"], EXACT_REL_TOL[r["dtype"]], direction="<="
+            f"{name} exact": claims.check(
+                f"{name}_worst_rel_err",
+                estimates[f"{name}_worst_rel_err"],
+                EXACT_REL_TOL[r["dtype"]],
+                "<=",
             )
             for name, r in low_precision.items()
         },
     }
-    finite = all(r["finite"] for r in exactness.values())
-    status = combine_statuses(list(statuses.values())) if finite else "FAIL"
+    claims.require("finite", all(r["finite"] for r in exactness.values()))
     worst_abs = max(max(r["abs_err_per_draw"]) for r in f32)
-    write_metrics(
+    measured = (
+        f"f32 worst relative error (output and gradients, {len(f32)} shapes, per random draw) "
+        f"{estimates['f32_worst_rel_err'].format('.1e')} (<= 1e-5: {statuses['exact']}; max abs "
+        f"{worst_abs:.1e}); fwd+bwd temp memory ~ S^{slope_pallas.format('.2f')} (Pallas, <= "
+        f"1.25: {statuses['linear']}) vs S^{slope_xla.format('.2f')} (XLA, >= 1.5: "
+        f"{statuses['quadratic']}); at S={lengths[-1]} {pallas[-1] / 2**20:.0f} MiB vs "
+        f"{xla[-1] / 2**20:.0f} MiB (one S x S f32 = {scores[-1] / 2**20:.0f} MiB); "
+        + "".join(
+            f"{n}: {estimates[f'{n}_worst_rel_err'].format('.1e')} ({statuses[f'{n} exact']}); "
+            for n in low_precision
+        )
+        + "memory from the CPU compile-time analysis of the interpret-mode lowering (not GPU "
+        "bytes); slopes with 95% regression intervals"
+    )
+    return claims.verdict(
         out_dir,
-        {
+        claim="FlashAttention is exact (output and gradients) with O(N) memory, XLA O(N^2)",
+        measured=measured,
+        metrics={
             "quick": quick,
             "exactness": exactness,
             "memory": {
@@ -243,39 +259,11 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
                 "source": "XLA memory_analysis().temp_size_in_bytes of jitted fwd+bwd on "
                 f"{jax.default_backend()}; Pallas lowered in interpret mode",
             },
-            "estimates": estimates,
-            "statuses": statuses,
             "worst_f32_max_abs_err": worst_abs,
             "seconds": time.perf_counter() - start,
         },
     )
-    measured = (
-        f"f32 worst relative error (output and gradients, {len(f32)} shapes, per random draw) "
-        f"{estimates['f32_worst_rel_err'].format('.1e')} (<= 1e-5: {statuses['exact']}; max abs "
-        f"{worst_abs:.1e}); fwd+bwd temp memory ~ S^{slope_pallas.format('.2f')} (Pallas, <= "
-        f"1.25: {statuses['linear']}) vs S^{slope_xla.format('.2f')} (XLA, >= 1.5: "
-        f"{statuses['quadratic']}); at S={lengths[-1]} {pallas[-1] / 2**20:.0f} MiB vs "
-        f"{xla[-1] / 2**20:.0f} MiB (one S x S f32 = {scores[-1] / 2**20:.0f} MiB); "
-        + "".join(
-            f"{n}: {estimates[f'{n}_worst_rel_err'].format('.1e')} ({statuses[f'{n} exact']}); "
-            for n in low_precision
-        )
-        + "memory from the CPU compile-time analysis of the interpret-mode lowering (not GPU "
-        "bytes); slopes with 95% regression intervals"
-    )
-    return Verdict(
-        claim="FlashAttention is exact (output and gradients) with O(N) memory, XLA O(N^2)",
-        measured=measured,
-        status=status,
-        estimates=estimates,
-    )
-
-
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("flash_attention")
 
 
 if __name__ == "__main__":
-    main()
+    cli_main("flash_attention")

@@ -16,18 +16,17 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.models import CNN1D
 from efflax.models import MLP
-from efflax.stats import combine_statuses
-from efflax.stats import decide
-from efflax.stats import mean_interval
-from efflax.stats import seeds_to_decide
+from efflax.training import SeedRun
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import fit_seeds
-from efflax.training import per_seed_curve
 from efflax.training import seed_state
 from efflax.training import seeds_eval_fn
 
@@ -38,14 +37,10 @@ MODELS = {"mlp": lambda: MLP(features=(100, 100)), "cnn": CNN1D}
 
 def train_model(
     name: str, *, steps: int, seeds: list[int], learning_rate: float = 1e-2, batch_size: int = 100
-) -> tuple[np.ndarray, list[dict]]:
-    """Trains one model with Adam on MNIST-1D, all seeds at once.
-
-    Returns:
-      the final test accuracy per seed, and the history of ``fit``.
-    """
+) -> SeedRun:
+    """Trains one model with Adam on MNIST-1D, all seeds at once."""
     model, tx = MODELS[name](), optax.adam(learning_rate)
-    run = fit_seeds(
+    return fit_seeds(
         lambda seed: seed_state(model, tx, seed=seed, example=np.zeros((1, 40), np.float32)),
         cross_entropy_loss_fn(),
         lambda seed: data.load("mnist1d", "train", batch_size, seed=seed, epochs=None),
@@ -55,32 +50,6 @@ def train_model(
         eval_every=max(steps // 10, 1),
         log_every=max(steps // 20, 1),
     )
-    return run.per_seed("test/accuracy"), run.history
-
-
-def _plot(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for i, (name, history) in enumerate(histories.items()):
-        steps, acc = per_seed_curve(history, "test/accuracy")
-        for row in acc:
-            axes[0].plot(steps, 100 * row, color=f"C{i}", alpha=0.3, lw=0.8)
-        axes[0].plot(steps, 100 * acc.mean(0), color=f"C{i}", label=f"{name.upper()} (mean)")
-        axes[0].axhline(100 * PUBLISHED[name], color=f"C{i}", ls=":", lw=1)
-        train = [(r["step"], r["train/loss"]) for r in history if "train/loss" in r]
-        axes[1].plot(*zip(*train, strict=True), color=f"C{i}", label=name.upper())
-    axes[0].set(xlabel="step", ylabel="test accuracy (%)", title="test accuracy (dotted: paper)")
-    axes[1].set(xlabel="step", ylabel="train loss (mean over seeds)", yscale="log")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @register(
@@ -91,49 +60,49 @@ def _plot(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     steps = 1500 if quick else 6000
     seeds = list(range(5)) if quick else list(range(10))
-    accuracy, histories, estimates, statuses = {}, {}, {}, []
-    for name in MODELS:
-        accuracy[name], histories[name] = train_model(name, steps=steps, seeds=seeds)
-        estimates[f"{name}_test_accuracy"] = mean_interval(accuracy[name])
-        statuses.append(
-            decide(estimates[f"{name}_test_accuracy"], PUBLISHED[name] - TOLERANCE, direction=">=")
-        )
-        print(f"{name}: test accuracy per seed {np.round(accuracy[name], 3).tolist()}", flush=True)
-    _plot(histories, pathlib.Path(out_dir) / "mnist1d_curves.png")
-    write_metrics(
-        out_dir,
-        {
-            "steps": steps,
-            "seeds": seeds,
-            "test_accuracy": accuracy,
-            "estimates": estimates,
-            "published": PUBLISHED,
-            "tolerance": TOLERANCE,
-        },
+    runs = {name: train_model(name, steps=steps, seeds=seeds) for name in MODELS}
+    claims, parts = Claims(), []
+    for name, trained in runs.items():
+        estimate = trained.estimate("test/accuracy")
+        claims.check(f"{name}_test_accuracy", estimate, PUBLISHED[name] - TOLERANCE)
+        print(f"{name}: test accuracy per seed {np.round(estimate.samples, 3).tolist()}")
+        parts.append(f"{name.upper()} {estimate.format('.3f')}")
+    plot_panels(
+        pathlib.Path(out_dir) / "mnist1d_curves.png",
+        [
+            Panel(
+                "test accuracy (dotted: paper)",
+                {
+                    n.upper(): (x, 100 * y)
+                    for n, r in runs.items()
+                    for x, y in [r.curve("test/accuracy")]
+                },
+                ylabel="test accuracy (%)",
+                hlines=tuple(100 * v for v in PUBLISHED.values()),
+            ),
+            Panel(
+                "train loss (mean over seeds)",
+                {n.upper(): r.curve("train/loss") for n, r in runs.items()},
+                yscale="log",
+            ),
+        ],
     )
-    parts = []
-    for (name, estimate), status in zip(estimates.items(), statuses, strict=True):
-        text = f"{name.split('_')[0].upper()} {estimate.format('.3f')}"
-        if status == "INCONCLUSIVE":
-            need = seeds_to_decide(estimate, PUBLISHED[name.split("_")[0]] - TOLERANCE)
-            text += f" (undecided; ~{need} seeds would decide)"
-        parts.append(text)
-    return Verdict(
+    return claims.verdict(
+        out_dir,
         claim=(
             "MLP ~68%, CNN ~94% test accuracy on MNIST-1D (4k train); reproduced if the 95% "
             "interval of the mean is >= the published value - 5 points"
         ),
         measured="; ".join(parts) + f" ({steps} steps, {len(seeds)} seeds)",
-        status=combine_statuses(statuses),
-        estimates=estimates,
+        metrics={
+            "steps": steps,
+            "seeds": seeds,
+            "test_accuracy": {n: r.per_seed("test/accuracy") for n, r in runs.items()},
+            "published": PUBLISHED,
+            "tolerance": TOLERANCE,
+        },
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("mnist1d_baselines")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("mnist1d_baselines")

@@ -10,9 +10,9 @@ example; 15% of the bytes replaced by a mask token, the loss on those). The mode
 ``efflax.nn.Encoder`` over one-hot bytes with a 256-way output head; every block's FFN is dense
 (hidden 2h), expert choice (E experts of hidden h, c = 2), top-2 (E x h, capacity factor 1.25)
 or top-1 (E x 2h, capacity factor 1.25), so that every token activates 2h hidden units on
-average. One routing group per sequence. Training: ``efflax.data.Loader`` batches and
-``efflax.training.fit``, several seeds at once (a vmapped step; seed s has the same initial
-weights, data order and masks as alone).
+average. One routing group per sequence. Training: ``efflax.training.fit_seeds``, every
+variant (an arm) and seed in one vmapped step (seed s has the same initial weights, data order
+and masks as alone, in every variant).
 
 Steps-to-quality: every ``eval_every`` steps the masked-byte loss on a fixed validation set
 (fixed masks). For two methods A and B and a seed, the target is the worse of their final
@@ -34,17 +34,19 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.nn import Encoder
 from efflax.nn import MoEFeedForward
 from efflax.nn import moe_aux_loss
 from efflax.stats import Estimate
-from efflax.stats import decide
 from efflax.stats import ratio_interval
-from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
+from efflax.training import SeedRun
 from efflax.training import fit_seeds
 from efflax.training import seed_state
 from efflax.training import seeds_eval
@@ -177,27 +179,23 @@ def make_eval_fn(cfg: Config):
     )
 
 
-def train_variant(variant: str, cfg: Config, eval_fn) -> dict:
-    """All seeds of one variant at once; returns the validation curves [seeds, points]."""
-    model = build_model(variant, cfg)
-    example = example_inputs(cfg)
+def train(cfg: Config) -> SeedRun:
+    """Every variant (an arm) and seed in one vmapped step; the arms of a seed share data."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, cfg.steps // 20, cfg.steps, cfg.learning_rate / 10
     )
-    tx = optax.adamw(schedule, weight_decay=1e-4)
-    run = fit_seeds(
-        lambda seed: seed_state(model, tx, seed=seed, example=example),
+    tx, example = optax.adamw(schedule, weight_decay=1e-4), example_inputs(cfg)
+    models = {variant: build_model(variant, cfg) for variant in VARIANTS}
+    return fit_seeds(
+        {v: lambda s, m=m: seed_state(m, tx, seed=s, example=example) for v, m in models.items()},
         make_loss_fn(cfg),
         lambda seed: data.load("stdlib_text", "train", cfg.batch_size, seed=seed, epochs=None),
         seeds=cfg.seeds,
         num_steps=cfg.steps,
-        eval_fn=eval_fn,
+        eval_fn=make_eval_fn(cfg),
         eval_every=cfg.eval_every,
         log_every=cfg.eval_every,
     )
-    history = run.history
-    steps, curves = run.curve("val/mlm")
-    return {"steps": steps, "curves": curves, "history": history}
 
 
 def steps_to_reach(steps: np.ndarray, curve: np.ndarray, target: float) -> float:
@@ -212,40 +210,14 @@ def steps_to_reach(steps: np.ndarray, curve: np.ndarray, target: float) -> float
     return float(s0 + (s1 - s0) * (c0 - target) / (c0 - c1)) if c0 != c1 else float(s1)
 
 
-def speedup(results: dict, slow: str, fast: str) -> Estimate:
+def speedup(curves: dict, slow: str, fast: str) -> Estimate:
     """Steps of ``slow`` over steps of ``fast`` to the worse of their final losses, per seed."""
-    steps = results[slow]["steps"]
-    slow_steps, fast_steps = [], []
-    for a, b in zip(results[slow]["curves"], results[fast]["curves"], strict=True):
-        final_a, final_b = a[-2:].mean(), b[-2:].mean()
-        target = max(final_a, final_b)
+    steps, slow_steps, fast_steps = curves[slow][0], [], []
+    for a, b in zip(curves[slow][1], curves[fast][1], strict=True):
+        target = max(a[-2:].mean(), b[-2:].mean())
         slow_steps.append(steps_to_reach(steps, a, target))
         fast_steps.append(steps_to_reach(steps, b, target))
     return ratio_interval(slow_steps, fast_steps)
-
-
-def _plot(results: dict, path: pathlib.Path, cfg: Config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for k, (name, r) in enumerate(results.items()):
-        for row in r["curves"]:
-            ax.plot(r["steps"], row, color=f"C{k}", alpha=0.25, lw=0.8)
-        ax.plot(r["steps"], r["curves"].mean(0), color=f"C{k}", label=name)
-    ax.set(
-        xlabel="step",
-        ylabel="validation masked-byte loss",
-        yscale="log",
-        title=f"masked byte LM, {cfg.num_experts} experts, equal activated compute",
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @register(
@@ -255,64 +227,46 @@ def _plot(results: dict, path: pathlib.Path, cfg: Config) -> None:
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
-    out_dir = pathlib.Path(out_dir)
-    eval_fn = make_eval_fn(cfg)
-    results = {}
-    for variant in VARIANTS:
-        results[variant] = train_variant(variant, cfg, eval_fn)
-        final = results[variant]["curves"][:, -1]
-        print(
-            f"{variant:13s} final validation loss per seed {np.round(final, 3).tolist()}",
-            flush=True,
-        )
-    estimates = {
-        "expert_choice_speedup_over_top2": speedup(results, "top2", "expert_choice"),
-        "expert_choice_speedup_over_top1": speedup(results, "top1", "expert_choice"),
-        "expert_choice_speedup_over_dense": speedup(results, "dense", "expert_choice"),
-        "top2_speedup_over_top1": speedup(results, "top1", "top2"),
+    trained = train(cfg)
+    curves = {variant: trained.curve(f"val/{variant}/mlm") for variant in VARIANTS}
+    for variant, (_, values) in curves.items():
+        print(f"{variant:13s} final validation loss per seed {np.round(values[:, -1], 3).tolist()}")
+    claims = Claims()
+    headline = speedup(curves, "top2", "expert_choice")
+    claims.check("expert_choice_speedup_over_top2", headline, MIN_SPEEDUP)
+    others = {
+        "expert_choice_speedup_over_top1": speedup(curves, "top1", "expert_choice"),
+        "expert_choice_speedup_over_dense": speedup(curves, "dense", "expert_choice"),
+        "top2_speedup_over_top1": speedup(curves, "top1", "top2"),
     }
-    headline = estimates["expert_choice_speedup_over_top2"]
-    status = decide(headline, MIN_SPEEDUP, direction=">=")
-    _plot(results, out_dir / "moe_routing_loss.png", cfg)
-    write_metrics(
+    for name, estimate in others.items():
+        claims.report(name, estimate, MIN_SPEEDUP)
+    plot_panels(
+        pathlib.Path(out_dir) / "moe_routing_loss.png",
+        [Panel("mean of seeds", curves, ylabel="validation masked-byte loss", yscale="log")],
+        title=f"masked byte LM, {cfg.num_experts} experts, equal activated compute",
+    )
+    finals = ", ".join(f"{n} {values[:, -1].mean():.3f}" for n, (_, values) in curves.items())
+    return claims.verdict(
         out_dir,
-        {
-            "config": dataclasses.asdict(cfg),
-            "estimates": estimates,
-            "variants": {
-                name: {"steps": r["steps"], "validation_loss": r["curves"]}
-                for name, r in results.items()
-            },
-        },
-    )
-    finals = ", ".join(f"{n} {r['curves'][:, -1].mean():.3f}" for n, r in results.items())
-    undecided = ""
-    if status == "INCONCLUSIVE":
-        undecided = f" (undecided: ~{seeds_to_decide(headline, MIN_SPEEDUP)} seeds would decide)"
-    measured = (
-        f"steps-to-quality speed-up of expert choice over top-2 {headline.format('.2f')}x"
-        f"{undecided}, over top-1 {estimates['expert_choice_speedup_over_top1'].format('.2f')}x, "
-        f"over dense {estimates['expert_choice_speedup_over_dense'].format('.2f')}x; top-2 over "
-        f"top-1 {estimates['top2_speedup_over_top1'].format('.2f')}x; final validation loss "
-        f"{finals} ({cfg.steps} steps, {len(cfg.seeds)} seeds, {cfg.num_experts} experts, "
-        f"groups of {cfg.seq_len} bytes)"
-    )
-    return Verdict(
         claim=(
             "expert choice reaches top-2's quality in fewer steps (speed-up > 1; paper: > 2x at "
             "8B/64E)"
         ),
-        measured=measured,
-        status=status,
-        estimates=estimates,
+        measured=(
+            f"steps-to-quality speed-up of expert choice over top-2 {headline.format('.2f')}x, "
+            f"over top-1 {others['expert_choice_speedup_over_top1'].format('.2f')}x, over dense "
+            f"{others['expert_choice_speedup_over_dense'].format('.2f')}x; top-2 over top-1 "
+            f"{others['top2_speedup_over_top1'].format('.2f')}x; final validation loss {finals} "
+            f"({cfg.steps} steps, {len(cfg.seeds)} seeds, {cfg.num_experts} experts, groups of "
+            f"{cfg.seq_len} bytes)"
+        ),
+        metrics={
+            "config": cfg,
+            "variants": {n: {"steps": x, "validation_loss": y} for n, (x, y) in curves.items()},
+        },
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("moe_routing")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("moe_routing")

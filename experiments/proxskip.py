@@ -31,16 +31,17 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.optim import communication_period
 from efflax.optim import distributed_gd
 from efflax.optim import local_gd
 from efflax.optim import proxskip
 from efflax.stats import Estimate
-from efflax.stats import combine_statuses
-from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import offset
 from efflax.stats import ratio_interval
@@ -160,38 +161,36 @@ def _fit_slope(kappas, rounds) -> float:
 
 
 def _plot(out_dir, results, kappas, tolerance, slopes):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     styles = {"proxskip": "C0-", "proxskip_derandomized": "C1--", "gd": "C2-", "local_gd": "C3:"}
-    fig, axes = plt.subplots(1, len(kappas), figsize=(5 * len(kappas), 4), squeeze=False)
-    for ax, kappa in zip(axes[0], kappas, strict=True):
+    panels = []
+    for kappa in kappas:
+        series = {}
         for method in METHODS:
             history = results[str(kappa)][method]["history"]
-            ax.semilogy(np.arange(1, len(history) + 1), history, styles[method], label=method)
-        ax.axhline(tolerance, color="gray", lw=0.5)
-        ax.set(title=f"kappa = {kappa:.0e}", xlabel="communication rounds")
-        ax.set_xscale("log")
-    axes[0][0].set_ylabel("relative suboptimality")
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "suboptimality_vs_rounds.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+            series[method] = (np.arange(1, len(history) + 1), history)
+        panels.append(
+            Panel(
+                f"kappa = {kappa:.0e}", series, xlabel="communication rounds",
+                ylabel="relative suboptimality", xscale="log", yscale="log",
+                hlines=(tolerance,), style=styles,
+            )
+        )  # fmt: skip
+    plot_panels(out_dir / "suboptimality_vs_rounds.png", panels)
+    series = {}
     for method in METHODS[:3]:
-        rounds = [results[str(k)][method]["rounds"] for k in kappas]
-        pts = [(k, r) for k, r in zip(kappas, rounds, strict=True) if r]
-        if pts:
-            label = f"{method} (slope {slopes[method]:.2f})"
-            ax.loglog(*zip(*pts, strict=True), styles[method][:2] + "o-", label=label)
-    ax.set(xlabel="kappa = L / lambda", ylabel=f"rounds to {tolerance:g}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "rounds_vs_kappa.png", dpi=120)
-    plt.close(fig)
+        points = [(k, results[str(k)][method]["rounds"]) for k in kappas]
+        points = [(k, r) for k, r in points if r]
+        if points:
+            series[f"{method} (slope {slopes[method]:.2f})"] = tuple(zip(*points, strict=True))
+    plot_panels(
+        out_dir / "rounds_vs_kappa.png",
+        [
+            Panel(
+                "", series, xlabel="kappa = L / lambda", ylabel=f"rounds to {tolerance:g}",
+                xscale="log", yscale="log",
+            )
+        ],
+    )  # fmt: skip
 
 
 @register(
@@ -291,10 +290,18 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             [gd_rounds] * len(ps_rounds), ps_rounds
         ),
     }
+    ratio = estimates[f"gd_over_proxskip_rounds_at_kappa_{kappas[-1]:.0e}"]
+    claims = Claims()
     statuses = {
-        "proxskip_slope": decide(offset(estimates["proxskip_slope"], 0.5), 0.2, direction="within"),
-        "gd_slope": decide(offset(estimates["gd_slope"], 1.0), 0.2, direction="within"),
-        "ratio": decide(list(estimates.values())[2], required_ratio, direction=">="),
+        "proxskip_slope": claims.check(
+            "proxskip_slope_minus_0.5", offset(estimates["proxskip_slope"], 0.5), 0.2, "within"
+        ),
+        "gd_slope": claims.check(
+            "gd_slope_minus_1", offset(estimates["gd_slope"], 1.0), 0.2, "within"
+        ),
+        "ratio": claims.check(
+            f"gd_over_proxskip_rounds_at_kappa_{kappas[-1]:.0e}", ratio, required_ratio
+        ),
     }
     _plot(out_dir, results, kappas, tolerance, slopes)
     for row in results.values():  # keep metrics.json small: log-spaced samples of each history
@@ -303,21 +310,6 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             idx = np.unique(np.geomspace(1, max(len(history), 1), 200).astype(int)) - 1
             row[method]["history_rounds"] = (idx + 1).tolist()
             row[method]["history"] = history[idx].tolist() if len(history) else []
-    write_metrics(
-        out_dir,
-        {
-            "kappas": kappas,
-            "tolerance": tolerance,
-            "quick": quick,
-            "coin_seeds": seeds,
-            "slopes": slopes,
-            "proxskip_slope_per_seed": seed_slopes,
-            "estimates": estimates,
-            "statuses": statuses,
-            "results": results,
-        },
-    )
-    ratio = list(estimates.values())[2]
     scope = (
         f"quick: kappa in {{1e2,1e3}}, {len(seeds)} coin seeds, ratio needed >= "
         f"{required_ratio:.1f} at 1e3 (0.2 sqrt(kappa)); "
@@ -332,25 +324,25 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         f"ProxSkip {np.mean(ps_rounds):.0f}: {ratio.format('.1f')}x (>= {required_ratio:.1f}: "
         f"{statuses['ratio']}); local GD stalls (best final {local_floor:.1e})"
     )
-    claim = (
-        "ProxSkip needs O(sqrt(kappa)) communication rounds (slope ~0.5) vs GD's O(kappa) "
-        "(slope ~1); >= 20x fewer rounds than GD at kappa = 1e4"
-    )
-    verdict = Verdict(
-        claim=claim,
+    return claims.verdict(
+        out_dir,
+        claim=(
+            "ProxSkip needs O(sqrt(kappa)) communication rounds (slope ~0.5) vs GD's O(kappa) "
+            "(slope ~1); >= 20x fewer rounds than GD at kappa = 1e4"
+        ),
         measured=measured,
-        status=combine_statuses(list(statuses.values())),
-        estimates=estimates,
+        metrics={
+            "kappas": kappas,
+            "tolerance": tolerance,
+            "quick": quick,
+            "coin_seeds": seeds,
+            "slopes": slopes,
+            "proxskip_slope_per_seed": seed_slopes,
+            "slope_estimates": estimates,
+            "results": results,
+        },
     )
-    print(verdict.line())
-    return verdict
-
-
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("proxskip")
 
 
 if __name__ == "__main__":
-    main()
+    cli_main("proxskip")

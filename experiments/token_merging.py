@@ -24,17 +24,14 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.experiment import Claims
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.losses import soft_target_cross_entropy
 from efflax.models import ViT
 from efflax.nn import LearnedTokenMerger
 from efflax.stats import Estimate
-from efflax.stats import combine_statuses
-from efflax.stats import decide
-from efflax.stats import paired_difference
-from efflax.stats import seeds_to_decide
 from efflax.training import SplitLoader
 from efflax.training import fit_seeds
 from efflax.training import plot_arms
@@ -167,42 +164,20 @@ def train(cfg: Config, out_dir: pathlib.Path):
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
-    out_dir = pathlib.Path(out_dir)
-    trained, flops = train(cfg, out_dir)
+    trained, flops = train(cfg, pathlib.Path(out_dir))
     finals = {arm: trained.per_seed(f"test/{arm}/accuracy") for arm in ARMS}
-    points = {arm: 100 * np.asarray(v) for arm, v in finals.items()}
-    for arm, v in points.items():
-        print(f"{arm}: {v.mean():.2f}% (per seed {np.round(v, 1).tolist()})", flush=True)
-    drop = paired_difference(points["plain"], points["merger"])
+    for arm, v in finals.items():
+        print(f"{arm}: {100 * v.mean():.2f}% (per seed {np.round(100 * v, 1).tolist()})")
+    drop = trained.paired("test/plain/accuracy", "test/merger/accuracy", scale=100)
     macs = {arm: encoder_macs(cfg, merged=arm == "merger") for arm in ARMS}
     ratio = macs["merger"] / macs["plain"]
-    mac_ratio = Estimate(ratio, ratio, ratio, 1)  # exact: a count, not a sample
     flop_ratio = flops["merger"] / flops["plain"]
-    statuses = {
-        "accuracy_drop": decide(drop, cfg.max_drop, direction="<="),
-        "encoder_mac_ratio": decide(mac_ratio, cfg.max_mac_ratio, direction="<="),
-    }
-    undecided = (
-        {"accuracy_drop": seeds_to_decide(drop, cfg.max_drop, direction="<=")}
-        if statuses["accuracy_drop"] == "INCONCLUSIVE"
-        else {}
-    )
-    write_metrics(
-        out_dir,
-        {
-            "config": dataclasses.asdict(cfg),
-            "test_accuracy": finals,
-            "encoder_macs_per_image": macs,
-            "encoder_mac_ratio": ratio,
-            "xla_forward_flops_per_image": flops,
-            "xla_forward_flop_ratio": flop_ratio,
-            "statuses": statuses,
-            "seeds_to_decide": undecided,
-            "estimates": {"accuracy_drop": dataclasses.asdict(drop)},
-        },
-    )
+    claims = Claims()
+    claims.check("accuracy_drop", drop, cfg.max_drop, "<=")
+    # exact: a count, not a sample
+    claims.check("encoder_mac_ratio", Estimate(ratio, ratio, ratio, 1), cfg.max_mac_ratio, "<=")
     plot_arms(
-        out_dir / "token_merging.png",
+        pathlib.Path(out_dir) / "token_merging.png",
         trained.history,
         finals,
         title=(
@@ -210,31 +185,29 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             f"after block {cfg.merge_after} (encoder MACs x{ratio:.2f})"
         ),
     )
-    measured = (
-        f"{len(cfg.seeds)} seeds, {cfg.steps} steps, d={cfg.d_model}: plain "
-        f"{points['plain'].mean():.1f}%, merger {points['merger'].mean():.1f}%, drop "
-        f"{drop.format('.2f')} pt; encoder MACs {macs['plain'] / 1e6:.2f}M -> "
-        f"{macs['merger'] / 1e6:.2f}M per image (ratio {ratio:.2f}); XLA forward FLOPs ratio "
-        f"{flop_ratio:.2f}"
-    )
-    if undecided:
-        measured += f"; seeds to decide: {undecided}"
-    return Verdict(
+    return claims.verdict(
+        out_dir,
         claim=(
             f"merging 16 -> {cfg.merged_tokens} tokens mid-encoder costs <= {cfg.max_drop:g} point "
             f"of accuracy at encoder MAC ratio <= {cfg.max_mac_ratio}"
         ),
-        measured=measured,
-        status=combine_statuses(list(statuses.values())),
-        estimates={"accuracy_drop": drop, "encoder_mac_ratio": mac_ratio},
+        measured=(
+            f"{len(cfg.seeds)} seeds, {cfg.steps} steps, d={cfg.d_model}: plain "
+            f"{100 * finals['plain'].mean():.1f}%, merger {100 * finals['merger'].mean():.1f}%, "
+            f"drop {drop.format('.2f')} pt; encoder MACs {macs['plain'] / 1e6:.2f}M -> "
+            f"{macs['merger'] / 1e6:.2f}M per image (ratio {ratio:.2f}); XLA forward FLOPs ratio "
+            f"{flop_ratio:.2f}"
+        ),
+        metrics={
+            "config": cfg,
+            "test_accuracy": finals,
+            "encoder_macs_per_image": macs,
+            "encoder_mac_ratio": ratio,
+            "xla_forward_flops_per_image": flops,
+            "xla_forward_flop_ratio": flop_ratio,
+        },
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("token_merging")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("token_merging")
