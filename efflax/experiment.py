@@ -391,6 +391,7 @@ class _Child:
         command = [sys.executable, "-m", "efflax.experiment", experiment.name]
         command += ["--out", str(exp_dir)] + (["--quick"] if quick else [])
         command += ["--cache", str(compilation_cache_dir(exp_dir.parent))]
+        command += ["--module", experiment.module]
         env = _env_with_host_devices(experiment.cpu_devices)
         env.setdefault("MPLBACKEND", "Agg")
         env["PYTHONUNBUFFERED"] = "1"
@@ -842,10 +843,16 @@ def _write_report(
     return path
 
 
-def _run_one(name: str, exp_dir: pathlib.Path, *, quick: bool) -> Verdict:
-    """Runs a registered experiment here and writes its verdict to ``exp_dir/verdict.json``."""
+def _run_one(
+    name: str, exp_dir: pathlib.Path, *, quick: bool, module: str | None = None
+) -> Verdict:
+    """Runs a registered experiment here and writes its verdict to ``exp_dir/verdict.json``
+    (importing only ``module`` when given, else every experiment module)."""
     exp_dir.mkdir(parents=True, exist_ok=True)
-    verdict = discover()[name].run(exp_dir, quick=quick)
+    if module and module != "__main__":
+        importlib.import_module(module)
+    registry = _REGISTRY if name in _REGISTRY else discover()
+    verdict = registry[name].run(exp_dir, quick=quick)
     (exp_dir / "verdict.json").write_text(json.dumps(verdict.to_json()) + "\n")
     return verdict
 
@@ -869,10 +876,11 @@ def _child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the experiment's own output directory")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", help="JAX's persistent compilation cache directory")
+    parser.add_argument("--module", help="the module that registers it (else all are imported)")
     args = parser.parse_args(argv)
     if args.cache:
         _use_compilation_cache(pathlib.Path(args.cache))
-    verdict = _run_one(args.name, pathlib.Path(args.out), quick=args.quick)
+    verdict = _run_one(args.name, pathlib.Path(args.out), quick=args.quick, module=args.module)
     print(verdict.line(), flush=True)
 
 

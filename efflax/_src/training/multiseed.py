@@ -429,6 +429,21 @@ class SeedRun:
         return unstack_state(self.state if arm is None else self.arm(arm), index)
 
 
+_TRACING_ERRORS = (jax.errors.JAXTypeError, jax.errors.JAXIndexError, TypeError)
+
+
+def _states_of(factory: Callable[[int], TrainState], seeds: Sequence[int]) -> list[TrainState]:
+    """``[factory(s) for s in seeds]``, built by one compiled program where ``factory`` traces
+    with the seed as a value (one compilation instead of one per initializer op and shape);
+    factories that need a Python int seed (``np.random.default_rng(seed)``) run eagerly."""
+    try:
+        jitted = jax.jit(factory)
+        jax.eval_shape(jitted, jnp.int32(seeds[0]))
+    except _TRACING_ERRORS:
+        return [factory(s) for s in seeds]
+    return [jitted(jnp.int32(s)) for s in seeds]
+
+
 def fit_seeds(
     make_state: Callable[[int], TrainState] | Mapping[str, Callable[[int], TrainState]],
     loss_fn: Callable | Mapping[str, Callable],
@@ -474,7 +489,7 @@ def fit_seeds(
     options = dict(step_options or {})
 
     def stacked(factory):
-        return stack_states([factory(s) for s in seeds])
+        return stack_states(_states_of(factory, seeds))
 
     def step_of(fn):
         return make_train_step(fn, jit=False, **options)
