@@ -62,6 +62,7 @@ PUBLIC = {
         "place_on_mesh",
         "plot_metrics",
         "read_metrics",
+        "repeated_step",
         "restore_latest",
         "SeedLoader",
         "SeedRun",

@@ -33,3 +33,4 @@ from efflax._src.training.state import batched_apply
 from efflax._src.training.state import classification_eval_fn
 from efflax._src.training.state import cross_entropy_loss_fn
 from efflax._src.training.state import make_train_step
+from efflax._src.training.state import repeated_step

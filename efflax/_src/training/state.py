@@ -404,6 +404,26 @@ def cross_entropy_loss_fn(*, x_key: str = "x", y_key: str = "y") -> LossFn:
     return loss_fn
 
 
+def repeated_step(
+    step: Callable[[TrainState, Any], tuple[TrainState, Any]], state: TrainState, batch: Any
+) -> Callable[[], tuple[Any, Any]]:
+    """A function of no arguments that advances its own copy of ``state`` by ``step(state,
+    batch)`` at every call and returns ``(params, metrics)`` (valid until the next call, which
+    may donate them): a train step for ``efflax.curves.interleaved_times``, e.g. ``{"dense": (repeated_step(step, state,
+    batch), ())}``.
+    """
+    _checks.function("step", step)
+    if not isinstance(state, TrainState):
+        raise ValueError(f"state must be a TrainState, got {type(state).__name__}")
+    holder = [_own(state)]  # a donating step deletes the buffers it is given, not the caller's
+
+    def call() -> tuple[Any, Any]:
+        holder[0], metrics = step(holder[0], batch)
+        return holder[0].params, metrics
+
+    return call
+
+
 def batched_apply(
     fn: Callable[[Any, Any], Any], params: Any, x: Any, *, batch_size: int
 ) -> np.ndarray:
