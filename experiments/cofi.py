@@ -35,41 +35,37 @@ import dataclasses
 import functools
 import pathlib
 import sysconfig
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 
 from efflax import data
 from efflax.curves import interleaved_times
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.losses import distillation_loss
 from efflax.nn import Encoder
-from efflax.optim import LagrangianSparsity
 from efflax.pruning import apply_with_layers
-from efflax.pruning import cofi_distillation_loss
 from efflax.pruning import cofi_optimizer
+from efflax.pruning import cofi_pruning_loss
+from efflax.pruning import cofi_pruning_state
 from efflax.pruning import cofi_structure
 from efflax.pruning import extract
-from efflax.stats import combine_statuses
-from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import paired_difference
 from efflax.stats import ratio_interval
-from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
 from efflax.training import TrainState
+from efflax.training import batched_apply
 from efflax.training import fit
 from efflax.training import make_train_step
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 PACKAGES = ("asyncio", "distutils", "email", "idlelib", "lib2to3", "multiprocessing")
 MASK_ID = 256  # bytes are 0..255; the masked-byte token
@@ -231,24 +227,13 @@ def _count(params) -> int:
     return int(sum(np.size(v) for v in jax.tree.leaves(params)))
 
 
-def _apply_fn(model):
+def _forward(model):
     return jax.jit(lambda params, x: model.apply({"params": params}, x))
 
 
-def _logits(forward, params, x: np.ndarray) -> np.ndarray:
-    """Logits in batches of ``EVAL_BATCH`` (the last one padded): one compiled shape per model."""
-    out = []
-    for start in range(0, len(x), EVAL_BATCH):
-        chunk = x[start : start + EVAL_BATCH]
-        padded = np.concatenate(
-            [chunk, np.zeros((EVAL_BATCH - len(chunk), *chunk.shape[1:]), chunk.dtype)]
-        )
-        out.append(np.asarray(forward(params, padded))[: len(chunk)])
-    return np.concatenate(out)
-
-
 def _accuracy(forward, params, arrays) -> float:
-    return float(np.mean(np.argmax(_logits(forward, params, arrays["x"]), -1) == arrays["y"]))
+    logits = batched_apply(forward, params, arrays["x"], batch_size=EVAL_BATCH)
+    return float(np.mean(np.argmax(logits, -1) == arrays["y"]))
 
 
 def _flops_per_example(forward, params, x: np.ndarray) -> float:
@@ -260,7 +245,6 @@ def _flops_per_example(forward, params, x: np.ndarray) -> float:
 def pretrain(config: Config, seed: int = 0):
     """Masked-byte modelling (15% of bytes replaced by a mask token) on stdlib_text 'train'."""
     model = _model(config, None)
-    loader = data.load("stdlib_text", "train", config.batch, seed=seed, epochs=None)
 
     def loss_fn(params, state, batch, rng):
         crop_key, mask_key = jax.random.split(rng)
@@ -274,21 +258,20 @@ def pretrain(config: Config, seed: int = 0):
         masked = jax.random.bernoulli(mask_key, 0.15, tokens.shape)
         logits = state.apply_fn({"params": params}, jnp.where(masked, MASK_ID, tokens))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-        loss = jnp.sum(losses * masked) / jnp.maximum(jnp.sum(masked), 1)
-        return loss
+        return jnp.sum(losses * masked) / jnp.maximum(jnp.sum(masked), 1)
 
     x = jnp.zeros((1, config.seq_len), jnp.int32)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x))["params"]
+    schedule = optax.warmup_cosine_decay_schedule(0, config.lr, 50, config.pretrain_steps)
     state = TrainState.create(
         apply_fn=model.apply,
-        params=params,
-        tx=optax.adamw(optax.warmup_cosine_decay_schedule(0, config.lr, 50, config.pretrain_steps)),
+        params=nn.unbox(jax.jit(model.init)(jax.random.key(seed), x))["params"],
+        tx=optax.adamw(schedule),
         rng=jax.random.key(seed + 100),
     )
     state, history = fit(
         state,
         make_train_step(loss_fn),
-        loader,
+        data.load("stdlib_text", "train", config.batch, seed=seed, epochs=None),
         num_steps=config.pretrain_steps,
         log_every=max(1, config.pretrain_steps // 5),
         progress=False,
@@ -301,7 +284,6 @@ def classification_step(model):
     only) and the teacher's logits come in with the batch, so one compiled step serves all."""
 
     def loss_fn(params, state, batch, rng):
-        del rng
         logits = state.apply_fn({"params": params}, batch["x"])
         loss = distillation_loss(
             logits,
@@ -333,121 +315,148 @@ def _prune_tx(lr: float, reg_lr: float, lagrangian_lr: float | None):
 
 
 def train_classifier(model, params, step, arrays, teacher_logits, alpha_kd, steps, seed, lr):
-    loader = data.Loader(
-        {
-            "x": arrays["x"],
-            "y": arrays["y"],
-            "teacher_logits": teacher_logits,
-            "alpha_kd": np.full(len(arrays["x"]), alpha_kd, np.float32),
-        },
-        min(32, len(arrays["x"])),
-        seed=seed,
-        epochs=None,
-    )
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=params,
-        tx=_finetune_tx(lr, steps),
-        rng=jax.random.key(seed),
-    )
+    """``steps`` of ``step`` (:func:`classification_step`) from ``params``; the final params."""
+    batches = {
+        "x": arrays["x"],
+        "y": arrays["y"],
+        "teacher_logits": teacher_logits,
+        "alpha_kd": np.full(len(arrays["x"]), alpha_kd, np.float32),
+    }
+    loader = data.Loader(batches, min(32, len(arrays["x"])), seed=seed, epochs=None)
+    tx, rng = _finetune_tx(lr, steps), jax.random.key(seed)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
     state, _ = fit(state, step, loader, num_steps=steps, log_every=steps, progress=False)
     return state.params
 
 
-def prune_step(model, structure, teacher_apply, warmup_steps: int):
-    """CoFi's loss: 0.1 KD(T=2) + 0.9 layer distillation + Lagrangian; the target sparsity and the
-    teacher's parameters live in ``state.extra``, so one compiled step serves every run."""
-
-    def loss_fn(params, state, batch, rng):
-        teacher_logits, teacher_layers = teacher_apply(state.extra["teacher"], batch["x"])
-        teacher_logits = jax.lax.stop_gradient(teacher_logits)
-        teacher_layers = jax.lax.stop_gradient(teacher_layers)
-        masks = structure.sample(params["log_alpha"], rng)
-        logits, layers = apply_with_layers(
-            structure, model, {"params": params["model"]}, batch["x"], masks=masks
-        )
-        layer_map = params["layer_map"]
-        distill, parts = cofi_distillation_loss(
-            logits,
-            teacher_logits,
-            layers,
-            teacher_layers,
-            lambda h: h @ layer_map["kernel"] + layer_map["bias"],
-            temperature=KD_TEMPERATURE,
-            logit_weight=KD_WEIGHT,
-            layer_weight=LAYER_WEIGHT,
-            student_exists=structure.layer_exists(masks),
-        )
-        controller = LagrangianSparsity(state.extra["target"], warmup_steps=warmup_steps)
-        expected = structure.expected_sparsity(params["log_alpha"])
-        penalty, target = controller(expected, params["lagrangian"], state.step)
-        loss = distill + penalty
-        metrics = {
-            "kd": parts["logit"],
-            "layer": parts["layer"],
-            "expected_sparsity": expected,
-            "target": target,
-            "lambda_1": params["lagrangian"]["lambda_1"],
-            "lambda_2": params["lagrangian"]["lambda_2"],
-        }
-        return loss, LossOutput(metrics=metrics)
-
-    return make_train_step(loss_fn, donate=False)
-
-
-def cofi_prune(config, model, structure, step, teacher_params, arrays, target, seed):
-    d = config.d_model
-    params = {
-        "model": teacher_params,
-        "log_alpha": structure.init(jax.random.key(seed + 10)),
-        "lagrangian": LagrangianSparsity(target).init(),
-        # CoFi's layer_transformation: one d x d linear map, BERT init N(0, 0.02), bias 0.
-        "layer_map": {
-            "kernel": 0.02 * jax.random.normal(jax.random.key(seed + 20), (d, d)),
-            "bias": jnp.zeros(d),
-        },
-    }
-    tx = _prune_tx(config.prune_lr, config.reg_lr, config.lagrangian_lr)
-    loader = data.Loader(
-        {"x": arrays["x"]}, min(config.batch, len(arrays["x"])), seed=seed, epochs=None
-    )
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=params,
-        tx=tx,
-        rng=jax.random.key(seed + 30),
-        extra={
-            "teacher": teacher_params,
-            "target": jnp.asarray(target, jnp.float32),
-        },
-    )
-    state, history = fit(
-        state,
-        step,
-        loader,
-        num_steps=config.prune_steps,
-        log_every=max(1, config.prune_steps // 20),
-        progress=False,
-    )
-    return state.params, history
-
-
 # --- the experiment ------------------------------------------------------------------------------
-class _Clock:
-    """Progress lines with wall and process CPU seconds (the CPU time shows the cost on a
-    shared machine, where wall time mostly measures the others' load)."""
+@functools.cache
+def _setup(config: Config):
+    """The model, its CoFi structure and the programs every seed and target shares."""
+    model = _model(config, len(PACKAGES))
+    structure = cofi_structure(model, np.zeros((2, config.seq_len), np.int32))
+    loss_fn = cofi_pruning_loss(
+        structure,
+        model,
+        warmup_steps=int(config.warmup_fraction * config.prune_steps),
+        temperature=KD_TEMPERATURE,
+        logit_weight=KD_WEIGHT,
+        layer_weight=LAYER_WEIGHT,
+    )
+    masked_apply = jax.jit(
+        lambda p, m, x: apply_with_layers(structure, model, {"params": p}, x, masks=m)[0]
+    )
+    prune = make_train_step(loss_fn, donate=False)
+    return model, structure, _forward(model), classification_step(model), prune, masked_apply
 
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
 
-    def __call__(self, message: str) -> None:
-        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-        print(f"[{wall:6.1f} s wall, {cpu:6.1f} s cpu] {message}", flush=True)
-
-
-def _timing(forwards: dict, x, rounds: int) -> dict[str, list[float]]:
-    fns = {name: (fn, (params, x)) for name, (fn, params) in forwards.items()}
-    return interleaved_times(fns, rounds=rounds)
+def run_seed(config, task, pretrained, seed: int) -> tuple[dict, dict]:
+    """Teacher, then per target: CoFi pruning, extraction, fine-tuning and the two baselines.
+    Returns the seed's record and ``{name: (forward, params)}`` of the models to time."""
+    model, structure, forward, full_step, prune, masked_apply = _setup(config)
+    x0, train, test = task["train"]["x"][:2], task["train"], task["test"]
+    # Fine-tune the pretrained encoder (a fresh classification head) = the teacher.
+    init = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x0))["params"]
+    init["encoder"] = {**init["encoder"], **pretrained["encoder"]}
+    zeros = np.zeros((len(train["x"]), len(PACKAGES)), np.float32)
+    teacher = train_classifier(
+        model, init, full_step, train, zeros, 0.0, config.finetune_steps, seed, config.lr
+    )
+    teacher_logits = batched_apply(forward, teacher, train["x"], batch_size=EVAL_BATCH)
+    record = {
+        "seed": seed,
+        "teacher_accuracy": _accuracy(forward, teacher, test),
+        "params_teacher": _count(teacher),
+        "flops_teacher": _flops_per_example(forward, teacher, test["x"]),
+    }
+    print(f"seed {seed}: teacher accuracy {record['teacher_accuracy']:.3f}", flush=True)
+    timed = {"teacher": (forward, teacher)}
+    for target in config.targets:
+        key = f"{int(round(100 * target))}"
+        state = cofi_pruning_state(
+            structure,
+            model,
+            teacher,
+            target,
+            _prune_tx(config.prune_lr, config.reg_lr, config.lagrangian_lr),
+            rng=jax.random.key(seed + 30),
+            gate_key=jax.random.key(seed + 10),
+            map_key=jax.random.key(seed + 20),
+        )
+        loader = data.Loader(
+            {"x": train["x"]}, min(config.batch, len(train["x"])), seed=seed, epochs=None
+        )
+        state, history = fit(
+            state,
+            prune,
+            loader,
+            num_steps=config.prune_steps,
+            log_every=max(1, config.prune_steps // 20),
+            progress=False,
+        )
+        pruned = state.params
+        masks = structure.deterministic(pruned["log_alpha"])
+        summary = structure.summary(masks)
+        small, small_params = extract(model, pruned["model"], structure, masks)
+        small_forward, small_step = _forward(small), classification_step(small)
+        # Exactness: the masked model (deterministic masks) vs the extracted model.
+        probe = test["x"][:EVAL_BATCH]
+        masked_logits = masked_apply(pruned["model"], masks, probe)
+        exact = float(
+            jnp.max(jnp.abs(masked_logits - small_forward(small_params, probe)))
+            / jnp.maximum(jnp.max(jnp.abs(masked_logits)), 1e-30)
+        )
+        finetuned = train_classifier(
+            small,
+            small_params,
+            small_step,
+            train,
+            teacher_logits,
+            FINETUNE_ALPHA_KD,
+            config.final_steps,
+            seed,
+            config.prune_lr,
+        )
+        scratch, fresh = {}, nn.unbox(jax.jit(small.init)(jax.random.key(seed + 1000), x0))
+        for name, alpha in (("scratch_ce", 0.0), ("scratch_kd", FINETUNE_ALPHA_KD)):
+            trained = train_classifier(
+                small,
+                fresh["params"],
+                small_step,
+                train,
+                teacher_logits,
+                alpha,
+                config.scratch_steps or config.prune_steps + config.final_steps,
+                seed,
+                config.lr,
+            )
+            scratch[name] = _accuracy(small_forward, trained, test)
+        record[key] = r = {
+            "target": target,
+            "real_sparsity": float(summary["sparsity"]),
+            "expected_sparsity": float(history[-1]["train/expected_sparsity"]),
+            "structure": summary,
+            "extraction_max_rel_diff": exact,
+            "accuracy_pruned_before_finetune": _accuracy(small_forward, small_params, test),
+            "accuracy_cofi": _accuracy(small_forward, finetuned, test),
+            "accuracy_scratch_ce": scratch["scratch_ce"],
+            "accuracy_scratch_kd": scratch["scratch_kd"],
+            "params": _count(finetuned),
+            "flops": _flops_per_example(small_forward, finetuned, test["x"]),
+            "sparsity_curve": [
+                (h["step"], h["train/expected_sparsity"], h["train/target"]) for h in history
+            ],
+        }
+        print(
+            f"seed {seed} target {target}: real sparsity {r['real_sparsity']:.3f} (expected "
+            f"{r['expected_sparsity']:.3f}), exact {exact:.1e}, acc cofi {r['accuracy_cofi']:.3f} "
+            f"(before FT {r['accuracy_pruned_before_finetune']:.3f}) vs scratch CE "
+            f"{scratch['scratch_ce']:.3f} / KD {scratch['scratch_kd']:.3f}, params {r['params']} "
+            f"vs {record['params_teacher']}",
+            flush=True,
+        )
+        timed[key] = (small_forward, finetuned)
+    return record, timed
 
 
 @register(
@@ -459,301 +468,142 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = QUICK if quick else FULL
-    start_time = time.perf_counter()
-    clock = _Clock()
     task = package_task(config)
-    num_classes = len(PACKAGES)
-    clock(
+    print(
         f"task: {len(task['train']['x'])} train / {len(task['test']['x'])} test snippets of "
-        f"{config.seq_len} bytes, {num_classes} packages"
+        f"{config.seq_len} bytes, {len(PACKAGES)} packages",
+        flush=True,
     )
-
     pretrained, mlm_curve = pretrain(config)
-    clock(f"pretrained: masked-byte loss {mlm_curve[0]:.3f} -> {mlm_curve[-1]:.3f}")
-
-    model = _model(config, num_classes)
-    x0 = task["train"]["x"][:2]
-    structure = cofi_structure(model, x0)
-    forward = _apply_fn(model)
-    teacher_apply = jax.jit(lambda p, x: apply_with_layers(structure, model, {"params": p}, x))
-    full_step = classification_step(model)
-    model_init = jax.jit(model.init)
-    masked_apply = jax.jit(
-        lambda p, m, x: apply_with_layers(structure, model, {"params": p}, x, masks=m)[0]
-    )
-    prune = prune_step(
-        model, structure, teacher_apply, int(config.warmup_fraction * config.prune_steps)
-    )
-    zeros_logits = np.zeros((len(task["train"]["x"]), num_classes), np.float32)
-
-    runs: list[dict] = []
-    small_steps: dict = {}
-    timing_models: dict = {}
+    print(f"pretrained: masked-byte loss {mlm_curve[0]:.3f} -> {mlm_curve[-1]:.3f}", flush=True)
+    runs, timed = [], {}
     for seed in config.seeds:
-        # Fine-tune the pretrained encoder (a fresh classification head) = the teacher.
-        init = nn.unbox(model_init(jax.random.key(seed), x0))["params"]
-        init["encoder"] = {**init["encoder"], **pretrained["encoder"]}
-        teacher = train_classifier(
-            model,
-            init,
-            full_step,
-            task["train"],
-            zeros_logits,
-            0.0,
-            config.finetune_steps,
-            seed,
-            config.lr,
-        )
-        teacher_acc = _accuracy(forward, teacher, task["test"])
-        teacher_train_logits = _logits(forward, teacher, task["train"]["x"])
-        record = {
-            "seed": seed,
-            "teacher_accuracy": teacher_acc,
-            "params_teacher": _count(teacher),
-            "flops_teacher": _flops_per_example(forward, teacher, task["test"]["x"]),
-        }
-        clock(f"seed {seed}: teacher accuracy {teacher_acc:.3f}")
-        for target in config.targets:
-            key = f"{int(round(100 * target))}"
-            pruned, history = cofi_prune(
-                config, model, structure, prune, teacher, task["train"], target, seed
-            )
-            clock(f"seed {seed} target {target}: pruned")
-            masks = structure.deterministic(pruned["log_alpha"])
-            summary = structure.summary(masks)
-            small, small_params = extract(model, pruned["model"], structure, masks)
-            small_forward = _apply_fn(small)
-            # Exactness: the masked model (deterministic masks) vs the extracted model.
-            probe = task["test"]["x"][:EVAL_BATCH]
-            masked_logits = masked_apply(pruned["model"], masks, probe)
-            small_logits = small_forward(small_params, probe)
-            exact = float(
-                jnp.max(jnp.abs(masked_logits - small_logits))
-                / jnp.maximum(jnp.max(jnp.abs(masked_logits)), 1e-30)
-            )
-            pruned_acc = _accuracy(small_forward, small_params, task["test"])
-            # One compiled fine-tuning step per extracted shape, shared with its baselines.
-            shape = tuple(
-                (k, np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(small_params)
-            )
-            if shape not in small_steps:
-                small_steps[shape] = classification_step(small)
-            small_step = small_steps[shape]
-            finetuned = train_classifier(
-                small,
-                small_params,
-                small_step,
-                task["train"],
-                teacher_train_logits,
-                FINETUNE_ALPHA_KD,
-                config.final_steps,
-                seed,
-                config.prune_lr,
-            )
-            cofi_acc = _accuracy(small_forward, finetuned, task["test"])
-            clock(f"seed {seed} target {target}: extracted and fine-tuned")
-            scratch, small_init = {}, jax.jit(small.init)
-            for name, alpha in (("scratch_ce", 0.0), ("scratch_kd", FINETUNE_ALPHA_KD)):
-                fresh = nn.unbox(small_init(jax.random.key(seed + 1000), x0))["params"]
-                trained = train_classifier(
-                    small,
-                    fresh,
-                    small_step,
-                    task["train"],
-                    teacher_train_logits,
-                    alpha,
-                    config.scratch_steps or config.prune_steps + config.final_steps,
-                    seed,
-                    config.lr,
-                )
-                scratch[name] = _accuracy(small_forward, trained, task["test"])
-            record[key] = {
-                "target": target,
-                "real_sparsity": float(summary["sparsity"]),
-                "expected_sparsity": float(history[-1]["train/expected_sparsity"]),
-                "structure": summary,
-                "extraction_max_rel_diff": exact,
-                "accuracy_pruned_before_finetune": pruned_acc,
-                "accuracy_cofi": cofi_acc,
-                "accuracy_scratch_ce": scratch["scratch_ce"],
-                "accuracy_scratch_kd": scratch["scratch_kd"],
-                "params": _count(finetuned),
-                "flops": _flops_per_example(small_forward, finetuned, task["test"]["x"]),
-                "sparsity_curve": [
-                    (h["step"], h["train/expected_sparsity"], h["train/target"]) for h in history
-                ],
-            }
-            clock(
-                f"seed {seed} target {target}: real sparsity {summary['sparsity']:.3f} "
-                f"(expected {record[key]['expected_sparsity']:.3f}), exact {exact:.1e}, "
-                f"acc cofi {cofi_acc:.3f} (before FT {pruned_acc:.3f}) vs scratch CE "
-                f"{scratch['scratch_ce']:.3f} / KD {scratch['scratch_kd']:.3f}, params "
-                f"{record[key]['params']} vs {record['params_teacher']}"
-            )
-            if seed == config.seeds[0]:
-                timing_models[key] = (small_forward, finetuned)
-        if seed == config.seeds[0]:
-            timing_models["teacher"] = (forward, teacher)
+        record, models = run_seed(config, task, pretrained, seed)
         runs.append(record)
+        timed = timed or models  # the first seed's models are timed
+    probe = task["test"]["x"][:EVAL_BATCH]
+    fns = {name: (fn, (params, probe)) for name, (fn, params) in timed.items()}
+    times = interleaved_times(fns, rounds=config.timing_rounds)
+    return _report(out_dir, config, quick, runs, times)
 
-    clock("timing")
-    times = _timing(timing_models, task["test"]["x"][:EVAL_BATCH], config.timing_rounds)
-    return _report(out_dir, config, quick, runs, times, time.perf_counter() - start_time)
 
-
-def _report(out_dir, config, quick, runs, times, seconds) -> Verdict:
+def _report(out_dir, config, quick, runs, times) -> Verdict:
     keys = [f"{int(round(100 * t))}" for t in config.targets]
-    estimates, statuses, lines = {}, {}, []
+    claims, lines = Claims(), []
+    per = {}  # estimates by name
     for key, target in zip(keys, config.targets, strict=True):
         gaps = [r[key]["real_sparsity"] - target for r in runs]
-        gap = mean_interval(gaps)
-        estimates[f"sparsity_gap_{key}"] = gap
         # The claim is about every run the controller drives (where it ends), not about a mean
         # over seeds: PASS when each run ends within 0.02 of its target.
-        statuses[f"controller_{key}"] = "PASS" if max(map(abs, gaps)) <= 0.02 else "FAIL"
-        speedup = ratio_interval(times["teacher"], times[key])
-        estimates[f"speedup_{key}"] = speedup
-        drop = paired_difference(
-            [r["teacher_accuracy"] for r in runs], [r[key]["accuracy_cofi"] for r in runs]
-        )
-        estimates[f"accuracy_drop_{key}"] = drop
+        claims.require(f"controller_{key}", max(map(abs, gaps)) <= 0.02, mean_interval(gaps))
+        cofi = [r[key]["accuracy_cofi"] for r in runs]
+        per[f"speedup_{key}"] = ratio_interval(times["teacher"], times[key])
+        per[f"accuracy_drop_{key}"] = paired_difference([r["teacher_accuracy"] for r in runs], cofi)
         for baseline in ("scratch_ce", "scratch_kd"):
-            estimates[f"cofi_minus_{baseline}_{key}"] = paired_difference(
-                [r[key]["accuracy_cofi"] for r in runs],
-                [r[key][f"accuracy_{baseline}"] for r in runs],
+            per[f"cofi_minus_{baseline}_{key}"] = paired_difference(
+                cofi, [r[key][f"accuracy_{baseline}"] for r in runs]
             )
         flops = np.mean([r["flops_teacher"] / r[key]["flops"] for r in runs])
         params = np.mean([r["params_teacher"] / r[key]["params"] for r in runs])
         lines.append(
-            f"{key}%: real sparsity - target {gap.format('+.3f')}, speed-up "
-            f"{speedup.format('.2f')}x ({flops:.1f}x fewer FLOPs, {params:.1f}x fewer params), "
-            f"accuracy drop {drop.format('+.3f')}, CoFi - scratch CE "
-            f"{estimates[f'cofi_minus_scratch_ce_{key}'].format('+.3f')}, - scratch KD "
-            f"{estimates[f'cofi_minus_scratch_kd_{key}'].format('+.3f')}"
+            f"{key}%: real sparsity - target {claims.estimates[f'controller_{key}'].format('+.3f')}"
+            f", speed-up {per[f'speedup_{key}'].format('.2f')}x ({flops:.1f}x fewer FLOPs, "
+            f"{params:.1f}x fewer params), accuracy drop {per[f'accuracy_drop_{key}'].format('+.3f')}"
+            f", CoFi - scratch CE {per[f'cofi_minus_scratch_ce_{key}'].format('+.3f')}, - scratch "
+            f"KD {per[f'cofi_minus_scratch_kd_{key}'].format('+.3f')}"
         )
     exact = max(r[key]["extraction_max_rel_diff"] for r in runs for key in keys)
-    statuses["exact"] = "PASS" if exact <= 1e-5 else "FAIL"
+    claims.require("exact", exact <= 1e-5)
     top = keys[-1]
+    # Decided in the full run only (the quick run has one seed); reported in both.
+    decided = {f"speedup_{top}": (10.0, ">="), f"accuracy_drop_{keys[0]}": (0.03, "<=")}
+    decided.update(
+        {f"cofi_minus_{b}_{k}": (0.0, ">=") for b in ("scratch_ce", "scratch_kd") for k in keys}
+    )
     if quick:
-        statuses["faster"] = decide(estimates[f"speedup_{top}"], 1.0)
-        decided = ["controller_" + k for k in keys] + ["exact", "faster"]
+        claims.check(f"faster_{top}", per[f"speedup_{top}"], 1.0)
         claim = (
             f"(quick) CoFi's controller ends each run at {', '.join(keys)}% sparsity (+-0.02), the "
             f"extracted model is exact (1e-5) and faster than the teacher"
         )
     else:
-        statuses["speedup_10x"] = decide(estimates[f"speedup_{top}"], 10.0)
-        statuses["small_drop"] = decide(estimates[f"accuracy_drop_{keys[0]}"], 0.03, direction="<=")
-        for baseline in ("scratch_ce", "scratch_kd"):
-            for key in keys:
-                statuses[f"beats_{baseline}_{key}"] = decide(
-                    estimates[f"cofi_minus_{baseline}_{key}"], 0.0
-                )
-        decided = list(statuses)
         claim = (
             "CoFi: >10x speed-up at a small accuracy drop (<= 3 points at 60%), better than "
             "same-shape models trained alone (labels or distillation); controller within 0.02, "
             "exact extraction"
         )
-    status = combine_statuses([statuses[k] for k in decided])
-    undecided = []
-    for name in decided:
-        if statuses[name] == "INCONCLUSIVE":
-            estimate_name = {
-                "faster": f"speedup_{top}",
-                "speedup_10x": f"speedup_{top}",
-                "small_drop": f"accuracy_drop_{keys[0]}",
-            }.get(name)
-            if name.startswith("controller_"):
-                estimate_name = f"sparsity_gap_{name.split('_')[1]}"
-            if name.startswith("beats_"):
-                estimate_name = "cofi_minus_" + name[len("beats_") :]
-            threshold = {"faster": 1.0, "speedup_10x": 10.0, "small_drop": 0.03}.get(name, 0.0)
-            direction = "<=" if name == "small_drop" else ">="
-            if name.startswith("controller_"):
-                threshold, direction = 0.02, "within"
-            need = (
-                seeds_to_decide(estimates[estimate_name], threshold, direction=direction)
-                if estimate_name
-                else None
-            )
-            undecided.append(f"{name} (seeds to decide: {need})")
+    for name, estimate in per.items():
+        threshold, direction = decided.get(name, (1.0 if "speedup" in name else 0.0, ">="))
+        (claims.report if quick or name not in decided else claims.check)(
+            name, estimate, threshold, direction
+        )
     teacher_acc = mean_interval([r["teacher_accuracy"] for r in runs])
     measured = (
         f"teacher acc {teacher_acc.format('.3f')}; "
         + "; ".join(lines)
         + f"; extraction max rel diff {exact:.1e}; "
-        + ", ".join(f"{k}: {v}" for k, v in statuses.items())
-        + (f"; undecided: {', '.join(undecided)}" if undecided else "")
-        + f" ({len(runs)} seeds, {seconds:.0f} s)"
+        + ", ".join(f"{k}: {v}" for k, v in claims.statuses.items())
+        + f" ({len(runs)} seeds)"
     )
-    write_metrics(
-        out_dir,
-        {
-            "config": dataclasses.asdict(config),
-            "quick": quick,
-            "runs": runs,
-            "timing_seconds": times,
-            "statuses": statuses,
-            "estimates": {k: dataclasses.asdict(v) for k, v in estimates.items()},
-        },
-    )
-    _plot(out_dir, runs, keys, {k: estimates[f"speedup_{k}"].value for k in keys})
+    _plot(out_dir / "cofi.png", runs, keys, per)
     print(measured, flush=True)
-    return Verdict(claim=claim, measured=measured, status=status, estimates=estimates)
-
-
-def _plot(out_dir, runs, keys, speedups) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    teacher = [r["teacher_accuracy"] for r in runs]
-    left.errorbar(
-        [np.mean([r["params_teacher"] for r in runs])],
-        [np.mean(teacher)],
-        yerr=[np.std(teacher)],
-        fmt="k*",
-        markersize=10,
-        label="teacher (fine-tuned)",
+    return claims.verdict(
+        out_dir,
+        claim=claim,
+        measured=measured,
+        metrics={"config": config, "quick": quick, "runs": runs, "timing_seconds": times},
     )
-    styles = {
-        "accuracy_cofi": ("C0o", "CoFi + FT"),
-        "accuracy_scratch_ce": ("C1s", "scratch, labels"),
-        "accuracy_scratch_kd": ("C2^", "scratch, distillation"),
-    }
-    for name, (fmt, label) in styles.items():
-        xs = [np.mean([r[k]["params"] for r in runs]) for k in keys]
-        ys = [np.mean([r[k][name] for r in runs]) for k in keys]
-        es = [np.std([r[k][name] for r in runs]) for k in keys]
-        left.errorbar(xs, ys, yerr=es, fmt=fmt + "-", label=label, alpha=0.8)
-    left.set_xscale("log")
-    left.set_xlabel("parameters")
-    left.set_ylabel("test accuracy")
-    left.set_title("package of a byte snippet")
-    left.legend(fontsize=8)
-    for i, key in enumerate(keys):
-        for r in runs:
-            steps, expected, target = zip(*r[key]["sparsity_curve"], strict=True)
-            right.plot(steps, expected, color=f"C{i}", alpha=0.6)
-            right.plot(steps, target, color=f"C{i}", linestyle=":")
-        right.axhline(
-            np.mean([r[key]["real_sparsity"] for r in runs]),
-            color=f"C{i}",
-            linestyle="--",
-            label=f"target {key}%: real sparsity (dashed)",
+
+
+def _plot(path, runs, keys, estimates) -> None:
+    def mean(values):
+        return np.mean(values, axis=0)
+
+    accuracy = {
+        "teacher (fine-tuned)": (
+            [mean([r["params_teacher"] for r in runs])],
+            [[r["teacher_accuracy"]] for r in runs],
         )
-    right.set_xlabel("pruning step")
-    right.set_ylabel("expected sparsity (solid), target (dotted)")
-    right.legend(fontsize=8)
-    right.set_title("speed-up " + ", ".join(f"{k}%: {v:.1f}x" for k, v in speedups.items()))
-    fig.tight_layout()
-    fig.savefig(out_dir / "cofi.png", dpi=110)
-    plt.close(fig)
-
-
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("cofi")
+    }
+    for name, label in (
+        ("cofi", "CoFi + FT"),
+        ("scratch_ce", "scratch, labels"),
+        ("scratch_kd", "scratch, distillation"),
+    ):
+        accuracy[label] = (
+            [mean([r[k]["params"] for r in runs]) for k in keys],
+            [[r[k][f"accuracy_{name}"] for k in keys] for r in runs],
+        )
+    sparsity = {}
+    for key in keys:
+        curves = np.array([r[key]["sparsity_curve"] for r in runs])  # [seeds, points, 3]
+        sparsity[f"{key}%: expected"] = (curves[0, :, 0], curves[:, :, 1])
+        sparsity[f"{key}%: target"] = (curves[0, :, 0], curves[:, :, 2])
+    real = tuple(float(mean([r[k]["real_sparsity"] for r in runs])) for k in keys)
+    speedups = ", ".join(f"{k}%: {estimates[f'speedup_{k}'].value:.1f}x" for k in keys)
+    plot_panels(
+        path,
+        [
+            Panel(
+                "package of a byte snippet",
+                accuracy,
+                xlabel="parameters",
+                ylabel="test accuracy",
+                xscale="log",
+                style={"teacher (fine-tuned)": "k*"},
+            ),
+            Panel(
+                f"speed-up {speedups}",
+                sparsity,
+                xlabel="pruning step",
+                hlines=real,
+                ylabel="sparsity (dotted: real, final)",
+                style={f"{k}%: target": ":" for k in keys},
+            ),
+        ],
+        title="CoFi pruning of a pretrained byte-level encoder",
+    )
 
 
 if __name__ == "__main__":
-    main()
+    cli_main("cofi")

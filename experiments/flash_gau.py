@@ -29,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 from flax import linen as nn
@@ -37,9 +36,12 @@ from flax import linen as nn
 from efflax import data
 from efflax import stats
 from efflax.curves import interleaved_times
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.models import TransformerLM
 from efflax.nn import FLASH
 from efflax.nn import FLASHQuad
@@ -47,9 +49,6 @@ from efflax.nn import GatedAttentionUnit
 from efflax.training import TrainState
 from efflax.training import fit
 from efflax.training import make_train_step
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 SLOPE_FLASH_MAX = 1.2
 SLOPE_QUAD_MIN = 1.5
@@ -132,25 +131,25 @@ def measure_scaling(
 
 
 def _plot_scaling(result: dict, path: pathlib.Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    series = {}
     for method, label in (("flash", "FLASH (C=128)"), ("quad", "quadratic GAU")):
         lengths = result["lengths"][method]
-        medians = np.array(result[f"{method}_median_s"]) * 1e3
-        ax.loglog(
-            lengths,
-            medians,
-            "o-",
-            label=f"{label}: slope {result[f'{method}_slope_of_medians']:.2f}",
-        )
         per_round = np.array([result["times"][f"{method}@{t}"] for t in lengths]) * 1e3
-        ax.fill_between(lengths, per_round.min(axis=1), per_round.max(axis=1), alpha=0.2)
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel("fwd + bwd wall time (ms), median and range")
-    ax.set_title("one causal GAU layer, d=128, e=256, s=64, batch 1")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        slope = result[f"{method}_slope_of_medians"]
+        series[f"{label}: slope {slope:.2f}"] = (lengths, per_round.T)  # [rounds, lengths]
+    plot_panels(
+        path,
+        [
+            Panel(
+                "one causal GAU layer, d=128, e=256, s=64, batch 1",
+                series,
+                xlabel="sequence length T",
+                ylabel="fwd + bwd wall time (ms), mean of rounds",
+                xscale="log",
+                yscale="log",
+            )
+        ],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,35 +285,17 @@ def measure_quality(
 
 
 def _plot_quality(quality: dict, path: pathlib.Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    series = {}
     for name, runs in quality["runs"].items():
-        for i, r in enumerate(runs):
-            steps, losses = zip(*r["curve"], strict=True)
-            ax.plot(
-                steps,
-                losses,
-                color={"transformer": "C0", "flash_quad": "C1", "flash": "C2"}[name],
-                alpha=0.7,
-                label=name if i == 0 else None,
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_title("byte LM on stdlib_text, equal parameters and steps")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        steps = [step for step, _ in runs[0]["curve"]]
+        series[name] = (steps, [[loss for _, loss in r["curve"]] for r in runs])
+    title = "byte LM on stdlib_text, equal parameters and steps"
+    plot_panels(path, [Panel(title, series, ylabel="validation loss (nats / byte), mean of seeds")])
 
 
 # --------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------
-
-
-def _to_decide(n: int | None, unit: str) -> str:
-    if n is None:
-        return f"no number of {unit} decides it at the measured mean"
-    return f"~{n} {unit} would decide it"
 
 
 @register(
@@ -335,38 +316,26 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         rounds = 15
     scaling = measure_scaling(flash_lengths=flash_lengths, quad_lengths=quad_lengths, rounds=rounds)
     _plot_scaling(scaling, out_dir / "scaling.png")
+    claims, t = Claims(), SPEEDUP_LENGTH
     slope_flash = stats.mean_interval(scaling["slopes_per_round"]["flash"])
     slope_quad = stats.mean_interval(scaling["slopes_per_round"]["quad"])
-    t = SPEEDUP_LENGTH
     speedup = stats.ratio_interval(scaling["times"][f"quad@{t}"], scaling["times"][f"flash@{t}"])
-    estimates = {"slope_flash": slope_flash, "slope_quad": slope_quad, f"speedup_at_{t}": speedup}
-    statuses = {
-        "slope_flash": stats.decide(slope_flash, SLOPE_FLASH_MAX, direction="<="),
-        "slope_quad": stats.decide(slope_quad, SLOPE_QUAD_MIN, direction=">="),
-        "speedup": stats.decide(speedup, SPEEDUP_MIN, direction=">="),
+    status = {
+        "flash": claims.check("slope_flash", slope_flash, SLOPE_FLASH_MAX, "<="),
+        "quad": claims.check("slope_quad", slope_quad, SLOPE_QUAD_MIN, ">="),
+        "speedup": claims.check(f"speedup_at_{t}", speedup, SPEEDUP_MIN, ">="),
     }
     measured = (
         f"fwd+bwd log-log slope FLASH {slope_flash.format('.2f')} (<= {SLOPE_FLASH_MAX}: "
-        f"{statuses['slope_flash']}), quadratic GAU {slope_quad.format('.2f')} (>= "
-        f"{SLOPE_QUAD_MIN}: {statuses['slope_quad']}); speed-up of FLASH at T={t} "
-        f"{speedup.format('.2f')} (>= {SPEEDUP_MIN}: {statuses['speedup']}); T in "
+        f"{status['flash']}), quadratic GAU {slope_quad.format('.2f')} (>= "
+        f"{SLOPE_QUAD_MIN}: {status['quad']}); speed-up of FLASH at T={t} "
+        f"{speedup.format('.2f')} (>= {SPEEDUP_MIN}: {status['speedup']}); T in "
         f"{scaling['lengths']['flash']} (quadratic {scaling['lengths']['quad']}), "
-        f"{scaling['rounds']} interleaved rounds, {jax.default_backend().upper()} wall time"
+        f"{scaling['rounds']} interleaved rounds (the slopes' n), "
+        f"{jax.default_backend().upper()} wall time"
     )
-    for name, status in statuses.items():
-        if status == "INCONCLUSIVE":
-            estimate = estimates[{"speedup": f"speedup_at_{t}"}.get(name, name)]
-            threshold = {
-                "slope_flash": SLOPE_FLASH_MAX,
-                "slope_quad": SLOPE_QUAD_MIN,
-                "speedup": SPEEDUP_MIN,
-            }[name]
-            direction = "<=" if name == "slope_flash" else ">="
-            n = stats.seeds_to_decide(estimate, threshold, direction=direction)
-            measured += f"; {name}: {_to_decide(n, 'rounds')}"
     print(measured, flush=True)
-    metrics = {"scaling": scaling, "statuses": dict(statuses)}
-
+    metrics = {"scaling": scaling}
     if quick:
         measured += "; quality (byte LM vs Transformer) SKIPPED in quick mode (full size only)"
     else:
@@ -375,19 +344,12 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         base = [r["val_loss"] for r in quality["runs"]["transformer"]]
         parts = []
         for name in ("flash_quad", "flash"):
-            losses = [r["val_loss"] for r in quality["runs"][name]]
-            ratio = stats.ratio_interval(losses, base)
-            status = stats.decide(ratio, QUALITY_RATIO_MAX, direction="<=")
-            estimates[f"val_loss_ratio_{name}"] = ratio
-            statuses[f"quality_{name}"] = status
-            part = (
-                f"{name} / Transformer val loss {ratio.format('.3f')} "
-                f"(<= {QUALITY_RATIO_MAX}: {status}"
+            ratio = stats.ratio_interval([r["val_loss"] for r in quality["runs"][name]], base)
+            status = claims.check(f"val_loss_ratio_{name}", ratio, QUALITY_RATIO_MAX, "<=")
+            parts.append(
+                f"{name} / Transformer val loss {ratio.format('.3f')} (<= {QUALITY_RATIO_MAX}: "
+                f"{status})"
             )
-            if status == "INCONCLUSIVE":
-                n = stats.seeds_to_decide(ratio, QUALITY_RATIO_MAX, direction="<=")
-                part += f", {_to_decide(n, 'seeds')}"
-            parts.append(part + ")")
         losses = {
             n: stats.mean_interval([r["val_loss"] for r in rs]).format(".3f")
             for n, rs in quality["runs"].items()
@@ -398,22 +360,13 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             + "; ".join(parts)
         )
         metrics["quality"] = quality
-        metrics["statuses"] = dict(statuses)
-
-    write_metrics(out_dir, {**metrics, "estimates": {k: vars(v) for k, v in estimates.items()}})
     claim = (
         "FLASH: GAU training cost linear in length (fwd+bwd slope <= 1.2 vs >= 1.5 quadratic, "
         ">= 2.5x faster at T=4096)"
         + ("" if quick else "; byte-LM val loss within 1.05x a Transformer at equal params/steps")
     )
-    return Verdict(claim, measured, stats.combine_statuses(list(statuses.values())), estimates)
-
-
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("flash_gau")
+    return claims.verdict(out_dir, claim=claim, measured=measured, metrics=metrics)
 
 
 if __name__ == "__main__":
-    main()
+    cli_main("flash_gau")

@@ -38,28 +38,27 @@ import optax
 
 from efflax import data
 from efflax.curves import interleaved_times
+from efflax.experiment import Claims
+from efflax.experiment import Panel
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
+from efflax.experiment import plot_panels
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.models import CNN1D
 from efflax.optim import MESA
 from efflax.optim import SAF
 from efflax.optim import logits_buffer_bytes
 from efflax.optim import sam
 from efflax.optim import sharpness
-from efflax.stats import Estimate
-from efflax.stats import combine_statuses
-from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.stats import paired_difference
 from efflax.stats import ratio_interval
-from efflax.stats import seeds_to_decide
 from efflax.training import LossOutput
 from efflax.training import SeedLoader
+from efflax.training import SeedRun
 from efflax.training import fit
 from efflax.training import make_train_step
-from efflax.training import per_seed
-from efflax.training import per_seed_curve
+from efflax.training import repeated_step
 from efflax.training import seed_state
 from efflax.training import seeds_eval_fn
 from efflax.training import seeds_step
@@ -231,26 +230,21 @@ def train_method(method: str, cfg: Config, train: dict, test: dict) -> dict[str,
     total = cfg.epochs * loader.steps_per_epoch
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, total)
     state = stack_states([make_state(s, schedule) for s in cfg.seeds])
-    step = seeds_step(make_step())
     ema_eval = seeds_eval_fn(test, params_of=ema_params)
     raw_eval = seeds_eval_fn(test, prefix="raw")
-
-    def eval_fn(state):
-        return {**ema_eval(state), **raw_eval(state)}
-
     state, history = fit(
         state,
-        step,
+        seeds_step(make_step()),
         loader,
-        eval_fn=eval_fn,
+        eval_fn=lambda state: {**ema_eval(state), **raw_eval(state)},
         eval_every=loader.steps_per_epoch * max(cfg.epochs // 5, 1),
         log_every=loader.steps_per_epoch,
         progress=False,
     )
+    run = SeedRun(state, history, cfg.seeds)
     return {
-        "test_accuracy": 100 * per_seed(history, "test/accuracy"),
-        "raw_test_accuracy": 100 * per_seed(history, "raw/accuracy"),
-        "curve": per_seed_curve(history, "test/accuracy"),
+        "test_accuracy": 100 * run.per_seed("test/accuracy"),
+        "raw_test_accuracy": 100 * run.per_seed("raw/accuracy"),
         **measure_sharpness(state, train, cfg),
     }
 
@@ -271,14 +265,7 @@ def step_times(cfg: Config, train: dict) -> dict[str, Any]:
         # way: the switch is a jnp.where, not a branch).
         state = make_state(0, schedule)
         state = state.replace(step=jnp.asarray(5_000, jnp.int32))
-        holder = {"state": state}
-        step = jax.jit(make_step(), donate_argnums=(0,))
-
-        def call(step=step, holder=holder):
-            holder["state"], metrics = step(holder["state"], batch)
-            return holder["state"].params, metrics
-
-        fns[method] = (call, ())
+        fns[method] = (repeated_step(jax.jit(make_step(), donate_argnums=(0,)), state, batch), ())
 
     # SAF's own work: buffer read, KL term and its gradient w.r.t. the logits, buffer write.
     # One step per epoch, from epoch lag on: the term is on.
@@ -306,45 +293,25 @@ def step_times(cfg: Config, train: dict) -> dict[str, Any]:
 
 
 def _plot(results: dict, estimates: dict, png: pathlib.Path) -> None:
-    import matplotlib
+    def bars(key, methods=METHODS):  # one point per method: mean over seeds
+        return {m.upper(): ([i], [np.mean(results[m][key])]) for i, m in enumerate(methods)}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    panels = [
-        ("test_accuracy", "test accuracy of the EMA model (%)"),
-        ("sam_sharpness", "SAM sharpness L(w + rho g/|g|) - L(w)"),
-        ("top_eigenvalue", "top Hessian eigenvalue"),
-    ]
-    for ax, (key, title) in zip(axes[:3], panels, strict=True):
-        for i, method in enumerate(METHODS):
-            values = np.asarray(results[method][key])
-            e = mean_interval(values)
-            ax.bar(i, e.value, color=f"C{i}", alpha=0.5)
-            ax.errorbar(
-                i, e.value, yerr=[[e.value - e.low], [e.high - e.value]], color="k", capsize=4
-            )
-            ax.scatter(np.full(len(values), i), values, color="k", s=8, zorder=3)
-        ax.set_xticks(range(len(METHODS)), [m.upper() for m in METHODS])
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    low = min(np.min(results[m]["test_accuracy"]) for m in METHODS)
-    axes[0].set_ylim(max(0.0, low - 3), 100)
-    ax = axes[3]
-    for i, method in enumerate(METHODS[1:], start=1):
-        e = estimates[f"{method}_step_time_over_sgd"]
-        ax.bar(i, e.value, color="gray", alpha=0.6)
-        ax.errorbar(i, e.value, yerr=[[e.value - e.low], [e.high - e.value]], color="k", capsize=4)
-        ax.scatter([i], [PAPER_OVERHEAD[method]], marker="_", s=400, c="r")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xticks(range(1, len(METHODS)), [m.upper() for m in METHODS[1:]])
-    ax.set_title("step time / SGD (red: paper)", fontsize=9)
-    ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("MNIST-1D CNN: SGD vs SAM vs SAF vs MESA (95% intervals over seeds)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    style = dict.fromkeys((m.upper() for m in METHODS), "o")
+    overhead = {
+        m.upper(): ([i], [estimates[f"{m}_step_time_over_sgd"].value])
+        for i, m in enumerate(METHODS[1:], start=1)
+    }
+    overhead["paper"] = (range(1, len(METHODS)), [PAPER_OVERHEAD[m] for m in METHODS[1:]])
+    plot_panels(
+        png,
+        [
+            Panel("test accuracy of the EMA model (%)", bars("test_accuracy"), style=style),
+            Panel("SAM sharpness L(w + rho g/|g|) - L(w)", bars("sam_sharpness"), style=style),
+            Panel("top Hessian eigenvalue", bars("top_eigenvalue"), style=style),
+            Panel("step time / SGD", overhead, hlines=(1.0,), style={**style, "paper": "r_"}),
+        ],
+        title="MNIST-1D CNN: SGD vs SAM vs SAF vs MESA (means over seeds)",
+    )
 
 
 @register(
@@ -354,7 +321,6 @@ def _plot(results: dict, estimates: dict, png: pathlib.Path) -> None:
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     cfg = QUICK if quick else FULL
-    out_dir = pathlib.Path(out_dir)
     train, test = data.load_arrays("mnist1d", "train"), data.load_arrays("mnist1d", "test")
     results: dict[str, dict] = {}
     for method in METHODS:
@@ -367,103 +333,79 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         )
     times = step_times(cfg, train)
     clock = "cpu" if jax.default_backend() == "cpu" else "wall"
-
-    def seconds(name):
-        return times[name].cpu if clock == "cpu" else list(times[name])
-
-    estimates: dict[str, Estimate] = {}
+    seconds = {k: t.cpu if clock == "cpu" else list(t) for k, t in times.items()}
+    claims, e = Claims(), {}
     for method in ("saf", "mesa", "sam"):
         for key in ("sam_sharpness", "top_eigenvalue"):
-            estimates[f"{method}_minus_sgd_{key}"] = paired_difference(
+            e[f"{method}_minus_sgd_{key}"] = paired_difference(
                 results[method][key], results["sgd"][key]
             )
-        estimates[f"{method}_minus_sgd_accuracy_points"] = paired_difference(
+        e[f"{method}_minus_sgd_accuracy_points"] = paired_difference(
             results[method]["test_accuracy"], results["sgd"]["test_accuracy"]
         )
-        estimates[f"{method}_step_time_over_sgd"] = ratio_interval(seconds(method), seconds("sgd"))
-    estimates["saf_work_fraction_of_sgd_step"] = ratio_interval(seconds("saf_work"), seconds("sgd"))
-    estimates["saf_step_time_over_sam"] = ratio_interval(seconds("saf"), seconds("sam"))
-    estimates["mesa_step_time_over_sam"] = ratio_interval(seconds("mesa"), seconds("sam"))
-    estimates["sgd_test_accuracy"] = mean_interval(results["sgd"]["test_accuracy"])
-    statuses = {
-        "SAF flatter (SAM sharpness)": decide(
-            estimates["saf_minus_sgd_sam_sharpness"], 0.0, direction="<="
-        ),
-        "MESA flatter (SAM sharpness)": decide(
-            estimates["mesa_minus_sgd_sam_sharpness"], 0.0, direction="<="
-        ),
-        "SAF accuracy": decide(estimates["saf_minus_sgd_accuracy_points"], -ACCURACY_TOLERANCE),
-        "MESA accuracy": decide(estimates["mesa_minus_sgd_accuracy_points"], -ACCURACY_TOLERANCE),
-        "SAF cheaper than SAM": decide(estimates["saf_step_time_over_sam"], 1.0, direction="<="),
-        "MESA cheaper than SAM": decide(estimates["mesa_step_time_over_sam"], 1.0, direction="<="),
-    }
-    _plot(results, estimates, out_dir / "saf_mesa.png")
-    write_metrics(
-        out_dir,
-        {
-            "config": dataclasses.asdict(cfg),
-            "start_epoch_strict": cfg.start_epoch,
-            "device": str(jax.devices()[0].device_kind),
-            "results": {
-                m: {k: v for k, v in r.items() if k != "curve"} for m, r in results.items()
-            },
-            "estimates": estimates,
-            "statuses": statuses,
-            "step_seconds": {k: {"wall": list(t), "cpu": t.cpu} for k, t in times.items()},
-            "paper_step_time_vs_sgd": PAPER_OVERHEAD,
-            "saf_buffer_bytes": logits_buffer_bytes(len(train["y"]), 10, cfg.lag),
-        },
-    )
-    e = estimates
-
-    def undecided(name, key, threshold, direction):
-        if statuses[name] != "INCONCLUSIVE":
-            return ""
-        return f", ~{seeds_to_decide(e[key], threshold, direction=direction)} seeds would decide"
-
+        e[f"{method}_step_time_over_sgd"] = ratio_interval(seconds[method], seconds["sgd"])
+    e["saf_work_fraction_of_sgd_step"] = ratio_interval(seconds["saf_work"], seconds["sgd"])
+    for method in ("saf", "mesa"):
+        e[f"{method}_step_time_over_sam"] = ratio_interval(seconds[method], seconds["sam"])
+    e["sgd_test_accuracy"] = mean_interval(results["sgd"]["test_accuracy"])
+    status = {}
+    for method in ("saf", "mesa"):
+        name = method.upper()
+        status[f"{name} flatter"] = claims.check(
+            f"{method}_minus_sgd_sam_sharpness", e[f"{method}_minus_sgd_sam_sharpness"], 0.0, "<="
+        )
+        status[f"{name} accuracy"] = claims.check(
+            f"{method}_minus_sgd_accuracy_points",
+            e[f"{method}_minus_sgd_accuracy_points"],
+            -ACCURACY_TOLERANCE,
+        )
+        status[f"{name} cheaper than SAM"] = claims.check(
+            f"{method}_step_time_over_sam", e[f"{method}_step_time_over_sam"], 1.0, "<="
+        )
+    _plot(results, e, pathlib.Path(out_dir) / "saf_mesa.png")
     measured = (
         f"SAM sharpness - SGD's (paired by seed): SAF {e['saf_minus_sgd_sam_sharpness'].format('+.4f')} "
-        f"({statuses['SAF flatter (SAM sharpness)']}"
-        f"{undecided('SAF flatter (SAM sharpness)', 'saf_minus_sgd_sam_sharpness', 0.0, '<=')}), "
-        f"MESA {e['mesa_minus_sgd_sam_sharpness'].format('+.4f')} "
-        f"({statuses['MESA flatter (SAM sharpness)']}"
-        f"{undecided('MESA flatter (SAM sharpness)', 'mesa_minus_sgd_sam_sharpness', 0.0, '<=')}), "
-        f"SAM {e['sam_minus_sgd_sam_sharpness'].format('+.4f')}; top Hessian eigenvalue - SGD's "
-        f"(not in the verdict): SAF {e['saf_minus_sgd_top_eigenvalue'].format('+.3f')}, MESA "
+        f"({status['SAF flatter']}), MESA {e['mesa_minus_sgd_sam_sharpness'].format('+.4f')} "
+        f"({status['MESA flatter']}), SAM {e['sam_minus_sgd_sam_sharpness'].format('+.4f')}; top "
+        f"Hessian eigenvalue - SGD's (not in the verdict): SAF "
+        f"{e['saf_minus_sgd_top_eigenvalue'].format('+.3f')}, MESA "
         f"{e['mesa_minus_sgd_top_eigenvalue'].format('+.3f')}, SAM "
         f"{e['sam_minus_sgd_top_eigenvalue'].format('+.3f')}; EMA test accuracy - SGD's "
         f"({e['sgd_test_accuracy'].format('.1f')}%): SAF "
-        f"{e['saf_minus_sgd_accuracy_points'].format('+.2f')} ({statuses['SAF accuracy']} at "
+        f"{e['saf_minus_sgd_accuracy_points'].format('+.2f')} ({status['SAF accuracy']} at "
         f">= -{ACCURACY_TOLERANCE}), MESA {e['mesa_minus_sgd_accuracy_points'].format('+.2f')} "
-        f"({statuses['MESA accuracy']}), SAM {e['sam_minus_sgd_accuracy_points'].format('+.2f')}; "
+        f"({status['MESA accuracy']}), SAM {e['sam_minus_sgd_accuracy_points'].format('+.2f')}; "
         f"step time / SGD at batch {cfg.timing_batch_size} ({clock} time; reported, not "
         f"decided: overheads of a few percent are below a shared CPU's timing noise): SAF "
         f"{e['saf_step_time_over_sgd'].format('.3f')} (paper 1.007; its own work alone "
         f"{e['saf_work_fraction_of_sgd_step'].format('.3f')} of an SGD step), MESA "
         f"{e['mesa_step_time_over_sgd'].format('.2f')} (paper 1.15), SAM "
         f"{e['sam_step_time_over_sgd'].format('.2f')} (paper ~2); decided: SAF / SAM "
-        f"{e['saf_step_time_over_sam'].format('.2f')} ({statuses['SAF cheaper than SAM']}), "
+        f"{e['saf_step_time_over_sam'].format('.2f')} ({status['SAF cheaper than SAM']}), "
         f"MESA / SAM {e['mesa_step_time_over_sam'].format('.2f')} "
-        f"({statuses['MESA cheaper than SAM']}); "
+        f"({status['MESA cheaper than SAM']}); "
         f"{cfg.epochs} epochs, {len(cfg.seeds)} seeds, term on for epochs > {cfg.start_epoch}"
     )
-    return Verdict(
+    return claims.verdict(
+        out_dir,
         claim=(
             "SAF and MESA end flatter than SGD by the paper's metric (SAM sharpness, rho 0.05) "
             f"with no loss of accuracy (>= SGD - {ACCURACY_TOLERANCE} points), at less cost than "
             "SAM (paper: SAF ~SGD's cost, MESA 1.15x, SAM ~2x)"
         ),
         measured=measured,
-        status=combine_statuses(list(statuses.values())),
-        estimates=estimates,
+        metrics={
+            "config": cfg,
+            "start_epoch_strict": cfg.start_epoch,
+            "device": str(jax.devices()[0].device_kind),
+            "results": results,
+            "all_estimates": e,
+            "step_seconds": {k: {"wall": list(t), "cpu": t.cpu} for k, t in times.items()},
+            "paper_step_time_vs_sgd": PAPER_OVERHEAD,
+            "saf_buffer_bytes": logits_buffer_bytes(len(train["y"]), 10, cfg.lag),
+        },
     )
 
 
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("saf")
-
-
 if __name__ == "__main__":
-    main()
+    cli_main("saf")

@@ -37,17 +37,16 @@ import optax
 
 from efflax import curves
 from efflax import data
+from efflax.experiment import Claims
 from efflax.experiment import Verdict
+from efflax.experiment import cli_main
 from efflax.experiment import register
-from efflax.experiment import write_metrics
 from efflax.models import MLP
 from efflax.nn import monarchify
 from efflax.optim import cycle_end_steps
 from efflax.optim import exponential_cyclic_cosine_schedule
 from efflax.stats import Estimate
 from efflax.stats import bootstrap_interval
-from efflax.stats import combine_statuses
-from efflax.stats import decide
 from efflax.stats import mean_interval
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import make_train_step
@@ -309,11 +308,8 @@ def _plot(results: dict[str, dict], path: pathlib.Path) -> None:
     timing_sensitive="sections",  # times only through efflax.curves.interleaved_cyclic_points
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
-    out_dir = pathlib.Path(out_dir)
     seeds = (0, 1, 2) if quick else tuple(range(6))
-    results: dict[str, dict] = {}
-    estimates: dict[str, Estimate] = {}
-    statuses = []
+    claims, results, ms_per_step = Claims(), {}, {}
     for name, build in FAMILIES.items():
         family = build(quick)
         runs = run_family(family, seeds)
@@ -328,19 +324,18 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             for m, points in runs.items()
         ]
         values = {
-            m: np.array([[p[family.metric] for p in points] for points in runs[m]]) for m in runs
+            m: np.array([[p[family.metric] for p in run] for run in r]) for m, r in runs.items()
         }
         seconds = {c.name: np.array([t.value for t in c.seconds]) for c in family_curves}
         speedup = time_speedup(
             seconds, values, family.baseline, family.proposed, family.higher_is_better
         )
-        estimates[f"{name}_{family.proposed}_time_speedup_over_{family.baseline}"] = speedup
+        claims.check(f"{name}_{family.proposed}_time_speedup_over_{family.baseline}", speedup, 1.0)
         budget = family.cycles.budgets[-1]
-        for c in family_curves:
-            estimates[f"{name}_{c.name}_ms_per_step"] = mean_interval(
-                [1e3 * run[-1][TIME_KEY] / budget for run in runs[c.name]]
+        for m, r in runs.items():
+            ms_per_step[f"{name}_{m}"] = mean_interval(
+                [1e3 * run[-1][TIME_KEY] / budget for run in r]
             )
-        statuses.append(decide(speedup, 1.0, direction=">="))
         results[name] = {
             "family": family,
             "speedup": speedup,
@@ -351,20 +346,25 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         }
         print(
             f"{name}: ms per step "
-            + ", ".join(
-                f"{c.name} {estimates[f'{name}_{c.name}_ms_per_step'].value:.2f}"
-                for c in family_curves
-            )
+            + ", ".join(f"{m} {ms_per_step[f'{name}_{m}'].value:.2f}" for m in runs)
             + f"; {family.proposed} vs {family.baseline} time speed-up {speedup.format('.2f')}; "
             f"best by budget: {results[name]['summary']}",
             flush=True,
         )
-    _plot(results, out_dir / "tradeoff_curves.png")
-    write_metrics(
+    _plot(results, pathlib.Path(out_dir) / "tradeoff_curves.png")
+    measured = " | ".join(
+        f"{name}: {r['family'].proposed} / {r['family'].baseline} time-to-quality speed-up "
+        f"{r['speedup'].format('.2f')}x; best by budget: {r['summary']}"
+        for name, r in results.items()
+    )
+    return claims.verdict(
         out_dir,
-        {
+        claim="; ".join(r["family"].claim for r in results.values())
+        + " (one cyclic run per method, intervals over seeds)",
+        measured=measured + f" ({len(seeds)} seeds)",
+        metrics={
             "seeds": seeds,
-            "estimates": estimates,
+            "ms_per_step": ms_per_step,
             "families": {
                 name: {
                     "budgets": r["family"].cycles.budgets,
@@ -378,25 +378,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             },
         },
     )
-    measured = " | ".join(
-        f"{name}: {r['family'].proposed} / {r['family'].baseline} time-to-quality speed-up "
-        f"{r['speedup'].format('.2f')}x; best by budget: {r['summary']}"
-        for name, r in results.items()
-    )
-    return Verdict(
-        claim="; ".join(r["family"].claim for r in results.values())
-        + " (one cyclic run per method, intervals over seeds)",
-        measured=measured + f" ({len(seeds)} seeds)",
-        status=combine_statuses(statuses),
-        estimates=estimates,
-    )
-
-
-def main() -> None:
-    from efflax.experiment import cli_main
-
-    cli_main("tradeoff_curves")
 
 
 if __name__ == "__main__":
-    main()
+    cli_main("tradeoff_curves")

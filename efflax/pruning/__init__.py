@@ -10,6 +10,8 @@ from efflax._src.pruning.cofi import apply_masks
 from efflax._src.pruning.cofi import apply_with_layers
 from efflax._src.pruning.cofi import cofi_distillation_loss
 from efflax._src.pruning.cofi import cofi_optimizer
+from efflax._src.pruning.cofi import cofi_pruning_loss
+from efflax._src.pruning.cofi import cofi_pruning_state
 from efflax._src.pruning.cofi import cofi_structure
 from efflax._src.pruning.cofi import default_teacher_layers
 from efflax._src.pruning.cofi import extract

@@ -29,6 +29,8 @@ from efflax._src.training.multiseed import stack_states
 from efflax._src.training.multiseed import unstack_state
 from efflax._src.training.state import LossOutput
 from efflax._src.training.state import TrainState
+from efflax._src.training.state import batched_apply
 from efflax._src.training.state import classification_eval_fn
 from efflax._src.training.state import cross_entropy_loss_fn
 from efflax._src.training.state import make_train_step
+from efflax._src.training.state import repeated_step

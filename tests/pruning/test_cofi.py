@@ -412,3 +412,32 @@ def test_bad_input_names_the_value(case):
         layer_distillation_loss(
             [jnp.ones(2)], [jnp.ones(2)], lambda h: h, student_exists=jnp.ones(3, bool)
         )
+
+
+def test_pruning_state_and_loss_train_towards_the_target():
+    from efflax.pruning import cofi_pruning_loss
+    from efflax.pruning import cofi_pruning_state
+    from efflax.training import fit
+    from efflax.training import make_train_step
+
+    model, x, _ = _encoder_case()
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), x))["params"]
+    structure = cofi_structure(model, x)
+    tx = cofi_optimizer(optax.adam(1e-3), reg_learning_rate=0.1)
+    state = cofi_pruning_state(
+        structure, model, params, 0.5, tx, rng=jax.random.key(3), gate_key=jax.random.key(1),
+        map_key=jax.random.key(2),
+    )  # fmt: skip
+    assert set(state.params) == {"model", "log_alpha", "lagrangian", "layer_map"}
+    assert state.params["layer_map"]["kernel"].shape == (16, 16)
+    assert float(state.extra["target"]) == 0.5
+    chex.assert_trees_all_equal(state.extra["teacher"], params)
+    step = make_train_step(cofi_pruning_loss(structure, model, warmup_steps=20))
+    state, history = fit(state, step, [{"x": x}] * 200, num_steps=200, log_every=50, progress=False)
+    metrics = history[-1]
+    assert {"train/kd", "train/layer", "train/lambda_1", "train/lambda_2"} <= set(metrics)
+    assert metrics["train/target"] == pytest.approx(0.5)
+    assert history[0]["train/expected_sparsity"] < metrics["train/expected_sparsity"]
+    assert 0.3 < metrics["train/expected_sparsity"] < 0.7  # near 0.5, still oscillating
+    with pytest.raises(ValueError, match="structure"):
+        cofi_pruning_loss("not a structure", model, warmup_steps=0)

@@ -402,3 +402,44 @@ def test_corrupt_metrics_file_and_unknown_plot_keys_are_named(tmp_path):
         plot_metrics(path, tmp_path / "m.png", keys=["nope"])
     with pytest.raises(ValueError, match="x names 'epoch'"):
         plot_metrics(path, tmp_path / "m.png", x="epoch")
+
+
+def test_batched_apply_pads_the_last_batch_and_compiles_one_shape():
+    from efflax.training import batched_apply
+
+    shapes = []
+
+    @jax.jit
+    def fn(w, x):
+        shapes.append(x.shape)  # runs once per compiled shape
+        return x @ w
+
+    w = jnp.arange(6.0).reshape(3, 2)
+    x = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
+    out = batched_apply(fn, w, x, batch_size=4)
+    np.testing.assert_allclose(out, x @ np.asarray(w), rtol=1e-6)
+    assert out.shape == (10, 2) and shapes == [(4, 3)]
+    with pytest.raises(ValueError, match="batch_size"):
+        batched_apply(fn, w, x, batch_size=0)
+    with pytest.raises(ValueError, match="row"):
+        batched_apply(fn, w, x[:0], batch_size=4)
+
+
+def test_repeated_step_advances_its_own_state():
+    from efflax.training import repeated_step
+
+    model = MLP(features=(8,))
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4))))["params"]
+    state = TrainState.create(
+        apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rng=jax.random.key(1)
+    )
+    batch = {"x": jnp.ones((2, 4)), "y": jnp.array([0, 1])}
+    step = make_train_step(cross_entropy_loss_fn())  # donates its state
+    call = repeated_step(step, state, batch)
+    first = np.asarray(call()[0]["Dense_0"]["kernel"])  # valid until the next call (donated)
+    second, metrics = call()
+    assert "loss" in metrics
+    assert not np.allclose(first, second["Dense_0"]["kernel"])
+    # The caller's state is untouched (the step donated copies).
+    np.testing.assert_array_equal(state.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+    assert int(state.step) == 0

@@ -86,6 +86,8 @@ __all__ = [
     "apply_with_layers",
     "cofi_distillation_loss",
     "cofi_optimizer",
+    "cofi_pruning_loss",
+    "cofi_pruning_state",
     "cofi_structure",
     "default_teacher_layers",
     "extract",
@@ -1126,6 +1128,117 @@ def cofi_optimizer(
         return {k: k if k in ("log_alpha", "lagrangian") else "model" for k in params}
 
     return optax.multi_transform(transforms, labels)
+
+
+# --- the pruning run ----------------------------------------------------------------------------
+def cofi_pruning_state(
+    structure: CoFiStructure,
+    model: nn.Module,
+    teacher_params: Any,
+    target: float,
+    tx: optax.GradientTransformation,
+    *,
+    rng: Array,
+    gate_key: Array,
+    map_key: Array,
+) -> Any:
+    """The ``TrainState`` of a CoFi pruning run that starts from the teacher's weights.
+
+    ``params`` holds ``'model'`` (a copy of ``teacher_params``), ``'log_alpha'``
+    (``structure.init(gate_key)``), ``'lagrangian'`` (both multipliers 0) and ``'layer_map'``
+    (CoFi's ``layer_transformation``: one ``d x d`` linear map, ``N(0, 0.02)`` kernel from
+    ``map_key``, zero bias); ``extra`` holds ``'teacher'`` (``teacher_params``) and ``'target'``
+    (the final target sparsity, float32), so one step from :func:`cofi_pruning_loss` serves every
+    teacher and target. ``tx``: :func:`cofi_optimizer`; ``rng``: the run's step keys.
+    """
+    from efflax._src.optim.lagrangian import LagrangianSparsity
+    from efflax._src.training.state import TrainState
+
+    structure = _check_structure(structure)
+    if structure.hidden_size is None:
+        raise ValueError("cofi_pruning_state needs a structure with norms (a hidden size)")
+    d = structure.hidden_size
+    params = {
+        "model": teacher_params,
+        "log_alpha": structure.init(gate_key),
+        "lagrangian": LagrangianSparsity(target).init(),
+        "layer_map": {
+            "kernel": 0.02 * jax.random.normal(map_key, (d, d)),
+            "bias": jnp.zeros(d),
+        },
+    }
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        rng=rng,
+        extra={"teacher": teacher_params, "target": jnp.asarray(target, jnp.float32)},
+    )
+
+
+def cofi_pruning_loss(
+    structure: CoFiStructure,
+    model: nn.Module,
+    *,
+    warmup_steps: int,
+    temperature: float = 2.0,
+    logit_weight: float = 0.1,
+    layer_weight: float = 0.9,
+    x_key: str = "x",
+) -> Callable[..., Any]:
+    """CoFi's pruning loss, a ``loss_fn`` for ``efflax.training.make_train_step``.
+
+    On a state from :func:`cofi_pruning_state`: the teacher (``state.extra['teacher']``, no
+    gradient) and the student under sampled masks (:func:`apply_with_layers`) read
+    ``batch[x_key]``; the loss is :func:`cofi_distillation_loss` (``logit_weight`` KD at
+    ``temperature`` + ``layer_weight`` layer distillation through ``params['layer_map']``) plus
+    ``efflax.optim.LagrangianSparsity``'s penalty, its target rising to ``state.extra['target']``
+    over ``warmup_steps``. Metrics: ``kd``, ``layer``, ``expected_sparsity``, ``target``,
+    ``lambda_1``, ``lambda_2``.
+    """
+    from efflax._src.optim.lagrangian import LagrangianSparsity
+    from efflax._src.training.state import LossOutput
+
+    structure = _check_structure(structure)
+    warmup_steps = _checks.int_at_least("warmup_steps", warmup_steps, 0)
+
+    def loss_fn(params, state, batch, rng):
+        x = batch[x_key]
+        teacher_logits, teacher_layers = apply_with_layers(
+            structure, model, {"params": state.extra["teacher"]}, x
+        )
+        teacher_logits = jax.lax.stop_gradient(teacher_logits)
+        teacher_layers = jax.lax.stop_gradient(teacher_layers)
+        masks = structure.sample(params["log_alpha"], rng)
+        logits, layers = apply_with_layers(
+            structure, model, {"params": params["model"]}, x, masks=masks
+        )
+        layer_map = params["layer_map"]
+        distill, parts = cofi_distillation_loss(
+            logits,
+            teacher_logits,
+            layers,
+            teacher_layers,
+            lambda h: h @ layer_map["kernel"] + layer_map["bias"],
+            temperature=temperature,
+            logit_weight=logit_weight,
+            layer_weight=layer_weight,
+            student_exists=structure.layer_exists(masks),
+        )
+        controller = LagrangianSparsity(state.extra["target"], warmup_steps=warmup_steps)
+        expected = structure.expected_sparsity(params["log_alpha"])
+        penalty, target = controller(expected, params["lagrangian"], state.step)
+        metrics = {
+            "kd": parts["logit"],
+            "layer": parts["layer"],
+            "expected_sparsity": expected,
+            "target": target,
+            "lambda_1": params["lagrangian"]["lambda_1"],
+            "lambda_2": params["lagrangian"]["lambda_2"],
+        }
+        return distill + penalty, LossOutput(metrics=metrics)
+
+    return loss_fn
 
 
 # --- extraction ----------------------------------------------------------------------------------

@@ -404,6 +404,51 @@ def cross_entropy_loss_fn(*, x_key: str = "x", y_key: str = "y") -> LossFn:
     return loss_fn
 
 
+def repeated_step(
+    step: Callable[[TrainState, Any], tuple[TrainState, Any]], state: TrainState, batch: Any
+) -> Callable[[], tuple[Any, Any]]:
+    """A function of no arguments that advances its own copy of ``state`` by ``step(state,
+    batch)`` at every call and returns ``(params, metrics)`` (valid until the next call, which
+    may donate them): a train step for ``efflax.curves.interleaved_times``, e.g. ``{"dense": (repeated_step(step, state,
+    batch), ())}``.
+    """
+    _checks.function("step", step)
+    if not isinstance(state, TrainState):
+        raise ValueError(f"state must be a TrainState, got {type(state).__name__}")
+    holder = [_own(state)]  # a donating step deletes the buffers it is given, not the caller's
+
+    def call() -> tuple[Any, Any]:
+        holder[0], metrics = step(holder[0], batch)
+        return holder[0].params, metrics
+
+    return call
+
+
+def batched_apply(
+    fn: Callable[[Any, Any], Any], params: Any, x: Any, *, batch_size: int
+) -> np.ndarray:
+    """``fn(params, x)`` over the rows of ``x`` in batches of ``batch_size``, as one numpy array.
+
+    The last batch is padded with zeros to ``batch_size`` rows (and its padding cut off again),
+    so a jitted ``fn`` compiles one shape whatever the length of ``x``: the program that
+    evaluates a model can be the one that is timed.
+
+    Raises:
+      ValueError: ``batch_size`` < 1, ``fn`` not callable, or ``x`` with no rows.
+    """
+    _checks.function("fn", fn)
+    batch_size = _checks.int_at_least("batch_size", batch_size)
+    x = np.asarray(x)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"x has shape {x.shape}; it must have at least one row")
+    out = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start : start + batch_size]
+        pad = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+        out.append(np.asarray(fn(params, np.concatenate([chunk, pad])))[: len(chunk)])
+    return np.concatenate(out)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _eval_batch(apply_fn, params, x, y):
     logits = apply_fn({"params": params}, x).astype(jnp.float32)
