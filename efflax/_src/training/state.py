@@ -409,8 +409,8 @@ def repeated_step(
 ) -> Callable[[], tuple[Any, Any]]:
     """A function of no arguments that advances its own copy of ``state`` by ``step(state,
     batch)`` at every call and returns ``(params, metrics)`` (valid until the next call, which
-    may donate them): a train step for ``efflax.curves.interleaved_times``, e.g. ``{"dense": (repeated_step(step, state,
-    batch), ())}``.
+    may donate them): a train step for ``efflax.curves.interleaved_times``, e.g.
+    ``{"dense": (repeated_step(step, state, batch), ())}``.
     """
     _checks.function("step", step)
     if not isinstance(state, TrainState):
