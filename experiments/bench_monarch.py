@@ -148,7 +148,7 @@ def bench(sizes=(1024, 4096), nblocks_options=(4, "sqrt"), tokens: int = 2048, *
                 row[f"{name}_rel_err"] = err
             if not on_gpu and chunk is not None:
                 steps["products"] = products_only(w1_shape, w2_shape, tokens, dtype)
-            times = interleaved_times(steps, rounds=rounds)
+            times = interleaved_times(steps, rounds=rounds, warmup=2)
             dense_wall, dense_cpu = (
                 statistics.median(times["dense"]),
                 statistics.median(times["dense"].cpu),
