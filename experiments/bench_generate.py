@@ -23,7 +23,6 @@ import functools
 import json
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from efflax.models import TransformerLM
 from efflax.models import generate
 from efflax.training import LossOutput
 from efflax.training import TrainState
+from efflax.training import fit
 from efflax.training import make_train_step
 
 
@@ -54,24 +54,20 @@ def train(model: TransformerLM, *, steps: int, seq_len: int, batch_size: int) ->
     loader = efflax.data.load(
         "stdlib_text", "train", batch_size=batch_size, epochs=None, seq_len=seq_len
     )
-    batches = iter(loader)
-    first = next(batches)
+    first = next(iter(loader))
     params = nn.unbox(
         jax.jit(model.init)(jax.random.key(0), jnp.asarray(first["tokens"][:, :-1], jnp.int32))
     )["params"]
     state = TrainState.create(
         apply_fn=model.apply, params=params, tx=optax.adam(3e-3), rng=jax.random.key(1)
     )
-    step = make_train_step(byte_lm_loss_fn)
-    start = time.perf_counter()
-    for i in range(steps):
-        state, metrics = step(state, first if i == 0 else next(batches))
-        if i % 50 == 0 or i == steps - 1:
-            print(
-                f"step {i}: {float(metrics['bits_per_byte']):.2f} bits/byte "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+    state, history = fit(
+        state, make_train_step(byte_lm_loss_fn), loader, num_steps=steps, log_every=50,
+        progress=False,
+    )  # fmt: skip
+    for record in history:
+        if "train/bits_per_byte" in record:
+            print(f"step {record['step']}: {record['train/bits_per_byte']:.2f} bits/byte")
     return state
 
 
