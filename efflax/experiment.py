@@ -45,6 +45,8 @@ from typing import Protocol
 
 import numpy as np
 
+from efflax._src.plotting import pyplot
+from efflax._src.plotting import save_figure
 from efflax._src.stats import STATUSES
 from efflax._src.stats import Direction
 from efflax._src.stats import Estimate
@@ -313,14 +315,9 @@ class Panel:
 
 def plot_panels(path: pathlib.Path | str, panels: list[Panel], *, title: str = "") -> pathlib.Path:
     """Saves the panels side by side as one PNG at ``path``; returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not panels:
         raise ValueError("panels=[] : nothing to plot")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for label, (x, y) in panel.series.items():
             y = np.asarray(y, dtype=np.float64)
@@ -333,12 +330,7 @@ def plot_panels(path: pathlib.Path | str, panels: list[Panel], *, title: str = "
         ax.grid(alpha=0.3)
         if len(panel.series) > 1:
             ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return save_figure(fig, path, title=title)
 
 
 def compilation_cache_dir(out: pathlib.Path | str) -> pathlib.Path:

@@ -40,6 +40,8 @@ import optax
 from flax import linen as nn
 
 from efflax._src import stats
+from efflax._src.plotting import pyplot
+from efflax._src.plotting import save_figure
 from efflax._src.training.loop import fit
 from efflax._src.training.state import TrainState
 from efflax._src.training.state import make_train_step
@@ -523,12 +525,7 @@ def plot_arms(
     scale: float = 100.0,
 ) -> None:
     """Two panels: every arm's seed-mean curve of ``key`` and its final per-seed values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.6))
     for arm in finals:
         points = [(r["step"], r[key.format(arm=arm)]) for r in history if key.format(arm=arm) in r]
         left.plot([p[0] for p in points], [scale * p[1] for p in points], marker=".", label=arm)
@@ -543,8 +540,4 @@ def plot_arms(
     right.set(ylabel=ylabel, title="final, per seed (black: mean +- sd)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title=title)
