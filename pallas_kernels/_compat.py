@@ -98,14 +98,16 @@ def check_interpret(interpret: bool | None) -> None:
         raise ValueError(f"{interpret=} must be None, True or False")
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-    """`None` -> interpret on CPU/TPU, compiled on GPU; a bool is returned unchanged.
+def resolve_interpret(interpret: bool | None, platform: str = "gpu") -> bool:
+    """`None` -> compiled when compiling for ``platform`` (the kernel's chip: ``'gpu'`` for the
+    Triton kernels, ``'tpu'`` for the Mosaic ones), interpreted elsewhere; a bool is returned
+    unchanged.
 
     Resolving ``None`` initialises JAX's backends: call it when a kernel runs, never at import
     time or in a constructor (users configure JAX after importing efflax).
     """
     check_interpret(interpret)
-    return default_interpret() if interpret is None else interpret
+    return backend_kind() != platform if interpret is None else interpret
 
 
 @functools.cache

@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._compat import backend_kind
 from pallas_kernels._compat import check_interpret
+from pallas_kernels._compat import resolve_interpret
 from pallas_kernels.attention.base import AttentionCall
 from pallas_kernels.attention.base import AttentionImplementation
 from pallas_kernels.attention.pallas_mosaic_tpu_kernel import BlockSizes
@@ -97,7 +97,7 @@ class MosaicTpuAttention(AttentionImplementation):
 
     def resolved_interpret(self) -> bool:
         """``interpret``, with ``None`` resolved against the default backend (at call time)."""
-        return backend_kind() != "tpu" if self.interpret is None else self.interpret
+        return resolve_interpret(self.interpret, "tpu")
 
     def __call__(self, call: AttentionCall) -> jax.Array:
         # float32 dots run at HIGHEST precision, so `precision` needs nothing here

@@ -68,6 +68,11 @@ class MixedChunkCall:
     quad_scale: float
     lin_scale: float
 
+    @property
+    def inputs(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """``(quad_q, quad_k, value, lin_q, lin_k)``."""
+        return self.quad_q, self.quad_k, self.value, self.lin_q, self.lin_k
+
 
 @dataclasses.dataclass(frozen=True)
 class MixedChunkImplementation(Implementation):

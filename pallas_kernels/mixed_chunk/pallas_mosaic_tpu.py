@@ -17,8 +17,8 @@ import jax
 from jax.sharding import PartitionSpec
 
 from pallas_kernels._compat import auto_partitioned_axes
-from pallas_kernels._compat import backend_kind
 from pallas_kernels._compat import check_interpret
+from pallas_kernels._compat import resolve_interpret
 from pallas_kernels._compat import shard_map_on
 from pallas_kernels.mixed_chunk.base import MixedChunkCall
 from pallas_kernels.mixed_chunk.base import MixedChunkImplementation
@@ -59,9 +59,7 @@ class PallasMosaicTpuMixedChunk(MixedChunkImplementation):
         check_interpret(self.interpret)
 
     def __call__(self, call: MixedChunkCall) -> jax.Array:
-        interpret = self.interpret
-        if interpret is None:  # resolved at the call, not at import or construction
-            interpret = backend_kind() != "tpu"
+        interpret = resolve_interpret(self.interpret, "tpu")  # at the call, not at construction
         mesh, axes = auto_partitioned_axes()
         if not axes:
             return mixed_chunk_attention_tpu(

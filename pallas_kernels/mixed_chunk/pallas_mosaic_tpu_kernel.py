@@ -411,13 +411,7 @@ def mixed_chunk_attention_tpu(
       Unsupported: compiled, a chunk whose working set does not fit VMEM (use
         ``implementation='xla'``).
     """
-    quad_q, quad_k, value, lin_q, lin_k = (
-        call.quad_q,
-        call.quad_k,
-        call.value,
-        call.lin_q,
-        call.lin_k,
-    )
+    quad_q, quad_k, value, lin_q, lin_k = call.inputs
     bias, key_mask, chunk_size = call.bias, call.key_mask, call.chunk_size
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
     batch, seq_len, e = value.shape

@@ -148,13 +148,7 @@ def mixed_chunk_attention_pallas(
     interpret: bool | None = None,
 ) -> jax.Array:
     """The kernels on a checked call (see ``base.check_arguments``)."""
-    quad_q, quad_k, value, lin_q, lin_k = (
-        call.quad_q,
-        call.quad_k,
-        call.value,
-        call.lin_q,
-        call.lin_k,
-    )
+    quad_q, quad_k, value, lin_q, lin_k = call.inputs
     bias, chunk_size = call.bias, call.chunk_size
     interpret = resolve_interpret(interpret)
     if block_sizes is None:

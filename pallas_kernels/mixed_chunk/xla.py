@@ -38,13 +38,7 @@ def _chunked(x: jax.Array, num_chunks: int, chunk_size: int) -> jax.Array:
 def mixed_chunk_attention_xla(call: MixedChunkCall) -> jax.Array:
     """The chunked computation of a checked call (see ``base.check_arguments``)."""
     chunk_size, causal = call.chunk_size, call.causal
-    quad_q, quad_k, value, lin_q, lin_k = (
-        call.quad_q,
-        call.quad_k,
-        call.value,
-        call.lin_q,
-        call.lin_k,
-    )
+    quad_q, quad_k, value, lin_q, lin_k = call.inputs
     batch, seq_len, _ = value.shape
     num_chunks = -(-seq_len // chunk_size)
     # float16 weights overflow (relu^2 of a score above 256); bfloat16 has float32's range.

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from pallas_kernels._compat import auto_partitioned_axes
-from pallas_kernels._compat import backend_kind
 from pallas_kernels._compat import check_interpret
 from pallas_kernels._compat import has_explicit_axes
+from pallas_kernels._compat import resolve_interpret
 from pallas_kernels._compat import shard_map_on
 from pallas_kernels.monarch.base import MonarchCall
 from pallas_kernels.monarch.base import MonarchImplementation
@@ -62,9 +62,7 @@ class PallasMosaicTpuMonarch(MonarchImplementation):
         check_interpret(self.interpret)
 
     def __call__(self, call: MonarchCall) -> jax.Array:
-        interpret = self.interpret
-        if interpret is None:  # resolved at the call, not at import or construction
-            interpret = backend_kind() != "tpu"
+        interpret = resolve_interpret(self.interpret, "tpu")  # at the call, not at construction
         mesh, axes = auto_partitioned_axes()
 
         def product(x2d, w1, w2):

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _compat
 from pallas_kernels._compat import use_mesh
 from pallas_kernels.mixed_chunk import MIXED_CHUNK_OP
 from pallas_kernels.mixed_chunk import PallasMosaicTpuMixedChunk
 from pallas_kernels.mixed_chunk import mixed_chunk_attention
 from pallas_kernels.mixed_chunk import mixed_chunk_attention_reference
-from pallas_kernels.mixed_chunk import pallas_mosaic_tpu
 from pallas_kernels.mixed_chunk.base import check_arguments
 from pallas_kernels.mixed_chunk.pallas_mosaic_tpu_kernel import BlockSizes
 
@@ -144,7 +144,7 @@ def test_a_chunk_too_large_for_vmem_is_refused_explicitly_and_falls_through_unde
     small = jax.ShapeDtypeStruct((1, 512, 128), jnp.float32)
     with pytest.raises(ValueError, match="pallas_mosaic_tpu.*VMEM.*implementation='xla'"):
         jax.eval_shape(lambda z: _tpu(z, z, z, chunk_size=4096, causal=True, interpret=False), big)
-    monkeypatch.setattr(pallas_mosaic_tpu, "backend_kind", lambda: "tpu")  # compiled, as on a TPU
+    monkeypatch.setattr(_compat, "backend_kind", lambda backend=None: "tpu")  # compiled, as on TPU
 
     def auto_on_tpu(chunk_size):
         def run(z):

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _compat
 from pallas_kernels._compat import use_mesh
 from pallas_kernels.monarch import MONARCH_OP
 from pallas_kernels.monarch import MonarchCall
 from pallas_kernels.monarch import PallasMosaicTpuMonarch
 from pallas_kernels.monarch import monarch_matmul
-from pallas_kernels.monarch import pallas_mosaic_tpu
 from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import BlockSizes
 from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import monarch_matmul_tpu
 from pallas_kernels.monarch.pallas_mosaic_tpu_kernel import vmem_bytes
@@ -118,7 +118,7 @@ def test_refused_explicitly_is_a_value_error_and_falls_through_under_auto(monkey
     x, w1, w2, _ = _inputs(1, 6, (8, 6, 5), (12, 3, 4))  # widths 5, 3, 4: not 8-aligned
     with pytest.raises(ValueError, match="pallas_mosaic_tpu.*multiples of 8.*'xla'"):
         monarch_matmul(x, w1, w2, implementation=PallasMosaicTpuMonarch(interpret=False))
-    monkeypatch.setattr(pallas_mosaic_tpu, "backend_kind", lambda: "tpu")  # compiled, as on a TPU
+    monkeypatch.setattr(_compat, "backend_kind", lambda backend=None: "tpu")  # compiled, as on TPU
     on_tpu = lambda *a: MONARCH_OP(MonarchCall(*a), "auto", backend="tpu")  # noqa: E731
     assert "pallas_call" not in str(jax.make_jaxpr(on_tpu)(x, w1, w2))
     x, w1, w2, _ = _inputs(1, 256, (4, 8, 8), (4, 8, 8))
