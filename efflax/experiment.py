@@ -22,6 +22,7 @@ time (under ``efflax reproduce`` alone on the machine: see :func:`efflax.curves.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import importlib
@@ -31,6 +32,8 @@ import os
 import pathlib
 import pkgutil
 import platform
+import queue
+import select
 import signal
 import subprocess
 import sys
@@ -370,56 +373,239 @@ class Result(NamedTuple):
     cpu_seconds: float = math.nan  # user + system CPU time of the experiment's process
 
 
+class _Zygote:
+    """A process that has imported JAX, efflax and the experiments' modules, without starting
+    JAX's backends, and forks one child per experiment (``efflax.experiment --zygote``).
+
+    A child starts with everything imported: about 2 s of CPU saved per experiment, which is
+    what a fresh interpreter spends importing JAX, flax, optax and efflax. It is otherwise the
+    process ``python -m efflax.experiment`` would be: its own environment (``XLA_FLAGS`` with
+    its ``cpu_devices``, read when its JAX backend starts, after the fork), output and log.
+    The zygote is single-threaded when it forks, and reports each child's exit status and CPU
+    time (it is their parent; ``wait4``). If importing a module started JAX's backends there,
+    it refuses (``ready`` is False) and experiments start as fresh interpreters.
+    """
+
+    def __init__(self, modules: list[str], env: dict[str, str]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "efflax.experiment", "--zygote", *modules],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        first = self.process.stdout.readline().strip()
+        self.ready = first == "ready"
+        self.why = "" if self.ready else (first or "the zygote process exited")
+        self._forked: queue.Queue[int] = queue.Queue()
+        self._exits: dict[int, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+        if not self.ready:
+            self.close()
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            reply = json.loads(line)
+            if "forked" in reply:
+                self._forked.put(reply["forked"])
+            else:
+                with self._lock:
+                    self._exits[reply["exited"]] = (reply["code"], reply["cpu"])
+        self._forked.put(-1)  # the zygote ended
+
+    def fork(self, argv: list[str], env: dict[str, str], log: pathlib.Path) -> int:
+        """Starts ``efflax.experiment <argv>`` as a child with ``env``, output to ``log``."""
+        request = {"argv": argv, "env": env, "log": str(log)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        pid = self._forked.get(timeout=60)
+        if pid < 0:
+            raise RuntimeError("the zygote process ended before starting the experiment")
+        return pid
+
+    def exit_status(self, pid: int) -> tuple[int, float] | None:
+        """``(exit code, CPU seconds)`` of child ``pid`` once it has ended, else None."""
+        with self._lock:
+            return self._exits.pop(pid, None)
+
+    def close(self) -> None:
+        """Ends the zygote (after the children it is waiting for)."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _zygote_main(modules: list[str]) -> None:
+    """The zygote (see :class:`_Zygote`): imports ``modules``, then forks on requests on stdin."""
+    from pallas_kernels._compat import backends_initialized
+
+    for module in ["efflax", "efflax.training", "matplotlib.pyplot", *modules]:
+        importlib.import_module(module)
+    if backends_initialized():
+        print("importing the modules started JAX's backends: the children cannot fork", flush=True)
+        return
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    print("ready", flush=True)
+    children: set[int] = set()
+    pending, stdin_open = b"", True
+    while stdin_open or children:
+        if stdin_open and select.select([0], [], [], 0.02)[0]:
+            chunk = os.read(0, 1 << 16)
+            stdin_open = bool(chunk)
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                pid = os.fork()
+                if pid == 0:
+                    reply.close()  # the zygote's channel to reproduce is not the child's
+                    _forked_child(json.loads(line))  # never returns
+                children.add(pid)
+                reply.write(json.dumps({"forked": pid}) + "\n")
+        elif not stdin_open:
+            time.sleep(0.02)
+        for pid in list(children):
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                children.discard(pid)
+                cpu = usage.ru_utime + usage.ru_stime
+                code = os.waitstatus_to_exitcode(status)
+                reply.write(json.dumps({"exited": pid, "code": code, "cpu": cpu}) + "\n")
+
+
+def _forked_child(request: dict) -> None:
+    """A zygote's child: becomes ``python -m efflax.experiment <argv>``, then exits."""
+    code = 1
+    try:
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        sys.stdout.reconfigure(line_buffering=True)
+        sys.stderr.reconfigure(line_buffering=True)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        _child_main(request["argv"])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # noqa: BLE001 - reported in the log, the exit code says it failed
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 class _Child:
-    """One experiment running in its own Python process; output prefixed and kept in a log."""
+    """One experiment running in its own Python process (forked by a :class:`_Zygote`, or a
+    fresh interpreter); output prefixed and kept in ``log.txt``."""
 
     def __init__(
-        self, experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool, alone_dir: pathlib.Path
+        self,
+        experiment: Experiment,
+        exp_dir: pathlib.Path,
+        *,
+        quick: bool,
+        alone_dir: pathlib.Path,
+        zygote: _Zygote | None = None,
     ):
         self.experiment = experiment
         self.exp_dir = exp_dir
+        self.log = exp_dir / "log.txt"
         self.verdict_path = exp_dir / "verdict.json"
         self.verdict_path.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "efflax.experiment", experiment.name]
-        command += ["--out", str(exp_dir)] + (["--quick"] if quick else [])
-        command += ["--cache", str(compilation_cache_dir(exp_dir.parent))]
-        command += ["--module", experiment.module]
+        argv = [experiment.name, "--out", str(exp_dir)] + (["--quick"] if quick else [])
+        argv += ["--cache", str(compilation_cache_dir(exp_dir.parent))]
+        argv += ["--module", experiment.module]
         env = _env_with_host_devices(experiment.cpu_devices)
         env.setdefault("MPLBACKEND", "Agg")
         env["PYTHONUNBUFFERED"] = "1"
         env[ALONE_DIR_ENV] = str(alone_dir)
-        env[ALONE_PARENT_ENV] = str(os.getpid())
+        # Only the direct children of the process that grants turns take part in them.
+        parent = zygote.process.pid if zygote is not None else os.getpid()
+        env[ALONE_PARENT_ENV] = str(parent)
+        self.zygote = zygote
+        self.ended = threading.Event()
         self.start = time.perf_counter()
-        self.process = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-        self._reader = threading.Thread(target=self._relay, daemon=True)
+        if zygote is not None:
+            self.log.touch()
+            self.pid = zygote.fork(argv, env, self.log)
+            self.process = None
+            self._reader = threading.Thread(target=self._tail, daemon=True)
+        else:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "efflax.experiment", *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+            self.pid = self.process.pid
+            self._reader = threading.Thread(target=self._relay, daemon=True)
         self._reader.start()
 
+    def _show(self, line: str) -> None:
+        print(f"[{self.experiment.name}] {line}", end="", flush=True)
+
     def _relay(self) -> None:
-        with open(self.exp_dir / "log.txt", "w") as log:
+        with open(self.log, "w") as log:
             for line in self.process.stdout:
                 log.write(line)
                 log.flush()
-                print(f"[{self.experiment.name}] {line}", end="", flush=True)
+                self._show(line)
+
+    def _tail(self) -> None:
+        """Shows the lines the forked child writes to its log, until it has ended."""
+        with open(self.log, errors="replace") as log:
+            partial = ""
+            while True:
+                ended = self.ended.is_set()
+                partial += log.read()
+                *lines, partial = partial.split("\n")
+                for line in lines:
+                    self._show(line + "\n")
+                if ended:
+                    if partial:
+                        self._show(partial + "\n")
+                    return
+                time.sleep(0.05)
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
 
     def poll(self) -> Result | None:
         """The result once the process has ended, else None."""
-        # wait4 rather than Popen.poll: it also reports the CPU time the process used, a cost
-        # that other load on a shared machine barely changes (unlike wall time).
-        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
-        if pid == 0:
-            return None
-        code = os.waitstatus_to_exitcode(status)
-        self.process.returncode = code
+        if self.zygote is not None:
+            status = self.zygote.exit_status(self.pid)
+            if status is None:
+                return None
+            code, cpu = status
+        else:
+            # wait4 rather than Popen.poll: it also reports the CPU time the process used, a
+            # cost that other load on a shared machine barely changes (unlike wall time).
+            pid, wait_status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            code = os.waitstatus_to_exitcode(wait_status)
+            self.process.returncode = code
+            cpu = usage.ru_utime + usage.ru_stime
+        self.ended.set()
         self._reader.join()
         seconds = time.perf_counter() - self.start
-        cpu = usage.ru_utime + usage.ru_stime
         if code != 0 or not self.verdict_path.exists():
             error = f"RuntimeError: experiment process exited with code {code} (see log.txt)"
             return Result(self.experiment.name, None, seconds, error, cpu)
@@ -472,6 +658,19 @@ class _Arbiter:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         self.paused.clear()
+
+
+def _start_zygote(experiments: list[Experiment]) -> _Zygote | None:
+    """The zygote the experiments' processes fork from, or None (fresh interpreters) if its
+    modules cannot be imported without starting JAX (it says why)."""
+    env = dict(os.environ)
+    env.setdefault("MPLBACKEND", "Agg")
+    modules = sorted({e.module for e in experiments if e.module and e.module != "__main__"})
+    zygote = _Zygote(modules, env)
+    if zygote.ready:
+        return zygote
+    print(f"experiments start as fresh processes: {zygote.why}", flush=True)
+    return None
 
 
 def _run_in_process(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool) -> Result:
@@ -663,6 +862,7 @@ def run_experiments(
         expected = {**_reference_times(mode), **previous}
         pending.sort(key=lambda n: (_runs_alone(registry[n]), -expected.get(n, 0.0)))
     arbiter = _Arbiter(out / ".alone") if isolate else None
+    zygote = _start_zygote([registry[n] for n in names]) if isolate else None
 
     def progress(text: str, starting: str | None = None) -> None:
         now = time.perf_counter()
@@ -702,14 +902,14 @@ def run_experiments(
                     exp_dir.mkdir(parents=True, exist_ok=True)
                     progress(f"=== [{index[name]}/{total}] {name} ({mode}) -> {exp_dir}", name)
                     running[name] = _Child(
-                        registry[name], exp_dir, quick=quick, alone_dir=arbiter.dir
+                        registry[name], exp_dir, quick=quick, alone_dir=arbiter.dir, zygote=zygote
                     )
                 for name, child in list(running.items()):
                     result = child.poll()
                     if result is not None:
                         del running[name]
                         finished(result)
-                arbiter.update({c.process.pid for c in running.values()})
+                arbiter.update({c.pid for c in running.values()})
                 if running:
                     time.sleep(0.02)
             else:
@@ -722,7 +922,9 @@ def run_experiments(
         if arbiter is not None:
             arbiter.resume_all()
         for child in running.values():
-            child.process.terminate()
+            child.terminate()
+        if zygote is not None:
+            zygote.close()
     total_seconds = time.perf_counter() - start
     results = sorted(done, key=lambda r: index[r.name])
     print(f"efflax reproduce: {total} experiment(s) in {_clock(total_seconds)}", flush=True)
@@ -880,5 +1082,9 @@ if __name__ == "__main__":
     # Run as `python -m efflax.experiment`: experiments register into the imported module, not
     # into this `__main__` copy of it.
     from efflax.experiment import _child_main as child_main
+    from efflax.experiment import _zygote_main as zygote_main
 
-    child_main()
+    if sys.argv[1:2] == ["--zygote"]:
+        zygote_main(sys.argv[2:])
+    else:
+        child_main()

@@ -40,6 +40,7 @@ from efflax.training import LossOutput
 from efflax.training import SplitLoader
 from efflax.training import TrainState
 from efflax.training import fit_seeds
+from efflax.training import init_params
 from efflax.training import seeds_eval_fn
 
 ARMS = ("ce", "lbe")
@@ -95,7 +96,7 @@ def train_depth(cfg: Config, depth: int, out_dir: pathlib.Path):
     def make_state(arm):
         def state_of(seed):
             key = jax.random.key(1000 * depth + seed)
-            params = nn.unbox(model.init(key, jnp.zeros((1, 40)))["params"])
+            params = init_params(model, key, jnp.zeros((1, 40)))
             params = {"model": torch_default_init(params, jax.random.fold_in(key, 1))}
             if arm == "lbe":
                 params["alpha"] = jnp.full((depth,), cfg.alpha_init, jnp.float32)

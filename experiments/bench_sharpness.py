@@ -21,13 +21,14 @@ import statistics
 from collections.abc import Callable
 
 import jax
+import numpy as np
 import optax
 
 from efflax.curves import interleaved_times
 from efflax.optim import hvp
 from efflax.optim import preconditioned_sharpness
 from efflax.optim import sharpness
-from experiments import _setups
+from efflax.training import init_params
 from experiments.adam_eos import B1
 from experiments.adam_eos import B2
 from experiments.adam_eos import EPS
@@ -52,7 +53,7 @@ def bench(*, runs: int = 30, train_steps: int = 200) -> dict:
     batch = jax.tree.map(jax.numpy.asarray, load_data())
     model = make_model()
     loss = lambda params: mse(model.apply, params, batch)
-    params = _setups.init_params(model, 0)
+    params = init_params(model, 0, np.zeros((1, 40), np.float32))
     tx = optax.adam(1e-3, b1=B1, b2=B2, eps=EPS)
 
     @jax.jit

@@ -65,6 +65,7 @@ from efflax.training import LossOutput
 from efflax.training import TrainState
 from efflax.training import batched_apply
 from efflax.training import fit
+from efflax.training import init_params
 from efflax.training import make_train_step
 
 PACKAGES = ("asyncio", "distutils", "email", "idlelib", "lib2to3", "multiprocessing")
@@ -264,7 +265,7 @@ def pretrain(config: Config, seed: int = 0):
     schedule = optax.warmup_cosine_decay_schedule(0, config.lr, 50, config.pretrain_steps)
     state = TrainState.create(
         apply_fn=model.apply,
-        params=nn.unbox(jax.jit(model.init)(jax.random.key(seed), x))["params"],
+        params=init_params(model, seed, x),
         tx=optax.adamw(schedule),
         rng=jax.random.key(seed + 100),
     )
@@ -356,7 +357,7 @@ def run_seed(config, task, pretrained, seed: int) -> tuple[dict, dict]:
     model, structure, forward, full_step, prune, masked_apply = _setup(config)
     x0, train, test = task["train"]["x"][:2], task["train"], task["test"]
     # Fine-tune the pretrained encoder (a fresh classification head) = the teacher.
-    init = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x0))["params"]
+    init = init_params(model, seed, x0)
     init["encoder"] = {**init["encoder"], **pretrained["encoder"]}
     zeros = np.zeros((len(train["x"]), len(PACKAGES)), np.float32)
     teacher = train_classifier(
@@ -417,11 +418,11 @@ def run_seed(config, task, pretrained, seed: int) -> tuple[dict, dict]:
             seed,
             config.prune_lr,
         )
-        scratch, fresh = {}, nn.unbox(jax.jit(small.init)(jax.random.key(seed + 1000), x0))
+        scratch, fresh = {}, init_params(small, seed + 1000, x0)
         for name, alpha in (("scratch_ce", 0.0), ("scratch_kd", FINETUNE_ALPHA_KD)):
             trained = train_classifier(
                 small,
-                fresh["params"],
+                fresh,
                 small_step,
                 train,
                 teacher_logits,

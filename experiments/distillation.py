@@ -41,6 +41,7 @@ from efflax.training import TrainState
 from efflax.training import classification_eval_fn
 from efflax.training import fit
 from efflax.training import fit_seeds
+from efflax.training import init_params
 from efflax.training import make_train_step
 from efflax.training import plot_arms
 from efflax.training import seeds_eval
@@ -86,7 +87,7 @@ def _schedule(lr: float, steps: int) -> optax.Schedule:
 def train_teacher(cfg: Config, out_dir: pathlib.Path) -> tuple[CNN1D, dict, float]:
     """The CNN teacher, trained with cross-entropy on augmented batches."""
     teacher = CNN1D()
-    params = nn.unbox(teacher.init(jax.random.key(99), jnp.zeros((1, 40)))["params"])
+    params = init_params(teacher, 99, jnp.zeros((1, 40)))
     state = TrainState.create(
         apply_fn=teacher.apply,
         params=params,

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 from efflax import data
 from efflax import stats
@@ -48,6 +47,7 @@ from efflax.nn import FLASHQuad
 from efflax.nn import GatedAttentionUnit
 from efflax.training import TrainState
 from efflax.training import fit
+from efflax.training import init_params
 from efflax.training import make_train_step
 
 SLOPE_FLASH_MAX = 1.2
@@ -202,7 +202,7 @@ def _eval_fn(apply_fn, batches):
 
 def train_lm(model, *, seed, steps, batch_size, seq_len, learning_rate, out_dir, name, val_batches):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = nn.unbox(model.init(jax.random.key(seed), tokens)["params"])
+    params = init_params(model, seed, tokens)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, steps // 20, steps, 0.1 * learning_rate
     )

@@ -56,10 +56,12 @@ from efflax.training import stack_states
 from experiments import moe_routing
 from experiments import saf
 
-# On a CPU host shared with other jobs, wall time mostly measures the others' load; this
-# process's CPU time counts the work of each step (if XLA spreads a step over several cores it
-# counts all of them, i.e. compute, not latency).
-TIME_KEY = "train_cpu_time" if jax.default_backend() == "cpu" else "train_time"
+
+def _time_key() -> str:
+    """On a CPU host shared with other jobs, wall time mostly measures the others' load; this
+    process's CPU time counts the work of each step (if XLA spreads a step over several cores it
+    counts all of them, i.e. compute, not latency)."""
+    return "train_cpu_time" if jax.default_backend() == "cpu" else "train_time"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +311,7 @@ def _plot(results: dict[str, dict], path: pathlib.Path) -> None:
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     seeds = (0, 1, 2) if quick else tuple(range(6))
-    claims, results, ms_per_step = Claims(), {}, {}
+    claims, results, ms_per_step, time_key = Claims(), {}, {}, _time_key()
     for name, build in FAMILIES.items():
         family = build(quick)
         runs = run_family(family, seeds)
@@ -318,7 +320,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
                 m,
                 points,
                 metric=family.metric,
-                time_key=TIME_KEY,
+                time_key=time_key,
                 higher_is_better=family.higher_is_better,
             )
             for m, points in runs.items()
@@ -334,7 +336,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         budget = family.cycles.budgets[-1]
         for m, r in runs.items():
             ms_per_step[f"{name}_{m}"] = mean_interval(
-                [1e3 * run[-1][TIME_KEY] / budget for run in r]
+                [1e3 * run[-1][time_key] / budget for run in r]
             )
         results[name] = {
             "family": family,

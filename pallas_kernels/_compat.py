@@ -205,6 +205,14 @@ def to_varying(x: jax.Array, axis_name: str) -> jax.Array:
     return x  # pragma: no cover - before varying-manual-axes types existed
 
 
+def backends_initialized() -> bool:
+    """Whether this process has started JAX's backends (no public API says so; a process that
+    forks workers must not have: the children would share its runtime's threads)."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
 # Device kinds of the GPUs the kernels are compiled for without one (shared/gpu_specs/).
 H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 A100_DEVICE_KIND = "NVIDIA A100-SXM4-80GB"

@@ -65,6 +65,13 @@ def run_ticker(out_dir, *, quick):
     (pathlib.Path(out_dir) / "ticks.json").write_text(json.dumps(ticks))
     return _run(out_dir, quick=quick, name="ticker")
 
+@register("fake_devices", cpu_devices=3, timing_sensitive=False)
+def run_devices(out_dir, *, quick):
+    import json, os, jax
+    seen = {"devices": jax.device_count(), "parent": os.getppid()}
+    (pathlib.Path(out_dir) / "seen.json").write_text(json.dumps(seen))
+    return _run(out_dir, quick=quick, name="devices")
+
 @register("fake_crash")
 def run_crash(out_dir, *, quick):
     sys.exit(3)
@@ -116,6 +123,49 @@ def test_other_experiments_are_paused_while_one_times(fake_experiments):
     assert any(t < t0 for t in ticks) and any(t > t1 for t in ticks)
     assert not [t for t in ticks if t0 + 0.05 < t < t1 - 0.05]
     assert not list((out / ".alone").iterdir())  # the handshake files are gone
+
+
+def test_experiment_processes_fork_from_a_preloaded_zygote_with_their_own_devices(
+    fake_experiments, capsys, monkeypatch
+):
+    import json
+    import os
+
+    monkeypatch.setenv("XLA_FLAGS", "")  # the experiment's own count, not the test session's
+    out = fake_experiments
+    assert cli.main(["reproduce", "fake_devices", "fake_a", "--quick", "--out", str(out)]) == 0
+    seen = json.loads((out / "fake_devices" / "seen.json").read_text())
+    assert seen["devices"] == 3  # XLA_FLAGS of its own, read after the fork
+    assert seen["parent"] != os.getpid()  # a child of the zygote, not of reproduce
+    assert "fresh processes" not in capsys.readouterr().out
+
+
+def test_a_module_that_starts_jax_on_import_gets_fresh_processes(
+    fake_experiments, capsys, monkeypatch
+):
+    import dataclasses
+    import json
+    import os
+    import pathlib
+
+    modules = pathlib.Path(sys.path[0])
+    (modules / "efflax_fake_eager.py").write_text(
+        "import jax\n"
+        "jax.devices()  # starts JAX's backend on import\n"
+        "from efflax_fake_experiments import run_devices\n"
+    )
+    monkeypatch.setenv("EFFLAX_EXPERIMENT_MODULES", "efflax_fake_experiments,efflax_fake_eager")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    out = fake_experiments
+    experiment._REGISTRY["fake_devices"] = dataclasses.replace(
+        experiment.discover()["fake_devices"], module="efflax_fake_eager"
+    )
+    assert cli.main(["reproduce", "fake_devices", "--quick", "--out", str(out)]) == 0
+    assert "experiments start as fresh processes: importing the modules started JAX" in (
+        capsys.readouterr().out
+    )
+    seen = json.loads((out / "fake_devices" / "seen.json").read_text())
+    assert seen == {"devices": 3, "parent": os.getpid()}
 
 
 def test_alone_outside_reproduce_does_nothing(monkeypatch):

@@ -70,6 +70,7 @@ PUBLIC = {
         "arm_names",
         "arm_state",
         "fit_seeds",
+        "init_params",
         "num_seeds",
         "per_seed",
         "per_seed_curve",

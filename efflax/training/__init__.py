@@ -15,6 +15,7 @@ from efflax._src.training.multiseed import SplitLoader
 from efflax._src.training.multiseed import arm_names
 from efflax._src.training.multiseed import arm_state
 from efflax._src.training.multiseed import fit_seeds
+from efflax._src.training.multiseed import init_params
 from efflax._src.training.multiseed import num_seeds
 from efflax._src.training.multiseed import per_seed
 from efflax._src.training.multiseed import per_seed_curve

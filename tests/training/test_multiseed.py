@@ -4,8 +4,10 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from efflax import data
+from efflax._src.training.multiseed import _compiled_init
 from efflax.models import MLP
 from efflax.stats import Estimate
 from efflax.training import LossOutput
@@ -13,6 +15,7 @@ from efflax.training import SplitLoader
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import fit
 from efflax.training import fit_seeds
+from efflax.training import init_params
 from efflax.training import make_train_step
 from efflax.training import per_seed
 from efflax.training import per_seed_curve
@@ -186,3 +189,33 @@ def test_the_docstring_example_runs(tmp_path):
     exec(code, scope)  # noqa: S102 - the example is this file's own fixed text
     assert isinstance(scope["estimate"], Estimate) and scope["estimate"].n == 5
     assert (tmp_path / "6").is_dir()  # the checkpoint of the final step
+
+
+def test_init_params_is_the_models_init_as_one_program():
+    model = MLP(features=(32, 16))
+    eager = nn.unbox(model.init(jax.random.key(4), EXAMPLE)["params"])
+    compiled = init_params(model, 4, EXAMPLE)
+    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # float rounding only
+    # A key works like its seed; another seed reuses the one compiled program.
+    assert _leaves_equal(init_params(model, jax.random.key(4), EXAMPLE), compiled)
+    other = init_params(model, 5, EXAMPLE)
+    assert not _leaves_equal(other, compiled)
+    assert _compiled_init(model)._cache_size() == 1
+
+
+class _Unhashable(nn.Module):
+    sizes: list  # a list attribute: the module cannot be hashed
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.sizes[0])(x)
+
+
+def test_init_params_of_an_unhashable_model_runs_eagerly():
+    model = _Unhashable(sizes=[3])
+    with pytest.raises(TypeError):
+        hash(model)
+    params = init_params(model, 0, EXAMPLE)
+    assert params["Dense_0"]["kernel"].shape == (40, 3)
