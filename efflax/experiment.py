@@ -363,6 +363,17 @@ def _env_with_host_devices(count: int) -> dict[str, str]:
     return env
 
 
+def _process_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for an experiment process: plots without a display, and (unless the user set
+    glibc tunables) transparent huge pages for large allocations. XLA's CPU runtime allocates
+    each execution's temporary buffer afresh; glibc maps one of over 32 MiB from the kernel
+    every time, and first touching it in 4 KiB pages costs a page fault each: a quarter of
+    moe_routing's CPU time, a tenth with 2 MiB pages. Numerics are unchanged."""
+    env.setdefault("MPLBACKEND", "Agg")
+    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    return env
+
+
 class Result(NamedTuple):
     """One experiment's outcome in ``run_experiments``: ``verdict`` is None on an error."""
 
@@ -529,8 +540,7 @@ class _Child:
         argv = [experiment.name, "--out", str(exp_dir)] + (["--quick"] if quick else [])
         argv += ["--cache", str(compilation_cache_dir(exp_dir.parent))]
         argv += ["--module", experiment.module]
-        env = _env_with_host_devices(experiment.cpu_devices)
-        env.setdefault("MPLBACKEND", "Agg")
+        env = _process_env(_env_with_host_devices(experiment.cpu_devices))
         env["PYTHONUNBUFFERED"] = "1"
         env[ALONE_DIR_ENV] = str(alone_dir)
         # Only the direct children of the process that grants turns take part in them.
@@ -663,8 +673,7 @@ class _Arbiter:
 def _start_zygote(experiments: list[Experiment]) -> _Zygote | None:
     """The zygote the experiments' processes fork from, or None (fresh interpreters) if its
     modules cannot be imported without starting JAX (it says why)."""
-    env = dict(os.environ)
-    env.setdefault("MPLBACKEND", "Agg")
+    env = _process_env(dict(os.environ))
     modules = sorted({e.module for e in experiments if e.module and e.module != "__main__"})
     zygote = _Zygote(modules, env)
     if zygote.ready:
