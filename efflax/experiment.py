@@ -167,16 +167,22 @@ def discover() -> dict[str, Experiment]:
     ``$EFFLAX_EXPERIMENT_MODULES``: a user's own experiments, registered with :func:`register`,
     run and reported by ``efflax reproduce`` like the built-in ones.
     """
+    for module in _experiment_modules():
+        importlib.import_module(module)
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _experiment_modules() -> list[str]:
+    """The modules :func:`discover` imports (found without importing them)."""
     import experiments
 
-    for info in pkgutil.iter_modules(experiments.__path__):
-        if info.name.startswith(("_", "bench_")):
-            continue
-        importlib.import_module(f"experiments.{info.name}")
-    for module in os.environ.get("EFFLAX_EXPERIMENT_MODULES", "").split(","):
-        if module.strip():
-            importlib.import_module(module.strip())
-    return dict(sorted(_REGISTRY.items()))
+    modules = [
+        f"experiments.{info.name}"
+        for info in pkgutil.iter_modules(experiments.__path__)
+        if not info.name.startswith(("_", "bench_"))
+    ]
+    extra = os.environ.get("EFFLAX_EXPERIMENT_MODULES", "").split(",")
+    return modules + [m.strip() for m in extra if m.strip()]
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -394,7 +400,8 @@ class _Zygote:
     its ``cpu_devices``, read when its JAX backend starts, after the fork), output and log.
     The zygote is single-threaded when it forks, and reports each child's exit status and CPU
     time (it is their parent; ``wait4``). If importing a module started JAX's backends there,
-    it refuses (``ready`` is False) and experiments start as fresh interpreters.
+    it refuses (:meth:`wait_ready` is False) and experiments start as fresh interpreters. It
+    starts importing at once, while reproduce gets ready beside it.
     """
 
     def __init__(self, modules: list[str], env: dict[str, str]):
@@ -405,16 +412,23 @@ class _Zygote:
             stdout=subprocess.PIPE,
             text=True,
         )
-        first = self.process.stdout.readline().strip()
-        self.ready = first == "ready"
-        self.why = "" if self.ready else (first or "the zygote process exited")
         self._forked: queue.Queue[int] = queue.Queue()
         self._exits: dict[int, tuple[int, float]] = {}
         self._lock = threading.Lock()
-        if not self.ready:
-            self.close()
-            return
-        threading.Thread(target=self._read, daemon=True).start()
+        self._ready: bool | None = None
+        self.why = ""
+
+    def wait_ready(self) -> bool:
+        """Whether it has imported its modules and forks (waits for it the first time)."""
+        if self._ready is None:
+            first = self.process.stdout.readline().strip()
+            self._ready = first == "ready"
+            if self._ready:
+                threading.Thread(target=self._read, daemon=True).start()
+            else:
+                self.why = first or "the zygote process exited"
+                self.close()
+        return self._ready
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -670,18 +684,6 @@ class _Arbiter:
         self.paused.clear()
 
 
-def _start_zygote(experiments: list[Experiment]) -> _Zygote | None:
-    """The zygote the experiments' processes fork from, or None (fresh interpreters) if its
-    modules cannot be imported without starting JAX (it says why)."""
-    env = _process_env(dict(os.environ))
-    modules = sorted({e.module for e in experiments if e.module and e.module != "__main__"})
-    zygote = _Zygote(modules, env)
-    if zygote.ready:
-        return zygote
-    print(f"experiments start as fresh processes: {zygote.why}", flush=True)
-    return None
-
-
 def _run_in_process(experiment: Experiment, exp_dir: pathlib.Path, *, quick: bool) -> Result:
     start, cpu = time.perf_counter(), time.process_time()
     try:
@@ -845,10 +847,19 @@ def run_experiments(
     """
     if jobs < 1:
         raise ValueError(f"{jobs=} must be >= 1")
-    registry = discover()
+    # The zygote imports the experiments' modules while this process does the same.
+    zygote = _Zygote(_experiment_modules(), _process_env(dict(os.environ))) if isolate else None
+    try:
+        registry = discover()
+    except BaseException:
+        if zygote is not None:
+            zygote.close()
+        raise
     names = list(names or registry)
     unknown = [n for n in names if n not in registry]
     if unknown:
+        if zygote is not None:
+            zygote.close()
         raise ValueError(f"unknown experiment(s) {unknown}; available: {sorted(registry)}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -871,7 +882,9 @@ def run_experiments(
         expected = {**_reference_times(mode), **previous}
         pending.sort(key=lambda n: (_runs_alone(registry[n]), -expected.get(n, 0.0)))
     arbiter = _Arbiter(out / ".alone") if isolate else None
-    zygote = _start_zygote([registry[n] for n in names]) if isolate else None
+    if zygote is not None and not zygote.wait_ready():
+        print(f"experiments start as fresh processes: {zygote.why}", flush=True)
+        zygote = None
 
     def progress(text: str, starting: str | None = None) -> None:
         now = time.perf_counter()

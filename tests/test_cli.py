@@ -143,7 +143,6 @@ def test_experiment_processes_fork_from_a_preloaded_zygote_with_their_own_device
 def test_a_module_that_starts_jax_on_import_gets_fresh_processes(
     fake_experiments, capsys, monkeypatch
 ):
-    import dataclasses
     import json
     import os
     import pathlib
@@ -157,9 +156,6 @@ def test_a_module_that_starts_jax_on_import_gets_fresh_processes(
     monkeypatch.setenv("EFFLAX_EXPERIMENT_MODULES", "efflax_fake_experiments,efflax_fake_eager")
     monkeypatch.setenv("XLA_FLAGS", "")
     out = fake_experiments
-    experiment._REGISTRY["fake_devices"] = dataclasses.replace(
-        experiment.discover()["fake_devices"], module="efflax_fake_eager"
-    )
     assert cli.main(["reproduce", "fake_devices", "--quick", "--out", str(out)]) == 0
     assert "experiments start as fresh processes: importing the modules started JAX" in (
         capsys.readouterr().out
