@@ -9,6 +9,7 @@ from efflax._src.curves import interleaved_cyclic_points
 from efflax._src.curves import pareto_front
 from efflax._src.curves import plot
 from efflax._src.curves import summary
+from efflax._src.curves import time_speedup
 from efflax._src.curves import winners
 from efflax._src.timing import ProgramStats
 from efflax._src.timing import Times
@@ -32,6 +33,7 @@ __all__ = [
     "plot",
     "program_stats",
     "summary",
+    "time_speedup",
     "timed_call",
     "training_step",
     "winners",

@@ -876,10 +876,12 @@ def run_experiments(
     done: list[Result] = []
     running: dict[str, _Child] = {}
     pending = list(names)
+    # Seconds per experiment for the ETA and the order: the last run into `out`, else the
+    # reference times (a fresh directory).
+    expected = {n: t for n, t in {**_reference_times(mode), **previous}.items() if n in names}
     if isolate and jobs > 1:
         # The experiments that may share the machine first, longest first (fewer idle slots at
         # the end), the ones that run alone after them: no slot waits on one in between.
-        expected = {**_reference_times(mode), **previous}
         pending.sort(key=lambda n: (_runs_alone(registry[n]), -expected.get(n, 0.0)))
     arbiter = _Arbiter(out / ".alone") if isolate else None
     if zygote is not None and not zygote.wait_ready():
@@ -891,13 +893,7 @@ def run_experiments(
         in_flight = {n: now - c.start for n, c in running.items()}
         if starting is not None:
             in_flight[starting] = 0.0
-        eta = _eta(
-            pending,
-            in_flight,
-            done,
-            previous,
-            jobs if isolate else 1,
-        )
+        eta = _eta(pending, in_flight, done, expected, jobs if isolate else 1)
         left = "?" if eta is None else _clock(eta)
         print(f"{text}; elapsed {_clock(now - start)}, ETA {left}", flush=True)
 

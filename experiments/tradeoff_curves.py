@@ -45,8 +45,6 @@ from efflax.models import MLP
 from efflax.nn import monarchify
 from efflax.optim import cycle_end_steps
 from efflax.optim import exponential_cyclic_cosine_schedule
-from efflax.stats import Estimate
-from efflax.stats import bootstrap_interval
 from efflax.stats import mean_interval
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import make_train_step
@@ -130,50 +128,6 @@ def run_family(family: Family, seeds: tuple[int, ...]) -> dict[str, list[list[di
         runs, budgets=family.cycles.budgets, metric=family.metric
     )
     return {m.name: [points[f"{m.name}/{s}"] for s in seeds] for m in family.methods}
-
-
-def _time_to(curve_seconds: np.ndarray, curve: np.ndarray, target: float, higher: bool) -> float:
-    """Interpolated time at which a mean curve first reaches ``target``."""
-    reached = curve >= target if higher else curve <= target
-    hits = np.nonzero(reached)[0]
-    if not hits.size:
-        return np.inf
-    i = int(hits[0])
-    if i == 0:
-        return float(curve_seconds[0])
-    (t0, t1), (c0, c1) = curve_seconds[i - 1 : i + 1], curve[i - 1 : i + 1]
-    return float(t0 + (t1 - t0) * (target - c0) / (c1 - c0)) if c1 != c0 else float(t1)
-
-
-def time_speedup(
-    seconds: dict[str, np.ndarray],
-    values: dict[str, np.ndarray],
-    slow: str,
-    fast: str,
-    higher: bool,
-) -> Estimate:
-    """Time of ``slow`` over time of ``fast`` to the worse of their final mean qualities.
-
-    The interval is a bootstrap over seeds (the same resampled seeds for both methods: seed s
-    has the same data order in both); the step times are taken as measured.
-    """
-
-    def statistic(index: np.ndarray) -> float:
-        index = index.astype(int)
-        a, b = values[slow][index].mean(0), values[fast][index].mean(0)
-        target = min(a[-1], b[-1]) if higher else max(a[-1], b[-1])
-        ta = _time_to(seconds[slow], a, target, higher)
-        tb = _time_to(seconds[fast], b, target, higher)
-        return float(np.log(ta / tb))
-
-    count = len(values[slow])
-    log_ratio = bootstrap_interval(np.arange(count, dtype=float), statistic, num_resamples=2000)
-    return Estimate(
-        float(np.exp(log_ratio.value)),
-        float(np.exp(log_ratio.low)),
-        float(np.exp(log_ratio.high)),
-        count,
-    )
 
 
 # --- the families ---------------------------------------------------------------------------
@@ -328,9 +282,13 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
         values = {
             m: np.array([[p[family.metric] for p in run] for run in r]) for m, r in runs.items()
         }
-        seconds = {c.name: np.array([t.value for t in c.seconds]) for c in family_curves}
-        speedup = time_speedup(
-            seconds, values, family.baseline, family.proposed, family.higher_is_better
+        speedup = curves.time_speedup(
+            runs,
+            family.baseline,
+            family.proposed,
+            metric=family.metric,
+            time_key=time_key,
+            higher_is_better=family.higher_is_better,
         )
         claims.check(f"{name}_{family.proposed}_time_speedup_over_{family.baseline}", speedup, 1.0)
         budget = family.cycles.budgets[-1]

@@ -363,3 +363,49 @@ def test_budgets_are_not_truncated():
         {"a": (None, _RUN[1], [1, 2], _RUN[3])}, budgets=[np.int64(1), jnp.int32(2)]
     )
     assert [p["step"] for p in points["a"]] == [1, 2]
+
+
+def _timed_runs(times, qualities, seeds=3, noise=0.0):
+    return [
+        [
+            {"train_time": t, "test/accuracy": q + noise * s}
+            for t, q in zip(times, qualities, strict=True)
+        ]
+        for s in range(seeds)
+    ]
+
+
+def test_time_speedup_is_the_time_ratio_to_the_worse_final_quality():
+    slow = _timed_runs([1.0, 2.0, 3.0, 4.0], [0.5, 0.6, 0.7, 0.8])
+    fast = _timed_runs([0.5, 1.0, 1.5, 2.0], [0.5, 0.6, 0.7, 0.8])
+    estimate = curves.time_speedup({"slow": slow, "fast": fast}, "slow", "fast")
+    assert estimate.n == 3
+    assert estimate.value == pytest.approx(2.0) and estimate.low == pytest.approx(2.0)
+    # The target is the worse final quality (0.75 here), interpolated between budgets: slow
+    # reaches it at 3.5 s, fast (ending at 0.75) at its last point, 2 s.
+    fast = _timed_runs([0.5, 1.0, 1.5, 2.0], [0.5, 0.6, 0.7, 0.75])
+    estimate = curves.time_speedup({"slow": slow, "fast": fast}, "slow", "fast")
+    assert estimate.value == pytest.approx(3.5 / 2.0)
+    # A loss: lower is better.
+    loss = lambda runs: [[{**p, "loss": 1 - p["test/accuracy"]} for p in r] for r in runs]
+    estimate = curves.time_speedup(
+        {"slow": loss(slow), "fast": loss(fast)},
+        "slow",
+        "fast",
+        metric="loss",
+        higher_is_better=False,
+    )
+    assert estimate.value == pytest.approx(3.5 / 2.0)
+
+
+def test_time_speedup_interval_resamples_seeds_and_refuses_bad_runs():
+    slow = _timed_runs([1.0, 2.0], [0.5, 0.8], seeds=4, noise=0.02)
+    fast = _timed_runs([0.6, 1.1], [0.5, 0.8], seeds=4, noise=-0.01)
+    estimate = curves.time_speedup({"slow": slow, "fast": fast}, "slow", "fast")
+    assert estimate.low < estimate.value < estimate.high and estimate.n == 4
+    with pytest.raises(ValueError, match="'medium' is not in runs"):
+        curves.time_speedup({"slow": slow, "fast": fast}, "medium", "fast")
+    with pytest.raises(ValueError, match="same seeds and budgets"):
+        curves.time_speedup({"slow": slow, "fast": fast[:3]}, "slow", "fast")
+    with pytest.raises(ValueError, match="has no 'loss'"):
+        curves.time_speedup({"slow": slow, "fast": fast}, "slow", "fast", metric="loss")

@@ -107,6 +107,7 @@ PUBLIC = {
         "plot",
         "program_stats",
         "summary",
+        "time_speedup",
         "timed_call",
         "training_step",
         "winners",

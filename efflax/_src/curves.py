@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflax._src.stats import Estimate
+from efflax._src.stats import bootstrap_interval
 from efflax._src.stats import mean_interval
 from efflax._src.timing import alone
 from efflax._src.timing import timed_call
@@ -407,6 +408,85 @@ class Curve:
             ):
                 best = i
         return best
+
+
+def _time_to(seconds: np.ndarray, curve: np.ndarray, target: float, higher: bool) -> float:
+    """Interpolated time at which ``curve`` (at ``seconds``) first reaches ``target``; inf if
+    it never does."""
+    hits = np.nonzero(curve >= target if higher else curve <= target)[0]
+    if not hits.size:
+        return math.inf
+    i = int(hits[0])
+    if i == 0:
+        return float(seconds[0])
+    (t0, t1), (c0, c1) = seconds[i - 1 : i + 1], curve[i - 1 : i + 1]
+    return float(t0 + (t1 - t0) * (target - c0) / (c1 - c0)) if c1 != c0 else float(t1)
+
+
+def time_speedup(
+    runs: Mapping[str, Sequence[Sequence[Mapping[str, float]]]],
+    slow: str,
+    fast: str,
+    *,
+    metric: str = "test/accuracy",
+    time_key: str = "train_time",
+    higher_is_better: bool = True,
+    num_resamples: int = 2000,
+) -> Estimate:
+    """How many times less training time ``fast`` needs than ``slow`` to reach the worse of
+    their two final mean qualities, with a 95% bootstrap interval over seeds.
+
+    Each method's curve is the mean over seeds of ``metric`` against the mean of ``time_key``
+    at each budget; the time to the target is interpolated between budgets. Seed ``s`` of both
+    methods is resampled together (paired: the same data order); the times are taken as
+    measured.
+
+    Args:
+      runs: by method, one run per seed, each a list of points (dicts with ``time_key`` and
+        ``metric``), as :func:`interleaved_cyclic_points` returns them.
+      slow: the baseline method; ``fast``: the one claimed to be faster.
+      metric: the quality; ``higher_is_better=False`` for a loss.
+      time_key: the training time of a point (``train_time``, ``train_cpu_time``).
+      num_resamples: bootstrap resamples.
+
+    Raises:
+      ValueError: a method not in ``runs``, different numbers of seeds or points, a point
+        without ``metric`` or ``time_key``.
+    """
+    for name in (slow, fast):
+        if name not in runs:
+            raise ValueError(f"method {name!r} is not in runs (methods: {sorted(runs)})")
+    values, seconds = {}, {}
+    for name in (slow, fast):
+        try:
+            points = np.array([[[p[time_key], p[metric]] for p in run] for run in runs[name]])
+        except KeyError as e:
+            raise ValueError(f"a point of {name!r} has no {e.args[0]!r}") from None
+        except ValueError:
+            raise ValueError(f"the runs of {name!r} have different numbers of points") from None
+        if points.ndim != 3 or not points.size:
+            raise ValueError(f"runs[{name!r}] must be one non-empty list of points per seed")
+        seconds[name], values[name] = points[..., 0].mean(0), points[..., 1]
+    if values[slow].shape != values[fast].shape:
+        raise ValueError(
+            f"{slow!r} and {fast!r} need the same seeds and budgets (paired), got "
+            f"{values[slow].shape} and {values[fast].shape} (seeds, points)"
+        )
+
+    def log_ratio(index: np.ndarray) -> float:
+        index = index.astype(int)
+        a, b = values[slow][index].mean(0), values[fast][index].mean(0)
+        target = min(a[-1], b[-1]) if higher_is_better else max(a[-1], b[-1])
+        time_a = _time_to(seconds[slow], a, target, higher_is_better)
+        time_b = _time_to(seconds[fast], b, target, higher_is_better)
+        return float(np.log(time_a / time_b))
+
+    count = len(values[slow])
+    estimate = bootstrap_interval(
+        np.arange(count, dtype=float), log_ratio, num_resamples=num_resamples
+    )
+    value, low, high = (float(np.exp(x)) for x in (estimate.value, estimate.low, estimate.high))
+    return Estimate(value, low, high, count)
 
 
 def _short(value: Any) -> str:
