@@ -10,6 +10,7 @@ from efflax._src.curves import pareto_front
 from efflax._src.curves import plot
 from efflax._src.curves import summary
 from efflax._src.curves import time_speedup
+from efflax._src.curves import time_to_reach
 from efflax._src.curves import winners
 from efflax._src.timing import ProgramStats
 from efflax._src.timing import Times
@@ -34,6 +35,7 @@ __all__ = [
     "program_stats",
     "summary",
     "time_speedup",
+    "time_to_reach",
     "timed_call",
     "training_step",
     "winners",

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.curves import time_to_reach
 from efflax.experiment import Claims
 from efflax.experiment import Panel
 from efflax.experiment import Verdict
@@ -198,25 +199,13 @@ def train(cfg: Config) -> SeedRun:
     )
 
 
-def steps_to_reach(steps: np.ndarray, curve: np.ndarray, target: float) -> float:
-    """The first step at which ``curve`` (falling) reaches ``target``, linearly interpolated."""
-    hits = np.nonzero(curve <= target)[0]
-    if not hits.size:
-        return np.inf
-    i = int(hits[0])
-    if i == 0:
-        return float(steps[0])
-    (s0, s1), (c0, c1) = steps[i - 1 : i + 1], curve[i - 1 : i + 1]
-    return float(s0 + (s1 - s0) * (c0 - target) / (c0 - c1)) if c0 != c1 else float(s1)
-
-
 def speedup(curves: dict, slow: str, fast: str) -> Estimate:
     """Steps of ``slow`` over steps of ``fast`` to the worse of their final losses, per seed."""
     steps, slow_steps, fast_steps = curves[slow][0], [], []
     for a, b in zip(curves[slow][1], curves[fast][1], strict=True):
         target = max(a[-2:].mean(), b[-2:].mean())
-        slow_steps.append(steps_to_reach(steps, a, target))
-        fast_steps.append(steps_to_reach(steps, b, target))
+        slow_steps.append(time_to_reach(steps, a, target, higher_is_better=False))
+        fast_steps.append(time_to_reach(steps, b, target, higher_is_better=False))
     return ratio_interval(slow_steps, fast_steps)
 
 

@@ -409,3 +409,13 @@ def test_time_speedup_interval_resamples_seeds_and_refuses_bad_runs():
         curves.time_speedup({"slow": slow, "fast": fast[:3]}, "slow", "fast")
     with pytest.raises(ValueError, match="has no 'loss'"):
         curves.time_speedup({"slow": slow, "fast": fast}, "slow", "fast", metric="loss")
+
+
+def test_time_to_reach_interpolates_and_refuses_mismatched_curves():
+    assert curves.time_to_reach([1, 2, 3], [0.1, 0.5, 0.9], 0.7) == pytest.approx(2.5)
+    assert curves.time_to_reach([1, 2, 3], [0.8, 0.9, 0.95], 0.5) == 1.0
+    assert curves.time_to_reach([1, 2, 3], [0.1, 0.2, 0.3], 0.5) == math.inf
+    loss = [2.0, 1.0, 0.5]
+    assert curves.time_to_reach([10, 20, 30], loss, 0.75, higher_is_better=False) == 25.0
+    with pytest.raises(ValueError, match="one equal length"):
+        curves.time_to_reach([1, 2], [0.1, 0.2, 0.3], 0.2)

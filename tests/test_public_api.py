@@ -108,6 +108,7 @@ PUBLIC = {
         "program_stats",
         "summary",
         "time_speedup",
+        "time_to_reach",
         "timed_call",
         "training_step",
         "winners",

@@ -410,9 +410,18 @@ class Curve:
         return best
 
 
-def _time_to(seconds: np.ndarray, curve: np.ndarray, target: float, higher: bool) -> float:
-    """Interpolated time at which ``curve`` (at ``seconds``) first reaches ``target``; inf if
-    it never does."""
+def time_to_reach(
+    times: Sequence[float], curve: Sequence[float], target: float, *, higher_is_better: bool = True
+) -> float:
+    """When ``curve`` (its values at ``times``: seconds or steps) first reaches ``target``,
+    interpolated linearly between the two points around it; ``inf`` if it never does."""
+    times, curve = np.asarray(times, float), np.asarray(curve, float)
+    if times.shape != curve.shape or times.ndim != 1 or not times.size:
+        raise ValueError(
+            f"times and curve must be two lists of one equal length, got shapes {times.shape} "
+            f"and {curve.shape}"
+        )
+    seconds, higher = times, higher_is_better
     hits = np.nonzero(curve >= target if higher else curve <= target)[0]
     if not hits.size:
         return math.inf
@@ -477,8 +486,8 @@ def time_speedup(
         index = index.astype(int)
         a, b = values[slow][index].mean(0), values[fast][index].mean(0)
         target = min(a[-1], b[-1]) if higher_is_better else max(a[-1], b[-1])
-        time_a = _time_to(seconds[slow], a, target, higher_is_better)
-        time_b = _time_to(seconds[fast], b, target, higher_is_better)
+        time_a = time_to_reach(seconds[slow], a, target, higher_is_better=higher_is_better)
+        time_b = time_to_reach(seconds[fast], b, target, higher_is_better=higher_is_better)
         return float(np.log(time_a / time_b))
 
     count = len(values[slow])
