@@ -234,3 +234,19 @@ def test_report_cells_escape_pipes(tmp_path):
     row = next(r for r in rows if r.startswith("|"))
     cells = re.split(r"(?<!\\)\|", row)[1:-1]
     assert len(cells) == 5 and cells[0].strip() == "\\|gap\\|"
+
+
+def test_every_experiment_module_imports_without_starting_jax():
+    """Else the zygote refuses and every experiment pays for importing JAX again."""
+    code = (
+        "import importlib\n"
+        "from efflax.experiment import _experiment_modules\n"
+        "from pallas_kernels._compat import backends_initialized\n"
+        "for module in _experiment_modules():\n"
+        "    importlib.import_module(module)\n"
+        "print(backends_initialized())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "False"
