@@ -37,6 +37,7 @@ import select
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -56,6 +57,7 @@ from efflax._src.stats import Estimate
 from efflax._src.stats import Status
 from efflax._src.stats import combine_statuses
 from efflax._src.stats import decide
+from efflax._src.stats import mean_interval
 from efflax._src.stats import seeds_to_decide
 from efflax._src.timing import ALONE_DIR_ENV
 from efflax._src.timing import ALONE_PARENT_ENV
@@ -236,7 +238,7 @@ class Claims:
     def _name(self, name: str) -> str:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name={name!r} must be a non-empty string")
-        if name in self.statuses or name in self.reported:
+        if name in self.statuses or name in self.reported or name in self.estimates:
             raise ValueError(f"claim {name!r} decided twice")
         return name
 
@@ -267,6 +269,13 @@ class Claims:
         self.reported[name] = decide(estimate, threshold, direction=direction)
         self.estimates[name] = estimate
         return self.reported[name]
+
+    def context(self, name: str, estimate: Estimate) -> Estimate:
+        """An estimate shown beside the verdict (``metrics.json``, the report's table) that
+        decides nothing: what the decided numbers are measured against (a baseline's
+        accuracy, an effect in another unit, a deterministic reference)."""
+        self.estimates[self._name(name)] = estimate
+        return estimate
 
     @property
     def status(self) -> Status:
@@ -305,11 +314,15 @@ class Panel:
 
     Attributes:
       title: the panel's title.
-      series: ``{label: (x, y)}``; a 2-D ``y`` ``[seeds, points]`` plots its seed mean.
+      series: ``{label: (x, y)}``; a 2-D ``y`` ``[seeds, points]`` plots its seed mean, a ``y``
+        of :class:`~efflax.stats.Estimate` their values with their intervals as error bars.
       xlabel, ylabel: axis labels.
-      xscale, yscale: ``'linear'`` or ``'log'``.
+      xscale, yscale: ``'linear'``, ``'log'`` or (x only) ``'log2'``: base 2, the x values
+        as tick labels.
       hlines: horizontal reference lines (thresholds).
       style: ``{label: matplotlib format string}`` (e.g. ``'--'``); default ``'.-'``.
+      intervals: a 2-D ``y`` also shows the 95% interval over seeds of each point
+        (:func:`efflax.stats.mean_interval`) as error bars.
     """
 
     title: str
@@ -320,6 +333,31 @@ class Panel:
     yscale: str = "linear"
     hlines: tuple[float, ...] = ()
     style: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    intervals: bool = False
+
+    def __post_init__(self):
+        if self.xscale not in ("linear", "log", "log2"):
+            raise ValueError(f"xscale={self.xscale!r} must be 'linear', 'log' or 'log2'")
+        if self.yscale not in ("linear", "log"):
+            raise ValueError(f"yscale={self.yscale!r} must be 'linear' or 'log'")
+
+
+def _plot_series(ax: Any, x: Any, y: Any, fmt: str, label: str, intervals: bool) -> None:
+    """One series of a :class:`Panel` (see its ``series`` and ``intervals``)."""
+    x = np.asarray(x)
+    if len(y) and all(isinstance(e, Estimate) for e in y):
+        estimates = list(y)
+    else:
+        y = np.asarray(y, dtype=np.float64)
+        if y.ndim != 2 or not intervals:
+            ax.plot(x, y.mean(axis=0) if y.ndim == 2 else y, fmt, label=label)
+            return
+        estimates = [mean_interval(column) for column in y.T]
+    values = np.array([e.value for e in estimates])
+    # An interval of one sample is infinite: no bar.
+    below = np.array([e.value - e.low if math.isfinite(e.low) else 0.0 for e in estimates])
+    above = np.array([e.high - e.value if math.isfinite(e.high) else 0.0 for e in estimates])
+    ax.errorbar(x, values, yerr=np.stack([below, above]), fmt=fmt, capsize=3, label=label)
 
 
 def plot_panels(path: pathlib.Path | str, panels: list[Panel], *, title: str = "") -> pathlib.Path:
@@ -329,13 +367,18 @@ def plot_panels(path: pathlib.Path | str, panels: list[Panel], *, title: str = "
     fig, axes = pyplot().subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for label, (x, y) in panel.series.items():
-            y = np.asarray(y, dtype=np.float64)
-            ax.plot(np.asarray(x), y.mean(axis=0) if y.ndim == 2 else y,
-                    panel.style.get(label, ".-"), label=label)  # fmt: skip
+            _plot_series(ax, x, y, panel.style.get(label, ".-"), label, panel.intervals)
         for value in panel.hlines:
             ax.axhline(value, color="gray", lw=0.8, ls=":")
-        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
-        ax.set(xscale=panel.xscale, yscale=panel.yscale)
+        ax.set_title(textwrap.fill(panel.title, 48), fontsize=10)  # a panel is 4.4 inches wide
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, yscale=panel.yscale)
+        if panel.xscale == "log2":
+            ticks = sorted({float(v) for x, _ in panel.series.values() for v in np.ravel(x)})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+        else:
+            ax.set_xscale(panel.xscale)
         ax.grid(alpha=0.3)
         if len(panel.series) > 1:
             ax.legend(fontsize=8)

@@ -155,7 +155,7 @@ def _plot(path: pathlib.Path, lengths, pallas, xla, scores) -> None:
         [
             Panel(
                 title, series, xlabel="sequence length S",
-                ylabel="compiled temporary memory (MiB)", xscale="log", yscale="log", style=style,
+                ylabel="compiled temporary memory (MiB)", xscale="log2", yscale="log", style=style,
             )
         ],
     )  # fmt: skip

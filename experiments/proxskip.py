@@ -292,6 +292,8 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     }
     ratio = estimates[f"gd_over_proxskip_rounds_at_kappa_{kappas[-1]:.0e}"]
     claims = Claims()
+    claims.context("proxskip_slope", estimates["proxskip_slope"])
+    claims.context("gd_slope", estimates["gd_slope"])
     statuses = {
         "proxskip_slope": claims.check(
             "proxskip_slope_minus_0.5", offset(estimates["proxskip_slope"], 0.5), 0.2, "within"
@@ -338,7 +340,6 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             "coin_seeds": seeds,
             "slopes": slopes,
             "proxskip_slope_per_seed": seed_slopes,
-            "slope_estimates": estimates,
             "results": results,
         },
     )

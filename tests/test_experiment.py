@@ -160,14 +160,17 @@ def test_claims_decide_keep_estimates_and_write_metrics(tmp_path):
     assert claims.check("near", wide, 14.0, "<=") == "INCONCLUSIVE"
     assert claims.report("better", high, 45.0) == "FAIL"  # reported only: not in the verdict
     assert claims.require("exact", True) == "PASS"
+    baseline = mean_interval([1.0, 90.0])  # context: shown, decides nothing
+    assert claims.context("baseline", baseline) is baseline
     verdict = claims.verdict(tmp_path, claim="c", measured="m", metrics={"config": {"a": 1}})
     assert verdict.status == "INCONCLUSIVE"
-    assert set(verdict.estimates) == {"trains", "near", "better"}
+    assert set(verdict.estimates) == {"trains", "near", "better", "baseline"}
     assert "seeds to decide" in verdict.measured
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["config"] == {"a": 1}
     assert written["statuses"] == {"trains": "PASS", "near": "INCONCLUSIVE", "exact": "PASS"}
     assert written["reported_statuses"] == {"better": "FAIL"}
+    assert written["estimates"]["baseline"]["value"] == baseline.value
     assert written["seeds_to_decide"]["near"] > 4
     assert claims.require("broken", False) == "FAIL"
     assert claims.status == "FAIL"
@@ -180,6 +183,9 @@ def test_claims_refuse_a_name_twice_and_an_empty_verdict(tmp_path):
     claims.check("x", mean_interval([1.0, 2.0]), 0.0)
     with pytest.raises(ValueError, match="'x' decided twice"):
         claims.report("x", mean_interval([1.0, 2.0]), 0.0)
+    claims.context("y", mean_interval([1.0, 2.0]))
+    with pytest.raises(ValueError, match="'y' decided twice"):
+        claims.check("y", mean_interval([1.0, 2.0]), 0.0)
 
 
 def test_plot_panels_writes_one_png_and_refuses_nothing_to_plot(tmp_path):
@@ -192,3 +198,32 @@ def test_plot_panels_writes_one_png_and_refuses_nothing_to_plot(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="nothing to plot"):
         experiment.plot_panels(tmp_path / "q.png", [])
+
+
+def test_plot_panels_draws_intervals_and_base_two_ticks(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kwargs):
+        drawn.append((np.asarray(y), np.asarray(yerr)))
+        return original(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    sizes = np.array([256, 512, 1024])
+    seeds = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # 2 seeds: intervals around 2, 3, 4
+    gaps = [mean_interval([0.5, 1.5]), mean_interval([2.0])]  # the second: one sample
+    panels = [
+        experiment.Panel("a", {"seeds": (sizes, seeds)}, xscale="log2", intervals=True),
+        experiment.Panel("b", {"gap": ([1, 2], gaps)}),
+    ]
+    experiment.plot_panels(tmp_path / "p.png", panels)
+    (values, bars), (gap_values, gap_bars) = drawn
+    np.testing.assert_allclose(values, [2.0, 3.0, 4.0])
+    expected = mean_interval([1.0, 3.0])
+    np.testing.assert_allclose(bars[:, 0], [2.0 - expected.low, expected.high - 2.0])
+    np.testing.assert_allclose(gap_values, [1.0, 2.0])
+    assert gap_bars[0, 1] == 0.0 and gap_bars[1, 1] == 0.0  # infinite interval: no bar
+    with pytest.raises(ValueError, match="xscale='log10'"):
+        experiment.Panel("c", {}, xscale="log10")
