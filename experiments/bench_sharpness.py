@@ -28,10 +28,13 @@ from efflax.curves import interleaved_times
 from efflax.optim import hvp
 from efflax.optim import preconditioned_sharpness
 from efflax.optim import sharpness
-from efflax.training import init_params
+from efflax.training import fit
+from efflax.training import make_train_step
+from efflax.training import seed_state
 from experiments.adam_eos import B1
 from experiments.adam_eos import B2
 from experiments.adam_eos import EPS
+from experiments.adam_eos import full_batch_loader
 from experiments.adam_eos import load_data
 from experiments.adam_eos import make_model
 from experiments.adam_eos import mse
@@ -50,22 +53,18 @@ def _interleaved_seconds(fns: dict[str, tuple[Callable, tuple]], *, runs: int) -
 
 
 def bench(*, runs: int = 30, train_steps: int = 200) -> dict:
-    batch = jax.tree.map(jax.numpy.asarray, load_data())
+    arrays = load_data()
+    batch = jax.tree.map(jax.numpy.asarray, arrays)
     model = make_model()
     loss = lambda params: mse(model.apply, params, batch)
-    params = init_params(model, 0, np.zeros((1, 40), np.float32))
     tx = optax.adam(1e-3, b1=B1, b2=B2, eps=EPS)
-
-    @jax.jit
-    def train(params, opt_state):
-        def step(carry, _):
-            params, opt_state = carry
-            updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
-
-        return jax.lax.scan(step, (params, opt_state), length=train_steps)[0]
-
-    params, opt_state = train(params, tx.init(params))
+    state = seed_state(model, tx, seed=0, example=np.zeros((1, 40), np.float32))
+    step = make_train_step(lambda params, state, batch, rng: mse(state.apply_fn, params, batch))
+    state, _ = fit(
+        state, step, full_batch_loader(arrays), num_steps=train_steps, log_every=train_steps,
+        progress=False,
+    )  # fmt: skip
+    params, opt_state = state.params, state.opt_state
     key = jax.random.key(1)
 
     grad_fn = jax.jit(jax.value_and_grad(loss))  # a training step's work: loss and gradient
