@@ -459,6 +459,7 @@ class _Zygote:
         self._exits: dict[int, tuple[int, float]] = {}
         self._lock = threading.Lock()
         self._ready: bool | None = None
+        self._ended = threading.Event()  # the zygote's replies have ended
         self.why = ""
 
     def wait_ready(self) -> bool:
@@ -475,12 +476,17 @@ class _Zygote:
 
     def _read(self) -> None:
         for line in self.process.stdout:
-            reply = json.loads(line)
+            try:
+                reply = json.loads(line)
+            except ValueError:  # not a reply: something the zygote printed
+                print(f"[zygote] {line}", end="", flush=True)
+                continue
             if "forked" in reply:
                 self._forked.put(reply["forked"])
             else:
                 with self._lock:
                     self._exits[reply["exited"]] = (reply["code"], reply["cpu"])
+        self._ended.set()
         self._forked.put(-1)  # the zygote ended
 
     def fork(self, argv: list[str], env: dict[str, str], log: pathlib.Path) -> int:
@@ -494,9 +500,16 @@ class _Zygote:
         return pid
 
     def exit_status(self, pid: int) -> tuple[int, float] | None:
-        """``(exit code, CPU seconds)`` of child ``pid`` once it has ended, else None."""
+        """``(exit code, CPU seconds)`` of child ``pid`` once it has ended, else None; if the
+        zygote itself ended first, a child that is gone counts as failed (its status is lost)."""
         with self._lock:
-            return self._exits.pop(pid, None)
+            status = self._exits.pop(pid, None)
+        if status is None and self._ended.is_set():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return (-1, math.nan)
+        return status
 
     def close(self) -> None:
         """Ends the zygote (after the children it is waiting for)."""
@@ -1051,7 +1064,7 @@ def _write_report(
         f" by `efflax reproduce{f' --jobs {jobs}' if jobs > 1 else ''}`.",
     ]
     if total_seconds is not None:
-        cpu = sum(r.cpu_seconds for r in results)
+        cpu = sum(r.cpu_seconds for r in results if math.isfinite(r.cpu_seconds))  # nan: lost
         lines.append(
             f"Total time: {_clock(total_seconds)} ({total_seconds:.0f} s) for "
             f"{len(results)} experiment(s); CPU time of their processes {_clock(cpu)} "

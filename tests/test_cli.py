@@ -72,6 +72,15 @@ def run_devices(out_dir, *, quick):
     (pathlib.Path(out_dir) / "seen.json").write_text(json.dumps(seen))
     return _run(out_dir, quick=quick, name="devices")
 
+@register("fake_orphan", timing_sensitive=False)
+def run_orphan(out_dir, *, quick):
+    import os, signal, time
+    parent = pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    if b"--zygote" in parent:  # never the test process itself
+        os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(0.5)
+    return _run(out_dir, quick=quick, name="orphan")
+
 @register("fake_crash")
 def run_crash(out_dir, *, quick):
     sys.exit(3)
@@ -175,6 +184,12 @@ def test_alone_outside_reproduce_does_nothing(monkeypatch):
 def test_register_refuses_an_unknown_timing_mode():
     with pytest.raises(ValueError, match="timing_sensitive='yes'"):
         experiment.register("x", timing_sensitive="yes")
+
+
+def test_an_experiment_outliving_its_zygote_is_reported_not_waited_for(fake_experiments):
+    out = fake_experiments
+    assert cli.main(["reproduce", "fake_orphan", "--quick", "--out", str(out)]) == 1
+    assert "## fake_orphan: ERROR" in (out / "REPORT.md").read_text()
 
 
 def test_a_crashing_experiment_process_is_reported(fake_experiments):
