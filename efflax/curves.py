@@ -15,6 +15,7 @@ from efflax._src.curves import winners
 from efflax._src.timing import ProgramStats
 from efflax._src.timing import Times
 from efflax._src.timing import alone
+from efflax._src.timing import decisive_clock
 from efflax._src.timing import interleaved_times
 from efflax._src.timing import program_stats
 from efflax._src.timing import timed_call
@@ -28,6 +29,7 @@ __all__ = [
     "Times",
     "alone",
     "cyclic_points",
+    "decisive_clock",
     "interleaved_cyclic_points",
     "interleaved_times",
     "pareto_front",

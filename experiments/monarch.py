@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.curves import decisive_clock
 from efflax.curves import interleaved_times
 from efflax.experiment import Claims
 from efflax.experiment import Panel
@@ -187,7 +188,7 @@ def step_speedup(cfg: Config) -> tuple[dict, str]:
         batch = jax.tree.map(jnp.asarray, _loader(cfg, 0).batch_at(0))
         fns[name] = (repeated_step(make_train_step(cross_entropy_loss_fn()), state, batch), ())
     times = interleaved_times(fns, rounds=cfg.timing_rounds, warmup=2, repeat=cfg.timing_repeat)
-    return times, "cpu" if jax.default_backend() == "cpu" else "wall"
+    return times, decisive_clock()
 
 
 @register(
@@ -202,7 +203,7 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     for variant in VARIANTS:
         print(f"{variant}: test accuracy per seed {np.round(accuracy[variant], 2)}", flush=True)
     times, clock = step_speedup(cfg)
-    seconds = {k: t.cpu if clock == "cpu" else list(t) for k, t in times.items()}
+    seconds = {k: t.on(clock) for k, t in times.items()}
     speedup = ratio_interval(seconds["dense"], seconds["monarch"])  # paired by round
     claims = Claims()
     quality = {}

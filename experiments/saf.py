@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from efflax import data
+from efflax.curves import decisive_clock
 from efflax.curves import interleaved_times
 from efflax.experiment import Claims
 from efflax.experiment import Panel
@@ -332,8 +333,8 @@ def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
             flush=True,
         )
     times = step_times(cfg, train)
-    clock = "cpu" if jax.default_backend() == "cpu" else "wall"
-    seconds = {k: t.cpu if clock == "cpu" else list(t) for k, t in times.items()}
+    clock = decisive_clock()
+    seconds = {k: t.on(clock) for k, t in times.items()}
     claims, e = Claims(), {}
     for method in ("saf", "mesa", "sam"):
         for key in ("sam_sharpness", "top_eigenvalue"):

@@ -37,6 +37,8 @@ import optax
 
 from efflax import curves
 from efflax import data
+from efflax._src.plotting import pyplot
+from efflax._src.plotting import save_figure
 from efflax.experiment import Claims
 from efflax.experiment import Verdict
 from efflax.experiment import cli_main
@@ -53,13 +55,6 @@ from efflax.training import seeds_eval_fn
 from efflax.training import stack_states
 from experiments import moe_routing
 from experiments import saf
-
-
-def _time_key() -> str:
-    """On a CPU host shared with other jobs, wall time mostly measures the others' load; this
-    process's CPU time counts the work of each step (if XLA spreads a step over several cores it
-    counts all of them, i.e. compute, not latency)."""
-    return "train_cpu_time" if jax.default_backend() == "cpu" else "train_time"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,20 +237,13 @@ FAMILIES: dict[str, Callable[[bool], Family]] = {
 
 
 def _plot(results: dict[str, dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.3), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(results), figsize=(6 * len(results), 4.3), squeeze=False)
     for ax, r in zip(axes[0], results.values(), strict=True):
         family = r["family"]
         scale = 100.0 if family.higher_is_better else 1.0
         label = "test accuracy (%)" if family.higher_is_better else family.metric
         curves.plot(r["curves"], ax=ax, title=family.title, metric_scale=scale, metric_label=label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @register(
@@ -265,7 +253,12 @@ def _plot(results: dict[str, dict], path: pathlib.Path) -> None:
 )
 def run(out_dir: pathlib.Path, *, quick: bool) -> Verdict:
     seeds = (0, 1, 2) if quick else tuple(range(6))
-    claims, results, ms_per_step, time_key = Claims(), {}, {}, _time_key()
+    claims, results, ms_per_step, time_key = (
+        Claims(),
+        {},
+        {},
+        {"cpu": "train_cpu_time", "wall": "train_time"}[curves.decisive_clock()],
+    )
     for name, build in FAMILIES.items():
         family = build(quick)
         runs = run_family(family, seeds)

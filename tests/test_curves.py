@@ -419,3 +419,11 @@ def test_time_to_reach_interpolates_and_refuses_mismatched_curves():
     assert curves.time_to_reach([10, 20, 30], loss, 0.75, higher_is_better=False) == 25.0
     with pytest.raises(ValueError, match="one equal length"):
         curves.time_to_reach([1, 2], [0.1, 0.2, 0.3], 0.2)
+
+
+def test_times_on_the_decisive_clock():
+    times = curves.Times([0.2, 0.3], [0.4, 0.5])
+    assert curves.decisive_clock() == "cpu"  # this suite runs on a CPU host
+    assert times.on("cpu") == [0.4, 0.5] and times.on("wall") == [0.2, 0.3]
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        times.on("gpu")

@@ -101,6 +101,7 @@ PUBLIC = {
         "Times",
         "alone",
         "cyclic_points",
+        "decisive_clock",
         "interleaved_cyclic_points",
         "interleaved_times",
         "pareto_front",

@@ -98,12 +98,26 @@ def timed_call(fn: Callable, *args) -> tuple[object, float, float]:
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def decisive_clock() -> str:
+    """The clock a timing claim is decided on: ``'cpu'`` (this process's CPU time) on a CPU
+    host, where other jobs share the cores and wall time mostly measures their load (a step
+    spread over several cores counts all of them: compute, not latency); ``'wall'`` on an
+    accelerator."""
+    return "cpu" if jax.default_backend() == "cpu" else "wall"
+
+
 class Times(list):
     """Wall seconds per call, one per round (a ``list``), with ``.cpu``: process CPU seconds."""
 
     def __init__(self, wall=(), cpu=()):
         super().__init__(wall)
         self.cpu: list[float] = list(cpu)
+
+    def on(self, clock: str) -> list[float]:
+        """The seconds by ``clock``: ``'cpu'`` or ``'wall'`` (see :func:`decisive_clock`)."""
+        if clock not in ("cpu", "wall"):
+            raise ValueError(f"clock={clock!r} must be 'cpu' or 'wall'")
+        return list(self.cpu) if clock == "cpu" else list(self)
 
 
 def interleaved_times(
