@@ -9,6 +9,14 @@ PYTEST_WORKERS ?= 2
 GPU_CHECK_JOBS ?= 2
 PIP_QUIET := --quiet --disable-pip-version-check
 
+# Every venv installs with uv (pinned), bootstrapped by the venv's own pip: the same pinned sets as
+# pip, in about a third of the time (parallel downloads, no bytecode-compile pass; measured on a
+# fresh .venv: 46 s with pip, 14 s with uv and an empty uv cache). `$(call venv,DIR,PYTHON)` makes
+# DIR with uv in it; `$(call uv,DIR)` is the install command for DIR.
+UV_VERSION := 0.13.10
+venv = test -x $(1)/bin/uv || { $(2) -m venv $(1) && $(1)/bin/python -m pip install $(PIP_QUIET) uv==$(UV_VERSION); }
+uv = $(1)/bin/uv pip install --quiet --python $(1)/bin/python
+
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -29,34 +37,34 @@ STAMP_GPUCHECK := $(VENV_GPUCHECK)/.installed-stamp
 	plan-env plan-check plans docs wheel-check
 
 $(STAMP): pyproject.toml constraints/py311.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) -c constraints/py311.txt -e '.[dev]'
+	$(call venv,$(VENV),$(PYTHON))
+	$(call uv,$(VENV)) -c constraints/py311.txt -e '.[dev]'
 	touch $(STAMP)
 
 $(STAMP_DOCS): pyproject.toml constraints/py311.txt constraints/docs.txt
-	test -x $(VENV_DOCS)/bin/python || $(PYTHON) -m venv $(VENV_DOCS)
-	$(VENV_DOCS)/bin/python -m pip install $(PIP_QUIET) -c constraints/py311.txt -c constraints/docs.txt -e '.[docs]'
+	$(call venv,$(VENV_DOCS),$(PYTHON))
+	$(call uv,$(VENV_DOCS)) -c constraints/py311.txt -c constraints/docs.txt -e '.[docs]'
 	touch $(STAMP_DOCS)
 
 $(STAMP_LATEST): pyproject.toml constraints/py312.txt
 	test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs Python >= 3.12"; exit 1; }
-	test -x $(VENV_LATEST)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
-	$(VENV_LATEST)/bin/python -m pip install $(PIP_QUIET) -c constraints/py312.txt -e '.[dev]'
+	$(call venv,$(VENV_LATEST),$(PYTHON_LATEST))
+	$(call uv,$(VENV_LATEST)) -c constraints/py312.txt -e '.[dev]'
 	touch $(STAMP_LATEST)
 
 $(STAMP_XLA): pyproject.toml constraints/xla.txt
 	test -n "$(PYTHON_LATEST)" || { echo "the compile-only checks need Python >= 3.12"; exit 1; }
-	test -x $(VENV_XLA)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_XLA)
-	$(VENV_XLA)/bin/python -m pip install $(PIP_QUIET) -c constraints/xla.txt -e '.[dev,tpu]'
-	$(VENV_XLA)/bin/python -m pip install $(PIP_QUIET) --no-deps -c constraints/xla.txt \
+	$(call venv,$(VENV_XLA),$(PYTHON_LATEST))
+	$(call uv,$(VENV_XLA)) -c constraints/xla.txt -e '.[dev,tpu]'
+	$(call uv,$(VENV_XLA)) --no-deps -c constraints/xla.txt \
 		jax-cuda13-plugin jax-cuda13-pjrt
 	touch $(STAMP_XLA)
 
 $(STAMP_GPUCHECK): constraints/gpucheck.txt constraints/py312.txt
 	test -n "$(PYTHON_LATEST)" || { echo "make gpu-check needs Python >= 3.12"; exit 1; }
-	test -x $(VENV_GPUCHECK)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_GPUCHECK)
-	$(VENV_GPUCHECK)/bin/python -m pip install $(PIP_QUIET) -c constraints/gpucheck.txt jax
-	$(VENV_GPUCHECK)/bin/python -m pip install $(PIP_QUIET) --no-deps -c constraints/gpucheck.txt \
+	$(call venv,$(VENV_GPUCHECK),$(PYTHON_LATEST))
+	$(call uv,$(VENV_GPUCHECK)) -c constraints/gpucheck.txt jax
+	$(call uv,$(VENV_GPUCHECK)) --no-deps -c constraints/gpucheck.txt \
 		jax-cuda13-plugin jax-cuda13-pjrt
 	touch $(STAMP_GPUCHECK)
 
