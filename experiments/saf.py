@@ -27,6 +27,7 @@ of two whole steps is below the noise of a shared machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -166,11 +167,13 @@ def _optimizer(method: str, cfg: Config, schedule: optax.Schedule) -> optax.Grad
     return sam(sgd, rho=cfg.sam_rho) if method == "sam" else sgd
 
 
+MODEL = CNN1D()  # one object: programs keyed by the model are shared by the methods
+
+
 def make_method(
     method: str, cfg: Config, num_examples: int, steps_per_epoch: int
 ) -> tuple[Callable[[int, optax.Schedule], Any], Callable[[], Callable]]:
     """``(make_state(seed, schedule), make_step())`` of one method (the step unjitted)."""
-    model = CNN1D()
     txs: dict[int, optax.GradientTransformation] = {}
 
     def make_state(seed: int, schedule: optax.Schedule):
@@ -182,7 +185,7 @@ def make_method(
                 out["saf"] = _saf(cfg, num_examples, steps_per_epoch).init()
             return out
 
-        return seed_state(model, tx, seed=seed, extra=extra, example=np.zeros((1, 40), np.float32))
+        return seed_state(MODEL, tx, seed=seed, extra=extra, example=np.zeros((1, 40), np.float32))
 
     def make_step():
         # SAM: the SGD loss; the optimizer takes the gradient at the perturbed point itself.
@@ -211,17 +214,22 @@ def measure_sharpness(state, train: dict, cfg: Config) -> dict[str, np.ndarray]:
     sharpness and the top Hessian eigenvalue (20 Lanczos steps)."""
     x = jnp.asarray(train["x"][: cfg.sharpness_examples])
     y = jnp.asarray(train["y"][: cfg.sharpness_examples])
-    apply_fn = state.apply_fn
+    sam_, eig = _sharpness_per_seed(MODEL, ema_params(state), x, y, cfg.sam_rho)
+    return {"sam_sharpness": np.asarray(sam_), "top_eigenvalue": np.asarray(eig)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))  # one program for every method's states
+def _sharpness_per_seed(model, params, x, y, rho: float):
+    apply_fn = model.apply
 
     def one(params):
         loss = lambda p: _task_loss(apply_fn({"params": p}, x), y)
         return (
-            _sam_sharpness(apply_fn, params, x, y, cfg.sam_rho),
+            _sam_sharpness(apply_fn, params, x, y, rho),
             sharpness(loss, params, num_steps=20, key=jax.random.key(0)),
         )
 
-    sam_, eig = jax.jit(jax.vmap(one))(ema_params(state))
-    return {"sam_sharpness": np.asarray(sam_), "top_eigenvalue": np.asarray(eig)}
+    return jax.vmap(one)(params)
 
 
 def train_method(method: str, cfg: Config, train: dict, test: dict) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Many seeds (and arms) as one program: efflax.training.fit_seeds and its pieces."""
 
+import logging
+import re
+
 import jax
 import numpy as np
 import optax
@@ -12,6 +15,7 @@ from efflax.models import MLP
 from efflax.stats import Estimate
 from efflax.training import LossOutput
 from efflax.training import SplitLoader
+from efflax.training import TrainState
 from efflax.training import cross_entropy_loss_fn
 from efflax.training import fit
 from efflax.training import fit_seeds
@@ -219,3 +223,46 @@ def test_init_params_of_an_unhashable_model_runs_eagerly():
         hash(model)
     params = init_params(model, 0, EXAMPLE)
     assert params["Dense_0"]["kernel"].shape == (40, 3)
+
+
+def _compiled_programs(fn):
+    """``fn()`` and the names of the programs XLA compiled meanwhile (``jax.log_compiles``)."""
+    names = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            found = re.match(r"Finished XLA compilation of (\S+)", record.getMessage())
+            if found:
+                names.append(found.group(1))
+
+    handler, logger = Handler(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return names
+
+
+def test_states_are_built_and_stacked_by_one_program_each_not_one_per_leaf():
+    # Eagerly, each leaf's copy, zeros_like (adam's moments) and stack compiled on its own: tens
+    # of programs per model. Now one optimizer init and one stack, whatever the number of leaves.
+    model = MLP(features=(7, 6, 5, 4, 3))  # 10 leaves, each shape different
+    tx = optax.adam(1e-3)
+    params = [init_params(model, s, EXAMPLE) for s in (0, 1)]
+
+    def build():
+        return stack_states(
+            [TrainState.create(apply_fn=model.apply, params=p, tx=tx, rng=jax.random.key(0))
+             for p in params]
+        )  # fmt: skip
+
+    programs = _compiled_programs(build)
+    assert "jit(init_fn)" in programs and "jit(_stack_leaves)" in programs, programs
+    assert len(programs) <= 4, programs  # not one per leaf
+    assert _compiled_programs(build) == []  # built again: nothing new to compile
+    stacked = build()
+    for i, p in enumerate(params):
+        assert _leaves_equal(unstack_state(stacked, i).params, p)
+        assert _leaves_equal(unstack_state(stacked, i).opt_state, tx.init(p))

@@ -44,26 +44,16 @@ from efflax._src import stats
 from efflax._src.plotting import pyplot
 from efflax._src.plotting import save_figure
 from efflax._src.training.loop import fit
+from efflax._src.training.state import _TRACING_ERRORS
 from efflax._src.training.state import TrainState
+from efflax._src.training.state import _compile_once
+from efflax._src.training.state import _on_one_device
 from efflax._src.training.state import make_train_step
 
 
 def seed_key(name: str, index: int) -> str:
     """The metric key of seed ``index`` (its position in ``seeds``): ``'<name>/seed_<index>'``."""
     return f"{name}/seed_{index}"
-
-
-# Programs that run once (initialisation) are compiled without XLA's backend optimisations: on
-# a CPU they cost a quarter of the compile time, and a one-off run saves less than that.
-_RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-def _compile_once(fn: Callable) -> Callable:
-    """``jax.jit(fn)`` for a program that runs once (initialisation): on a CPU without XLA's
-    backend optimisations, which take most of its compile time (results agree to float rounding:
-    the unoptimised program may round a fused multiply-add differently)."""
-    options = _RUN_ONCE_OPTIONS if jax.default_backend() == "cpu" else None
-    return jax.jit(fn, compiler_options=options)
 
 
 @functools.lru_cache(maxsize=32)
@@ -150,8 +140,19 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     steps = {int(s.step) for s in states}
     if len(steps) != 1:
         raise ValueError(f"the states are at different steps {sorted(steps)}")
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.replace(step=None) for s in states])
-    return stacked.replace(step=states[0].step)
+    trees = [s.replace(step=None) for s in states]
+    stack = _stack_trees() if _on_one_device(trees) else _stack_leaves
+    return stack(*trees).replace(step=states[0].step)
+
+
+def _stack_leaves(*trees: Any) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@functools.cache
+def _stack_trees() -> Callable:
+    """:func:`_stack_leaves` as one compiled program per structure (eagerly, one per leaf shape)."""
+    return _compile_once(_stack_leaves)
 
 
 def unstack_state(state: TrainState, index: int) -> TrainState:
@@ -479,9 +480,6 @@ class SeedRun:
     def seed(self, index: int, arm: str | None = None) -> TrainState:
         """The unstacked state of seed ``index`` (of ``arm``)."""
         return unstack_state(self.state if arm is None else self.arm(arm), index)
-
-
-_TRACING_ERRORS = (jax.errors.JAXTypeError, jax.errors.JAXIndexError, TypeError)
 
 
 def _states_of(factory: Callable[[int], TrainState], seeds: Sequence[int]) -> list[TrainState]:
