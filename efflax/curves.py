@@ -17,7 +17,9 @@ from efflax._src.timing import Times
 from efflax._src.timing import alone
 from efflax._src.timing import decisive_clock
 from efflax._src.timing import interleaved_times
+from efflax._src.timing import markdown_table
 from efflax._src.timing import program_stats
+from efflax._src.timing import relative_error
 from efflax._src.timing import timed_call
 from efflax._src.timing import training_step
 
@@ -32,9 +34,11 @@ __all__ = [
     "decisive_clock",
     "interleaved_cyclic_points",
     "interleaved_times",
+    "markdown_table",
     "pareto_front",
     "plot",
     "program_stats",
+    "relative_error",
     "summary",
     "time_speedup",
     "time_to_reach",

@@ -28,7 +28,6 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import tempfile
 
@@ -46,22 +45,15 @@ def _worker(out: pathlib.Path, rounds: int) -> None:
     import jax
     import numpy as np
     import optax
-    from flax import linen as nn
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec
 
     from efflax import data
-    from efflax.curves import interleaved_times
+    from efflax import training
     from efflax.distributed import to_host
-    from efflax.models import CNN1D
-    from efflax.sharding import make_mesh
-    from efflax.training import TrainState
-    from efflax.training import cross_entropy_loss_fn
-    from efflax.training import make_train_step
-    from efflax.training import place_on_mesh
 
     assert jax.device_count() == DEVICES, jax.devices()
-    mesh = make_mesh(data=DEVICES)
+    mesh = efflax.sharding.make_mesh(data=DEVICES)
     stream = data.load("mnist1d", "train", STREAM_BATCH, seed=0, epochs=None, mesh=mesh,
                        in_memory=False)  # fmt: skip
     images = {
@@ -85,16 +77,13 @@ def _worker(out: pathlib.Path, rounds: int) -> None:
         batch = reference_memory.batch_at(step)  # the whole global batch, in every process
         return {k: jax.device_put(v, sharding[k]) for k, v in batch.items()}
 
-    model = CNN1D()
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 40), np.float32)))
-    state = TrainState.create(
-        apply_fn=model.apply, params=params["params"], tx=optax.adam(1e-3), rng=jax.random.key(1)
-    )
-    state = place_on_mesh(state, mesh)
-    train_step = make_train_step(cross_entropy_loss_fn(), donate=False)
+    example = np.zeros((1, 40), np.float32)
+    state = training.seed_state(efflax.models.CNN1D(), optax.adam(1e-3), seed=0, example=example)
+    state = training.place_on_mesh(state, mesh)
+    train_step = training.make_train_step(training.cross_entropy_loss_fn(), donate=False)
     train_batch = stream.batch_at(0)
     counter = iter(range(10**9))
-    times = interleaved_times(
+    times = efflax.curves.interleaved_times(
         {
             "stream": (lambda: stream.batch_at(next(counter)), ()),
             "memory": (lambda: memory.batch_at(next(counter)), ()),
@@ -103,7 +92,7 @@ def _worker(out: pathlib.Path, rounds: int) -> None:
         },
         rounds=rounds,
     )
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    medians = {name: t.median() for name, t in times.items()}
     result = {"process": jax.process_index(), "processes": jax.process_count(), **medians}
     (out / f"times{jax.process_index()}.json").write_text(json.dumps(result))
 
@@ -142,26 +131,26 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # Prepare MNIST-1D once, before the processes start (they would also do it themselves).
-    from efflax import data
+    import efflax
 
-    data.data_source("mnist1d", "train")
+    efflax.data.data_source("mnist1d", "train")
     print(f"bench_loader: {DEVICES} CPU devices, {rounds} rounds, {platform.processor() or 'cpu'}"
           f", {os.cpu_count()} cores")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         results = {n: _run(n, rounds, pathlib.Path(tmp)) for n in (1, 2)}
-    keys = ("stream", "memory", "device_put", "train step")
-    worst = {n: {k: max(r[k] for r in results[n]) for k in keys} for n in results}
-    print("\n| per global batch | 1 process x 4 devices | 2 processes x 2 devices | ratio |")
-    print("|---|---|---|---|")
     labels = {
         "stream": f"loader, MNIST-1D from array_record, batch {STREAM_BATCH}",
         "memory": f"loader, in-memory 32x32x3 images, batch {IMAGE_BATCH}",
         "device_put": f"whole batch + jax.device_put (old), batch {IMAGE_BATCH}",
         "train step": f"train step, CNN on MNIST-1D, batch {STREAM_BATCH}",
     }
-    for k in keys:
-        one, two = worst[1][k] * 1e3, worst[2][k] * 1e3
-        print(f"| {labels[k]} | {one:.2f} ms | {two:.2f} ms | {two / one:.2f}x |")
+    worst = {n: {k: max(r[k] for r in results[n]) for k in labels} for n in results}
+    header = ["per global batch", "1 process x 4 devices", "2 processes x 2 devices", "ratio"]
+    rows = [
+        (labels[k], worst[1][k] * 1e3, worst[2][k] * 1e3, worst[2][k] / worst[1][k]) for k in labels
+    ]
+    formats = [None, "{:.2f} ms", "{:.2f} ms", "{:.2f}x"]
+    print("\n" + efflax.curves.markdown_table(header, rows, formats))
     ratio = max(worst[2][k] / worst[1][k] for k in ("stream", "memory"))
     share = worst[2]["stream"] / worst[2]["train step"]
     verdict = "PASS" if ratio <= 1.5 else "FAIL"

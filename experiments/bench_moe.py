@@ -25,17 +25,12 @@ from __future__ import annotations
 import os
 import sys
 
-if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""
-):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in _FLAGS:
+    os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count=8".strip()
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -45,44 +40,27 @@ from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 
-from efflax.curves import interleaved_times  # noqa: E402
-from efflax.curves import program_stats  # noqa: E402
+from efflax import curves  # noqa: E402
 from efflax.nn import DenseFeedForward  # noqa: E402
 from efflax.nn import MoEFeedForward  # noqa: E402
 from efflax.nn import moe_aux_loss  # noqa: E402
 
 _WITH_AUX = "+aux"  # name suffix: the step adds the z-loss and collects routing statistics
+# router: (expert width in units of h, capacity factor): the expert FLOPs of a dense FFN of 2h
+_ROUTERS = {"expert_choice": (1, 2.0), "top1": (2, 1.0), "top2": (1, 1.0)}
 
 
-def _interleaved_times(steps: dict[str, tuple[Callable, tuple]], *, rounds: int) -> dict:
-    """Median and minimum wall time per step function, timed round-robin after a warm-up."""
-    times = interleaved_times(steps, rounds=rounds)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
-
-
-def _layers(d: int, hidden: int, num_experts: int, mesh: Mesh | None) -> dict[str, nn.Module]:
-    moe = dict(num_experts=num_experts, mesh=mesh, z_loss_coef=0.0, load_balancing_coef=0.0)
+def _layers(hidden: int, num_experts: int, mesh: Mesh | None) -> dict[str, nn.Module]:
     layers: dict[str, nn.Module] = {"dense": DenseFeedForward(2 * hidden)}
     for dispatch in ("gather", "einsum"):
-        layers[f"expert_choice/{dispatch}"] = MoEFeedForward(
-            hidden=hidden, router="expert_choice", capacity_factor=2.0, dispatch=dispatch, **moe
-        )
-        if dispatch == "gather":
-            # As in training: default z-loss in the loss, routing statistics collected.
-            layers[f"expert_choice/{dispatch}{_WITH_AUX}"] = MoEFeedForward(
-                hidden=hidden,
-                router="expert_choice",
-                capacity_factor=2.0,
-                dispatch=dispatch,
-                num_experts=num_experts,
-                mesh=mesh,
+        for router, (width, capacity) in _ROUTERS.items():
+            moe = dict(num_experts=num_experts, mesh=mesh, dispatch=dispatch)
+            layer = MoEFeedForward(
+                hidden=width * hidden, router=router, capacity_factor=capacity, **moe
             )
-        layers[f"top1/{dispatch}"] = MoEFeedForward(
-            hidden=2 * hidden, router="top1", capacity_factor=1.0, dispatch=dispatch, **moe
-        )
-        layers[f"top2/{dispatch}"] = MoEFeedForward(
-            hidden=hidden, router="top2", capacity_factor=1.0, dispatch=dispatch, **moe
-        )
+            layers[f"{router}/{dispatch}"] = layer.clone(z_loss_coef=0.0, load_balancing_coef=0.0)
+            if router == "expert_choice" and dispatch == "gather":
+                layers[f"{router}/{dispatch}{_WITH_AUX}"] = layer  # as in training
     return layers
 
 
@@ -104,6 +82,7 @@ def _train_step(layer: nn.Module, *, with_aux: bool = False):
 
 
 def bench(*, batch: int, tokens: int, d: int, hidden: int, num_experts: int, rounds: int):
+    """Rows ``(devices, name, median ms, vs dense (median), vs dense (min), FLOPs vs dense)``."""
     devices = jax.devices()
     meshes = {1: None}
     if len(devices) > 1 and num_experts % len(devices) == 0:
@@ -111,76 +90,57 @@ def bench(*, batch: int, tokens: int, d: int, hidden: int, num_experts: int, rou
     x = jax.random.normal(jax.random.key(0), (batch, tokens, d), jnp.float32)
     rows = []
     for num_devices, mesh in meshes.items():
-        layers = _layers(d, hidden, num_experts, mesh)
         x_in = x
         if mesh is not None:
             x_in = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "expert"))))
-        steps, outputs = {}, {}
-        for name, layer in layers.items():
-            params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
-            params = nn.meta.unbox(params)
+        steps, outputs, flops = {}, {}, {}
+        for name, layer in _layers(hidden, num_experts, mesh).items():
+            params = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x)["params"])
             steps[name] = (_train_step(layer, with_aux=name.endswith(_WITH_AUX)), (params, x_in))
-            outputs[name] = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x))(
-                params, x_in
-            )
+            apply = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x))
+            outputs[name] = apply(params, x_in)
             if name.endswith(_WITH_AUX):
                 err = float(jnp.max(jnp.abs(outputs[name] - outputs[name[: -len(_WITH_AUX)]])))
                 if err > 0:
                     raise AssertionError(f"{name}: the aux losses changed the output by {err}")
             if name.endswith("/einsum"):
-                reference = outputs[name]
                 gathered = outputs[name.replace("/einsum", "/gather")]
-                err = float(jnp.max(jnp.abs(gathered - reference)))
+                err = float(jnp.max(jnp.abs(gathered - outputs[name])))
                 if err > 1e-4:
                     raise AssertionError(f"{name}: gather differs from einsum by {err}")
                 print(f"  {num_devices} device(s) {name}: |gather - einsum| = {err:.1e}")
-        # The compared programs do the work they claim: every step keeps the FFN's two forward
-        # products and its four backward products (XLA's FLOPs per step reported beside).
-        flops = {}
-        for name, (step, args) in steps.items():
-            stats = program_stats(step, *args)
+            # The compared programs do the work they claim: every step keeps the FFN's two
+            # forward products and its four backward products (XLA's FLOPs reported beside).
+            stats = curves.program_stats(steps[name][0], *steps[name][1])
             if stats.dots < 6:
                 raise AssertionError(f"{name}: the step has {stats.dots} products, expected >= 6")
             flops[name] = stats.flops
-        results = _interleaved_times(steps, rounds=rounds)
-        for name, (median, fastest) in results.items():
+        times = curves.interleaved_times(steps, rounds=rounds)
+        dense = times["dense"]
+        for name, t in times.items():
             print(
-                f"  {num_devices} device(s) {name:22s} median {median * 1e3:8.2f} ms, "
-                f"min {fastest * 1e3:8.2f} ms ({rounds} runs)"
+                f"  {num_devices} device(s) {name:22s} median {t.median() * 1e3:8.2f} ms, "
+                f"min {t.min() * 1e3:8.2f} ms ({len(t)} runs)"
             )
-        dense_median, dense_min = results["dense"]
-        for name, (median, fastest) in results.items():
             flop_ratio = flops[name] / flops["dense"] if flops[name] and flops["dense"] else None
-            rows.append(
-                (num_devices, name, median, median / dense_median, fastest / dense_min, flop_ratio)
-            )
+            ratios = (t.median() / dense.median(), t.min() / dense.min())
+            rows.append((num_devices, name, t.median() * 1e3, *ratios, flop_ratio))
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.quick:
+    if parser.parse_args(argv).quick:
         shape = dict(batch=16, tokens=64, d=128, hidden=128, num_experts=8, rounds=10)
     else:
         shape = dict(batch=32, tokens=128, d=256, hidden=256, num_experts=8, rounds=25)
-    print(
-        f"bench_moe on {jax.devices()[0].platform} ({len(jax.devices())} devices, "
-        f"{platform.processor() or platform.machine()}), float32, {shape}"
-    )
-    rows = bench(**shape)
-    print(
-        "\n| devices | layer / dispatch | step, median (ms) | vs dense (median) | vs dense (min) "
-        "| step FLOPs vs dense (XLA's count) |"
-    )
-    print("|---|---|---|---|---|---|")
-    for num_devices, name, seconds, ratio, ratio_min, flop_ratio in rows:
-        shown = f"{flop_ratio:.2f}" if flop_ratio is not None else "-"
-        print(
-            f"| {num_devices} | {name} | {seconds * 1e3:.2f} | {ratio:.2f}x | {ratio_min:.2f}x "
-            f"| {shown} |"
-        )
+    devices = f"{len(jax.devices())} devices, {platform.processor() or platform.machine()}"
+    print(f"bench_moe on {jax.devices()[0].platform} ({devices}), float32, {shape}")
+    header = ["devices", "layer / dispatch", "step, median (ms)", "vs dense (median)",
+              "vs dense (min)", "step FLOPs vs dense (XLA's count)"]  # fmt: skip
+    formats = [None, None, "{:.2f}", "{:.2f}x", "{:.2f}x", "{:.2f}"]
+    print("\n" + curves.markdown_table(header, bench(**shape), formats))
 
 
 if __name__ == "__main__":

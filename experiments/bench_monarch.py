@@ -26,19 +26,15 @@ is timed there. On GPU the inputs are bfloat16 and both paths are timed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
-import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from efflax.curves import interleaved_times
-from efflax.curves import program_stats
-from efflax.curves import training_step
+from efflax import curves
 from efflax.nn import monarch_shapes
-from experiments._flops import monarch_step_flops
 from pallas_kernels import PallasTritonMonarch
 from pallas_kernels import XlaMonarch
 from pallas_kernels import monarch_matmul
@@ -56,9 +52,13 @@ def nblocks_for(n: int, nblocks: str | int) -> int:
     return int(nblocks)
 
 
-def _rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+def monarch_step_flops(w1_shape, w2_shape, rows: int, *, recompute: bool) -> dict[str, int]:
+    """FLOPs (a multiply-add is 2) of the forward of ``rows`` rows and of a training step as the
+    XLA path runs it: 2 forward products, 4 backward ones (dx and dW of each factor), plus the
+    first product again where the backward recomputes it per row chunk (``recompute``)."""
+    first = 2 * rows * math.prod(w1_shape)
+    forward = first + 2 * rows * math.prod(w2_shape)
+    return {"fwd": forward, "step": 3 * forward + (first if recompute else 0)}
 
 
 def products_only(w1_shape, w2_shape, tokens: int, dtype):
@@ -82,156 +82,112 @@ def products_only(w1_shape, w2_shape, tokens: int, dtype):
         return y, dw1, dw2, dx
 
     keys = jax.random.split(jax.random.key(0), 4)
-    xt = jax.random.normal(keys[0], (k, tokens, p), jnp.float32).astype(dtype)
-    args = (
-        xt,
-        xt + 0,
-        jax.random.normal(keys[1], (l, tokens, s), jnp.float32).astype(dtype),
-        jax.random.normal(keys[2], w1_shape, jnp.float32).astype(dtype),
-        jax.random.normal(keys[3], w2_shape, jnp.float32).astype(dtype),
+    shapes = ((k, tokens, p), (l, tokens, s), w1_shape, w2_shape)
+    xt, dyt, w1, w2 = (
+        jax.random.normal(*ks).astype(dtype) for ks in zip(keys, shapes, strict=True)
     )
-    step = jax.jit(products)
-    assert program_stats(step, *args).dots >= 7, "the products-only program lost a product"
+    step, args = jax.jit(products), (xt, xt + 0, dyt, w1, w2)
+    assert curves.program_stats(step, *args).dots >= 7, "the products-only program lost a product"
     return step, args
 
 
 def bench(sizes=(1024, 4096), nblocks_options=(4, "sqrt"), tokens: int = 2048, *, rounds=9):
+    """One row per (n, nblocks): FLOP ratios, relative errors and median ms (wall and CPU)."""
     on_gpu = is_gpu()
-    dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    tol = 2e-2 if on_gpu else 1e-4
+    dtype, tol = (jnp.bfloat16, 2e-2) if on_gpu else (jnp.float32, 1e-4)
+    paths = {"xla": XlaMonarch()}
+    if on_gpu:
+        paths["pallas"] = PallasTritonMonarch(interpret=False)
     rows = []
-    for n in sizes:
+    for n, option in itertools.product(sizes, nblocks_options):
+        nb = nblocks_for(n, option)
+        w1_shape, w2_shape = monarch_shapes(n, n, nb)
         keys = jax.random.split(jax.random.key(n), 5)
-        x = jax.random.normal(keys[0], (tokens, n), jnp.float32).astype(dtype)
-        cotangent = jax.random.normal(keys[1], (tokens, n), jnp.float32).astype(dtype)
+        x, cotangent = (jax.random.normal(key, (tokens, n)).astype(dtype) for key in keys[:2])
         kernel = (jax.random.normal(keys[2], (n, n)) / math.sqrt(n)).astype(dtype)
-        dense_step = training_step(lambda x, w: x @ w, argnums=(0, 1))
-        dense_args = (x, kernel, cotangent)
-        assert program_stats(dense_step, *dense_args).dots >= 3, "the dense step lost a product"
-        dense_flops = 6 * tokens * n * n
-        for option in nblocks_options:
-            nb = nblocks_for(n, option)
-            w1_shape, w2_shape = monarch_shapes(n, n, nb)
-            w1 = (jax.random.normal(keys[3], w1_shape) / math.sqrt(w1_shape[2])).astype(dtype)
-            w2 = (jax.random.normal(keys[4], w2_shape) / math.sqrt(w2_shape[2])).astype(dtype)
-            check = x[:256].astype(jnp.float32)
-            w1_32, w2_32 = w1.astype(jnp.float32), w2.astype(jnp.float32)
-            ref32 = monarch_matmul_reference(check, w1_32, w2_32)
-            dense_equiv = check @ monarch_to_dense(w1_32, w2_32)
-            assert _rel_err(ref32, dense_equiv) < 1e-4, "reference != its dense matrix"
-            xla = XlaMonarch()
-            chunk = xla.resolved_row_chunk(w1_shape, w2_shape)
-            paths = {"xla": xla}
-            if on_gpu:
-                paths["pallas"] = PallasTritonMonarch(interpret=False)
-            flops = monarch_step_flops(w1_shape, w2_shape, tokens, recompute=chunk is not None)
-            row = {
-                "n": n,
-                "nblocks": nb,
-                "tokens": tokens,
-                "dtype": jnp.dtype(dtype).name,
-                "flop_ratio": 2 * tokens * n * n / flops["fwd"],
-                "timed_flop_ratio": dense_flops / flops["step"],
-                "xla_row_chunk": chunk,
-            }
-            steps = {"dense": (dense_step, dense_args)}
-            for name, impl in paths.items():
-                layer = lambda x, w1, w2, impl=impl: monarch_matmul(x, w1, w2, implementation=impl)
-                got = jax.jit(layer)(x[:256], w1, w2)
-                err = _rel_err(got, ref32)
-                if not err < tol:
-                    raise AssertionError(f"{name} path n={n} nblocks={nb}: rel err {err:.2e}")
-                step = training_step(layer, argnums=(0, 1, 2))
-                args = (x, w1, w2, cotangent)
-                assert program_stats(step, *args).dots >= 6, f"the {name} step lost a product"
-                steps[name] = (step, args)
-                row[f"{name}_rel_err"] = err
-            if not on_gpu and chunk is not None:
-                steps["products"] = products_only(w1_shape, w2_shape, tokens, dtype)
-            times = interleaved_times(steps, rounds=rounds, warmup=2)
-            dense_wall, dense_cpu = (
-                statistics.median(times["dense"]),
-                statistics.median(times["dense"].cpu),
-            )
-            row["dense_ms"], row["dense_cpu_ms"] = dense_wall * 1e3, dense_cpu * 1e3
-            row["rounds"] = len(times["dense"])
-            if "products" in times:
-                products_cpu = statistics.median(times["products"].cpu)
-                row["products_cpu_ms"] = products_cpu * 1e3
-                row["products_bound"] = dense_cpu / products_cpu
-            for name in paths:
-                wall, cpu = statistics.median(times[name]), statistics.median(times[name].cpu)
-                row[f"{name}_ms"], row[f"{name}_cpu_ms"] = wall * 1e3, cpu * 1e3
-                row[f"{name}_speedup"] = dense_wall / wall
-                row[f"{name}_cpu_speedup"] = dense_cpu / cpu
-                row[f"{name}_efficiency"] = dense_cpu / cpu / row["flop_ratio"]
-                print(
-                    f"n={n} nblocks={nb} {name}: step {wall * 1e3:.1f} ms (cpu {cpu * 1e3:.1f}) vs "
-                    f"dense {dense_wall * 1e3:.1f} ms (cpu {dense_cpu * 1e3:.1f}): "
-                    f"{dense_wall / wall:.2f}x wall, {dense_cpu / cpu:.2f}x cpu time; FLOP ratio "
-                    f"{row['flop_ratio']:.0f} (timed {row['timed_flop_ratio']:.1f}), efficiency "
-                    f"{row[f'{name}_efficiency']:.2f}"
-                    + (
-                        f"; products alone {row['products_cpu_ms']:.1f} ms cpu "
-                        f"(bound {row['products_bound']:.2f}x, layout work "
-                        f"{1 - row['products_cpu_ms'] / (cpu * 1e3):.0%} of the step)"
-                        if name == "xla" and "products_bound" in row
-                        else ""
-                    ),
-                    flush=True,
-                )
-            rows.append(row)
+        w1 = (jax.random.normal(keys[3], w1_shape) / math.sqrt(w1_shape[2])).astype(dtype)
+        w2 = (jax.random.normal(keys[4], w2_shape) / math.sqrt(w2_shape[2])).astype(dtype)
+        check, w1_32, w2_32 = (a.astype(jnp.float32) for a in (x[:256], w1, w2))
+        reference = monarch_matmul_reference(check, w1_32, w2_32)
+        dense_equivalent = check @ monarch_to_dense(w1_32, w2_32)
+        assert curves.relative_error(reference, dense_equivalent) < 1e-4, "reference != dense"
+        chunk = paths["xla"].resolved_row_chunk(w1_shape, w2_shape)
+        flops = monarch_step_flops(w1_shape, w2_shape, tokens, recompute=chunk is not None)
+        row = {
+            "n": n,
+            "nblocks": nb,
+            "tokens": tokens,
+            "dtype": jnp.dtype(dtype).name,
+            "flop_ratio": 2 * tokens * n * n / flops["fwd"],
+            "timed_flop_ratio": 6 * tokens * n * n / flops["step"],
+            "xla_row_chunk": chunk,
+        }
+        dense_step = curves.training_step(lambda x, w: x @ w, argnums=(0, 1))
+        steps = {"dense": (dense_step, (x, kernel, cotangent))}
+        for name, impl in paths.items():
+            layer = lambda x, w1, w2, impl=impl: monarch_matmul(x, w1, w2, implementation=impl)
+            err = curves.relative_error(jax.jit(layer)(x[:256], w1, w2), reference)
+            if not err < tol:
+                raise AssertionError(f"{name} path n={n} nblocks={nb}: rel err {err:.2e}")
+            row[f"{name}_rel_err"] = err
+            steps[name] = (curves.training_step(layer, argnums=(0, 1, 2)), (x, w1, w2, cotangent))
+        # Each step keeps its products: dense forward, dx, dW; Monarch 2 forward and 4 backward.
+        for name, (step, args) in steps.items():
+            dots = curves.program_stats(step, *args).dots
+            assert dots >= (3 if name == "dense" else 6), f"the {name} step lost a product"
+        if not on_gpu and chunk is not None:
+            steps["products"] = products_only(w1_shape, w2_shape, tokens, dtype)
+        times = curves.interleaved_times(steps, rounds=rounds, warmup=2)
+        row["rounds"] = len(times["dense"])
+        for name, t in times.items():
+            row[f"{name}_ms"], row[f"{name}_cpu_ms"] = t.median() * 1e3, t.median("cpu") * 1e3
+        for name in paths:
+            row[f"{name}_speedup"] = row["dense_ms"] / row[f"{name}_ms"]
+            row[f"{name}_cpu_speedup"] = row["dense_cpu_ms"] / row[f"{name}_cpu_ms"]
+            row[f"{name}_efficiency"] = row[f"{name}_cpu_speedup"] / row["flop_ratio"]
+        shown = [
+            f"{name} {row[f'{name}_ms']:.1f} ms (cpu {row[f'{name}_cpu_ms']:.1f})" for name in times
+        ]
+        if "products" in times:  # the rest of the xla step is layout work around the products
+            row["products_bound"] = row["dense_cpu_ms"] / row["products_cpu_ms"]
+            shown.append(f"layout work {1 - row['products_cpu_ms'] / row['xla_cpu_ms']:.0%} of xla")
+        print(f"n={n} nblocks={nb}: {', '.join(shown)}", flush=True)
+        rows.append(row)
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
+def table(rows: list[dict]) -> str:
     paths = [p for p in ("xla", "pallas") if rows and f"{p}_ms" in rows[0]]
     header = ["n", "nblocks", "FLOP ratio", "timed FLOP ratio", "dense step ms (cpu)"]
+    formats = [None, None, "{:.0f}", "{:.1f}", None]
     for p in paths:
         header += [f"{p} step ms (cpu)", "x wall", "x cpu time", "efficiency"]
+        formats += [None, "{:.2f}", "{:.2f}", "{:.2f}"]
     header += ["products alone ms (cpu)", "x bound"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    formats += ["{:.1f}", "{:.2f}"]
+    cells = []
     for r in rows:
-        cells = [
-            str(r["n"]),
-            str(r["nblocks"]),
-            f"{r['flop_ratio']:.0f}",
-            f"{r['timed_flop_ratio']:.1f}",
-            f"{r['dense_ms']:.1f} ({r['dense_cpu_ms']:.1f})",
-        ]
+        ms = lambda name, r=r: f"{r[f'{name}_ms']:.1f} ({r[f'{name}_cpu_ms']:.1f})"
+        cell = [r["n"], r["nblocks"], r["flop_ratio"], r["timed_flop_ratio"], ms("dense")]
         for p in paths:
-            cells += [
-                f"{r[f'{p}_ms']:.1f} ({r[f'{p}_cpu_ms']:.1f})",
-                f"{r[f'{p}_speedup']:.2f}",
-                f"{r[f'{p}_cpu_speedup']:.2f}",
-                f"{r[f'{p}_efficiency']:.2f}",
-            ]
-        if "products_bound" in r:
-            cells += [f"{r['products_cpu_ms']:.1f}", f"{r['products_bound']:.2f}"]
-        else:
-            cells += ["-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cell += [ms(p), r[f"{p}_speedup"], r[f"{p}_cpu_speedup"], r[f"{p}_efficiency"]]
+        cells.append(cell + [r.get("products_cpu_ms"), r.get("products_bound")])
+    return curves.markdown_table(header, cells, formats)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n in {1024, 4096}, fewer rounds")
-    args = parser.parse_args(argv)
-    if args.quick:
-        rows = bench(sizes=(1024, 4096), rounds=5)
-    else:
-        rows = bench(sizes=(1024, 4096, 8192), rounds=15)
-    device = jax.devices()[0]
-    print()
-    print(f"device: {device.device_kind} ({jax.default_backend()}), {platform.processor() or ''}")
+    quick = parser.parse_args(argv).quick
+    rows = bench(sizes=(1024, 4096) if quick else (1024, 4096, 8192), rounds=5 if quick else 15)
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    print(f"\ndevice: {device}, {platform.processor() or ''}")
     print(f"jax {jax.__version__}, dtype {rows[0]['dtype']}, tokens {rows[0]['tokens']}")
     if not is_gpu():
         print("pallas path not timed on CPU: interpret mode is an emulator, not a timing")
     print(f"xla path row chunks: {sorted({str(r['xla_row_chunk']) for r in rows})}")
     print("x = dense step time / Monarch step time, medians of interleaved rounds in one process")
-    print()
-    print(markdown_table(rows))
+    print("\n" + table(rows))
 
 
 if __name__ == "__main__":

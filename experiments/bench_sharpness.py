@@ -15,94 +15,67 @@ against an 80-step Lanczos reference.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
-import statistics
-from collections.abc import Callable
 
 import jax
 import numpy as np
 import optax
 
-from efflax.curves import interleaved_times
+from efflax import curves
 from efflax.optim import hvp
 from efflax.optim import preconditioned_sharpness
 from efflax.optim import sharpness
 from efflax.training import fit
 from efflax.training import make_train_step
 from efflax.training import seed_state
-from experiments.adam_eos import B1
-from experiments.adam_eos import B2
-from experiments.adam_eos import EPS
-from experiments.adam_eos import full_batch_loader
-from experiments.adam_eos import load_data
-from experiments.adam_eos import make_model
-from experiments.adam_eos import mse
+from experiments import adam_eos
 
 LANCZOS_STEPS = 20
 REFERENCE_STEPS = 80
 
 
-def _interleaved_seconds(fns: dict[str, tuple[Callable, tuple]], *, runs: int) -> dict:
-    """Median and minimum wall time of each ``fn(*args)``, timed round-robin after a warm-up."""
-    times = interleaved_times(fns, rounds=runs)
-    return {
-        name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "runs": len(t)}
-        for name, t in times.items()
-    }
-
-
 def bench(*, runs: int = 30, train_steps: int = 200) -> dict:
-    arrays = load_data()
+    arrays = adam_eos.load_data()
     batch = jax.tree.map(jax.numpy.asarray, arrays)
-    model = make_model()
-    loss = lambda params: mse(model.apply, params, batch)
-    tx = optax.adam(1e-3, b1=B1, b2=B2, eps=EPS)
+    model = adam_eos.make_model()
+    loss = lambda params: adam_eos.mse(model.apply, params, batch)
+    b2, eps = adam_eos.B2, adam_eos.EPS
+    tx = optax.adam(1e-3, b1=adam_eos.B1, b2=b2, eps=eps)
     state = seed_state(model, tx, seed=0, example=np.zeros((1, 40), np.float32))
-    step = make_train_step(lambda params, state, batch, rng: mse(state.apply_fn, params, batch))
+    step = make_train_step(lambda p, state, b, rng: adam_eos.mse(state.apply_fn, p, b))
+    loader = adam_eos.full_batch_loader(arrays)
     state, _ = fit(
-        state, step, full_batch_loader(arrays), num_steps=train_steps, log_every=train_steps,
-        progress=False,
-    )  # fmt: skip
-    params, opt_state = state.params, state.opt_state
-    key = jax.random.key(1)
+        state, step, loader, num_steps=train_steps, log_every=train_steps, progress=False
+    )
+    params, opt_state, key = state.params, state.opt_state, jax.random.key(1)
 
-    grad_fn = jax.jit(jax.value_and_grad(loss))  # a training step's work: loss and gradient
-    hvp_fn = jax.jit(lambda p, v: hvp(loss, p, v))
+    def precond_probe(p, s, k, steps=LANCZOS_STEPS):
+        return preconditioned_sharpness(loss, p, s, eps=eps, num_steps=steps, key=k, b2=b2)
 
-    def precond_probe(steps):
-        return jax.jit(
-            lambda p, s, k: preconditioned_sharpness(
-                loss, p, s, eps=EPS, num_steps=steps, key=k, b2=B2
-            )
-        )
-
-    probe_fn = precond_probe(LANCZOS_STEPS)
-
-    @jax.jit
     def full_probe(p, s, k):
         raw_key, pre_key = jax.random.split(k)
         raw = sharpness(loss, p, num_steps=LANCZOS_STEPS, key=raw_key)
-        pre = preconditioned_sharpness(
-            loss, p, s, eps=EPS, num_steps=LANCZOS_STEPS, key=pre_key, b2=B2
-        )
-        return raw, pre
+        return raw, precond_probe(p, s, pre_key)
 
     # Correctness before timing: 20 steps against an 80-step reference.
-    estimate = float(probe_fn(params, opt_state, key))
-    reference = float(precond_probe(REFERENCE_STEPS)(params, opt_state, jax.random.key(2)))
-    rel_err = abs(estimate - reference) / abs(reference)
+    probe = jax.jit(precond_probe)
+    estimate = float(probe(params, opt_state, key))
+    reference_probe = jax.jit(functools.partial(precond_probe, steps=REFERENCE_STEPS))
+    reference = float(reference_probe(params, opt_state, jax.random.key(2)))
     print(f"preconditioned sharpness: 20 steps {estimate:.6g}, 80 steps {reference:.6g}")
+    rel_err = curves.relative_error(estimate, reference)
     assert rel_err < 1e-3, f"20-step Lanczos off by {rel_err:.2e} relative"
 
-    timings = _interleaved_seconds(
+    times = curves.interleaved_times(
         {
-            "grad": (grad_fn, (params,)),
-            "hvp": (hvp_fn, (params, params)),
-            "precond_probe": (probe_fn, (params, opt_state, key)),
-            "full_probe": (full_probe, (params, opt_state, key)),
+            "grad": (jax.jit(jax.value_and_grad(loss)), (params,)),  # a training step's work
+            "hvp": (jax.jit(lambda p, v: hvp(loss, p, v)), (params, params)),
+            "precond_probe": (probe, (params, opt_state, key)),
+            "full_probe": (jax.jit(full_probe), (params, opt_state, key)),
         },
-        runs=runs,
+        rounds=runs,
     )
     result = {
         "backend": jax.default_backend(),
@@ -111,36 +84,28 @@ def bench(*, runs: int = 30, train_steps: int = 200) -> dict:
         "lanczos_steps": LANCZOS_STEPS,
         "preconditioned_sharpness": estimate,
         "reference_80_steps": reference,
-        "timings": timings,
+        "timings": {
+            name: {"median_ms": 1e3 * t.median(), "min_ms": 1e3 * t.min(), "runs": len(t)}
+            for name, t in times.items()
+        },
     }
     for name in ("hvp", "precond_probe", "full_probe"):
-        for stat in ("median", "min"):
-            result[f"{name}_over_grad_{stat}"] = (
-                timings[name][f"{stat}_ms"] / timings["grad"][f"{stat}_ms"]
-            )
+        result[f"{name}_over_grad_median"] = times[name].median() / times["grad"].median()
+        result[f"{name}_over_grad_min"] = times[name].min() / times["grad"].min()
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args(argv)
-    result = bench(runs=10 if args.quick else 40)
-    t = result["timings"]
+    result = bench(runs=10 if parser.parse_args(argv).quick else 40)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    for name in t:
-        ratio = (
-            ""
-            if name == "grad"
-            else (
-                f" = {result[name + '_over_grad_median']:.1f} grads (min: "
-                f"{result[name + '_over_grad_min']:.1f})"
-            )
-        )
-        print(
-            f"{name}: median {t[name]['median_ms']:.2f} ms, min {t[name]['min_ms']:.2f} ms "
-            f"over {t[name]['runs']} runs{ratio}"
-        )
+    header = ["timed", "median ms", "min ms", "runs", "gradients (median)", "gradients (min)"]
+    rows = []
+    for name, t in result["timings"].items():
+        ratios = [result.get(f"{name}_over_grad_{stat}") for stat in ("median", "min")]
+        rows.append((name, t["median_ms"], t["min_ms"], t["runs"], *ratios))
+    print(curves.markdown_table(header, rows, [None, "{:.2f}", "{:.2f}", None, "{:.1f}", "{:.1f}"]))
     print(
         f"preconditioned sharpness probe, {LANCZOS_STEPS} Lanczos steps: "
         f"{result['precond_probe_over_grad_median']:.1f} gradient evaluations (target <= ~40)"

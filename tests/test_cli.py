@@ -98,6 +98,9 @@ def fake_experiments(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(modules))
     path = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", f"{modules}{os.pathsep}{path}" if path else str(modules))
+    # The built-in experiments registered first: imported under the copy below, they would be
+    # missing from the registry after this test (their modules stay imported).
+    experiment.discover()
     monkeypatch.setenv("EFFLAX_EXPERIMENT_MODULES", "efflax_fake_experiments")
     monkeypatch.setattr(experiment, "_REGISTRY", dict(experiment._REGISTRY))
     monkeypatch.delitem(sys.modules, "efflax_fake_experiments", raising=False)

@@ -427,3 +427,51 @@ def test_times_on_the_decisive_clock():
     assert times.on("cpu") == [0.4, 0.5] and times.on("wall") == [0.2, 0.3]
     with pytest.raises(ValueError, match="clock='gpu'"):
         times.on("gpu")
+
+
+# --- what a benchmark reports around the timer -------------------------------------------------
+def test_times_median_and_min_by_clock():
+    times = curves.Times([0.3, 0.1, 0.2, 0.9], [0.6, 0.5, 0.4, 0.7])
+    assert times.median() == pytest.approx(0.25) and times.min() == 0.1
+    assert times.median("cpu") == pytest.approx(0.55) and times.min("cpu") == 0.4
+    with pytest.raises(ValueError, match="no wall times"):
+        curves.Times().median()
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        times.min("gpu")
+
+
+def test_relative_error_by_norm():
+    reference = jnp.array([[3.0, -4.0], [0.0, 0.0]], jnp.bfloat16)
+    x = np.array([[3.0, -4.0], [0.0, 1.0]])
+    assert curves.relative_error(x, reference) == pytest.approx(1 / 5)  # ||(0,0,0,1)|| / 5
+    assert curves.relative_error(x, reference, norm="max") == pytest.approx(1 / 4)
+    assert curves.relative_error(2.02, 2.0) == pytest.approx(0.01)
+    assert curves.relative_error(np.zeros(3), np.zeros(3)) == 0.0
+    assert curves.relative_error(np.ones(3), np.zeros(3)) == math.inf
+    with pytest.raises(ValueError, match=r"x.shape=\(3,\)"):
+        curves.relative_error(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="norm='l1'"):
+        curves.relative_error(x, reference, norm="l1")
+
+
+def test_markdown_table_formats_cells_dashes_and_escapes():
+    rows = [[1024, 2.0], [4096, None], ["a|b", "OOM"], [0.5, 1.234]]
+    table = curves.markdown_table(["n", "x"], rows, [None, "{:.2f}x"])
+    lines = ["| n | x |", "|---|---|", "| 1024 | 2.00x |", "| 4096 | - |", "| a\\|b | OOM |"]
+    assert table == "\n".join([*lines, "| 0.5 | 1.23x |"])
+    assert curves.markdown_table(["n"], [[0.5]]) == "| n |\n|---|\n| 0.5 |"
+    with pytest.raises(ValueError, match=r"rows\[1\] has 1 cells, the header 2"):
+        curves.markdown_table(["n", "x"], [[1, 2], [3]])
+    with pytest.raises(ValueError, match="formats has 1 entries, the header 2"):
+        curves.markdown_table(["n", "x"], [[1, 2]], ["{}"])
+
+
+def test_program_stats_reports_xla_costs():
+    import jax
+
+    x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+    stats = curves.program_stats(jax.jit(lambda x, w: x @ w), x, w)
+    assert stats.dots == 1 and stats.flops == 2 * 8 * 16 * 4
+    assert stats.bytes_accessed == 4 * (8 * 16 + 16 * 4 + 8 * 4)  # both inputs read, output written
+    assert isinstance(stats.temp_bytes, int) and stats.temp_bytes >= 0
+    assert stats.optimal_seconds is None  # XLA's CPU backend gives no time estimate

@@ -4,12 +4,15 @@ On a shared machine, load from other processes comes and goes. Timing the functi
 the other, round by round (and rotating which goes first), exposes all of them to the same load,
 so per-round ratios stay meaningful even when absolute times drift. Every sample records both
 wall time and this process's CPU time (steadier when other processes compete for the cores).
+Beside the timer, what a benchmark needs around it: the check before timing
+(:func:`relative_error`, :func:`program_stats`) and the table after (:func:`markdown_table`).
 
 Example:
   >>> times = interleaved_times({"dense": (dense_step, (x,)), "monarch": (mon_step, (x,))},
   ...                           rounds=20)
-  >>> statistics.median(times["monarch"]), statistics.median(times["monarch"].cpu)
+  >>> times["monarch"].median(), times["monarch"].median("cpu"), times["monarch"].min()
   >>> ratio_interval(times["dense"], times["monarch"])  # paired by round (efflax.stats)
+  >>> print(markdown_table(["layer", "ms"], [["monarch", times["monarch"].median() * 1e3]]))
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ import dataclasses
 import os
 import pathlib
 import re
+import statistics
 import time
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _checks
 
@@ -119,6 +125,20 @@ class Times(list):
             raise ValueError(f"clock={clock!r} must be 'cpu' or 'wall'")
         return list(self.cpu) if clock == "cpu" else list(self)
 
+    def median(self, clock: str = "wall") -> float:
+        """The median seconds per call by ``clock``: what a benchmark reports."""
+        return statistics.median(self._samples(clock))
+
+    def min(self, clock: str = "wall") -> float:
+        """The fastest call by ``clock``: the one least disturbed by other load."""
+        return min(self._samples(clock))
+
+    def _samples(self, clock: str) -> list[float]:
+        samples = self.on(clock)
+        if not samples:
+            raise ValueError(f"no {clock} times recorded")
+        return samples
+
 
 def interleaved_times(
     fns: dict[str, tuple[Callable, tuple]],
@@ -189,6 +209,78 @@ def interleaved_times(
     return times
 
 
+def relative_error(
+    x: jax.typing.ArrayLike, reference: jax.typing.ArrayLike, *, norm: str = "l2"
+) -> float:
+    """How far ``x`` is from ``reference``, relative to the reference's size (in float64).
+
+    Args:
+      x: an array (or a scalar) of the same shape as ``reference``.
+      reference: what ``x`` should equal.
+      norm: ``'l2'``: ``||x - reference|| / ||reference||`` over all entries; ``'max'``: the
+        largest absolute difference over the largest absolute reference entry.
+
+    Returns:
+      The relative error: 0.0 where both are zero, ``inf`` where only the reference is.
+
+    Example:
+      >>> relative_error(jnp.array([1.0, 2.01]), jnp.array([1.0, 2.0]), norm="max")  # 0.005
+    """
+    if norm not in ("l2", "max"):
+        raise ValueError(f"norm={norm!r} must be 'l2' or 'max'")
+    x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+    if x.shape != reference.shape:
+        raise ValueError(f"x.shape={x.shape} must equal reference.shape={reference.shape}")
+    order = np.inf if norm == "max" else None
+    error = np.linalg.norm((x - reference).ravel(), order)
+    size = np.linalg.norm(reference.ravel(), order)
+    if size == 0:
+        return 0.0 if error == 0 else float("inf")
+    return float(error / size)
+
+
+def markdown_table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    formats: Sequence[str | None] | None = None,
+) -> str:
+    """A markdown table: the header, then one line per row.
+
+    Args:
+      header: the column titles.
+      rows: the rows, each with one cell per column. ``None`` is written ``-`` and a string as
+        it is (``'OOM'`` in a column of numbers); a ``|`` inside a cell is escaped.
+      formats: per column, a ``str.format`` pattern for its other cells (``'{:.2f}x'``), or
+        None for ``str(cell)``; by default ``str`` everywhere.
+
+    Returns:
+      The table's lines joined by newlines (no trailing newline).
+
+    Example:
+      >>> print(markdown_table(["n", "x"], [[1024, 2.0], [4096, None]], [None, "{:.2f}x"]))
+      | n | x |
+      |---|---|
+      | 1024 | 2.00x |
+      | 4096 | - |
+    """
+    formats = [None] * len(header) if formats is None else list(formats)
+    if len(formats) != len(header):
+        raise ValueError(f"formats has {len(formats)} entries, the header {len(header)}")
+
+    def text(cell: object, pattern: str | None) -> str:
+        if cell is None:
+            return "-"
+        written = str(cell) if pattern is None or isinstance(cell, str) else pattern.format(cell)
+        return written.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"rows[{i}] has {len(row)} cells, the header {len(header)}: {row!r}")
+        lines.append("| " + " | ".join(map(text, row, formats)) + " |")
+    return "\n".join(lines)
+
+
 def training_step(fn: Callable[..., jax.Array], *, argnums: int | tuple[int, ...] = 0) -> Callable:
     """The work one training step does with ``fn``: forward and backward of a scalar loss.
 
@@ -215,26 +307,48 @@ def training_step(fn: Callable[..., jax.Array], *, argnums: int | tuple[int, ...
 
 @dataclasses.dataclass(frozen=True)
 class ProgramStats:
-    """What XLA compiled for one call: its matrix products and its FLOPs.
+    """What XLA compiled for one call: its matrix products, and XLA's own cost estimates.
 
     Attributes:
       dots: ``dot`` and ``convolution`` instructions in the optimized HLO, fusions and loop
         bodies included (a loop body counts once).
       flops: XLA's own FLOP count of the program (``cost_analysis``; a loop body counts once),
         or None where the backend gives none.
+      bytes_accessed: XLA's count of the bytes the program reads and writes, or None.
+      optimal_seconds: XLA's time estimate (TPU), or None where the backend gives none. An
+        estimate, not a measurement: libtpu adds -1 s for each fusion it cannot estimate.
+      temp_bytes: the temporary buffers the program allocates, or None.
     """
 
     dots: int
     flops: float | None
+    bytes_accessed: float | None = None
+    optimal_seconds: float | None = None
+    temp_bytes: int | None = None
 
 
 def program_stats(jitted: Callable, *args) -> ProgramStats:
     """Compiles ``jitted(*args)`` and counts what it computes (see :class:`ProgramStats`): the
-    check that the programs a benchmark compares do the work it claims."""
+    check that the programs a benchmark compares do the work it claims.
+
+    ``args`` may be ``jax.ShapeDtypeStruct`` values, with a sharding onto a compile-only device
+    (``jax.experimental.topologies``) to ask XLA what the program would cost on that chip.
+    """
     compiled = jitted.lower(*args).compile()
     dots = len(re.findall(r"=\s*\S+\s+(?:dot|convolution)\(", compiled.as_text()))
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):  # older JAX: one dict per program
         cost = cost[0] if cost else None
-    flops = cost.get("flops") if cost else None
-    return ProgramStats(dots=dots, flops=None if flops is None else float(flops))
+    cost = cost or {}
+    memory = compiled.memory_analysis()
+
+    def number(key: str) -> float | None:
+        return None if cost.get(key) is None else float(cost[key])
+
+    return ProgramStats(
+        dots=dots,
+        flops=number("flops"),
+        bytes_accessed=number("bytes accessed"),
+        optimal_seconds=number("optimal_seconds"),
+        temp_bytes=None if memory is None else int(memory.temp_size_in_bytes),
+    )

@@ -13,7 +13,6 @@ from efflax.curves import training_step
 from experiments import bench_attention
 from experiments import bench_moe
 from experiments import bench_monarch
-from experiments._flops import monarch_step_flops
 
 
 def _xw(n=64, tokens=32):
@@ -51,8 +50,8 @@ def test_bench_monarch_compares_steps_that_keep_their_forward(nblocks):
 
 
 def test_bench_monarch_flops_count_the_recomputed_product():
-    plain = monarch_step_flops((4, 16, 16), (4, 16, 16), 8, recompute=False)
-    chunked = monarch_step_flops((4, 16, 16), (4, 16, 16), 8, recompute=True)
+    plain = bench_monarch.monarch_step_flops((4, 16, 16), (4, 16, 16), 8, recompute=False)
+    chunked = bench_monarch.monarch_step_flops((4, 16, 16), (4, 16, 16), 8, recompute=True)
     assert plain["step"] == 3 * plain["fwd"]
     assert chunked["step"] == plain["step"] + plain["fwd"] // 2
 
