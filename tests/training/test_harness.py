@@ -443,3 +443,38 @@ def test_repeated_step_advances_its_own_state():
     # The caller's state is untouched (the step donated copies).
     np.testing.assert_array_equal(state.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
     assert int(state.step) == 0
+
+
+def test_eval_of_equal_models_built_apart_compiles_once():
+    # A bound Module.apply compares by its module's identity: keyed by the bound method, two
+    # equal models (two MLP(...) calls, as two experiments or two arms build them) compiled twice.
+    from efflax._src.training.state import _eval_batch
+
+    arrays = data.load_arrays("mnist1d", "test")
+    eval_fn = classification_eval_fn(arrays, batch_size=500)
+    results, sizes = [], []
+    for _ in range(2):
+        model = MLP(features=(16,))
+        params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 40)))["params"])
+        state = TrainState.create(
+            apply_fn=model.apply, params=params, tx=_TX, rng=jax.random.key(1)
+        )
+        results.append(eval_fn(state))
+        sizes.append(_eval_batch._cache_size())
+    assert results[0] == results[1]
+    assert sizes[1] == sizes[0], sizes  # the second model reused the first one's program
+    # A model that cannot be hashed is still evaluated (keyed by its bound method).
+    unhashable = _Unhashable(sizes=[10])
+    params = nn.unbox(unhashable.init(jax.random.key(0), jnp.zeros((1, 40)))["params"])
+    state = TrainState.create(
+        apply_fn=unhashable.apply, params=params, tx=_TX, rng=jax.random.key(1)
+    )
+    assert 0.0 <= eval_fn(state)["test/accuracy"] <= 1.0
+
+
+class _Unhashable(nn.Module):
+    sizes: list  # a list attribute: the module cannot be hashed
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.sizes[0])(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 from flax import struct
 
 from pallas_kernels import _checks
@@ -508,6 +510,30 @@ def batched_apply(
     return np.concatenate(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ModuleApply:
+    """``module.apply`` as a static argument that equal modules share: a bound method compares
+    by its module's identity, so two equal models built apart would compile twice."""
+
+    module: nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.apply(*args, **kwargs)
+
+
+def _static_apply(apply_fn: Callable) -> Callable:
+    """``apply_fn`` as a jit static argument: a linen ``Module.apply`` keyed by its (hashable)
+    module, anything else as it is."""
+    module = getattr(apply_fn, "__self__", None)
+    if not (isinstance(module, nn.Module) and apply_fn.__func__ is nn.Module.apply):
+        return apply_fn
+    try:
+        hash(module)
+    except TypeError:  # unhashable attributes: keyed by the bound method (its identity)
+        return apply_fn
+    return _ModuleApply(module)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _eval_batch(apply_fn, params, x, y):
     logits = apply_fn({"params": params}, x).astype(jnp.float32)
@@ -570,7 +596,7 @@ def classification_eval_fn(
         total_loss, total_correct = 0.0, 0
         for start in range(0, len(x), batch_size):
             loss, correct = _eval_batch(
-                state.apply_fn,
+                _static_apply(state.apply_fn),
                 state.params,
                 x[start : start + batch_size],
                 y[start : start + batch_size],
