@@ -66,12 +66,8 @@ def _compile_once(fn: Callable) -> Callable:
 def _on_one_device(tree: Any) -> bool:
     """Every leaf is a concrete ``jax.Array`` on one device (no tracer, no multi-device sharding:
     a compiled program there could place its outputs differently from the eager ops)."""
-    leaves = jax.tree.leaves(tree)
     return all(
-        isinstance(x, jax.Array)
-        and not isinstance(x, jax.core.Tracer)
-        and len(x.sharding.device_set) == 1
-        for x in leaves
+        _is_local_array(x) and len(x.sharding.device_set) == 1 for x in jax.tree.leaves(tree)
     )
 
 
@@ -594,9 +590,10 @@ def classification_eval_fn(
             _checks.indices_in_range(f"arrays[{y_key!r}]", labels, logits.shape[-1])
             checked.append(True)
         total_loss, total_correct = 0.0, 0
+        apply_fn = _static_apply(state.apply_fn)
         for start in range(0, len(x), batch_size):
             loss, correct = _eval_batch(
-                _static_apply(state.apply_fn),
+                apply_fn,
                 state.params,
                 x[start : start + batch_size],
                 y[start : start + batch_size],
